@@ -1,0 +1,752 @@
+//! The public handles, the builder, and the driver future that joins the
+//! pipe, the state machine, the channels and the timer.
+
+use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex, OnceLock};
+use std::task::{ready, Context, Poll};
+use std::time::{Duration, Instant};
+
+use bytes::{BufMut, Bytes, BytesMut};
+use futures_channel::oneshot;
+use futures_core::Stream;
+use futures_io::{AsyncRead, AsyncWrite};
+
+use crate::error::{SendError, TrySendError};
+use crate::frame::{self, HEADER_LEN};
+use crate::pipe::Pipe;
+use crate::state::{Event, Matched, State, Timeouts};
+use crate::timer::Timer;
+use crate::{Error, Kind, Protocol};
+
+type Reply<M> = oneshot::Sender<Result<M, Error>>;
+
+/// Configures and sets up connections. Every setting has a default.
+///
+/// ```no_run
+/// # use std::time::Duration;
+/// # fn f<P: chatpipe::Protocol>(stream: smol::net::TcpStream, protocol: P) {
+/// let (sender, incoming, conn) = chatpipe::Builder::new()
+///     .keepalive_interval(Some(Duration::from_secs(10)))
+///     .max_frame_len(1 << 20)
+///     .build(stream, protocol);
+/// smol::spawn(conn).detach();
+/// # }
+/// ```
+#[derive(Debug, Clone)]
+pub struct Builder {
+    max_frame_len: usize,
+    send_capacity: usize,
+    receive_capacity: usize,
+    keepalive_interval: Option<Duration>,
+    idle_timeout: Option<Option<Duration>>,
+    request_timeout: Duration,
+    frame_timeout: Option<Duration>,
+    write_timeout: Option<Duration>,
+}
+
+impl Default for Builder {
+    fn default() -> Self {
+        Builder {
+            max_frame_len: frame::DEFAULT_MAX_FRAME_LEN,
+            send_capacity: 1024,
+            receive_capacity: 1024,
+            keepalive_interval: Some(Duration::from_secs(5)),
+            idle_timeout: None,
+            request_timeout: Duration::from_secs(30),
+            frame_timeout: Some(Duration::from_secs(30)),
+            write_timeout: Some(Duration::from_secs(30)),
+        }
+    }
+}
+
+impl Builder {
+    /// The defaults, listed on each setter.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// The largest payload accepted or sent, in bytes. Default: 65,536.
+    /// Clamped to `u32::MAX`, the most the length prefix can say.
+    pub fn max_frame_len(mut self, n: usize) -> Self {
+        self.max_frame_len = n.min(u32::MAX as usize);
+        self
+    }
+
+    /// How many messages may wait to be written before `send` waits and
+    /// `try_send` fails with `Full`. Default: 1,024. At least 1.
+    pub fn send_capacity(mut self, n: usize) -> Self {
+        self.send_capacity = n.max(1);
+        self
+    }
+
+    /// How many received messages may wait for the application before the
+    /// connection stops reading (backpressure). Default: 1,024. At least 1.
+    pub fn receive_capacity(mut self, n: usize) -> Self {
+        self.receive_capacity = n.max(1);
+        self
+    }
+
+    /// Send a keepalive whenever nothing was sent for this long; `None`
+    /// sends none. Default: 5 s, as in the reference.
+    pub fn keepalive_interval(mut self, d: Option<Duration>) -> Self {
+        self.keepalive_interval = d;
+        self
+    }
+
+    /// Close with [`Error::IdleTimeout`] when nothing at all arrived for this
+    /// long (while the application is taking messages); `None` never does.
+    /// Default: 3 x the keepalive interval, or none without keepalives.
+    pub fn idle_timeout(mut self, d: Option<Duration>) -> Self {
+        self.idle_timeout = Some(d);
+        self
+    }
+
+    /// How long `request` waits for its response. Default: 30 s.
+    pub fn request_timeout(mut self, d: Duration) -> Self {
+        self.request_timeout = d;
+        self
+    }
+
+    /// Once a frame's first byte is in, the whole frame must arrive within
+    /// this long, or the connection closes with [`Error::FrameTimeout`]
+    /// (slow senders). `None` disables it. Default: 30 s.
+    pub fn frame_timeout(mut self, d: Option<Duration>) -> Self {
+        self.frame_timeout = d;
+        self
+    }
+
+    /// A write that makes no progress for this long closes the connection
+    /// with [`Error::WriteTimeout`] (peers that do not read). `None`
+    /// disables it. Default: 30 s.
+    pub fn write_timeout(mut self, d: Option<Duration>) -> Self {
+        self.write_timeout = d;
+        self
+    }
+
+    fn timeouts(&self) -> Timeouts {
+        Timeouts {
+            keepalive_interval: self.keepalive_interval,
+            idle_timeout: self
+                .idle_timeout
+                .unwrap_or_else(|| self.keepalive_interval.map(|i| i * 3)),
+            request_timeout: self.request_timeout,
+            frame_timeout: self.frame_timeout,
+            write_timeout: self.write_timeout,
+        }
+    }
+
+    /// Sets up a connection over `io` with the default timer
+    /// ([`AsyncIoTimer`](crate::AsyncIoTimer)).
+    ///
+    /// Returns the sending handle, the stream of incoming messages, and the
+    /// driver future, which does all the work: spawn it on any executor.
+    #[cfg(feature = "async-io")]
+    pub fn build<T, P>(
+        &self,
+        io: T,
+        protocol: P,
+    ) -> (Sender<P>, Incoming<P>, Connection<T, P, crate::AsyncIoTimer>)
+    where
+        T: AsyncRead + AsyncWrite + Unpin,
+        P: Protocol,
+    {
+        self.build_with_timer(io, protocol, crate::AsyncIoTimer::default())
+    }
+
+    /// Like [`Builder::build`], with a timer of your choosing.
+    pub fn build_with_timer<T, P, Tm>(
+        &self,
+        io: T,
+        protocol: P,
+        timer: Tm,
+    ) -> (Sender<P>, Incoming<P>, Connection<T, P, Tm>)
+    where
+        T: AsyncRead + AsyncWrite + Unpin,
+        P: Protocol,
+        Tm: Timer,
+    {
+        let protocol = Arc::new(protocol);
+        let shared = Arc::new(Shared::default());
+        let (out_tx, out_rx) = async_channel::bounded(self.send_capacity);
+        let (in_tx, in_rx) = async_channel::bounded(self.receive_capacity);
+        let sender = Sender {
+            tx: out_tx,
+            protocol: protocol.clone(),
+            shared: shared.clone(),
+            scratch: Mutex::new(BytesMut::new()),
+            max_frame_len: self.max_frame_len,
+        };
+        let incoming = Incoming {
+            rx: Box::pin(in_rx),
+            shared: shared.clone(),
+            done: false,
+        };
+        let conn = Connection {
+            pipe: Pipe::new(io, self.max_frame_len),
+            state: State::new(Instant::now(), self.timeouts()),
+            protocol,
+            shared,
+            outbound: Box::pin(out_rx),
+            outbound_done: false,
+            inbound: in_tx,
+            inbound_closed: false,
+            blocked: None,
+            phase: Phase::Open,
+            timer,
+            armed: None,
+            max_frame_len: self.max_frame_len,
+            request_timeout: self.request_timeout,
+        };
+        (sender, incoming, conn)
+    }
+}
+
+/// Shared by every handle: the one reason the connection ended.
+#[derive(Debug, Default)]
+struct Shared {
+    reason: OnceLock<Error>,
+}
+
+impl Shared {
+    fn reason(&self) -> Error {
+        self.reason.get().cloned().unwrap_or(Error::Closed)
+    }
+}
+
+/// A frame ready to write, and for requests the reply slot.
+struct Outgoing<P: Protocol> {
+    head: Bytes,
+    body: Bytes,
+    request: Option<(P::RequestId, Reply<P::Message>)>,
+}
+
+/// Sends messages and requests. Clone it to send from several tasks.
+///
+/// Messages are encoded on the caller's task, so an unencodable or too
+/// large message fails its own `send` at once and nothing else. Dropping
+/// every `Sender` closes the connection gracefully, as [`Sender::close`]
+/// does.
+pub struct Sender<P: Protocol> {
+    tx: async_channel::Sender<Outgoing<P>>,
+    protocol: Arc<P>,
+    shared: Arc<Shared>,
+    /// Encoding space, reused: frames are split off it, so small messages
+    /// share one allocation.
+    scratch: Mutex<BytesMut>,
+    max_frame_len: usize,
+}
+
+impl<P: Protocol> Clone for Sender<P> {
+    fn clone(&self) -> Self {
+        Sender {
+            tx: self.tx.clone(),
+            protocol: self.protocol.clone(),
+            shared: self.shared.clone(),
+            scratch: Mutex::new(BytesMut::new()),
+            max_frame_len: self.max_frame_len,
+        }
+    }
+}
+
+impl<P: Protocol> fmt::Debug for Sender<P> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Sender")
+            .field("queued", &self.tx.len())
+            .field("closed", &self.tx.is_closed())
+            .finish()
+    }
+}
+
+impl<P: Protocol> Sender<P> {
+    /// Queues `msg`, waiting while the queue is full (backpressure).
+    ///
+    /// Returns once the message is queued, not written. Everything queued
+    /// is written before a clean close; if the connection fails instead,
+    /// every handle sees that error.
+    ///
+    /// Cancel safety: if the future is dropped before it completes, the
+    /// message was not queued.
+    pub async fn send(&self, msg: P::Message) -> Result<(), SendError<P::Message>> {
+        let (head, body) = match self.encode(&msg) {
+            Ok(f) => f,
+            Err(error) => return Err(SendError { message: msg, error }),
+        };
+        let out = Outgoing {
+            head,
+            body,
+            request: None,
+        };
+        match self.tx.send(out).await {
+            Ok(()) => Ok(()),
+            Err(_) => Err(SendError {
+                message: msg,
+                error: self.shared.reason(),
+            }),
+        }
+    }
+
+    /// Queues `msg` if there is room, failing at once with
+    /// [`TrySendError::Full`] if not: for servers that must not wait on a
+    /// slow peer.
+    pub fn try_send(&self, msg: P::Message) -> Result<(), TrySendError<P::Message>> {
+        if self.tx.is_full() {
+            return Err(TrySendError::Full(msg));
+        }
+        let (head, body) = match self.encode(&msg) {
+            Ok(f) => f,
+            Err(error) => return Err(TrySendError::Failed(SendError { message: msg, error })),
+        };
+        let out = Outgoing {
+            head,
+            body,
+            request: None,
+        };
+        match self.tx.try_send(out) {
+            Ok(()) => Ok(()),
+            Err(async_channel::TrySendError::Full(_)) => Err(TrySendError::Full(msg)),
+            Err(async_channel::TrySendError::Closed(_)) => {
+                Err(TrySendError::Failed(SendError {
+                    message: msg,
+                    error: self.shared.reason(),
+                }))
+            }
+        }
+    }
+
+    /// Sends a request and waits for the response carrying the same id.
+    ///
+    /// Fails with [`Error::RequestTimeout`] after the configured timeout, with
+    /// [`Error::InvalidRequest`] if `msg` is not a request or its id is
+    /// already outstanding, and with the connection's reason if it ends
+    /// first. Dropping the future abandons the request: its entry leaves the
+    /// table, and a late response is ignored.
+    pub async fn request(&self, msg: P::Message) -> Result<P::Message, Error> {
+        let Kind::Request(id) = self.protocol.kind(&msg) else {
+            return Err(Error::InvalidRequest("the message is not a request"));
+        };
+        let (head, body) = self.encode(&msg)?;
+        drop(msg);
+        let (reply_tx, reply_rx) = oneshot::channel();
+        let out = Outgoing {
+            head,
+            body,
+            request: Some((id, reply_tx)),
+        };
+        if self.tx.send(out).await.is_err() {
+            return Err(self.shared.reason());
+        }
+        match reply_rx.await {
+            Ok(res) => res,
+            Err(oneshot::Canceled) => Err(self.shared.reason()),
+        }
+    }
+
+    /// Closes the connection gracefully: everything already queued is
+    /// written, then the write half is shut. Later sends fail.
+    pub fn close(&self) {
+        self.tx.close();
+    }
+
+    /// True once the connection no longer accepts messages.
+    pub fn is_closed(&self) -> bool {
+        self.tx.is_closed()
+    }
+
+    /// The reason the connection ended: `None` while it is open.
+    pub fn close_reason(&self) -> Option<Error> {
+        self.shared.reason.get().cloned()
+    }
+
+    fn encode(&self, msg: &P::Message) -> Result<(Bytes, Bytes), Error> {
+        // A poisoned lock only means another send panicked mid-encode;
+        // `encode_frame` starts from a cleared buffer either way.
+        let mut buf = self.scratch.lock().unwrap_or_else(|e| e.into_inner());
+        if buf.capacity() < 256 {
+            // Frames are split off this space, so many small messages share
+            // one allocation.
+            buf.reserve(8 * 1024);
+        }
+        encode_frame(&*self.protocol, msg, &mut buf, self.max_frame_len)
+    }
+}
+
+/// Encodes one frame into `buf` (which it clears first): the head (length
+/// prefix and what the protocol wrote) and the body it handed back.
+fn encode_frame<P: Protocol>(
+    protocol: &P,
+    msg: &P::Message,
+    buf: &mut BytesMut,
+    max_frame_len: usize,
+) -> Result<(Bytes, Bytes), Error> {
+    buf.clear();
+    buf.put_u32(0);
+    let body = match protocol.encode(msg, buf) {
+        Ok(body) => body.unwrap_or_default(),
+        Err(e) => {
+            buf.clear();
+            return Err(Error::Encode(Arc::new(e)));
+        }
+    };
+    let len = buf.len() - HEADER_LEN + body.len();
+    if let Err(e) = frame::check_len(len, max_frame_len) {
+        buf.clear();
+        return Err(e);
+    }
+    buf[..HEADER_LEN].copy_from_slice(&(len as u32).to_be_bytes());
+    Ok((buf.split().freeze(), body))
+}
+
+/// The incoming messages: a [`Stream`] of `Result<Message, Error>`.
+///
+/// Keepalives and responses to requests are taken out. The stream ends
+/// with `None` after a clean close, or yields the error that closed the
+/// connection once and then ends. Dropping it is allowed: later messages
+/// are then discarded (responses still reach their requests).
+pub struct Incoming<P: Protocol> {
+    // Boxed: the receiver is `!Unpin`, and a stream users must pin by hand
+    // is a chore.
+    rx: Pin<Box<async_channel::Receiver<P::Message>>>,
+    shared: Arc<Shared>,
+    done: bool,
+}
+
+impl<P: Protocol> fmt::Debug for Incoming<P> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Incoming")
+            .field("buffered", &self.rx.len())
+            .finish()
+    }
+}
+
+impl<P: Protocol> Stream for Incoming<P> {
+    type Item = Result<P::Message, Error>;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        if self.done {
+            return Poll::Ready(None);
+        }
+        match ready!(self.rx.as_mut().poll_next(cx)) {
+            Some(m) => Poll::Ready(Some(Ok(m))),
+            None => {
+                self.done = true;
+                match self.shared.reason() {
+                    Error::Closed => Poll::Ready(None),
+                    e => Poll::Ready(Some(Err(e))),
+                }
+            }
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    /// Reading and writing.
+    Open,
+    /// Our side is closing: write what is queued, then shut the write half.
+    Closing,
+    /// Our write half is shut: read until the peer's EOF.
+    WriteClosed,
+}
+
+type BlockedSend = Pin<Box<dyn Future<Output = bool> + Send>>;
+
+/// The driver: owns the byte stream and does all the I/O. Spawn it.
+///
+/// It resolves when the connection ends: `Ok(())` after a clean close by
+/// either side, or the error that closed it, which every handle sees too.
+/// Dropping it closes the connection at once: queued messages are not
+/// written and every pending request fails with [`Error::Closed`].
+#[must_use = "the connection does nothing unless its driver future is polled (spawn it)"]
+pub struct Connection<T, P: Protocol, Tm> {
+    pipe: Pipe<T>,
+    state: State<P::RequestId, Reply<P::Message>>,
+    protocol: Arc<P>,
+    shared: Arc<Shared>,
+    outbound: Pin<Box<async_channel::Receiver<Outgoing<P>>>>,
+    outbound_done: bool,
+    inbound: async_channel::Sender<P::Message>,
+    inbound_closed: bool,
+    /// A message the application had no room for: reading waits on it.
+    blocked: Option<BlockedSend>,
+    phase: Phase,
+    timer: Tm,
+    armed: Option<Instant>,
+    max_frame_len: usize,
+    request_timeout: Duration,
+}
+
+// No field is structurally pinned: `T` and `Tm` are `Unpin`, the blocked
+// send is boxed.
+impl<T, P: Protocol, Tm> Unpin for Connection<T, P, Tm> {}
+
+impl<T, P: Protocol, Tm> fmt::Debug for Connection<T, P, Tm>
+where
+    T: AsyncRead + AsyncWrite + Unpin,
+{
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Connection")
+            .field("phase", &self.phase)
+            .field("outstanding_requests", &self.state.outstanding())
+            .field("queued_bytes", &self.pipe.queued())
+            .finish()
+    }
+}
+
+/// How many rounds one poll may do before yielding to other tasks.
+const BUDGET: usize = 16;
+/// Most frames decoded in one round.
+const FRAMES_PER_ROUND: usize = 256;
+/// Write-queue bytes above which no more frames are taken from the channel.
+const WRITE_HIGH_WATER: usize = 256 * 1024;
+
+impl<T, P, Tm> Future for Connection<T, P, Tm>
+where
+    T: AsyncRead + AsyncWrite + Unpin,
+    P: Protocol,
+    Tm: Timer,
+{
+    type Output = Result<(), Error>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = &mut *self;
+        if let Some(reason) = this.shared.reason.get() {
+            return Poll::Ready(match reason {
+                Error::Closed => Ok(()),
+                e => Err(e.clone()),
+            });
+        }
+        let res = ready!(this.drive(cx));
+        this.finish(res.as_ref().err().cloned().unwrap_or(Error::Closed));
+        Poll::Ready(res)
+    }
+}
+
+impl<T, P, Tm> Connection<T, P, Tm>
+where
+    T: AsyncRead + AsyncWrite + Unpin,
+    P: Protocol,
+    Tm: Timer,
+{
+    /// Number of requests awaiting a response.
+    pub fn outstanding_requests(&self) -> usize {
+        self.state.outstanding()
+    }
+
+    fn drive(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Error>> {
+        for _ in 0..BUDGET {
+            let now = Instant::now();
+            let before = (self.pipe.bytes_read, self.pipe.bytes_written);
+            let mut progress = false;
+
+            while let Some(ev) = self.state.poll_event(now) {
+                match ev {
+                    // After our write half is shut there is nothing to keep alive.
+                    Event::SendKeepalive if self.phase == Phase::WriteClosed => {}
+                    Event::SendKeepalive => self.queue_keepalive(now)?,
+                    Event::RequestExpired(reply) => {
+                        let _ = reply.send(Err(Error::RequestTimeout(self.request_timeout)));
+                    }
+                    Event::Close(e) => return Poll::Ready(Err(e)),
+                }
+            }
+
+            // Outbound: take frames while the write queue has room.
+            while !self.outbound_done && self.pipe.queued() < WRITE_HIGH_WATER {
+                match self.outbound.as_mut().poll_next(cx) {
+                    Poll::Ready(Some(out)) => {
+                        self.queue_outgoing(now, out);
+                        progress = true;
+                    }
+                    Poll::Ready(None) => {
+                        self.outbound_done = true;
+                        if self.phase == Phase::Open {
+                            self.phase = Phase::Closing;
+                        }
+                    }
+                    Poll::Pending => break,
+                }
+            }
+            let written = match self.pipe.poll_write(cx) {
+                Poll::Ready(Ok(())) => true,
+                Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                Poll::Pending => false,
+            };
+            if written && self.phase == Phase::Closing && self.outbound_done {
+                if let Poll::Ready(res) = self.pipe.poll_close_write(cx) {
+                    res?;
+                    self.phase = Phase::WriteClosed;
+                    progress = true;
+                }
+            }
+
+            // Inbound: deliver what waits, then read.
+            if let Some(blocked) = &mut self.blocked {
+                if let Poll::Ready(delivered) = blocked.as_mut().poll(cx) {
+                    self.blocked = None;
+                    self.inbound_closed |= !delivered;
+                    self.state.set_read_paused(now, false);
+                    progress = true;
+                }
+            }
+            let mut frames = 0;
+            while self.blocked.is_none() && frames < FRAMES_PER_ROUND {
+                match self.pipe.poll_frame(cx) {
+                    Poll::Ready(Ok(Some(payload))) => {
+                        self.dispatch(now, payload)?;
+                        frames += 1;
+                        progress = true;
+                    }
+                    Poll::Ready(Ok(None)) => {
+                        if self.phase == Phase::WriteClosed {
+                            return Poll::Ready(Ok(()));
+                        }
+                        // The peer closed: close too, after writing what
+                        // was already accepted.
+                        self.outbound.close();
+                        if self.phase == Phase::Open {
+                            self.phase = Phase::Closing;
+                            progress = true;
+                        }
+                        break;
+                    }
+                    Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                    Poll::Pending => break,
+                }
+            }
+            if self.blocked.is_some() {
+                if let Poll::Ready(res) = self.pipe.poll_fill(cx, self.max_frame_len + HEADER_LEN) {
+                // Read ahead a bounded amount so a reset is seen even while
+                // the application is not taking messages.
+                    res?;
+                }
+            }
+
+            let after = (self.pipe.bytes_read, self.pipe.bytes_written);
+            if after.0 != before.0 {
+                self.state.on_received(now);
+            }
+            self.state.set_mid_frame(now, self.pipe.is_mid_frame());
+            self.state
+                .set_write_state(now, self.pipe.queued() > 0, after.1 != before.1);
+            progress |= after != before;
+
+            if !progress {
+                return self.arm_timer(cx);
+            }
+        }
+        // Out of budget: let other tasks run, then continue.
+        cx.waker().wake_by_ref();
+        Poll::Pending
+    }
+
+    /// Arms the timer for the state machine's next deadline. Deadlines
+    /// usually move later (each message pushes keepalive and idle out), so
+    /// the timer is only moved earlier; when it fires early the deadline is
+    /// checked and it is re-armed.
+    fn arm_timer(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Error>> {
+        if self.pipe.queued() == 0 && self.blocked.is_none() {
+            self.pipe.release_idle_buffers();
+        }
+        while let Some(deadline) = self.state.poll_timeout() {
+            if self.armed.map_or(true, |a| deadline < a) {
+                self.timer.reset(deadline);
+                self.armed = Some(deadline);
+            }
+            match self.timer.poll_expired(cx) {
+                Poll::Pending => break,
+                Poll::Ready(()) => {
+                    self.armed = None;
+                    if Instant::now() >= deadline {
+                        cx.waker().wake_by_ref();
+                        break;
+                    }
+                }
+            }
+        }
+        Poll::Pending
+    }
+
+    fn queue_keepalive(&mut self, now: Instant) -> Result<(), Error> {
+        let mut buf = BytesMut::new();
+        let (head, body) = encode_frame(&*self.protocol, &self.protocol.keepalive(), &mut buf, self.max_frame_len)?;
+        self.pipe.queue(head, body);
+        self.state.on_sent(now);
+        Ok(())
+    }
+
+    fn queue_outgoing(&mut self, now: Instant, out: Outgoing<P>) {
+        if let Some((id, reply)) = out.request {
+            if let Err(reply) = self
+                .state
+                .insert_request(now, id, reply, oneshot::Sender::is_canceled)
+            {
+                let _ = reply.send(Err(Error::InvalidRequest(
+                    "a request with this id is already outstanding",
+                )));
+                return;
+            }
+        }
+        self.pipe.queue(out.head, out.body);
+        self.state.on_sent(now);
+    }
+
+    fn dispatch(&mut self, now: Instant, payload: Bytes) -> Result<(), Error> {
+        let msg = match self.protocol.decode(payload) {
+            Ok(Some(msg)) => msg,
+            Ok(None) => return Ok(()),
+            Err(e) => return Err(Error::Malformed(Arc::new(e))),
+        };
+        match self.protocol.kind(&msg) {
+            Kind::Keepalive => Ok(()),
+            Kind::Response(id) => match self.state.take_response(&id) {
+                Matched::Pending(reply) => {
+                    let _ = reply.send(Ok(msg));
+                    Ok(())
+                }
+                Matched::Late => Ok(()),
+                Matched::Unknown => Err(Error::Protocol(format!(
+                    "response to a request never made (id {id:?})"
+                ))),
+            },
+            Kind::Message | Kind::Request(_) => {
+                if self.inbound_closed {
+                    return Ok(());
+                }
+                match self.inbound.try_send(msg) {
+                    Ok(()) => {}
+                    Err(async_channel::TrySendError::Full(msg)) => {
+                        let tx = self.inbound.clone();
+                        self.blocked = Some(Box::pin(async move { tx.send(msg).await.is_ok() }));
+                        self.state.set_read_paused(now, true);
+                    }
+                    Err(async_channel::TrySendError::Closed(_)) => self.inbound_closed = true,
+                }
+                Ok(())
+            }
+        }
+    }
+
+    /// Records why the connection ended and tells every handle.
+    fn finish(&mut self, reason: Error) {
+        let _ = self.shared.reason.set(reason.clone());
+        self.outbound.close();
+        self.inbound.close();
+        self.blocked = None;
+        for reply in self.state.drain_requests() {
+            let _ = reply.send(Err(reason.clone()));
+        }
+    }
+}
+
+impl<T, P: Protocol, Tm> Drop for Connection<T, P, Tm> {
+    fn drop(&mut self) {
+        let _ = self.shared.reason.set(Error::Closed);
+        self.outbound.close();
+        self.inbound.close();
+        for reply in self.state.drain_requests() {
+            let _ = reply.send(Err(Error::Closed));
+        }
+    }
+}

@@ -1,0 +1,163 @@
+//! The one error type, and the per-operation errors that hand a message back.
+
+use std::fmt;
+use std::io;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// A boxed error from a [`Protocol`](crate::Protocol)'s encoder or decoder.
+pub type BoxError = Arc<dyn std::error::Error + Send + Sync + 'static>;
+
+/// Why a connection, or one operation on it, failed.
+///
+/// Cheap to clone: the one reason a connection ended is reported to every
+/// handle (senders, the incoming stream, pending requests, the driver).
+#[derive(Debug, Clone, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// Reading from or writing to the byte stream failed.
+    #[error("i/o error: {0}")]
+    Io(#[source] Arc<io::Error>),
+    /// A frame's length is over the maximum. Incoming, this closes the
+    /// connection (detected from the 4 header bytes alone); outgoing, it
+    /// fails only that message.
+    #[error("frame of {len} bytes is over the maximum of {max}")]
+    FrameTooLarge {
+        /// The length announced or attempted.
+        len: u64,
+        /// The configured maximum.
+        max: usize,
+    },
+    /// The peer sent a payload the protocol could not decode.
+    #[error("malformed message: {0}")]
+    Malformed(#[source] BoxError),
+    /// The protocol could not encode an outgoing message (for that message
+    /// only; the connection carries on).
+    #[error("cannot encode message: {0}")]
+    Encode(#[source] BoxError),
+    /// The stream ended in the middle of a frame.
+    #[error("connection closed in the middle of a frame ({missing} bytes missing)")]
+    UnexpectedEof {
+        /// Bytes the unfinished frame still lacked.
+        missing: usize,
+    },
+    /// Nothing at all arrived from the peer for this long.
+    #[error("idle timeout: nothing received for {0:?}")]
+    IdleTimeout(Duration),
+    /// No response arrived for a request within its timeout.
+    #[error("request timed out after {0:?}")]
+    RequestTimeout(Duration),
+    /// A frame was started but not completed within this long (slow sender).
+    #[error("frame timeout: a frame took longer than {0:?} to arrive")]
+    FrameTimeout(Duration),
+    /// A write made no progress for this long (the peer does not read).
+    #[error("write timeout: no progress for {0:?}")]
+    WriteTimeout(Duration),
+    /// The connection was closed cleanly (by either side) before the
+    /// operation could complete.
+    #[error("connection closed")]
+    Closed,
+    /// The peer broke the protocol's rules, e.g. answered a request that was
+    /// never made.
+    #[error("protocol violation: {0}")]
+    Protocol(String),
+    /// A request could not be issued: the message is not a request, or its id
+    /// is already outstanding.
+    #[error("invalid request: {0}")]
+    InvalidRequest(&'static str),
+}
+
+impl From<io::Error> for Error {
+    fn from(e: io::Error) -> Self {
+        Error::Io(Arc::new(e))
+    }
+}
+
+impl Error {
+    /// True for the clean end of a connection, as opposed to a failure.
+    pub fn is_closed(&self) -> bool {
+        matches!(self, Error::Closed)
+    }
+}
+
+/// An error from [`Sender::send`](crate::Sender::send): the message comes back.
+#[derive(Clone)]
+pub struct SendError<M> {
+    /// The message that was not sent.
+    pub message: M,
+    /// Why: [`Error::FrameTooLarge`] or [`Error::Encode`] for this message
+    /// alone, otherwise the reason the connection ended.
+    pub error: Error,
+}
+
+impl<M> SendError<M> {
+    /// The message that was not sent.
+    pub fn into_inner(self) -> M {
+        self.message
+    }
+}
+
+impl<M> fmt::Debug for SendError<M> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SendError")
+            .field("error", &self.error)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<M> fmt::Display for SendError<M> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "message not sent: {}", self.error)
+    }
+}
+
+impl<M> std::error::Error for SendError<M> {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        Some(&self.error)
+    }
+}
+
+/// An error from [`Sender::try_send`](crate::Sender::try_send): the message
+/// comes back.
+#[derive(Clone)]
+pub enum TrySendError<M> {
+    /// The outbound queue is full: the peer is not keeping up.
+    Full(M),
+    /// The message cannot be sent at all (see [`SendError`]).
+    Failed(SendError<M>),
+}
+
+impl<M> TrySendError<M> {
+    /// The message that was not sent.
+    pub fn into_inner(self) -> M {
+        match self {
+            TrySendError::Full(m) => m,
+            TrySendError::Failed(e) => e.message,
+        }
+    }
+
+    /// True if the queue was full.
+    pub fn is_full(&self) -> bool {
+        matches!(self, TrySendError::Full(_))
+    }
+}
+
+impl<M> fmt::Debug for TrySendError<M> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            TrySendError::Full(_) => f.write_str("Full(..)"),
+            TrySendError::Failed(e) => f.debug_tuple("Failed").field(e).finish(),
+        }
+    }
+}
+
+impl<M> fmt::Display for TrySendError<M> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            TrySendError::Full(_) => f.write_str("outbound queue is full"),
+            TrySendError::Failed(e) => e.fmt(f),
+        }
+    }
+}
+
+impl<M> std::error::Error for TrySendError<M> {}

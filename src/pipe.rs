@@ -1,0 +1,230 @@
+//! The byte pipes: one owner of both directions of an
+//! `AsyncRead + AsyncWrite`, with a bounded read buffer and a write queue
+//! that coalesces frames. It knows frames, not messages.
+
+use std::collections::VecDeque;
+use std::io::{self, IoSlice};
+use std::pin::Pin;
+use std::task::{ready, Context, Poll};
+
+use bytes::{Buf, Bytes, BytesMut};
+use futures_io::{AsyncRead, AsyncWrite};
+
+use crate::frame::{Decoder, HEADER_LEN};
+use crate::Error;
+
+/// First read size; it doubles while reads fill it, up to `MAX_READ`.
+const MIN_READ: usize = 4 * 1024;
+const MAX_READ: usize = 64 * 1024;
+/// Pieces at least this long are queued as they are (vectored, no copy);
+/// shorter ones are copied together into one buffer.
+const COPY_BELOW: usize = 4 * 1024;
+/// Most slices handed to one vectored write.
+const MAX_IOVS: usize = 64;
+
+pub(crate) struct Pipe<T> {
+    io: T,
+    decoder: Decoder,
+    read_buf: BytesMut,
+    read_size: usize,
+    read_eof: bool,
+    /// Total bytes read; the driver watches it for liveness.
+    pub bytes_read: u64,
+    /// Total bytes written; the driver watches it for write progress.
+    pub bytes_written: u64,
+    /// Frozen pieces, in order, all before `tail`.
+    chunks: VecDeque<Bytes>,
+    /// Small frames copied together.
+    tail: BytesMut,
+    queued: usize,
+    needs_flush: bool,
+}
+
+impl<T: AsyncRead + AsyncWrite + Unpin> Pipe<T> {
+    pub fn new(io: T, max_frame_len: usize) -> Self {
+        Pipe {
+            io,
+            decoder: Decoder::new(max_frame_len),
+            read_buf: BytesMut::new(),
+            read_size: MIN_READ,
+            read_eof: false,
+            bytes_read: 0,
+            bytes_written: 0,
+            chunks: VecDeque::new(),
+            tail: BytesMut::new(),
+            queued: 0,
+            needs_flush: false,
+        }
+    }
+
+    /// True if a frame is partly received.
+    pub fn is_mid_frame(&self) -> bool {
+        self.decoder.is_mid_frame(&self.read_buf)
+    }
+
+    /// The next frame's payload; `Ok(None)` at a clean end of stream.
+    pub fn poll_frame(&mut self, cx: &mut Context<'_>) -> Poll<Result<Option<Bytes>, Error>> {
+        loop {
+            if let Some(payload) = self.decoder.decode(&mut self.read_buf)? {
+                return Poll::Ready(Ok(Some(payload)));
+            }
+            if self.read_eof {
+                if self.is_mid_frame() {
+                    let missing = self.decoder.remaining(&self.read_buf);
+                    return Poll::Ready(Err(Error::UnexpectedEof { missing }));
+                }
+                return Poll::Ready(Ok(None));
+            }
+            if self.read_buf.is_empty() && self.read_buf.capacity() > MAX_READ {
+                // Give back what a large message made us grow to.
+                self.read_buf = BytesMut::new();
+            }
+            match self.poll_read_more(cx) {
+                Poll::Ready(Ok(())) => {}
+                Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                Poll::Pending => return Poll::Pending,
+            }
+        }
+    }
+
+    /// Reads ahead without decoding, up to `limit` buffered bytes, so that
+    /// EOF and errors are seen while the application is not taking messages.
+    /// Ready when the limit or EOF is reached.
+    pub fn poll_fill(&mut self, cx: &mut Context<'_>, limit: usize) -> Poll<Result<(), Error>> {
+        while !self.read_eof && self.read_buf.len() < limit {
+            ready!(self.poll_read_more(cx))?;
+        }
+        Poll::Ready(Ok(()))
+    }
+
+    fn poll_read_more(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Error>> {
+        let start = self.read_buf.len();
+        // Never more than arrives in one read: memory follows real bytes,
+        // not a length a peer announced.
+        let want = self.read_size.min(self.decoder.remaining(&self.read_buf).max(MIN_READ));
+        self.read_buf.resize(start + want, 0);
+        let res = Pin::new(&mut self.io).poll_read(cx, &mut self.read_buf[start..]);
+        let n = match res {
+            Poll::Ready(Ok(n)) => n,
+            Poll::Ready(Err(e)) => {
+                self.read_buf.truncate(start);
+                if e.kind() == io::ErrorKind::Interrupted {
+                    return Poll::Ready(Ok(()));
+                }
+                return Poll::Ready(Err(e.into()));
+            }
+            Poll::Pending => {
+                self.read_buf.truncate(start);
+                return Poll::Pending;
+            }
+        };
+        self.read_buf.truncate(start + n);
+        if n == 0 {
+            self.read_eof = true;
+        } else {
+            self.bytes_read += n as u64;
+            self.read_size = if n == want {
+                (self.read_size * 2).min(MAX_READ)
+            } else {
+                (self.read_size / 2).max(MIN_READ)
+            };
+        }
+        Poll::Ready(Ok(()))
+    }
+
+    /// Bytes queued and not yet written.
+    pub fn queued(&self) -> usize {
+        self.queued
+    }
+
+    /// Queues one frame: `head` (starting with its 4-byte length prefix)
+    /// then `body`.
+    pub fn queue(&mut self, head: Bytes, body: Bytes) {
+        debug_assert!(head.len() >= HEADER_LEN);
+        self.queued += head.len() + body.len();
+        for piece in [head, body] {
+            if piece.len() >= COPY_BELOW {
+                if !self.tail.is_empty() {
+                    self.chunks.push_back(self.tail.split().freeze());
+                }
+                self.chunks.push_back(piece);
+            } else if !piece.is_empty() {
+                self.tail.extend_from_slice(&piece);
+            }
+        }
+    }
+
+    /// Writes everything queued, then flushes. Ready when all is written.
+    pub fn poll_write(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Error>> {
+        while self.queued > 0 {
+            let n = if self.chunks.is_empty() {
+                ready!(Pin::new(&mut self.io).poll_write(cx, &self.tail))
+            } else {
+                let mut iovs = [IoSlice::new(&[]); MAX_IOVS];
+                let mut k = 0;
+                for c in self.chunks.iter().take(MAX_IOVS - 1) {
+                    iovs[k] = IoSlice::new(c);
+                    k += 1;
+                }
+                if k == self.chunks.len() {
+                    iovs[k] = IoSlice::new(&self.tail);
+                    k += 1;
+                }
+                ready!(Pin::new(&mut self.io).poll_write_vectored(cx, &iovs[..k]))
+            };
+            let n = match n {
+                Ok(0) => return Poll::Ready(Err(io::Error::from(io::ErrorKind::WriteZero).into())),
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => return Poll::Ready(Err(e.into())),
+            };
+            self.advance(n);
+            self.needs_flush = true;
+        }
+        if self.tail.capacity() > MAX_READ {
+            self.tail = BytesMut::new();
+        }
+        if self.needs_flush {
+            ready!(Pin::new(&mut self.io).poll_flush(cx))?;
+            self.needs_flush = false;
+        }
+        Poll::Ready(Ok(()))
+    }
+
+    fn advance(&mut self, mut n: usize) {
+        self.queued -= n;
+        self.bytes_written += n as u64;
+        while n > 0 {
+            match self.chunks.front_mut() {
+                Some(c) if c.len() <= n => {
+                    n -= c.len();
+                    self.chunks.pop_front();
+                }
+                Some(c) => {
+                    c.advance(n);
+                    return;
+                }
+                None => {
+                    self.tail.advance(n);
+                    return;
+                }
+            }
+        }
+    }
+
+    /// Shuts the write half down (after [`Pipe::poll_write`] drained it).
+    pub fn poll_close_write(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Error>> {
+        Pin::new(&mut self.io).poll_close(cx).map_err(Error::from)
+    }
+
+    /// Releases buffers while nothing is in them, so an idle connection
+    /// holds next to no memory.
+    pub fn release_idle_buffers(&mut self) {
+        if self.read_buf.is_empty() {
+            self.read_buf = BytesMut::new();
+        }
+        if self.queued == 0 {
+            self.tail = BytesMut::new();
+        }
+    }
+}

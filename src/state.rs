@@ -1,0 +1,444 @@
+//! Sans-IO connection state: deadlines and the outstanding-request table.
+//!
+//! It never reads the clock: every input carries `now`, and
+//! [`State::poll_timeout`] says when it next wants to be woken. Tests drive
+//! it on a virtual clock, so keepalive and timeout logic is checked
+//! instantly and deterministically.
+
+use std::collections::hash_map::Entry;
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::hash::Hash;
+use std::time::{Duration, Instant};
+
+use crate::Error;
+
+/// The timing settings the state machine enforces.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Timeouts {
+    pub keepalive_interval: Option<Duration>,
+    pub idle_timeout: Option<Duration>,
+    pub request_timeout: Duration,
+    pub frame_timeout: Option<Duration>,
+    pub write_timeout: Option<Duration>,
+}
+
+/// Something the driver must act on.
+#[derive(Debug)]
+pub(crate) enum Event<R> {
+    /// Nothing was sent for the keepalive interval: send a keepalive.
+    SendKeepalive,
+    /// The connection must close with this error.
+    Close(Error),
+    /// This request's time is up: fail it with [`Error::RequestTimeout`].
+    RequestExpired(R),
+}
+
+/// What an incoming response matched.
+#[derive(Debug, PartialEq)]
+pub(crate) enum Matched<R> {
+    /// An outstanding request: here is its reply slot.
+    Pending(R),
+    /// A request that timed out or was abandoned: ignore the response.
+    Late,
+    /// An id never issued (or already answered): a protocol violation.
+    Unknown,
+}
+
+/// How many ids of timed-out or abandoned requests are remembered, so that
+/// their late responses are ignored rather than treated as violations.
+const RETIRED_CAP: usize = 4096;
+
+pub(crate) struct State<Id, R> {
+    t: Timeouts,
+    last_sent: Instant,
+    last_received: Instant,
+    /// The application is not taking messages: the peer's silence is ours.
+    read_paused: bool,
+    frame_started: Option<Instant>,
+    write_stalled_since: Option<Instant>,
+    requests: HashMap<Id, (Instant, R)>,
+    /// Request deadlines in issue order (all requests share one timeout, so
+    /// this is sorted). Entries whose request is gone are skipped lazily.
+    expiry: VecDeque<(Instant, Id)>,
+    /// The table size at which abandoned requests are swept out next.
+    sweep_at: usize,
+    retired: HashSet<Id>,
+    retired_order: VecDeque<Id>,
+}
+
+impl<Id: Eq + Hash + Clone, R> State<Id, R> {
+    pub fn new(now: Instant, t: Timeouts) -> Self {
+        State {
+            t,
+            last_sent: now,
+            last_received: now,
+            read_paused: false,
+            frame_started: None,
+            write_stalled_since: None,
+            requests: HashMap::new(),
+            expiry: VecDeque::new(),
+            sweep_at: 64,
+            retired: HashSet::new(),
+            retired_order: VecDeque::new(),
+        }
+    }
+
+    /// A frame was queued for sending.
+    pub fn on_sent(&mut self, now: Instant) {
+        self.last_sent = now;
+    }
+
+    /// Bytes arrived from the peer.
+    pub fn on_received(&mut self, now: Instant) {
+        self.last_received = now;
+    }
+
+    /// The application stopped (or resumed) taking messages. While paused we
+    /// do not read, so the peer's silence must not count against it.
+    pub fn set_read_paused(&mut self, now: Instant, paused: bool) {
+        if self.read_paused && !paused {
+            self.last_received = now;
+            if self.frame_started.is_some() {
+                self.frame_started = Some(now);
+            }
+        }
+        self.read_paused = paused;
+    }
+
+    /// Whether a frame is partly received.
+    pub fn set_mid_frame(&mut self, now: Instant, mid_frame: bool) {
+        match (mid_frame, self.frame_started) {
+            (true, None) => self.frame_started = Some(now),
+            (false, _) => self.frame_started = None,
+            (true, Some(_)) => {}
+        }
+    }
+
+    /// The state of the write side: `pending` if bytes wait to be written,
+    /// `progressed` if some were written just now.
+    pub fn set_write_state(&mut self, now: Instant, pending: bool, progressed: bool) {
+        self.write_stalled_since = match (pending, self.write_stalled_since) {
+            (false, _) => None,
+            (true, None) => Some(now),
+            (true, Some(_)) if progressed => Some(now),
+            (true, since) => since,
+        };
+    }
+
+    /// Registers an outstanding request. Gives `reply` back if `id` is
+    /// already outstanding. `abandoned` tells a reply slot whose requester
+    /// has gone away; such entries are swept out as the table grows.
+    pub fn insert_request(
+        &mut self,
+        now: Instant,
+        id: Id,
+        reply: R,
+        abandoned: impl Fn(&R) -> bool,
+    ) -> Result<(), R> {
+        if self.requests.len() >= self.sweep_at {
+            self.sweep(abandoned);
+        }
+        let deadline = now + self.t.request_timeout;
+        match self.requests.entry(id.clone()) {
+            Entry::Occupied(_) => return Err(reply),
+            Entry::Vacant(v) => v.insert((deadline, reply)),
+        };
+        // A reused id is no longer a late one.
+        self.retired.remove(&id);
+        self.expiry.push_back((deadline, id));
+        self.compact_expiry();
+        Ok(())
+    }
+
+    /// Takes the reply slot of the request a response answers.
+    pub fn take_response(&mut self, id: &Id) -> Matched<R> {
+        if let Some((_, reply)) = self.requests.remove(id) {
+            return Matched::Pending(reply);
+        }
+        if self.retired.remove(id) {
+            return Matched::Late;
+        }
+        Matched::Unknown
+    }
+
+    /// Number of outstanding requests.
+    pub fn outstanding(&self) -> usize {
+        self.requests.len()
+    }
+
+    /// Every outstanding request's reply slot, for failing them all.
+    pub fn drain_requests(&mut self) -> impl Iterator<Item = R> + '_ {
+        self.expiry.clear();
+        self.requests.drain().map(|(_, (_, r))| r)
+    }
+
+    /// When the driver must next call [`State::poll_event`], if ever.
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        [
+            self.keepalive_deadline(),
+            self.idle_deadline(),
+            self.frame_deadline(),
+            self.write_deadline(),
+            self.expiry.front().map(|(d, _)| *d),
+        ]
+        .into_iter()
+        .flatten()
+        .min()
+    }
+
+    /// The next thing due at `now`, if any. Call until it returns `None`.
+    pub fn poll_event(&mut self, now: Instant) -> Option<Event<R>> {
+        let due = |d: Option<Instant>| d.is_some_and(|d| d <= now);
+        if due(self.idle_deadline()) {
+            let d = self.t.idle_timeout.unwrap_or_default();
+            return Some(Event::Close(Error::IdleTimeout(d)));
+        }
+        if due(self.frame_deadline()) {
+            let d = self.t.frame_timeout.unwrap_or_default();
+            return Some(Event::Close(Error::FrameTimeout(d)));
+        }
+        if due(self.write_deadline()) {
+            let d = self.t.write_timeout.unwrap_or_default();
+            return Some(Event::Close(Error::WriteTimeout(d)));
+        }
+        while let Some((deadline, _)) = self.expiry.front() {
+            if *deadline > now {
+                break;
+            }
+            let Some((deadline, id)) = self.expiry.pop_front() else {
+                break;
+            };
+            // Skip entries answered since, or whose id was reissued later.
+            if self.requests.get(&id).is_some_and(|(d, _)| *d == deadline) {
+                if let Some((_, reply)) = self.requests.remove(&id) {
+                    self.retire(id);
+                    return Some(Event::RequestExpired(reply));
+                }
+            }
+        }
+        if due(self.keepalive_deadline()) {
+            self.last_sent = now;
+            return Some(Event::SendKeepalive);
+        }
+        None
+    }
+
+    fn keepalive_deadline(&self) -> Option<Instant> {
+        self.t.keepalive_interval.map(|i| self.last_sent + i)
+    }
+
+    fn idle_deadline(&self) -> Option<Instant> {
+        if self.read_paused {
+            return None;
+        }
+        self.t.idle_timeout.map(|i| self.last_received + i)
+    }
+
+    fn frame_deadline(&self) -> Option<Instant> {
+        if self.read_paused {
+            return None;
+        }
+        Some(self.frame_started? + self.t.frame_timeout?)
+    }
+
+    fn write_deadline(&self) -> Option<Instant> {
+        Some(self.write_stalled_since? + self.t.write_timeout?)
+    }
+
+    /// Moves abandoned requests out of the table, remembering their ids.
+    fn sweep(&mut self, abandoned: impl Fn(&R) -> bool) {
+        let gone: Vec<Id> = self
+            .requests
+            .iter()
+            .filter(|(_, (_, r))| abandoned(r))
+            .map(|(id, _)| id.clone())
+            .collect();
+        for id in gone {
+            self.requests.remove(&id);
+            self.retire(id);
+        }
+        self.sweep_at = (self.requests.len() * 2).max(64);
+        self.compact_expiry();
+    }
+
+    /// Keeps the expiry queue within a constant factor of the live table.
+    fn compact_expiry(&mut self) {
+        if self.expiry.len() > 2 * self.requests.len() + 64 {
+            let requests = &self.requests;
+            self.expiry
+                .retain(|(d, id)| requests.get(id).is_some_and(|(rd, _)| rd == d));
+        }
+    }
+
+    fn retire(&mut self, id: Id) {
+        if self.retired.insert(id.clone()) {
+            self.retired_order.push_back(id);
+        }
+        while self.retired_order.len() > RETIRED_CAP {
+            if let Some(old) = self.retired_order.pop_front() {
+                self.retired.remove(&old);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MS: Duration = Duration::from_millis(1);
+
+    fn timeouts() -> Timeouts {
+        Timeouts {
+            keepalive_interval: Some(100 * MS),
+            idle_timeout: Some(300 * MS),
+            request_timeout: 1000 * MS,
+            frame_timeout: Some(500 * MS),
+            write_timeout: Some(400 * MS),
+        }
+    }
+
+    fn never(_: &u32) -> bool {
+        false
+    }
+
+    fn drain(s: &mut State<u32, u32>, now: Instant) -> Vec<String> {
+        // `Close` is terminal (the driver stops there), so stop after it.
+        let mut out = Vec::new();
+        while let Some(e) = s.poll_event(now) {
+            out.push(match e {
+                Event::SendKeepalive => "keepalive".to_string(),
+                Event::Close(e) => {
+                    out.push(format!("close: {e}"));
+                    break;
+                }
+                Event::RequestExpired(r) => format!("expired {r}"),
+            });
+            assert!(out.len() < 100, "events never stop: {out:?}");
+        }
+        out
+    }
+
+    #[test]
+    fn keepalive_after_silence_and_not_while_sending() {
+        let t0 = Instant::now();
+        let mut s = State::<u32, u32>::new(t0, timeouts());
+        assert_eq!(s.poll_timeout(), Some(t0 + 100 * MS));
+        assert!(drain(&mut s, t0 + 99 * MS).is_empty());
+        // Traffic every 50 ms: no keepalive.
+        for i in 1..=10 {
+            let now = t0 + 50 * i * MS;
+            s.on_sent(now);
+            s.on_received(now);
+            assert!(drain(&mut s, now).is_empty(), "at {i}");
+        }
+        let last = t0 + 500 * MS;
+        assert_eq!(drain(&mut s, last + 100 * MS), ["keepalive"]);
+        // Re-armed from when it went out.
+        assert_eq!(s.poll_timeout(), Some(last + 200 * MS));
+    }
+
+    #[test]
+    fn idle_timeout_measured_from_last_byte() {
+        let t0 = Instant::now();
+        let mut s = State::<u32, u32>::new(t0, timeouts());
+        s.on_received(t0 + 200 * MS);
+        let evs = drain(&mut s, t0 + 499 * MS);
+        assert!(!evs.iter().any(|e| e.contains("idle")), "{evs:?}");
+        assert_eq!(
+            drain(&mut s, t0 + 500 * MS).last().map(String::as_str),
+            Some("close: idle timeout: nothing received for 300ms")
+        );
+    }
+
+    #[test]
+    fn paused_reader_is_not_a_silent_peer() {
+        let t0 = Instant::now();
+        let mut s = State::<u32, u32>::new(t0, timeouts());
+        s.set_read_paused(t0, true);
+        s.set_mid_frame(t0, true);
+        let evs = drain(&mut s, t0 + 10_000 * MS);
+        assert!(evs.iter().all(|e| e == "keepalive"), "{evs:?}");
+        // Resuming restarts the clock rather than firing at once.
+        let t1 = t0 + 10_000 * MS;
+        s.set_read_paused(t1, false);
+        assert!(drain(&mut s, t1 + 299 * MS)
+            .iter()
+            .all(|e| e == "keepalive"));
+        assert!(drain(&mut s, t1 + 300 * MS)
+            .iter()
+            .any(|e| e.contains("idle")));
+    }
+
+    #[test]
+    fn frame_and_write_timeouts() {
+        let t0 = Instant::now();
+        let mut t = timeouts();
+        t.idle_timeout = None;
+        let mut s = State::<u32, u32>::new(t0, t);
+        s.set_mid_frame(t0, true);
+        s.set_mid_frame(t0 + 400 * MS, true); // still the same frame
+        assert!(drain(&mut s, t0 + 499 * MS)
+            .iter()
+            .all(|e| e == "keepalive"));
+        assert!(drain(&mut s, t0 + 500 * MS)[0].contains("frame timeout"));
+
+        let mut s = State::<u32, u32>::new(t0, t);
+        s.set_write_state(t0, true, false);
+        s.set_write_state(t0 + 300 * MS, true, true); // progress resets
+        s.set_write_state(t0 + 600 * MS, true, false);
+        assert!(drain(&mut s, t0 + 699 * MS)
+            .iter()
+            .all(|e| e == "keepalive"));
+        assert!(drain(&mut s, t0 + 700 * MS)[0].contains("write timeout"));
+    }
+
+    #[test]
+    fn requests_match_expire_and_retire() {
+        let t0 = Instant::now();
+        let mut t = timeouts();
+        t.keepalive_interval = None;
+        t.idle_timeout = None;
+        let mut s = State::<u32, u32>::new(t0, t);
+        s.insert_request(t0, 1, 10, never).unwrap();
+        s.insert_request(t0 + 10 * MS, 2, 20, never).unwrap();
+        assert_eq!(s.insert_request(t0, 2, 99, never), Err(99));
+        assert_eq!(s.take_response(&1), Matched::Pending(10));
+        assert_eq!(s.take_response(&1), Matched::Unknown, "answered twice");
+        assert_eq!(s.take_response(&7), Matched::Unknown);
+        assert_eq!(s.poll_timeout(), Some(t0 + 1000 * MS));
+        assert!(drain(&mut s, t0 + 1009 * MS).is_empty());
+        assert_eq!(drain(&mut s, t0 + 1010 * MS), ["expired 20"]);
+        assert_eq!(s.outstanding(), 0);
+        assert_eq!(s.take_response(&2), Matched::Late);
+        assert_eq!(s.take_response(&2), Matched::Unknown, "late only once");
+        assert_eq!(s.poll_timeout(), None);
+    }
+
+    #[test]
+    fn abandoned_requests_are_swept_and_late() {
+        let t0 = Instant::now();
+        let mut s = State::<u32, u32>::new(t0, timeouts());
+        let odd = |r: &u32| r % 2 == 1;
+        for i in 0..64 {
+            s.insert_request(t0, i, i, odd).unwrap();
+        }
+        assert_eq!(s.outstanding(), 64);
+        s.insert_request(t0, 1000, 1000, odd).unwrap();
+        assert_eq!(s.outstanding(), 33);
+        assert_eq!(s.take_response(&3), Matched::Late);
+        assert_eq!(s.take_response(&4), Matched::Pending(4));
+    }
+
+    #[test]
+    fn expiry_queue_stays_bounded() {
+        let t0 = Instant::now();
+        let mut s = State::<u32, u32>::new(t0, timeouts());
+        for i in 0..100_000 {
+            s.insert_request(t0, i, i, never).unwrap();
+            assert_eq!(s.take_response(&i), Matched::Pending(i));
+        }
+        assert!(s.expiry.len() <= 2 * s.requests.len() + 65);
+        assert!(s.retired.len() <= RETIRED_CAP);
+    }
+}
