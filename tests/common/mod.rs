@@ -44,9 +44,16 @@ pub fn numbered(i: u32) -> RawMessage {
     RawMessage::Message(Bytes::copy_from_slice(&i.to_be_bytes()))
 }
 
+/// A numbered message padded to `len` bytes.
+pub fn numbered_padded(i: u32, len: usize) -> RawMessage {
+    let mut v = i.to_be_bytes().to_vec();
+    v.resize(len.max(4), 0x55);
+    RawMessage::Message(v.into())
+}
+
 pub fn number_of(m: &RawMessage) -> u32 {
     match m {
-        RawMessage::Message(b) if b.len() == 4 => u32::from_be_bytes([b[0], b[1], b[2], b[3]]),
+        RawMessage::Message(b) if b.len() >= 4 => u32::from_be_bytes([b[0], b[1], b[2], b[3]]),
         other => panic!("not a numbered message: {other:?}"),
     }
 }
@@ -109,5 +116,45 @@ impl AsyncWrite for Scripted {
     }
     fn poll_close(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
         Poll::Ready(Ok(()))
+    }
+}
+
+/// A TCP proxy on loopback that forwards both ways until `black_hole` is
+/// set; from then on it swallows everything, closing neither socket (a
+/// half-open connection, as a dead NAT or a pulled cable makes).
+pub struct Proxy {
+    pub addr: std::net::SocketAddr,
+    pub black_hole: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    _task: smol::Task<()>,
+}
+
+impl Proxy {
+    pub async fn start(target: std::net::SocketAddr) -> Proxy {
+        use futures::{AsyncReadExt, AsyncWriteExt};
+        use std::sync::atomic::Ordering;
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let black_hole = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let bh = black_hole.clone();
+        let task = smol::spawn(async move {
+            let (client, _) = listener.accept().await.unwrap();
+            let server = TcpStream::connect(target).await.unwrap();
+            let pump = |mut from: TcpStream, mut to: TcpStream, bh: std::sync::Arc<std::sync::atomic::AtomicBool>| async move {
+                let mut buf = vec![0u8; 16 * 1024];
+                loop {
+                    let n = match from.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => n,
+                    };
+                    if !bh.load(Ordering::SeqCst) && to.write_all(&buf[..n]).await.is_err() {
+                        return;
+                    }
+                }
+            };
+            let up = pump(client.clone(), server.clone(), bh.clone());
+            let down = pump(server, client, bh);
+            futures::future::join(up, down).await;
+        });
+        Proxy { addr, black_hole, _task: task }
     }
 }
