@@ -147,7 +147,11 @@ impl Builder {
         &self,
         io: T,
         protocol: P,
-    ) -> (Sender<P>, Incoming<P>, Connection<T, P, crate::AsyncIoTimer>)
+    ) -> (
+        Sender<P>,
+        Incoming<P>,
+        Connection<T, P, crate::AsyncIoTimer>,
+    )
     where
         T: AsyncRead + AsyncWrite + Unpin,
         P: Protocol,
@@ -215,11 +219,16 @@ impl Shared {
     }
 }
 
-/// A frame ready to write, and for requests the reply slot.
-struct Outgoing<P: Protocol> {
-    head: Bytes,
-    body: Bytes,
-    request: Option<(P::RequestId, Reply<P::Message>)>,
+/// What handles send the driver.
+enum Outgoing<P: Protocol> {
+    /// A frame to write, and for a request its id and reply slot.
+    Frame {
+        head: Bytes,
+        body: Bytes,
+        request: Option<(P::RequestId, Reply<P::Message>)>,
+    },
+    /// A request future was dropped: take its entry out of the table.
+    Abandon(P::RequestId),
 }
 
 /// Sends messages and requests. Clone it to send from several tasks.
@@ -271,9 +280,14 @@ impl<P: Protocol> Sender<P> {
     pub async fn send(&self, msg: P::Message) -> Result<(), SendError<P::Message>> {
         let (head, body) = match self.encode(&msg) {
             Ok(f) => f,
-            Err(error) => return Err(SendError { message: msg, error }),
+            Err(error) => {
+                return Err(SendError {
+                    message: msg,
+                    error,
+                })
+            }
         };
-        let out = Outgoing {
+        let out = Outgoing::Frame {
             head,
             body,
             request: None,
@@ -296,9 +310,14 @@ impl<P: Protocol> Sender<P> {
         }
         let (head, body) = match self.encode(&msg) {
             Ok(f) => f,
-            Err(error) => return Err(TrySendError::Failed(SendError { message: msg, error })),
+            Err(error) => {
+                return Err(TrySendError::Failed(SendError {
+                    message: msg,
+                    error,
+                }))
+            }
         };
-        let out = Outgoing {
+        let out = Outgoing::Frame {
             head,
             body,
             request: None,
@@ -306,12 +325,10 @@ impl<P: Protocol> Sender<P> {
         match self.tx.try_send(out) {
             Ok(()) => Ok(()),
             Err(async_channel::TrySendError::Full(_)) => Err(TrySendError::Full(msg)),
-            Err(async_channel::TrySendError::Closed(_)) => {
-                Err(TrySendError::Failed(SendError {
-                    message: msg,
-                    error: self.shared.reason(),
-                }))
-            }
+            Err(async_channel::TrySendError::Closed(_)) => Err(TrySendError::Failed(SendError {
+                message: msg,
+                error: self.shared.reason(),
+            })),
         }
     }
 
@@ -329,18 +346,24 @@ impl<P: Protocol> Sender<P> {
         let (head, body) = self.encode(&msg)?;
         drop(msg);
         let (reply_tx, reply_rx) = oneshot::channel();
-        let out = Outgoing {
+        let out = Outgoing::Frame {
             head,
             body,
-            request: Some((id, reply_tx)),
+            request: Some((id.clone(), reply_tx)),
         };
         if self.tx.send(out).await.is_err() {
             return Err(self.shared.reason());
         }
-        match reply_rx.await {
+        let mut guard = AbandonOnDrop {
+            tx: &self.tx,
+            id: Some(id),
+        };
+        let res = match reply_rx.await {
             Ok(res) => res,
             Err(oneshot::Canceled) => Err(self.shared.reason()),
-        }
+        };
+        guard.id = None;
+        res
     }
 
     /// Closes the connection gracefully: everything already queued is
@@ -396,6 +419,22 @@ fn encode_frame<P: Protocol>(
     }
     buf[..HEADER_LEN].copy_from_slice(&(len as u32).to_be_bytes());
     Ok((buf.split().freeze(), body))
+}
+
+/// Tells the driver when a request future is dropped while waiting, so its
+/// entry leaves the table at once. Should the queue be full, the entry is
+/// swept out later instead (as the table grows, or at its timeout).
+struct AbandonOnDrop<'a, P: Protocol> {
+    tx: &'a async_channel::Sender<Outgoing<P>>,
+    id: Option<P::RequestId>,
+}
+
+impl<P: Protocol> Drop for AbandonOnDrop<'_, P> {
+    fn drop(&mut self) {
+        if let Some(id) = self.id.take() {
+            let _ = self.tx.try_send(Outgoing::Abandon(id));
+        }
+    }
 }
 
 /// The incoming messages: a [`Stream`] of `Result<Message, Error>`.
@@ -617,8 +656,8 @@ where
             }
             if self.blocked.is_some() {
                 if let Poll::Ready(res) = self.pipe.poll_fill(cx, self.max_frame_len + HEADER_LEN) {
-                // Read ahead a bounded amount so a reset is seen even while
-                // the application is not taking messages.
+                    // Read ahead a bounded amount so a reset is seen even while
+                    // the application is not taking messages.
                     res?;
                 }
             }
@@ -670,17 +709,30 @@ where
 
     fn queue_keepalive(&mut self, now: Instant) -> Result<(), Error> {
         let mut buf = BytesMut::new();
-        let (head, body) = encode_frame(&*self.protocol, &self.protocol.keepalive(), &mut buf, self.max_frame_len)?;
+        let (head, body) = encode_frame(
+            &*self.protocol,
+            &self.protocol.keepalive(),
+            &mut buf,
+            self.max_frame_len,
+        )?;
         self.pipe.queue(head, body);
         self.state.on_sent(now);
         Ok(())
     }
 
     fn queue_outgoing(&mut self, now: Instant, out: Outgoing<P>) {
-        if let Some((id, reply)) = out.request {
-            if let Err(reply) = self
-                .state
-                .insert_request(now, id, reply, oneshot::Sender::is_canceled)
+        let (head, body, request) = match out {
+            Outgoing::Frame {
+                head,
+                body,
+                request,
+            } => (head, body, request),
+            Outgoing::Abandon(id) => return self.state.abandon(&id),
+        };
+        if let Some((id, reply)) = request {
+            if let Err(reply) =
+                self.state
+                    .insert_request(now, id, reply, oneshot::Sender::is_canceled)
             {
                 let _ = reply.send(Err(Error::InvalidRequest(
                     "a request with this id is already outstanding",
@@ -688,7 +740,7 @@ where
                 return;
             }
         }
-        self.pipe.queue(out.head, out.body);
+        self.pipe.queue(head, body);
         self.state.on_sent(now);
     }
 

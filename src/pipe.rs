@@ -101,7 +101,9 @@ impl<T: AsyncRead + AsyncWrite + Unpin> Pipe<T> {
         let start = self.read_buf.len();
         // Never more than arrives in one read: memory follows real bytes,
         // not a length a peer announced.
-        let want = self.read_size.min(self.decoder.remaining(&self.read_buf).max(MIN_READ));
+        let want = self
+            .read_size
+            .min(self.decoder.remaining(&self.read_buf).max(MIN_READ));
         self.read_buf.resize(start + want, 0);
         let res = Pin::new(&mut self.io).poll_read(cx, &mut self.read_buf[start..]);
         let n = match res {

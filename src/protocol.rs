@@ -91,7 +91,8 @@ pub trait Protocol: Send + Sync + 'static {
     /// socket as it is (vectored, without a copy).
     ///
     /// An error fails this one message; the connection carries on.
-    fn encode(&self, msg: &Self::Message, dst: &mut BytesMut) -> Result<Option<Bytes>, Self::Error>;
+    fn encode(&self, msg: &Self::Message, dst: &mut BytesMut)
+        -> Result<Option<Bytes>, Self::Error>;
 
     /// Turns one payload into a message.
     ///

@@ -136,8 +136,14 @@ mod tests {
             RawMessage::Message(Bytes::from_static(b"hi")),
             RawMessage::Message(Bytes::from(vec![7; 4096])),
             RawMessage::Keepalive,
-            RawMessage::Request { id: 9, body: Bytes::from_static(b"q") },
-            RawMessage::Response { id: u64::MAX, body: Bytes::new() },
+            RawMessage::Request {
+                id: 9,
+                body: Bytes::from_static(b"q"),
+            },
+            RawMessage::Response {
+                id: u64::MAX,
+                body: Bytes::new(),
+            },
         ];
         for m in msgs {
             let mut buf = BytesMut::new();

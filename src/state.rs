@@ -161,6 +161,14 @@ impl<Id: Eq + Hash + Clone, R> State<Id, R> {
         Matched::Unknown
     }
 
+    /// Takes an abandoned request out of the table; its late response will
+    /// be ignored.
+    pub fn abandon(&mut self, id: &Id) {
+        if self.requests.remove(id).is_some() {
+            self.retire(id.clone());
+        }
+    }
+
     /// Number of outstanding requests.
     pub fn outstanding(&self) -> usize {
         self.requests.len()
@@ -428,6 +436,9 @@ mod tests {
         assert_eq!(s.outstanding(), 33);
         assert_eq!(s.take_response(&3), Matched::Late);
         assert_eq!(s.take_response(&4), Matched::Pending(4));
+        s.abandon(&6);
+        assert_eq!(s.outstanding(), 31);
+        assert_eq!(s.take_response(&6), Matched::Late);
     }
 
     #[test]

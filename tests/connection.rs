@@ -38,7 +38,10 @@ async fn both_ways<T: AsyncRead + AsyncWrite + Unpin + Send + 'static>(a: T, b: 
     b_conn.await.unwrap();
     assert!(matches!(
         b_tx.send(msg("late")).await,
-        Err(chatpipe::SendError { error: Error::Closed, .. })
+        Err(chatpipe::SendError {
+            error: Error::Closed,
+            ..
+        })
     ));
 }
 
@@ -142,7 +145,10 @@ fn a_consumer_that_stops_reading_holds_memory_bounded() {
         let bound = CAP * 2 + (256 + 8 + 64 + 16) * 1024 / 1000;
         eprintln!("accepted {accepted}, bound {bound}");
         assert!(accepted <= bound, "accepted {accepted} > bound {bound}");
-        assert!(tx.try_send(RawMessage::Message(body.clone())).unwrap_err().is_full());
+        assert!(tx
+            .try_send(RawMessage::Message(body.clone()))
+            .unwrap_err()
+            .is_full());
         // Once the consumer reads, everything arrives.
         for _ in 0..accepted {
             rx.next().await.unwrap().unwrap();
@@ -174,7 +180,10 @@ fn an_oversized_outgoing_message_fails_alone() {
         smol::spawn(b_conn).detach();
         let big = RawMessage::Message(Bytes::from(vec![0; 100]));
         let err = tx.send(big.clone()).await.unwrap_err();
-        assert!(matches!(err.error, Error::FrameTooLarge { len: 101, max: 100 }));
+        assert!(matches!(
+            err.error,
+            Error::FrameTooLarge { len: 101, max: 100 }
+        ));
         assert_eq!(err.into_inner(), big);
         // The connection carries on.
         tx.send(msg("fine")).await.unwrap();
@@ -213,8 +222,14 @@ fn a_length_over_the_maximum_closes_with_frame_too_large() {
         let mut bytes = raw_frame(b"\0ok");
         bytes.extend_from_slice(&u32::MAX.to_be_bytes());
         let (err, got) = closes_with(bytes, false).await;
-        assert!(matches!(err, Error::FrameTooLarge { len, max: 1000 } if len == u64::from(u32::MAX)));
-        assert_eq!(got, [msg("ok")], "what arrived before the error is delivered");
+        assert!(
+            matches!(err, Error::FrameTooLarge { len, max: 1000 } if len == u64::from(u32::MAX))
+        );
+        assert_eq!(
+            got,
+            [msg("ok")],
+            "what arrived before the error is delivered"
+        );
     }));
 }
 
@@ -245,7 +260,10 @@ fn unknown_message_types_are_skipped() {
         bytes.extend_from_slice(&raw_frame(&[3, 0, 0, 0, 0, 0, 0, 0, 42]));
         let (err, got) = closes_with(bytes, false).await;
         assert_eq!(got, [msg("after")]);
-        assert!(matches!(err, Error::Protocol(_)), "unsolicited response: {err}");
+        assert!(
+            matches!(err, Error::Protocol(_)),
+            "unsolicited response: {err}"
+        );
     }));
 }
 
@@ -275,7 +293,13 @@ fn dropping_the_driver_fails_everything_pending() {
         let (tx, mut rx, conn) = quiet().build(a, Raw);
         let req = smol::spawn({
             let tx = tx.clone();
-            async move { tx.request(RawMessage::Request { id: 1, body: Bytes::new() }).await }
+            async move {
+                tx.request(RawMessage::Request {
+                    id: 1,
+                    body: Bytes::new(),
+                })
+                .await
+            }
         });
         let mut conn = conn;
         // Let the driver pick up the request, then drop it.

@@ -59,13 +59,20 @@ fn a_keepalive_goes_out_after_silence_and_none_while_traffic_flows() {
         });
         let busy = frames_for(&mut peer, 400 * MS).await;
         assert!(busy.len() >= 30, "traffic flowed: {}", busy.len());
-        assert!(busy.iter().all(|p| p[..] == b"\0t"[..]), "no keepalive while busy");
+        assert!(
+            busy.iter().all(|p| p[..] == b"\0t"[..]),
+            "no keepalive while busy"
+        );
         let _tx = sending.await;
 
         // Then silence: keepalives (payload [1]) about every 100 ms.
         let quiet = frames_for(&mut peer, 450 * MS).await;
         assert!(quiet.iter().all(|p| p[..] == [1]), "{quiet:?}");
-        assert!((2..=5).contains(&quiet.len()), "{} keepalives in 450 ms", quiet.len());
+        assert!(
+            (2..=5).contains(&quiet.len()),
+            "{} keepalives in 450 ms",
+            quiet.len()
+        );
     }));
 }
 
@@ -94,8 +101,14 @@ fn a_silent_peer_is_detected_within_the_idle_timeout() {
         for (conn, rx) in [(cconn, &mut crx), (sconn, &mut srx)] {
             let err = conn.await.unwrap_err();
             let took = cut.elapsed();
-            assert!(matches!(err, Error::IdleTimeout(d) if d == 150 * MS), "{err}");
-            assert!(took >= 120 * MS && took < 400 * MS, "detected after {took:?}");
+            assert!(
+                matches!(err, Error::IdleTimeout(d) if d == 150 * MS),
+                "{err}"
+            );
+            assert!(
+                took >= 120 * MS && took < 400 * MS,
+                "detected after {took:?}"
+            );
             assert!(matches!(rx.next().await, Some(Err(Error::IdleTimeout(_)))));
         }
     }));

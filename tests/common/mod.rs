@@ -16,13 +16,20 @@ use tokio_util::compat::{Compat, TokioAsyncReadCompatExt};
 /// A connected pair of loopback TCP sockets.
 pub async fn tcp_pair() -> (TcpStream, TcpStream) {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let a = TcpStream::connect(listener.local_addr().unwrap()).await.unwrap();
+    let a = TcpStream::connect(listener.local_addr().unwrap())
+        .await
+        .unwrap();
     let (b, _) = listener.accept().await.unwrap();
     (a, b)
 }
 
 /// A connected pair of in-memory streams (no runtime needed).
-pub fn duplex_pair(cap: usize) -> (Compat<tokio::io::DuplexStream>, Compat<tokio::io::DuplexStream>) {
+pub fn duplex_pair(
+    cap: usize,
+) -> (
+    Compat<tokio::io::DuplexStream>,
+    Compat<tokio::io::DuplexStream>,
+) {
     let (a, b) = tokio::io::duplex(cap);
     (a.compat(), b.compat())
 }
@@ -87,14 +94,22 @@ impl Scripted {
 }
 
 impl AsyncRead for Scripted {
-    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut [u8]) -> Poll<io::Result<usize>> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut [u8],
+    ) -> Poll<io::Result<usize>> {
         if self.pending_next {
             self.pending_next = false;
             cx.waker().wake_by_ref();
             return Poll::Pending;
         }
         let Some(mut chunk) = self.chunks.pop_front() else {
-            return if self.eof_at_end { Poll::Ready(Ok(0)) } else { Poll::Pending };
+            return if self.eof_at_end {
+                Poll::Ready(Ok(0))
+            } else {
+                Poll::Pending
+            };
         };
         let n = chunk.len().min(buf.len());
         buf[..n].copy_from_slice(&chunk[..n]);
@@ -107,7 +122,11 @@ impl AsyncRead for Scripted {
 }
 
 impl AsyncWrite for Scripted {
-    fn poll_write(self: Pin<&mut Self>, _: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        _: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
         self.written.lock().unwrap().extend_from_slice(buf);
         Poll::Ready(Ok(buf.len()))
     }
@@ -139,7 +158,9 @@ impl Proxy {
         let task = smol::spawn(async move {
             let (client, _) = listener.accept().await.unwrap();
             let server = TcpStream::connect(target).await.unwrap();
-            let pump = |mut from: TcpStream, mut to: TcpStream, bh: std::sync::Arc<std::sync::atomic::AtomicBool>| async move {
+            let pump = |mut from: TcpStream,
+                        mut to: TcpStream,
+                        bh: std::sync::Arc<std::sync::atomic::AtomicBool>| async move {
                 let mut buf = vec![0u8; 16 * 1024];
                 loop {
                     let n = match from.read(&mut buf).await {
@@ -155,6 +176,10 @@ impl Proxy {
             let down = pump(server, client, bh);
             futures::future::join(up, down).await;
         });
-        Proxy { addr, black_hole, _task: task }
+        Proxy {
+            addr,
+            black_hole,
+            _task: task,
+        }
     }
 }
