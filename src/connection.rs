@@ -4,6 +4,7 @@
 use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::task::{ready, Context, Poll};
 use std::time::{Duration, Instant};
@@ -211,6 +212,8 @@ impl Builder {
 #[derive(Debug, Default)]
 struct Shared {
     reason: OnceLock<Error>,
+    /// Messages accepted but never written, once the connection failed.
+    undelivered: AtomicUsize,
 }
 
 impl Shared {
@@ -382,6 +385,14 @@ impl<P: Protocol> Sender<P> {
         self.shared.reason.get().cloned()
     }
 
+    /// How many messages `send` or `try_send` accepted that were never
+    /// written, because the connection failed (or its driver was dropped).
+    /// Always 0 after a clean close: then everything accepted was written.
+    /// Accurate once the connection has ended.
+    pub fn undelivered(&self) -> usize {
+        self.shared.undelivered.load(Ordering::Acquire)
+    }
+
     fn encode(&self, msg: &P::Message) -> Result<(Bytes, Bytes), Error> {
         // A poisoned lock only means another send panicked mid-encode;
         // `encode_frame` starts from a cleared buffer either way.
@@ -520,10 +531,7 @@ pub struct Connection<T, P: Protocol, Tm> {
 // send is boxed.
 impl<T, P: Protocol, Tm> Unpin for Connection<T, P, Tm> {}
 
-impl<T, P: Protocol, Tm> fmt::Debug for Connection<T, P, Tm>
-where
-    T: AsyncRead + AsyncWrite + Unpin,
-{
+impl<T, P: Protocol, Tm> fmt::Debug for Connection<T, P, Tm> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Connection")
             .field("phase", &self.phase)
@@ -779,13 +787,27 @@ where
             }
         }
     }
+}
 
-    /// Records why the connection ended and tells every handle.
+impl<T, P: Protocol, Tm> Connection<T, P, Tm> {
+    /// Records why the connection ended, counts what was accepted but
+    /// never written, and tells every handle. Runs once: on completion, or
+    /// on drop if the driver never completed.
     fn finish(&mut self, reason: Error) {
-        let _ = self.shared.reason.set(reason.clone());
+        if self.shared.reason.set(reason.clone()).is_err() {
+            return;
+        }
         self.outbound.close();
         self.inbound.close();
         self.blocked = None;
+        let mut undelivered = self.pipe.unwritten_frames();
+        // Requests still in the queue fail when their reply slot drops here.
+        while let Ok(out) = self.outbound.try_recv() {
+            undelivered += matches!(out, Outgoing::Frame { .. }) as usize;
+        }
+        self.shared
+            .undelivered
+            .store(undelivered, Ordering::Release);
         for reply in self.state.drain_requests() {
             let _ = reply.send(Err(reason.clone()));
         }
@@ -794,11 +816,6 @@ where
 
 impl<T, P: Protocol, Tm> Drop for Connection<T, P, Tm> {
     fn drop(&mut self) {
-        let _ = self.shared.reason.set(Error::Closed);
-        self.outbound.close();
-        self.inbound.close();
-        for reply in self.state.drain_requests() {
-            let _ = reply.send(Err(Error::Closed));
-        }
+        self.finish(Error::Closed);
     }
 }

@@ -37,7 +37,23 @@ pub(crate) struct Pipe<T> {
     /// Small frames copied together.
     tail: BytesMut,
     queued: usize,
+    /// Where each queued frame ends, counted in bytes ever queued: tells how
+    /// many frames were never written if the connection fails.
+    frame_ends: VecDeque<u64>,
+    bytes_queued: u64,
     needs_flush: bool,
+}
+
+impl<T> Pipe<T> {
+    /// Bytes queued and not yet written.
+    pub fn queued(&self) -> usize {
+        self.queued
+    }
+
+    /// Frames queued and not completely written.
+    pub fn unwritten_frames(&self) -> usize {
+        self.frame_ends.len()
+    }
 }
 
 impl<T: AsyncRead + AsyncWrite + Unpin> Pipe<T> {
@@ -53,6 +69,8 @@ impl<T: AsyncRead + AsyncWrite + Unpin> Pipe<T> {
             chunks: VecDeque::new(),
             tail: BytesMut::new(),
             queued: 0,
+            frame_ends: VecDeque::new(),
+            bytes_queued: 0,
             needs_flush: false,
         }
     }
@@ -134,16 +152,13 @@ impl<T: AsyncRead + AsyncWrite + Unpin> Pipe<T> {
         Poll::Ready(Ok(()))
     }
 
-    /// Bytes queued and not yet written.
-    pub fn queued(&self) -> usize {
-        self.queued
-    }
-
     /// Queues one frame: `head` (starting with its 4-byte length prefix)
     /// then `body`.
     pub fn queue(&mut self, head: Bytes, body: Bytes) {
         debug_assert!(head.len() >= HEADER_LEN);
         self.queued += head.len() + body.len();
+        self.bytes_queued += (head.len() + body.len()) as u64;
+        self.frame_ends.push_back(self.bytes_queued);
         for piece in [head, body] {
             if piece.len() >= COPY_BELOW {
                 if !self.tail.is_empty() {
@@ -196,6 +211,13 @@ impl<T: AsyncRead + AsyncWrite + Unpin> Pipe<T> {
     fn advance(&mut self, mut n: usize) {
         self.queued -= n;
         self.bytes_written += n as u64;
+        while self
+            .frame_ends
+            .front()
+            .is_some_and(|end| *end <= self.bytes_written)
+        {
+            self.frame_ends.pop_front();
+        }
         while n > 0 {
             match self.chunks.front_mut() {
                 Some(c) if c.len() <= n => {
