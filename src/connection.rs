@@ -1,6 +1,7 @@
 //! The public handles, the builder, and the driver future that joins the
 //! pipe, the state machine, the channels and the timer.
 
+use std::collections::VecDeque;
 use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
@@ -17,6 +18,7 @@ use futures_io::{AsyncRead, AsyncWrite};
 use crate::error::{SendError, TrySendError};
 use crate::frame::{self, HEADER_LEN};
 use crate::pipe::Pipe;
+use crate::queue::{PushError, Queue};
 use crate::state::{Event, Matched, State, Timeouts};
 use crate::timer::Timer;
 use crate::{Error, Kind, Protocol};
@@ -75,8 +77,13 @@ impl Builder {
         self
     }
 
-    /// How many messages may wait to be written before `send` waits and
+    /// How many messages may wait in the queue before `send` waits and
     /// `try_send` fails with `Full`. Default: 1,024. At least 1.
+    ///
+    /// The driver takes the queue in one batch, so up to twice this many
+    /// may be accepted and not yet in the write buffer (itself bounded at
+    /// 256 KiB). The queue's memory grows with what is in it and is given
+    /// back when it drains.
     pub fn send_capacity(mut self, n: usize) -> Self {
         self.send_capacity = n.max(1);
         self
@@ -173,18 +180,22 @@ impl Builder {
         Tm: Timer,
     {
         let protocol = Arc::new(protocol);
-        let shared = Arc::new(Shared::default());
-        let (out_tx, out_rx) = async_channel::bounded(self.send_capacity);
-        let (in_tx, in_rx) = async_channel::bounded(self.receive_capacity);
+        let shared = Arc::new(Shared {
+            senders: AtomicUsize::new(1),
+            ..Shared::default()
+        });
+        let outbound = Arc::new(Queue::new(self.send_capacity));
+        let inbound = Arc::new(Queue::new(self.receive_capacity));
         let sender = Sender {
-            tx: out_tx,
+            queue: outbound.clone(),
             protocol: protocol.clone(),
             shared: shared.clone(),
             scratch: Mutex::new(BytesMut::new()),
             max_frame_len: self.max_frame_len,
         };
         let incoming = Incoming {
-            rx: Box::pin(in_rx),
+            queue: inbound.clone(),
+            batch: VecDeque::new(),
             shared: shared.clone(),
             done: false,
         };
@@ -193,9 +204,10 @@ impl Builder {
             state: State::new(Instant::now(), self.timeouts()),
             protocol,
             shared,
-            outbound: Box::pin(out_rx),
+            outbound,
+            outbound_batch: VecDeque::new(),
             outbound_done: false,
-            inbound: in_tx,
+            inbound,
             inbound_closed: false,
             blocked: None,
             phase: Phase::Open,
@@ -214,6 +226,8 @@ struct Shared {
     reason: OnceLock<Error>,
     /// Messages accepted but never written, once the connection failed.
     undelivered: AtomicUsize,
+    /// Live `Sender`s: when the last goes, the connection closes gracefully.
+    senders: AtomicUsize,
 }
 
 impl Shared {
@@ -241,7 +255,7 @@ enum Outgoing<P: Protocol> {
 /// every `Sender` closes the connection gracefully, as [`Sender::close`]
 /// does.
 pub struct Sender<P: Protocol> {
-    tx: async_channel::Sender<Outgoing<P>>,
+    queue: Arc<Queue<Outgoing<P>>>,
     protocol: Arc<P>,
     shared: Arc<Shared>,
     /// Encoding space, reused: frames are split off it, so small messages
@@ -252,8 +266,9 @@ pub struct Sender<P: Protocol> {
 
 impl<P: Protocol> Clone for Sender<P> {
     fn clone(&self) -> Self {
+        self.shared.senders.fetch_add(1, Ordering::Relaxed);
         Sender {
-            tx: self.tx.clone(),
+            queue: self.queue.clone(),
             protocol: self.protocol.clone(),
             shared: self.shared.clone(),
             scratch: Mutex::new(BytesMut::new()),
@@ -262,11 +277,19 @@ impl<P: Protocol> Clone for Sender<P> {
     }
 }
 
+impl<P: Protocol> Drop for Sender<P> {
+    fn drop(&mut self) {
+        if self.shared.senders.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.queue.close();
+        }
+    }
+}
+
 impl<P: Protocol> fmt::Debug for Sender<P> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Sender")
-            .field("queued", &self.tx.len())
-            .field("closed", &self.tx.is_closed())
+            .field("queued", &self.queue.len())
+            .field("closed", &self.queue.is_closed())
             .finish()
     }
 }
@@ -295,7 +318,7 @@ impl<P: Protocol> Sender<P> {
             body,
             request: None,
         };
-        match self.tx.send(out).await {
+        match self.queue.push(out).await {
             Ok(()) => Ok(()),
             Err(_) => Err(SendError {
                 message: msg,
@@ -308,7 +331,7 @@ impl<P: Protocol> Sender<P> {
     /// [`TrySendError::Full`] if not: for servers that must not wait on a
     /// slow peer.
     pub fn try_send(&self, msg: P::Message) -> Result<(), TrySendError<P::Message>> {
-        if self.tx.is_full() {
+        if self.queue.is_full() {
             return Err(TrySendError::Full(msg));
         }
         let (head, body) = match self.encode(&msg) {
@@ -325,10 +348,10 @@ impl<P: Protocol> Sender<P> {
             body,
             request: None,
         };
-        match self.tx.try_send(out) {
+        match self.queue.try_push(out) {
             Ok(()) => Ok(()),
-            Err(async_channel::TrySendError::Full(_)) => Err(TrySendError::Full(msg)),
-            Err(async_channel::TrySendError::Closed(_)) => Err(TrySendError::Failed(SendError {
+            Err(PushError::Full(_)) => Err(TrySendError::Full(msg)),
+            Err(PushError::Closed(_)) => Err(TrySendError::Failed(SendError {
                 message: msg,
                 error: self.shared.reason(),
             })),
@@ -354,11 +377,11 @@ impl<P: Protocol> Sender<P> {
             body,
             request: Some((id.clone(), reply_tx)),
         };
-        if self.tx.send(out).await.is_err() {
+        if self.queue.push(out).await.is_err() {
             return Err(self.shared.reason());
         }
         let mut guard = AbandonOnDrop {
-            tx: &self.tx,
+            queue: &self.queue,
             id: Some(id),
         };
         let res = match reply_rx.await {
@@ -372,12 +395,12 @@ impl<P: Protocol> Sender<P> {
     /// Closes the connection gracefully: everything already queued is
     /// written, then the write half is shut. Later sends fail.
     pub fn close(&self) {
-        self.tx.close();
+        self.queue.close();
     }
 
     /// True once the connection no longer accepts messages.
     pub fn is_closed(&self) -> bool {
-        self.tx.is_closed()
+        self.queue.is_closed()
     }
 
     /// The reason the connection ended: `None` while it is open.
@@ -436,14 +459,14 @@ fn encode_frame<P: Protocol>(
 /// entry leaves the table at once. Should the queue be full, the entry is
 /// swept out later instead (as the table grows, or at its timeout).
 struct AbandonOnDrop<'a, P: Protocol> {
-    tx: &'a async_channel::Sender<Outgoing<P>>,
+    queue: &'a Queue<Outgoing<P>>,
     id: Option<P::RequestId>,
 }
 
 impl<P: Protocol> Drop for AbandonOnDrop<'_, P> {
     fn drop(&mut self) {
         if let Some(id) = self.id.take() {
-            let _ = self.tx.try_send(Outgoing::Abandon(id));
+            let _ = self.queue.try_push(Outgoing::Abandon(id));
         }
     }
 }
@@ -454,18 +477,31 @@ impl<P: Protocol> Drop for AbandonOnDrop<'_, P> {
 /// with `None` after a clean close, or yields the error that closed the
 /// connection once and then ends. Dropping it is allowed: later messages
 /// are then discarded (responses still reach their requests).
+///
+/// Messages are taken from the connection in batches: besides the
+/// `receive_capacity` messages that may wait in the queue, the stream holds
+/// at most as many again that it is handing out.
 pub struct Incoming<P: Protocol> {
-    // Boxed: the receiver is `!Unpin`, and a stream users must pin by hand
-    // is a chore.
-    rx: Pin<Box<async_channel::Receiver<P::Message>>>,
+    queue: Arc<Queue<P::Message>>,
+    batch: VecDeque<P::Message>,
     shared: Arc<Shared>,
     done: bool,
+}
+
+// Nothing in it is structurally pinned.
+impl<P: Protocol> Unpin for Incoming<P> {}
+
+impl<P: Protocol> Drop for Incoming<P> {
+    fn drop(&mut self) {
+        // Tells the driver to stop delivering (and stop waiting for room).
+        self.queue.close();
+    }
 }
 
 impl<P: Protocol> fmt::Debug for Incoming<P> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Incoming")
-            .field("buffered", &self.rx.len())
+            .field("buffered", &(self.queue.len() + self.batch.len()))
             .finish()
     }
 }
@@ -474,16 +510,27 @@ impl<P: Protocol> Stream for Incoming<P> {
     type Item = Result<P::Message, Error>;
 
     fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
-        if self.done {
-            return Poll::Ready(None);
-        }
-        match ready!(self.rx.as_mut().poll_next(cx)) {
-            Some(m) => Poll::Ready(Some(Ok(m))),
-            None => {
-                self.done = true;
-                match self.shared.reason() {
-                    Error::Closed => Poll::Ready(None),
-                    e => Poll::Ready(Some(Err(e))),
+        let this = &mut *self;
+        loop {
+            if let Some(m) = this.batch.pop_front() {
+                return Poll::Ready(Some(Ok(m)));
+            }
+            if this.done {
+                return Poll::Ready(None);
+            }
+            match this.queue.poll_take_all(cx, &mut this.batch) {
+                Poll::Ready(true) => {}
+                Poll::Ready(false) => {
+                    this.done = true;
+                    return match this.shared.reason() {
+                        Error::Closed => Poll::Ready(None),
+                        e => Poll::Ready(Some(Err(e))),
+                    };
+                }
+                Poll::Pending => {
+                    // Idle: hold no memory.
+                    this.batch = VecDeque::new();
+                    return Poll::Pending;
                 }
             }
         }
@@ -514,9 +561,11 @@ pub struct Connection<T, P: Protocol, Tm> {
     state: State<P::RequestId, Reply<P::Message>>,
     protocol: Arc<P>,
     shared: Arc<Shared>,
-    outbound: Pin<Box<async_channel::Receiver<Outgoing<P>>>>,
+    outbound: Arc<Queue<Outgoing<P>>>,
+    /// Taken from `outbound` in one go, waiting for room in the pipe.
+    outbound_batch: VecDeque<Outgoing<P>>,
     outbound_done: bool,
-    inbound: async_channel::Sender<P::Message>,
+    inbound: Arc<Queue<P::Message>>,
     inbound_closed: bool,
     /// A message the application had no room for: reading waits on it.
     blocked: Option<BlockedSend>,
@@ -601,12 +650,14 @@ where
 
             // Outbound: take frames while the write queue has room.
             while !self.outbound_done && self.pipe.queued() < WRITE_HIGH_WATER {
-                match self.outbound.as_mut().poll_next(cx) {
-                    Poll::Ready(Some(out)) => {
-                        self.queue_outgoing(now, out);
-                        progress = true;
-                    }
-                    Poll::Ready(None) => {
+                if let Some(out) = self.outbound_batch.pop_front() {
+                    self.queue_outgoing(now, out);
+                    progress = true;
+                    continue;
+                }
+                match self.outbound.poll_take_all(cx, &mut self.outbound_batch) {
+                    Poll::Ready(true) => {}
+                    Poll::Ready(false) => {
                         self.outbound_done = true;
                         if self.phase == Phase::Open {
                             self.phase = Phase::Closing;
@@ -693,8 +744,12 @@ where
     /// the timer is only moved earlier; when it fires early the deadline is
     /// checked and it is re-armed.
     fn arm_timer(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Error>> {
-        if self.pipe.queued() == 0 && self.blocked.is_none() {
+        if self.pipe.queued() == 0 && self.blocked.is_none() && self.outbound_batch.is_empty() {
+            // Idle: hold next to no memory.
             self.pipe.release_idle_buffers();
+            self.outbound_batch = VecDeque::new();
+            self.outbound.release_if_empty();
+            self.inbound.release_if_empty();
         }
         while let Some(deadline) = self.state.poll_timeout() {
             if self.armed.map_or(true, |a| deadline < a) {
@@ -774,14 +829,14 @@ where
                 if self.inbound_closed {
                     return Ok(());
                 }
-                match self.inbound.try_send(msg) {
+                match self.inbound.try_push(msg) {
                     Ok(()) => {}
-                    Err(async_channel::TrySendError::Full(msg)) => {
-                        let tx = self.inbound.clone();
-                        self.blocked = Some(Box::pin(async move { tx.send(msg).await.is_ok() }));
+                    Err(PushError::Full(msg)) => {
+                        let queue = self.inbound.clone();
+                        self.blocked = Some(Box::pin(async move { queue.push(msg).await.is_ok() }));
                         self.state.set_read_paused(now, true);
                     }
-                    Err(async_channel::TrySendError::Closed(_)) => self.inbound_closed = true,
+                    Err(PushError::Closed(_)) => self.inbound_closed = true,
                 }
                 Ok(())
             }
@@ -800,11 +855,14 @@ impl<T, P: Protocol, Tm> Connection<T, P, Tm> {
         self.outbound.close();
         self.inbound.close();
         self.blocked = None;
-        let mut undelivered = self.pipe.unwritten_frames();
-        // Requests still in the queue fail when their reply slot drops here.
-        while let Ok(out) = self.outbound.try_recv() {
-            undelivered += matches!(out, Outgoing::Frame { .. }) as usize;
-        }
+        // Requests still queued fail when their reply slots drop here.
+        let left = std::mem::take(&mut self.outbound_batch)
+            .into_iter()
+            .chain(self.outbound.take_all());
+        let undelivered = self.pipe.unwritten_frames()
+            + left
+                .filter(|out| matches!(out, Outgoing::Frame { .. }))
+                .count();
         self.shared
             .undelivered
             .store(undelivered, Ordering::Release);

@@ -70,6 +70,7 @@ mod error;
 pub mod frame;
 mod pipe;
 mod protocol;
+mod queue;
 pub mod raw;
 mod state;
 mod timer;
