@@ -6,24 +6,24 @@ use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, OnceLock};
-use std::task::{ready, Context, Poll};
+use std::sync::{Arc, OnceLock};
+use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
-use bytes::{BufMut, Bytes, BytesMut};
+use bytes::{Bytes, BytesMut};
+use event_listener::EventListener;
 use futures_channel::oneshot;
 use futures_core::Stream;
 use futures_io::{AsyncRead, AsyncWrite};
 
 use crate::error::{SendError, TrySendError};
 use crate::frame::{self, HEADER_LEN};
+use crate::outbox::{encode_frame, Outbox, Piece, PushError, Reply};
 use crate::pipe::Pipe;
-use crate::queue::{PushError, Queue};
+use crate::queue::Queue;
 use crate::state::{Event, Matched, State, Timeouts};
 use crate::timer::Timer;
 use crate::{Error, Kind, Protocol};
-
-type Reply<M> = oneshot::Sender<Result<M, Error>>;
 
 /// Configures and sets up connections. Every setting has a default.
 ///
@@ -184,14 +184,12 @@ impl Builder {
             senders: AtomicUsize::new(1),
             ..Shared::default()
         });
-        let outbound = Arc::new(Queue::new(self.send_capacity));
+        let outbox = Arc::new(Outbox::new(self.send_capacity, self.max_frame_len));
         let inbound = Arc::new(Queue::new(self.receive_capacity));
         let sender = Sender {
-            queue: outbound.clone(),
+            outbox: outbox.clone(),
             protocol: protocol.clone(),
             shared: shared.clone(),
-            scratch: Mutex::new(BytesMut::new()),
-            max_frame_len: self.max_frame_len,
         };
         let incoming = Incoming {
             queue: inbound.clone(),
@@ -204,12 +202,14 @@ impl Builder {
             state: State::new(Instant::now(), self.timeouts()),
             protocol,
             shared,
-            outbound,
-            outbound_batch: VecDeque::new(),
+            outbox,
+            taken: VecDeque::new(),
             outbound_done: false,
             inbound,
+            received: VecDeque::new(),
+            receive_capacity: self.receive_capacity,
             inbound_closed: false,
-            blocked: None,
+            room: None,
             phase: Phase::Open,
             timer,
             armed: None,
@@ -236,43 +236,25 @@ impl Shared {
     }
 }
 
-/// What handles send the driver.
-enum Outgoing<P: Protocol> {
-    /// A frame to write, and for a request its id and reply slot.
-    Frame {
-        head: Bytes,
-        body: Bytes,
-        request: Option<(P::RequestId, Reply<P::Message>)>,
-    },
-    /// A request future was dropped: take its entry out of the table.
-    Abandon(P::RequestId),
-}
-
 /// Sends messages and requests. Clone it to send from several tasks.
 ///
-/// Messages are encoded on the caller's task, so an unencodable or too
-/// large message fails its own `send` at once and nothing else. Dropping
-/// every `Sender` closes the connection gracefully, as [`Sender::close`]
-/// does.
+/// Messages are encoded on the caller's task, straight into the outbound
+/// queue, so an unencodable or too large message fails its own `send` at
+/// once and nothing else. Dropping every `Sender` closes the connection
+/// gracefully, as [`Sender::close`] does.
 pub struct Sender<P: Protocol> {
-    queue: Arc<Queue<Outgoing<P>>>,
+    outbox: Arc<Outbox<P>>,
     protocol: Arc<P>,
     shared: Arc<Shared>,
-    /// Encoding space, reused: frames are split off it, so small messages
-    /// share one allocation.
-    scratch: Mutex<BytesMut>,
-    max_frame_len: usize,
 }
 
 impl<P: Protocol> Clone for Sender<P> {
     fn clone(&self) -> Self {
         self.shared.senders.fetch_add(1, Ordering::Relaxed);
         Sender {
-            queue: self.queue.clone(),
+            outbox: self.outbox.clone(),
             protocol: self.protocol.clone(),
             shared: self.shared.clone(),
-            scratch: Mutex::new(BytesMut::new()),
-            max_frame_len: self.max_frame_len,
         }
     }
 }
@@ -280,7 +262,7 @@ impl<P: Protocol> Clone for Sender<P> {
 impl<P: Protocol> Drop for Sender<P> {
     fn drop(&mut self) {
         if self.shared.senders.fetch_sub(1, Ordering::AcqRel) == 1 {
-            self.queue.close();
+            self.outbox.close();
         }
     }
 }
@@ -288,8 +270,8 @@ impl<P: Protocol> Drop for Sender<P> {
 impl<P: Protocol> fmt::Debug for Sender<P> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Sender")
-            .field("queued", &self.queue.len())
-            .field("closed", &self.queue.is_closed())
+            .field("queued", &self.outbox.len())
+            .field("closed", &self.outbox.is_closed())
             .finish()
     }
 }
@@ -299,31 +281,26 @@ impl<P: Protocol> Sender<P> {
     ///
     /// Returns once the message is queued, not written. Everything queued
     /// is written before a clean close; if the connection fails instead,
-    /// every handle sees that error.
+    /// every handle sees that error and [`Sender::undelivered`] counts what
+    /// was lost.
     ///
     /// Cancel safety: if the future is dropped before it completes, the
     /// message was not queued.
     pub async fn send(&self, msg: P::Message) -> Result<(), SendError<P::Message>> {
-        let (head, body) = match self.encode(&msg) {
-            Ok(f) => f,
-            Err(error) => {
-                return Err(SendError {
-                    message: msg,
-                    error,
-                })
-            }
-        };
-        let out = Outgoing::Frame {
-            head,
-            body,
-            request: None,
-        };
-        match self.queue.push(out).await {
-            Ok(()) => Ok(()),
-            Err(_) => Err(SendError {
+        loop {
+            let error = match self.outbox.try_push(&self.protocol, &msg, None) {
+                Ok(()) => return Ok(()),
+                Err((PushError::Full, _)) => {
+                    self.outbox.room().await;
+                    continue;
+                }
+                Err((PushError::Closed, _)) => self.shared.reason(),
+                Err((PushError::Encode(e), _)) => e,
+            };
+            return Err(SendError {
                 message: msg,
-                error: self.shared.reason(),
-            }),
+                error,
+            });
         }
     }
 
@@ -331,31 +308,16 @@ impl<P: Protocol> Sender<P> {
     /// [`TrySendError::Full`] if not: for servers that must not wait on a
     /// slow peer.
     pub fn try_send(&self, msg: P::Message) -> Result<(), TrySendError<P::Message>> {
-        if self.queue.is_full() {
-            return Err(TrySendError::Full(msg));
-        }
-        let (head, body) = match self.encode(&msg) {
-            Ok(f) => f,
-            Err(error) => {
-                return Err(TrySendError::Failed(SendError {
-                    message: msg,
-                    error,
-                }))
-            }
+        let error = match self.outbox.try_push(&self.protocol, &msg, None) {
+            Ok(()) => return Ok(()),
+            Err((PushError::Full, _)) => return Err(TrySendError::Full(msg)),
+            Err((PushError::Closed, _)) => self.shared.reason(),
+            Err((PushError::Encode(e), _)) => e,
         };
-        let out = Outgoing::Frame {
-            head,
-            body,
-            request: None,
-        };
-        match self.queue.try_push(out) {
-            Ok(()) => Ok(()),
-            Err(PushError::Full(_)) => Err(TrySendError::Full(msg)),
-            Err(PushError::Closed(_)) => Err(TrySendError::Failed(SendError {
-                message: msg,
-                error: self.shared.reason(),
-            })),
-        }
+        Err(TrySendError::Failed(SendError {
+            message: msg,
+            error,
+        }))
     }
 
     /// Sends a request and waits for the response carrying the same id.
@@ -369,19 +331,25 @@ impl<P: Protocol> Sender<P> {
         let Kind::Request(id) = self.protocol.kind(&msg) else {
             return Err(Error::InvalidRequest("the message is not a request"));
         };
-        let (head, body) = self.encode(&msg)?;
-        drop(msg);
         let (reply_tx, reply_rx) = oneshot::channel();
-        let out = Outgoing::Frame {
-            head,
-            body,
-            request: Some((id.clone(), reply_tx)),
-        };
-        if self.queue.push(out).await.is_err() {
-            return Err(self.shared.reason());
+        let mut reply_tx = Some(reply_tx);
+        while let Some(tx) = reply_tx.take() {
+            match self
+                .outbox
+                .try_push(&self.protocol, &msg, Some((id.clone(), tx)))
+            {
+                Ok(()) => {}
+                Err((PushError::Full, tx)) => {
+                    reply_tx = tx;
+                    self.outbox.room().await;
+                }
+                Err((PushError::Closed, _)) => return Err(self.shared.reason()),
+                Err((PushError::Encode(e), _)) => return Err(e),
+            }
         }
+        drop(msg);
         let mut guard = AbandonOnDrop {
-            queue: &self.queue,
+            outbox: &self.outbox,
             id: Some(id),
         };
         let res = match reply_rx.await {
@@ -395,12 +363,12 @@ impl<P: Protocol> Sender<P> {
     /// Closes the connection gracefully: everything already queued is
     /// written, then the write half is shut. Later sends fail.
     pub fn close(&self) {
-        self.queue.close();
+        self.outbox.close();
     }
 
     /// True once the connection no longer accepts messages.
     pub fn is_closed(&self) -> bool {
-        self.queue.is_closed()
+        self.outbox.is_closed()
     }
 
     /// The reason the connection ended: `None` while it is open.
@@ -415,58 +383,19 @@ impl<P: Protocol> Sender<P> {
     pub fn undelivered(&self) -> usize {
         self.shared.undelivered.load(Ordering::Acquire)
     }
-
-    fn encode(&self, msg: &P::Message) -> Result<(Bytes, Bytes), Error> {
-        // A poisoned lock only means another send panicked mid-encode;
-        // `encode_frame` starts from a cleared buffer either way.
-        let mut buf = self.scratch.lock().unwrap_or_else(|e| e.into_inner());
-        if buf.capacity() < 256 {
-            // Frames are split off this space, so many small messages share
-            // one allocation.
-            buf.reserve(8 * 1024);
-        }
-        encode_frame(&*self.protocol, msg, &mut buf, self.max_frame_len)
-    }
-}
-
-/// Encodes one frame into `buf` (which it clears first): the head (length
-/// prefix and what the protocol wrote) and the body it handed back.
-fn encode_frame<P: Protocol>(
-    protocol: &P,
-    msg: &P::Message,
-    buf: &mut BytesMut,
-    max_frame_len: usize,
-) -> Result<(Bytes, Bytes), Error> {
-    buf.clear();
-    buf.put_u32(0);
-    let body = match protocol.encode(msg, buf) {
-        Ok(body) => body.unwrap_or_default(),
-        Err(e) => {
-            buf.clear();
-            return Err(Error::Encode(Arc::new(e)));
-        }
-    };
-    let len = buf.len() - HEADER_LEN + body.len();
-    if let Err(e) = frame::check_len(len, max_frame_len) {
-        buf.clear();
-        return Err(e);
-    }
-    buf[..HEADER_LEN].copy_from_slice(&(len as u32).to_be_bytes());
-    Ok((buf.split().freeze(), body))
 }
 
 /// Tells the driver when a request future is dropped while waiting, so its
-/// entry leaves the table at once. Should the queue be full, the entry is
-/// swept out later instead (as the table grows, or at its timeout).
+/// entry leaves the table at once.
 struct AbandonOnDrop<'a, P: Protocol> {
-    queue: &'a Queue<Outgoing<P>>,
+    outbox: &'a Outbox<P>,
     id: Option<P::RequestId>,
 }
 
 impl<P: Protocol> Drop for AbandonOnDrop<'_, P> {
     fn drop(&mut self) {
         if let Some(id) = self.id.take() {
-            let _ = self.queue.try_push(Outgoing::Abandon(id));
+            self.outbox.abandon(id);
         }
     }
 }
@@ -547,28 +476,30 @@ enum Phase {
     WriteClosed,
 }
 
-type BlockedSend = Pin<Box<dyn Future<Output = bool> + Send>>;
-
 /// The driver: owns the byte stream and does all the I/O. Spawn it.
 ///
 /// It resolves when the connection ends: `Ok(())` after a clean close by
 /// either side, or the error that closed it, which every handle sees too.
 /// Dropping it closes the connection at once: queued messages are not
-/// written and every pending request fails with [`Error::Closed`].
+/// written (see [`Sender::undelivered`]) and every pending request fails
+/// with [`Error::Closed`].
 #[must_use = "the connection does nothing unless its driver future is polled (spawn it)"]
 pub struct Connection<T, P: Protocol, Tm> {
     pipe: Pipe<T>,
     state: State<P::RequestId, Reply<P::Message>>,
     protocol: Arc<P>,
     shared: Arc<Shared>,
-    outbound: Arc<Queue<Outgoing<P>>>,
-    /// Taken from `outbound` in one go, waiting for room in the pipe.
-    outbound_batch: VecDeque<Outgoing<P>>,
+    outbox: Arc<Outbox<P>>,
+    /// Taken from the outbox in one go, waiting for room in the pipe.
+    taken: VecDeque<Piece<P>>,
     outbound_done: bool,
     inbound: Arc<Queue<P::Message>>,
+    /// Decoded this round, waiting to go to the application in one batch.
+    received: VecDeque<P::Message>,
+    receive_capacity: usize,
     inbound_closed: bool,
-    /// A message the application had no room for: reading waits on it.
-    blocked: Option<BlockedSend>,
+    /// Set while the application has no room: reading waits on it.
+    room: Option<EventListener>,
     phase: Phase,
     timer: Tm,
     armed: Option<Instant>,
@@ -576,8 +507,7 @@ pub struct Connection<T, P: Protocol, Tm> {
     request_timeout: Duration,
 }
 
-// No field is structurally pinned: `T` and `Tm` are `Unpin`, the blocked
-// send is boxed.
+// No field is structurally pinned: `T` and `Tm` are `Unpin`.
 impl<T, P: Protocol, Tm> Unpin for Connection<T, P, Tm> {}
 
 impl<T, P: Protocol, Tm> fmt::Debug for Connection<T, P, Tm> {
@@ -593,8 +523,8 @@ impl<T, P: Protocol, Tm> fmt::Debug for Connection<T, P, Tm> {
 /// How many rounds one poll may do before yielding to other tasks.
 const BUDGET: usize = 16;
 /// Most frames decoded in one round.
-const FRAMES_PER_ROUND: usize = 256;
-/// Write-queue bytes above which no more frames are taken from the channel.
+const FRAMES_PER_ROUND: usize = 1024;
+/// Write-queue bytes above which nothing more is taken from the outbox.
 const WRITE_HIGH_WATER: usize = 256 * 1024;
 
 impl<T, P, Tm> Future for Connection<T, P, Tm>
@@ -613,7 +543,7 @@ where
                 e => Err(e.clone()),
             });
         }
-        let res = ready!(this.drive(cx));
+        let res = std::task::ready!(this.drive(cx));
         this.finish(res.as_ref().err().cloned().unwrap_or(Error::Closed));
         Poll::Ready(res)
     }
@@ -648,14 +578,14 @@ where
                 }
             }
 
-            // Outbound: take frames while the write queue has room.
+            // Outbound: take what senders encoded while the pipe has room.
             while !self.outbound_done && self.pipe.queued() < WRITE_HIGH_WATER {
-                if let Some(out) = self.outbound_batch.pop_front() {
-                    self.queue_outgoing(now, out);
+                if let Some(piece) = self.taken.pop_front() {
+                    self.queue_piece(now, piece);
                     progress = true;
                     continue;
                 }
-                match self.outbound.poll_take_all(cx, &mut self.outbound_batch) {
+                match self.outbox.poll_take(cx, &mut self.taken) {
                     Poll::Ready(true) => {}
                     Poll::Ready(false) => {
                         self.outbound_done = true;
@@ -679,45 +609,46 @@ where
                 }
             }
 
-            // Inbound: deliver what waits, then read.
-            if let Some(blocked) = &mut self.blocked {
-                if let Poll::Ready(delivered) = blocked.as_mut().poll(cx) {
-                    self.blocked = None;
-                    self.inbound_closed |= !delivered;
-                    self.state.set_read_paused(now, false);
-                    progress = true;
-                }
-            }
-            let mut frames = 0;
-            while self.blocked.is_none() && frames < FRAMES_PER_ROUND {
-                match self.pipe.poll_frame(cx) {
-                    Poll::Ready(Ok(Some(payload))) => {
-                        self.dispatch(now, payload)?;
-                        frames += 1;
-                        progress = true;
-                    }
-                    Poll::Ready(Ok(None)) => {
-                        if self.phase == Phase::WriteClosed {
-                            return Poll::Ready(Ok(()));
-                        }
-                        // The peer closed: close too, after writing what
-                        // was already accepted.
-                        self.outbound.close();
-                        if self.phase == Phase::Open {
-                            self.phase = Phase::Closing;
+            // Inbound: hand over what waits, then read more.
+            progress |= self.deliver(cx, now);
+            if self.received.is_empty() {
+                while self.received.len() < FRAMES_PER_ROUND.min(self.receive_capacity) {
+                    match self.pipe.poll_frame(cx) {
+                        Poll::Ready(Ok(Some(payload))) => {
+                            self.dispatch(payload)?;
                             progress = true;
                         }
-                        break;
+                        Poll::Ready(Ok(None)) => {
+                            if self.phase == Phase::WriteClosed {
+                                // Hand over the last messages before ending.
+                                self.deliver(cx, now);
+                                if self.received.is_empty() || self.inbound_closed {
+                                    return Poll::Ready(Ok(()));
+                                }
+                                break;
+                            }
+                            // The peer closed: close too, after writing
+                            // what was already accepted.
+                            self.outbox.close();
+                            if self.phase == Phase::Open {
+                                self.phase = Phase::Closing;
+                                progress = true;
+                            }
+                            break;
+                        }
+                        Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                        Poll::Pending => break,
                     }
-                    Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
-                    Poll::Pending => break,
                 }
+                self.deliver(cx, now);
             }
-            if self.blocked.is_some() {
-                if let Poll::Ready(res) = self.pipe.poll_fill(cx, self.max_frame_len + HEADER_LEN) {
-                    // Read ahead a bounded amount so a reset is seen even while
-                    // the application is not taking messages.
-                    res?;
+            if !self.received.is_empty() {
+                // The application is behind: read ahead a bounded amount
+                // so that a reset or EOF is still seen at once.
+                if let Poll::Ready(Err(e)) =
+                    self.pipe.poll_fill(cx, self.max_frame_len + HEADER_LEN)
+                {
+                    return Poll::Ready(Err(e));
                 }
             }
 
@@ -739,16 +670,52 @@ where
         Poll::Pending
     }
 
+    /// Moves received messages to the application's queue, as many as fit.
+    /// While some do not, reading pauses (and the idle clock with it) until
+    /// the application makes room. True if anything moved.
+    fn deliver(&mut self, cx: &mut Context<'_>, now: Instant) -> bool {
+        let mut moved = false;
+        loop {
+            if self.received.is_empty() {
+                break;
+            }
+            let before = self.received.len();
+            if self.inbound_closed || self.inbound.push_batch(&mut self.received).is_err() {
+                // Nobody is listening: discard.
+                self.inbound_closed = true;
+                self.received.clear();
+            }
+            moved |= self.received.len() != before;
+            if self.received.is_empty() {
+                break;
+            }
+            match &mut self.room {
+                None => self.room = Some(self.inbound.listen_room()),
+                Some(listener) => match Pin::new(listener).poll(cx) {
+                    Poll::Ready(()) => self.room = None,
+                    Poll::Pending => break,
+                },
+            }
+        }
+        let blocked = !self.received.is_empty();
+        if !blocked {
+            self.room = None;
+        }
+        self.state.set_read_paused(now, blocked);
+        moved
+    }
+
     /// Arms the timer for the state machine's next deadline. Deadlines
     /// usually move later (each message pushes keepalive and idle out), so
     /// the timer is only moved earlier; when it fires early the deadline is
     /// checked and it is re-armed.
     fn arm_timer(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Error>> {
-        if self.pipe.queued() == 0 && self.blocked.is_none() && self.outbound_batch.is_empty() {
+        if self.pipe.queued() == 0 && self.received.is_empty() && self.taken.is_empty() {
             // Idle: hold next to no memory.
             self.pipe.release_idle_buffers();
-            self.outbound_batch = VecDeque::new();
-            self.outbound.release_if_empty();
+            self.taken = VecDeque::new();
+            self.received = VecDeque::new();
+            self.outbox.release_if_empty();
             self.inbound.release_if_empty();
         }
         while let Some(deadline) = self.state.poll_timeout() {
@@ -772,75 +739,68 @@ where
 
     fn queue_keepalive(&mut self, now: Instant) -> Result<(), Error> {
         let mut buf = BytesMut::new();
-        let (head, body) = encode_frame(
-            &*self.protocol,
-            &self.protocol.keepalive(),
-            &mut buf,
-            self.max_frame_len,
-        )?;
-        self.pipe.queue(head, body);
+        let keepalive = self.protocol.keepalive();
+        let body = encode_frame(&*self.protocol, &keepalive, &mut buf, self.max_frame_len)?;
+        let body_frames = usize::from(!body.is_empty());
+        self.pipe.queue(buf.freeze(), 1 - body_frames);
+        self.pipe.queue(body, body_frames);
         self.state.on_sent(now);
         Ok(())
     }
 
-    fn queue_outgoing(&mut self, now: Instant, out: Outgoing<P>) {
-        let (head, body, request) = match out {
-            Outgoing::Frame {
+    fn queue_piece(&mut self, now: Instant, piece: Piece<P>) {
+        match piece {
+            Piece::Bytes { bytes, frames } => self.pipe.queue(bytes, frames),
+            Piece::Request {
+                id,
+                reply,
                 head,
                 body,
-                request,
-            } => (head, body, request),
-            Outgoing::Abandon(id) => return self.state.abandon(&id),
-        };
-        if let Some((id, reply)) = request {
-            if let Err(reply) =
-                self.state
-                    .insert_request(now, id, reply, oneshot::Sender::is_canceled)
-            {
-                let _ = reply.send(Err(Error::InvalidRequest(
-                    "a request with this id is already outstanding",
-                )));
-                return;
+            } => {
+                let abandoned = oneshot::Sender::is_canceled;
+                if let Err(reply) = self.state.insert_request(now, id, reply, abandoned) {
+                    let _ = reply.send(Err(Error::InvalidRequest(
+                        "a request with this id is already outstanding",
+                    )));
+                    return;
+                }
+                let body_frames = usize::from(!body.is_empty());
+                self.pipe.queue(head, 1 - body_frames);
+                self.pipe.queue(body, body_frames);
             }
+            Piece::Abandon(id) => return self.state.abandon(&id),
         }
-        self.pipe.queue(head, body);
         self.state.on_sent(now);
     }
 
-    fn dispatch(&mut self, now: Instant, payload: Bytes) -> Result<(), Error> {
+    /// Decodes one payload and routes it: keepalives dropped, responses to
+    /// their requests, everything else toward the application.
+    fn dispatch(&mut self, payload: Bytes) -> Result<(), Error> {
         let msg = match self.protocol.decode(payload) {
             Ok(Some(msg)) => msg,
             Ok(None) => return Ok(()),
             Err(e) => return Err(Error::Malformed(Arc::new(e))),
         };
         match self.protocol.kind(&msg) {
-            Kind::Keepalive => Ok(()),
+            Kind::Keepalive => {}
             Kind::Response(id) => match self.state.take_response(&id) {
                 Matched::Pending(reply) => {
                     let _ = reply.send(Ok(msg));
-                    Ok(())
                 }
-                Matched::Late => Ok(()),
-                Matched::Unknown => Err(Error::Protocol(format!(
-                    "response to a request never made (id {id:?})"
-                ))),
+                Matched::Late => {}
+                Matched::Unknown => {
+                    return Err(Error::Protocol(format!(
+                        "response to a request never made (id {id:?})"
+                    )))
+                }
             },
             Kind::Message | Kind::Request(_) => {
-                if self.inbound_closed {
-                    return Ok(());
+                if !self.inbound_closed {
+                    self.received.push_back(msg);
                 }
-                match self.inbound.try_push(msg) {
-                    Ok(()) => {}
-                    Err(PushError::Full(msg)) => {
-                        let queue = self.inbound.clone();
-                        self.blocked = Some(Box::pin(async move { queue.push(msg).await.is_ok() }));
-                        self.state.set_read_paused(now, true);
-                    }
-                    Err(PushError::Closed(_)) => self.inbound_closed = true,
-                }
-                Ok(())
             }
         }
+        Ok(())
     }
 }
 
@@ -852,17 +812,23 @@ impl<T, P: Protocol, Tm> Connection<T, P, Tm> {
         if self.shared.reason.set(reason.clone()).is_err() {
             return;
         }
-        self.outbound.close();
+        // What arrived before the end is delivered before the end is seen.
+        let _ = self.inbound.push_all(&mut self.received);
+        self.outbox.close();
         self.inbound.close();
-        self.blocked = None;
+        self.room = None;
         // Requests still queued fail when their reply slots drop here.
-        let left = std::mem::take(&mut self.outbound_batch)
+        let left = std::mem::take(&mut self.taken)
             .into_iter()
-            .chain(self.outbound.take_all());
+            .chain(self.outbox.take_all());
         let undelivered = self.pipe.unwritten_frames()
             + left
-                .filter(|out| matches!(out, Outgoing::Frame { .. }))
-                .count();
+                .map(|piece| match piece {
+                    Piece::Bytes { frames, .. } => frames,
+                    Piece::Request { .. } => 1,
+                    Piece::Abandon(_) => 0,
+                })
+                .sum::<usize>();
         self.shared
             .undelivered
             .store(undelivered, Ordering::Release);

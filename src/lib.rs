@@ -68,6 +68,7 @@
 mod connection;
 mod error;
 pub mod frame;
+mod outbox;
 mod pipe;
 mod protocol;
 mod queue;

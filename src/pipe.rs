@@ -10,7 +10,7 @@ use std::task::{ready, Context, Poll};
 use bytes::{Buf, Bytes, BytesMut};
 use futures_io::{AsyncRead, AsyncWrite};
 
-use crate::frame::{Decoder, HEADER_LEN};
+use crate::frame::Decoder;
 use crate::Error;
 
 /// First read size; it doubles while reads fill it, up to `MAX_READ`.
@@ -18,7 +18,7 @@ const MIN_READ: usize = 4 * 1024;
 const MAX_READ: usize = 64 * 1024;
 /// Pieces at least this long are queued as they are (vectored, no copy);
 /// shorter ones are copied together into one buffer.
-const COPY_BELOW: usize = 4 * 1024;
+pub(crate) const COPY_BELOW: usize = 4 * 1024;
 /// Most slices handed to one vectored write.
 const MAX_IOVS: usize = 64;
 
@@ -37,9 +37,10 @@ pub(crate) struct Pipe<T> {
     /// Small frames copied together.
     tail: BytesMut,
     queued: usize,
-    /// Where each queued frame ends, counted in bytes ever queued: tells how
-    /// many frames were never written if the connection fails.
-    frame_ends: VecDeque<u64>,
+    /// Where queued frames end (counted in bytes ever queued) and how many
+    /// end there: tells how many were never written if the connection fails.
+    frame_ends: VecDeque<(u64, usize)>,
+    unwritten_frames: usize,
     bytes_queued: u64,
     needs_flush: bool,
 }
@@ -52,7 +53,7 @@ impl<T> Pipe<T> {
 
     /// Frames queued and not completely written.
     pub fn unwritten_frames(&self) -> usize {
-        self.frame_ends.len()
+        self.unwritten_frames
     }
 }
 
@@ -70,6 +71,7 @@ impl<T: AsyncRead + AsyncWrite + Unpin> Pipe<T> {
             tail: BytesMut::new(),
             queued: 0,
             frame_ends: VecDeque::new(),
+            unwritten_frames: 0,
             bytes_queued: 0,
             needs_flush: false,
         }
@@ -117,11 +119,9 @@ impl<T: AsyncRead + AsyncWrite + Unpin> Pipe<T> {
 
     fn poll_read_more(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Error>> {
         let start = self.read_buf.len();
-        // Never more than arrives in one read: memory follows real bytes,
-        // not a length a peer announced.
-        let want = self
-            .read_size
-            .min(self.decoder.remaining(&self.read_buf).max(MIN_READ));
+        // The read size grows only while reads fill it: memory follows the
+        // bytes that actually arrive, never a length a peer announced.
+        let want = self.read_size;
         self.read_buf.resize(start + want, 0);
         let res = Pin::new(&mut self.io).poll_read(cx, &mut self.read_buf[start..]);
         let n = match res {
@@ -154,20 +154,23 @@ impl<T: AsyncRead + AsyncWrite + Unpin> Pipe<T> {
 
     /// Queues one frame: `head` (starting with its 4-byte length prefix)
     /// then `body`.
-    pub fn queue(&mut self, head: Bytes, body: Bytes) {
-        debug_assert!(head.len() >= HEADER_LEN);
-        self.queued += head.len() + body.len();
-        self.bytes_queued += (head.len() + body.len()) as u64;
-        self.frame_ends.push_back(self.bytes_queued);
-        for piece in [head, body] {
-            if piece.len() >= COPY_BELOW {
-                if !self.tail.is_empty() {
-                    self.chunks.push_back(self.tail.split().freeze());
-                }
-                self.chunks.push_back(piece);
-            } else if !piece.is_empty() {
-                self.tail.extend_from_slice(&piece);
+    /// Queues encoded bytes in which `frames` frames end. Large pieces are
+    /// kept as they are (written vectored, without a copy); small ones are
+    /// copied together.
+    pub fn queue(&mut self, piece: Bytes, frames: usize) {
+        self.queued += piece.len();
+        self.bytes_queued += piece.len() as u64;
+        if frames > 0 {
+            self.frame_ends.push_back((self.bytes_queued, frames));
+            self.unwritten_frames += frames;
+        }
+        if piece.len() >= COPY_BELOW {
+            if !self.tail.is_empty() {
+                self.chunks.push_back(self.tail.split().freeze());
             }
+            self.chunks.push_back(piece);
+        } else {
+            self.tail.extend_from_slice(&piece);
         }
     }
 
@@ -211,11 +214,11 @@ impl<T: AsyncRead + AsyncWrite + Unpin> Pipe<T> {
     fn advance(&mut self, mut n: usize) {
         self.queued -= n;
         self.bytes_written += n as u64;
-        while self
-            .frame_ends
-            .front()
-            .is_some_and(|end| *end <= self.bytes_written)
-        {
+        while let Some(&(end, frames)) = self.frame_ends.front() {
+            if end > self.bytes_written {
+                break;
+            }
+            self.unwritten_frames -= frames;
             self.frame_ends.pop_front();
         }
         while n > 0 {

@@ -1,11 +1,10 @@
-//! The bounded message queue between the handles and the driver, one each
-//! way.
+//! The bounded queue of received messages, from the driver to `Incoming`.
 //!
 //! Why not async-channel: its bounded queue allocates and touches every
-//! slot up front (1,024 outgoing frames are ~80 KiB per connection, idle or
-//! not), and its consumer takes one item per atomic operation. This queue
-//! grows only with what is in it, gives its memory back when drained, and
-//! its single consumer takes everything waiting under one lock.
+//! slot up front (1,024 messages are tens of KiB per connection, idle or
+//! not), and it moves one item per atomic operation. This queue grows only
+//! with what is in it, gives its memory back when drained, and both sides
+//! move whole batches under one lock.
 
 use std::collections::VecDeque;
 use std::sync::{Mutex, MutexGuard};
@@ -27,13 +26,6 @@ struct Inner<T> {
     consumer: Option<Waker>,
 }
 
-/// Why a push failed; the item comes back.
-#[derive(Debug)]
-pub(crate) enum PushError<T> {
-    Full(T),
-    Closed(T),
-}
-
 impl<T> Queue<T> {
     pub fn new(capacity: usize) -> Self {
         Queue {
@@ -53,16 +45,36 @@ impl<T> Queue<T> {
         self.inner.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Pushes if there is room.
-    pub fn try_push(&self, item: T) -> Result<(), PushError<T>> {
+    /// Moves as many of `items` as there is room for to the back of the
+    /// queue, in order. `Err(())` if the queue is closed.
+    pub fn push_batch(&self, items: &mut VecDeque<T>) -> Result<(), ()> {
+        self.push(items, false)
+    }
+
+    /// Moves all of `items`, room or not: for the last messages of a
+    /// connection that is ending (at most one batch over the capacity).
+    pub fn push_all(&self, items: &mut VecDeque<T>) -> Result<(), ()> {
+        self.push(items, true)
+    }
+
+    fn push(&self, items: &mut VecDeque<T>, all: bool) -> Result<(), ()> {
         let mut inner = self.lock();
         if inner.closed {
-            return Err(PushError::Closed(item));
+            return Err(());
         }
-        if inner.items.len() >= self.capacity {
-            return Err(PushError::Full(item));
+        let room = match all {
+            true => usize::MAX,
+            false => self.capacity.saturating_sub(inner.items.len()),
+        };
+        let n = room.min(items.len());
+        if n == 0 {
+            return Ok(());
         }
-        inner.items.push_back(item);
+        if inner.items.is_empty() && n == items.len() {
+            std::mem::swap(&mut inner.items, items);
+        } else {
+            inner.items.extend(items.drain(..n));
+        }
         let consumer = inner.consumer.take();
         drop(inner);
         if let Some(w) = consumer {
@@ -71,30 +83,10 @@ impl<T> Queue<T> {
         Ok(())
     }
 
-    /// Pushes, waiting for room. Gives the item back if the queue closes.
-    ///
-    /// Cancel safe: if the future is dropped, the item was not pushed.
-    pub async fn push(&self, mut item: T) -> Result<(), T> {
-        loop {
-            match self.try_push(item) {
-                Ok(()) => return Ok(()),
-                Err(PushError::Closed(it)) => return Err(it),
-                Err(PushError::Full(it)) => item = it,
-            }
-            // Listen, then check again: room made in between is not missed.
-            let listener = self.room.listen();
-            match self.try_push(item) {
-                Ok(()) => return Ok(()),
-                Err(PushError::Closed(it)) => return Err(it),
-                Err(PushError::Full(it)) => item = it,
-            }
-            listener.await;
-        }
-    }
-
-    /// Whether a push would find the queue full right now.
-    pub fn is_full(&self) -> bool {
-        self.lock().items.len() >= self.capacity
+    /// A listener notified when room is made (or the queue closes). Listen
+    /// first, then check, so room made in between is not missed.
+    pub fn listen_room(&self) -> event_listener::EventListener {
+        self.room.listen()
     }
 
     /// Items waiting.
@@ -127,13 +119,6 @@ impl<T> Queue<T> {
         Poll::Ready(true)
     }
 
-    /// Takes everything left without waiting (used after the end).
-    pub fn take_all(&self) -> VecDeque<T> {
-        let items = std::mem::take(&mut self.lock().items);
-        self.room.notify(usize::MAX);
-        items
-    }
-
     /// Closes the queue: pushes fail from now on; what is in it can still
     /// be taken. Wakes everyone waiting.
     pub fn close(&self) {
@@ -148,10 +133,6 @@ impl<T> Queue<T> {
         self.room.notify(usize::MAX);
     }
 
-    pub fn is_closed(&self) -> bool {
-        self.lock().closed
-    }
-
     /// Gives back the memory of an empty queue.
     pub fn release_if_empty(&self) {
         let mut inner = self.lock();
@@ -164,59 +145,56 @@ impl<T> Queue<T> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::sync::Arc;
+
+    fn batch(items: &[u32]) -> VecDeque<u32> {
+        items.iter().copied().collect()
+    }
 
     #[test]
-    fn bounded_fifo_with_close() {
-        let q = Queue::new(2);
-        q.try_push(1).unwrap();
-        q.try_push(2).unwrap();
-        assert!(matches!(q.try_push(3), Err(PushError::Full(3))));
-        let waker = futures_task_noop();
-        let mut cx = Context::from_waker(&waker);
+    fn bounded_fifo_in_batches_with_close() {
+        let q = Queue::new(3);
+        let mut cx = Context::from_waker(Waker::noop());
+        let mut items = batch(&[1, 2, 3, 4, 5]);
+        q.push_batch(&mut items).unwrap();
+        assert_eq!(items, [4, 5], "only what fits moves");
+        assert_eq!(q.len(), 3);
         let mut out = VecDeque::new();
         assert_eq!(q.poll_take_all(&mut cx, &mut out), Poll::Ready(true));
-        assert_eq!(out, [1, 2]);
-        assert!(q.poll_take_all(&mut cx, &mut out).is_pending());
-        q.try_push(3).unwrap();
-        q.close();
-        assert!(matches!(q.try_push(4), Err(PushError::Closed(4))));
-        assert_eq!(q.poll_take_all(&mut cx, &mut out), Poll::Ready(true));
         assert_eq!(out, [1, 2, 3]);
+        assert!(q.poll_take_all(&mut cx, &mut out).is_pending());
+        q.push_batch(&mut items).unwrap();
+        q.close();
+        assert!(q.push_batch(&mut batch(&[6])).is_err());
+        assert_eq!(q.poll_take_all(&mut cx, &mut out), Poll::Ready(true));
+        assert_eq!(out, [1, 2, 3, 4, 5], "what was queued before the close");
         assert_eq!(q.poll_take_all(&mut cx, &mut out), Poll::Ready(false));
     }
 
     #[test]
-    fn waiting_producers_get_room_in_order_of_space() {
-        let q = Arc::new(Queue::new(1));
-        q.try_push(0).unwrap();
-        let producers: Vec<_> = (1..=3)
-            .map(|i| {
-                let q = q.clone();
-                std::thread::spawn(move || smol::block_on(q.push(i)))
-            })
-            .collect();
-        let waker = futures_task_noop();
-        let mut cx = Context::from_waker(&waker);
-        let mut got = Vec::new();
-        for _ in 0..50_000 {
-            let mut out = VecDeque::new();
-            if let Poll::Ready(true) = q.poll_take_all(&mut cx, &mut out) {
-                got.extend(out);
-            }
-            if got.len() == 4 {
-                break;
-            }
-            std::thread::sleep(std::time::Duration::from_micros(100));
-        }
-        for p in producers {
-            p.join().unwrap().unwrap();
-        }
-        got.sort_unstable();
-        assert_eq!(got, [0, 1, 2, 3]);
+    fn a_full_producer_is_woken_when_room_is_made() {
+        let q = Queue::new(1);
+        q.push_batch(&mut batch(&[1])).unwrap();
+        let listener = q.listen_room();
+        let mut rest = batch(&[2]);
+        q.push_batch(&mut rest).unwrap();
+        assert_eq!(rest, [2], "full");
+        let mut out = VecDeque::new();
+        let mut cx = Context::from_waker(Waker::noop());
+        assert_eq!(q.poll_take_all(&mut cx, &mut out), Poll::Ready(true));
+        // The listener fires because room was made.
+        smol::block_on(listener);
+        q.push_batch(&mut rest).unwrap();
+        assert!(rest.is_empty());
     }
 
-    fn futures_task_noop() -> Waker {
-        Waker::noop().clone()
+    #[test]
+    fn memory_is_given_back_when_empty() {
+        let q = Queue::new(1000);
+        q.push_batch(&mut (0..1000).collect()).unwrap();
+        let mut out = VecDeque::new();
+        let mut cx = Context::from_waker(Waker::noop());
+        assert_eq!(q.poll_take_all(&mut cx, &mut out), Poll::Ready(true));
+        q.release_if_empty();
+        assert_eq!(q.lock().items.capacity(), 0);
     }
 }

@@ -1,0 +1,289 @@
+//! The outbound queue: senders encode straight into it, the driver takes
+//! everything waiting in one go.
+//!
+//! Small frames are encoded back to back into one buffer, so a batch of a
+//! thousand messages reaches the socket as one piece with no per-message
+//! allocation, copy or reference count; large bodies a protocol hands back
+//! as `Bytes` are kept as pieces of their own and written without a copy.
+//! The capacity counts messages; memory grows with what is queued and is
+//! given back when the queue drains.
+
+use std::collections::VecDeque;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::task::{Context, Poll, Waker};
+
+use bytes::{BufMut, Bytes, BytesMut};
+use event_listener::{Event, IntoNotification};
+use futures_channel::oneshot;
+
+use crate::frame::{check_len, HEADER_LEN};
+use crate::pipe::COPY_BELOW;
+use crate::{Error, Protocol};
+
+pub(crate) type Reply<M> = oneshot::Sender<Result<M, Error>>;
+
+/// Encoded output, in order, for the driver.
+pub(crate) enum Piece<P: Protocol> {
+    /// Bytes to write; `frames` frames end inside them.
+    Bytes { bytes: Bytes, frames: usize },
+    /// A request's frame, sent only once its id is registered.
+    Request {
+        id: P::RequestId,
+        reply: Reply<P::Message>,
+        head: Bytes,
+        body: Bytes,
+    },
+    /// A request future was dropped: take its entry out of the table.
+    Abandon(P::RequestId),
+}
+
+/// Why a push failed.
+pub(crate) enum PushError {
+    Full,
+    Closed,
+    Encode(Error),
+}
+
+pub(crate) struct Outbox<P: Protocol> {
+    inner: Mutex<Inner<P>>,
+    room: Event,
+    capacity: usize,
+    max_frame_len: usize,
+}
+
+struct Inner<P: Protocol> {
+    /// Messages waiting: what the capacity counts.
+    queued: usize,
+    pieces: VecDeque<Piece<P>>,
+    /// Frames encoded in place, after everything in `pieces`.
+    tail: BytesMut,
+    tail_frames: usize,
+    closed: bool,
+    /// The driver, parked on an empty queue.
+    consumer: Option<Waker>,
+}
+
+impl<P: Protocol> Inner<P> {
+    fn seal_tail(&mut self) {
+        if !self.tail.is_empty() {
+            let bytes = self.tail.split().freeze();
+            let frames = std::mem::take(&mut self.tail_frames);
+            self.pieces.push_back(Piece::Bytes { bytes, frames });
+        }
+    }
+}
+
+/// Appends one frame's head (length prefix and what the protocol wrote) to
+/// `buf` and returns the body the protocol handed back, to follow it. On
+/// error, or if the protocol panics, `buf` is left as it was.
+pub(crate) fn encode_frame<P: Protocol>(
+    protocol: &P,
+    msg: &P::Message,
+    buf: &mut BytesMut,
+    max_frame_len: usize,
+) -> Result<Bytes, Error> {
+    let start = buf.len();
+    let mut guard = Rollback { buf, to: start };
+    guard.buf.put_u32(0);
+    let body = protocol
+        .encode(msg, guard.buf)
+        .map_err(|e| Error::Encode(Arc::new(e)))?
+        .unwrap_or_default();
+    let len = guard.buf.len() - start - HEADER_LEN + body.len();
+    check_len(len, max_frame_len)?;
+    guard.buf[start..start + HEADER_LEN].copy_from_slice(&(len as u32).to_be_bytes());
+    guard.to = guard.buf.len();
+    Ok(body)
+}
+
+/// Truncates a frame left half-written by an error or a panic in
+/// `Protocol::encode`, so the buffer holds whole frames only.
+struct Rollback<'a> {
+    buf: &'a mut BytesMut,
+    to: usize,
+}
+
+impl Drop for Rollback<'_> {
+    fn drop(&mut self) {
+        self.buf.truncate(self.to);
+    }
+}
+
+impl<P: Protocol> Outbox<P> {
+    pub fn new(capacity: usize, max_frame_len: usize) -> Self {
+        Outbox {
+            inner: Mutex::new(Inner {
+                queued: 0,
+                pieces: VecDeque::new(),
+                tail: BytesMut::new(),
+                tail_frames: 0,
+                closed: false,
+                consumer: None,
+            }),
+            room: Event::new(),
+            capacity,
+            max_frame_len,
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Inner<P>> {
+        // A panic in user code under the lock is rolled back (`Rollback`),
+        // so a poisoned lock still guards a consistent queue.
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Encodes `msg` into the queue if there is room. A request comes with
+    /// its id and reply slot, which are handed back if it is not queued.
+    pub fn try_push(
+        &self,
+        protocol: &P,
+        msg: &P::Message,
+        request: Option<(P::RequestId, Reply<P::Message>)>,
+    ) -> Result<(), (PushError, Option<Reply<P::Message>>)> {
+        let mut lock = self.lock();
+        let inner = &mut *lock;
+        if inner.closed {
+            return Err((PushError::Closed, request.map(|r| r.1)));
+        }
+        if inner.queued >= self.capacity {
+            return Err((PushError::Full, request.map(|r| r.1)));
+        }
+        if request.is_some() {
+            // A request travels as a piece of its own, in order.
+            inner.seal_tail();
+        }
+        if inner.tail.capacity() - inner.tail.len() < 64 {
+            inner.tail.reserve(4096);
+        }
+        let body = match encode_frame(protocol, msg, &mut inner.tail, self.max_frame_len) {
+            Ok(body) => body,
+            Err(e) => return Err((PushError::Encode(e), request.map(|r| r.1))),
+        };
+        match request {
+            Some((id, reply)) => {
+                let head = inner.tail.split().freeze();
+                inner.pieces.push_back(Piece::Request {
+                    id,
+                    reply,
+                    head,
+                    body,
+                });
+            }
+            None if body.len() < COPY_BELOW => {
+                inner.tail.extend_from_slice(&body);
+                inner.tail_frames += 1;
+            }
+            None => {
+                // The head stays with the frames before it; the body is a
+                // piece of its own, written as it is.
+                inner.seal_tail();
+                inner.pieces.push_back(Piece::Bytes {
+                    bytes: body,
+                    frames: 1,
+                });
+            }
+        }
+        inner.queued += 1;
+        let consumer = inner.consumer.take();
+        drop(lock);
+        if let Some(w) = consumer {
+            w.wake();
+        }
+        Ok(())
+    }
+
+    /// Waits until there may be room (or the queue closed).
+    pub async fn room(&self) {
+        let listener = self.room.listen();
+        // Checked after listening, so room made in between is not missed.
+        if !self.is_full() {
+            return;
+        }
+        listener.await;
+    }
+
+    /// Queues a marker that needs no room (best effort).
+    pub fn abandon(&self, id: P::RequestId) {
+        let mut inner = self.lock();
+        if !inner.closed {
+            inner.seal_tail();
+            inner.pieces.push_back(Piece::Abandon(id));
+            let consumer = inner.consumer.take();
+            drop(inner);
+            if let Some(w) = consumer {
+                w.wake();
+            }
+        }
+    }
+
+    pub fn is_full(&self) -> bool {
+        let inner = self.lock();
+        !inner.closed && inner.queued >= self.capacity
+    }
+
+    pub fn len(&self) -> usize {
+        self.lock().queued
+    }
+
+    /// Moves everything waiting to the back of `out`. `Ready(true)` if
+    /// anything was taken, `Ready(false)` once closed and empty, `Pending`
+    /// (driver registered) otherwise.
+    pub fn poll_take(&self, cx: &mut Context<'_>, out: &mut VecDeque<Piece<P>>) -> Poll<bool> {
+        let mut inner = self.lock();
+        inner.seal_tail();
+        if inner.pieces.is_empty() {
+            if inner.closed {
+                return Poll::Ready(false);
+            }
+            inner.consumer = Some(cx.waker().clone());
+            return Poll::Pending;
+        }
+        if out.is_empty() {
+            std::mem::swap(&mut inner.pieces, out);
+        } else {
+            out.extend(inner.pieces.drain(..));
+        }
+        let freed = std::mem::take(&mut inner.queued);
+        drop(inner);
+        self.room.notify(freed.additional());
+        Poll::Ready(true)
+    }
+
+    /// Everything left, without waiting (after the connection ended).
+    pub fn take_all(&self) -> VecDeque<Piece<P>> {
+        let mut inner = self.lock();
+        inner.seal_tail();
+        inner.queued = 0;
+        let pieces = std::mem::take(&mut inner.pieces);
+        drop(inner);
+        self.room.notify(usize::MAX);
+        pieces
+    }
+
+    /// Closes the queue: pushes fail from now on, what is queued can still
+    /// be taken. Wakes everyone waiting.
+    pub fn close(&self) {
+        let consumer = {
+            let mut inner = self.lock();
+            inner.closed = true;
+            inner.consumer.take()
+        };
+        if let Some(w) = consumer {
+            w.wake();
+        }
+        self.room.notify(usize::MAX);
+    }
+
+    pub fn is_closed(&self) -> bool {
+        self.lock().closed
+    }
+
+    /// Gives back the memory of an empty queue.
+    pub fn release_if_empty(&self) {
+        let mut inner = self.lock();
+        if inner.pieces.is_empty() && inner.tail.is_empty() {
+            inner.pieces = VecDeque::new();
+            inner.tail = BytesMut::new();
+        }
+    }
+}
