@@ -72,10 +72,10 @@ impl Decoder {
         let len = match self.current {
             Some(len) => len,
             None => {
-                if buf.len() < HEADER_LEN {
+                let Some(header) = buf.first_chunk::<HEADER_LEN>() else {
                     return Ok(None);
-                }
-                let len = u64::from(buf.get_u32());
+                };
+                let len = u64::from(u32::from_be_bytes(*header));
                 if len > self.max_frame_len as u64 {
                     return Err(Error::FrameTooLarge {
                         len,
@@ -88,24 +88,28 @@ impl Decoder {
                 len
             }
         };
-        if buf.len() < len {
+        // The header stays in the buffer until the frame is whole, then
+        // both leave in one split (cheaper than advancing twice).
+        if buf.len() < HEADER_LEN + len {
             return Ok(None);
         }
         self.current = None;
-        Ok(Some(buf.split_to(len).freeze()))
+        let mut frame = buf.split_to(HEADER_LEN + len).freeze();
+        frame.advance(HEADER_LEN);
+        Ok(Some(frame))
     }
 
     /// True while a frame has been started (some of its bytes consumed or
     /// buffered) but not completed. At a frame boundary, EOF is a clean end;
     /// inside a frame it is [`Error::UnexpectedEof`].
     pub fn is_mid_frame(&self, buf: &BytesMut) -> bool {
-        self.current.is_some() || !buf.is_empty()
+        !buf.is_empty()
     }
 
     /// How many more bytes the frame in progress needs, if known.
     pub fn remaining(&self, buf: &BytesMut) -> usize {
         match self.current {
-            Some(len) => len.saturating_sub(buf.len()),
+            Some(len) => (HEADER_LEN + len).saturating_sub(buf.len()),
             None => HEADER_LEN.saturating_sub(buf.len()),
         }
     }

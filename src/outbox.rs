@@ -37,6 +37,9 @@ pub(crate) enum Piece<P: Protocol> {
     Abandon(P::RequestId),
 }
 
+/// Why a push failed, and a request's reply slot back.
+pub(crate) type PushFailure<M> = (PushError, Option<Reply<M>>);
+
 /// Why a push failed.
 pub(crate) enum PushError {
     Full,
@@ -139,7 +142,7 @@ impl<P: Protocol> Outbox<P> {
         protocol: &P,
         msg: &P::Message,
         request: Option<(P::RequestId, Reply<P::Message>)>,
-    ) -> Result<(), (PushError, Option<Reply<P::Message>>)> {
+    ) -> Result<(), PushFailure<P::Message>> {
         let mut lock = self.lock();
         let inner = &mut *lock;
         if inner.closed {

@@ -13,9 +13,13 @@ use futures_io::{AsyncRead, AsyncWrite};
 use crate::frame::Decoder;
 use crate::Error;
 
-/// First read size; it doubles while reads fill it, up to `MAX_READ`.
-const MIN_READ: usize = 4 * 1024;
+/// The most one read takes in.
 const MAX_READ: usize = 64 * 1024;
+
+thread_local! {
+    static SCRATCH: std::cell::RefCell<Box<[u8]>> =
+        std::cell::RefCell::new(vec![0; MAX_READ].into_boxed_slice());
+}
 /// Pieces at least this long are queued as they are (vectored, no copy);
 /// shorter ones are copied together into one buffer.
 pub(crate) const COPY_BELOW: usize = 4 * 1024;
@@ -26,7 +30,6 @@ pub(crate) struct Pipe<T> {
     io: T,
     decoder: Decoder,
     read_buf: BytesMut,
-    read_size: usize,
     read_eof: bool,
     /// Total bytes read; the driver watches it for liveness.
     pub bytes_read: u64,
@@ -63,7 +66,6 @@ impl<T: AsyncRead + AsyncWrite + Unpin> Pipe<T> {
             io,
             decoder: Decoder::new(max_frame_len),
             read_buf: BytesMut::new(),
-            read_size: MIN_READ,
             read_eof: false,
             bytes_read: 0,
             bytes_written: 0,
@@ -118,42 +120,36 @@ impl<T: AsyncRead + AsyncWrite + Unpin> Pipe<T> {
     }
 
     fn poll_read_more(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Error>> {
-        let start = self.read_buf.len();
-        // The read size grows only while reads fill it: memory follows the
+        // Read into a zeroed per-thread buffer and copy out what arrived:
+        // safe code must hand `poll_read` initialised memory, and zeroing
+        // the read buffer on every attempt cost more than the copy (most
+        // attempts on a busy socket end in `Pending`). Memory follows the
         // bytes that actually arrive, never a length a peer announced.
-        let want = self.read_size;
-        self.read_buf.resize(start + want, 0);
-        let res = Pin::new(&mut self.io).poll_read(cx, &mut self.read_buf[start..]);
-        let n = match res {
-            Poll::Ready(Ok(n)) => n,
-            Poll::Ready(Err(e)) => {
-                self.read_buf.truncate(start);
-                if e.kind() == io::ErrorKind::Interrupted {
-                    return Poll::Ready(Ok(()));
-                }
-                return Poll::Ready(Err(e.into()));
+        let io = Pin::new(&mut self.io);
+        let read_buf = &mut self.read_buf;
+        let read = |buf: &mut [u8]| {
+            let res = io.poll_read(cx, buf);
+            if let Poll::Ready(Ok(n)) = res {
+                read_buf.extend_from_slice(&buf[..n]);
             }
-            Poll::Pending => {
-                self.read_buf.truncate(start);
-                return Poll::Pending;
-            }
+            res
         };
-        self.read_buf.truncate(start + n);
-        if n == 0 {
-            self.read_eof = true;
-        } else {
-            self.bytes_read += n as u64;
-            self.read_size = if n == want {
-                (self.read_size * 2).min(MAX_READ)
-            } else {
-                (self.read_size / 2).max(MIN_READ)
-            };
+        let res = SCRATCH.with(|scratch| match scratch.try_borrow_mut() {
+            Ok(mut buf) => read(&mut buf[..]),
+            // Re-entered (an `AsyncRead` that drives another connection on
+            // this thread): a smaller buffer on the stack will do.
+            Err(_) => read(&mut [0u8; 4096]),
+        });
+        match res {
+            Poll::Ready(Ok(0)) => self.read_eof = true,
+            Poll::Ready(Ok(n)) => self.bytes_read += n as u64,
+            Poll::Ready(Err(e)) if e.kind() == io::ErrorKind::Interrupted => {}
+            Poll::Ready(Err(e)) => return Poll::Ready(Err(e.into())),
+            Poll::Pending => return Poll::Pending,
         }
         Poll::Ready(Ok(()))
     }
 
-    /// Queues one frame: `head` (starting with its 4-byte length prefix)
-    /// then `body`.
     /// Queues encoded bytes in which `frames` frames end. Large pieces are
     /// kept as they are (written vectored, without a copy); small ones are
     /// copied together.
