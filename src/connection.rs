@@ -719,7 +719,7 @@ where
             self.inbound.release_if_empty();
         }
         while let Some(deadline) = self.state.poll_timeout() {
-            if self.armed.map_or(true, |a| deadline < a) {
+            if self.armed.is_none_or(|a| deadline < a) {
                 self.timer.reset(deadline);
                 self.armed = Some(deadline);
             }
