@@ -290,3 +290,169 @@ impl<P: Protocol> Outbox<P> {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::raw::{Raw, RawMessage};
+
+    fn take<P: Protocol>(outbox: &Outbox<P>) -> VecDeque<Piece<P>> {
+        let mut out = VecDeque::new();
+        let mut cx = Context::from_waker(Waker::noop());
+        let _ = outbox.poll_take(&mut cx, &mut out);
+        out
+    }
+
+    fn wire<P: Protocol>(pieces: &VecDeque<Piece<P>>) -> (Vec<u8>, usize) {
+        let mut bytes = Vec::new();
+        let mut frames = 0;
+        for p in pieces {
+            match p {
+                Piece::Bytes {
+                    bytes: b,
+                    frames: f,
+                } => {
+                    bytes.extend_from_slice(b);
+                    frames += f;
+                }
+                Piece::Request { head, body, .. } => {
+                    bytes.extend_from_slice(head);
+                    bytes.extend_from_slice(body);
+                    frames += 1;
+                }
+                Piece::Abandon(_) => {}
+            }
+        }
+        (bytes, frames)
+    }
+
+    fn text(s: &str) -> RawMessage {
+        RawMessage::Message(Bytes::copy_from_slice(s.as_bytes()))
+    }
+
+    #[test]
+    fn small_frames_coalesce_into_one_piece() {
+        let outbox = Outbox::new(10, 1024);
+        for s in ["a", "bb", "ccc"] {
+            assert!(outbox.try_push(&Raw, &text(s), None).is_ok());
+        }
+        let pieces = take(&outbox);
+        assert_eq!(pieces.len(), 1);
+        let (bytes, frames) = wire(&pieces);
+        assert_eq!(frames, 3);
+        assert_eq!(bytes, b"\0\0\0\x02\0a\0\0\0\x03\0bb\0\0\0\x04\0ccc");
+    }
+
+    #[test]
+    fn capacity_counts_messages_and_frees_on_take() {
+        let outbox = Outbox::new(2, 1024);
+        assert!(outbox.try_push(&Raw, &text("1"), None).is_ok());
+        assert!(outbox.try_push(&Raw, &text("2"), None).is_ok());
+        assert!(outbox.is_full());
+        assert!(matches!(
+            outbox.try_push(&Raw, &text("3"), None),
+            Err((PushError::Full, None))
+        ));
+        take(&outbox);
+        assert!(outbox.try_push(&Raw, &text("3"), None).is_ok());
+        outbox.close();
+        assert!(matches!(
+            outbox.try_push(&Raw, &text("4"), None),
+            Err((PushError::Closed, None))
+        ));
+        assert_eq!(wire(&take(&outbox)).1, 1, "queued before the close");
+    }
+
+    #[test]
+    fn a_failed_encode_leaves_no_trace() {
+        let outbox = Outbox::new(10, 8);
+        assert!(outbox.try_push(&Raw, &text("ok"), None).is_ok());
+        let too_big = text("this is longer than eight");
+        assert!(matches!(
+            outbox.try_push(&Raw, &too_big, None),
+            Err((PushError::Encode(Error::FrameTooLarge { .. }), None))
+        ));
+        assert!(outbox.try_push(&Raw, &text("ok2"), None).is_ok());
+        let (bytes, frames) = wire(&take(&outbox));
+        assert_eq!(bytes, b"\0\0\0\x03\0ok\0\0\0\x04\0ok2");
+        assert_eq!(frames, 2);
+    }
+
+    /// A protocol whose encoder writes half a frame and then panics.
+    #[derive(Debug)]
+    struct Panicky;
+
+    impl Protocol for Panicky {
+        type Message = RawMessage;
+        type RequestId = u64;
+        type Error = crate::raw::RawError;
+        fn encode(
+            &self,
+            msg: &RawMessage,
+            dst: &mut BytesMut,
+        ) -> Result<Option<Bytes>, Self::Error> {
+            dst.put_slice(b"partial");
+            if msg == &RawMessage::Keepalive {
+                panic!("encoder bug");
+            }
+            Raw.encode(msg, dst)
+        }
+        fn decode(&self, payload: Bytes) -> Result<Option<RawMessage>, Self::Error> {
+            Raw.decode(payload)
+        }
+        fn keepalive(&self) -> RawMessage {
+            RawMessage::Keepalive
+        }
+        fn kind(&self, msg: &RawMessage) -> crate::Kind<u64> {
+            Raw.kind(msg)
+        }
+    }
+
+    #[test]
+    fn a_panicking_encoder_leaves_whole_frames_only() {
+        let outbox = Outbox::new(10, 1024);
+        assert!(outbox.try_push(&Panicky, &text("a"), None).is_ok());
+        let panicked = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            let _ = outbox.try_push(&Panicky, &RawMessage::Keepalive, None);
+        }));
+        assert!(panicked.is_err());
+        // The poisoned lock is recovered and the half frame is gone.
+        assert!(outbox.try_push(&Panicky, &text("b"), None).is_ok());
+        let (bytes, frames) = wire(&take(&outbox));
+        assert_eq!(frames, 2);
+        assert_eq!(bytes, b"\0\0\0\x09partial\0a\0\0\0\x09partial\0b");
+    }
+
+    #[test]
+    fn requests_and_large_bodies_keep_their_order() {
+        let outbox = Outbox::new(10, 1 << 20);
+        let big = Bytes::from(vec![9u8; 8192]);
+        let (tx, _rx) = oneshot::channel();
+        assert!(outbox.try_push(&Raw, &text("first"), None).is_ok());
+        let req = RawMessage::Request {
+            id: 5,
+            body: Bytes::from_static(b"q"),
+        };
+        assert!(outbox.try_push(&Raw, &req, Some((5, tx))).is_ok());
+        let large = RawMessage::Message(big.clone());
+        assert!(outbox.try_push(&Raw, &large, None).is_ok());
+        outbox.abandon(5);
+        let pieces = take(&outbox);
+        let kinds: Vec<&str> = pieces
+            .iter()
+            .map(|p| match p {
+                Piece::Bytes { bytes, .. } if bytes.len() == 8192 => "body",
+                Piece::Bytes { .. } => "bytes",
+                Piece::Request { .. } => "request",
+                Piece::Abandon(_) => "abandon",
+            })
+            .collect();
+        assert_eq!(kinds, ["bytes", "request", "bytes", "body", "abandon"]);
+        // The large body is the caller's own allocation, not a copy.
+        let Piece::Bytes { bytes, .. } = &pieces[3] else {
+            unreachable!()
+        };
+        assert_eq!(bytes.as_ptr(), big.as_ptr());
+        assert_eq!(wire(&pieces).1, 3);
+    }
+}
