@@ -93,10 +93,7 @@ static ALLOC: CountingAlloc = CountingAlloc;
 /// Allocations (calls to alloc, alloc_zeroed, realloc) and bytes requested
 /// so far by the calling thread.
 fn thread_allocs() -> (u64, u64) {
-    (
-        THREAD_ALLOCS.with(Cell::get),
-        THREAD_BYTES.with(Cell::get),
-    )
+    (THREAD_ALLOCS.with(Cell::get), THREAD_BYTES.with(Cell::get))
 }
 
 // ---------------------------------------------------------------------------
@@ -137,7 +134,7 @@ impl Cfg {
                 fanin_msgs: 200,
                 idle_pairs: 1_000,
                 idle_settle: Duration::from_millis(500),
-                idle_cpu_window: Duration::from_secs(2),
+                idle_cpu_window: Duration::from_secs(5),
                 filters,
             }
         } else {
@@ -1274,7 +1271,7 @@ fn child_idle(stack: &str, pairs: usize, settle: Duration, window: Duration) {
     let mut socks = clients;
     socks.extend(servers);
     let (sock_tx, sock_rx) = std::sync::mpsc::channel::<Vec<TcpStream>>();
-    let (built_tx, built_rx) = std::sync::mpsc::channel::<()>();
+    let (built_tx, built_rx) = std::sync::mpsc::channel::<(u64, u64)>();
     let (stop_tx, stop_rx) = smol::channel::bounded::<()>(1);
     let (ready_tx, ready_rx) = std::sync::mpsc::channel::<()>();
     let worker = match stack {
@@ -1282,13 +1279,14 @@ fn child_idle(stack: &str, pairs: usize, settle: Duration, window: Duration) {
             smol::Timer::after(Duration::from_millis(1)).await; // reactor up
             ready_tx.send(()).unwrap();
             let socks = sock_rx.recv().unwrap();
+            let before = thread_allocs();
             let mut handles = Vec::with_capacity(socks.len());
             for s in socks {
                 let (tx, incoming, conn) = Builder::new().build(smol_stream(s), Raw);
                 ex.spawn(conn).detach();
                 handles.push((tx, incoming));
             }
-            built_tx.send(()).unwrap();
+            built_tx.send(delta(before)).unwrap();
             let _ = stop_rx.recv().await;
             drop(handles);
         }),
@@ -1296,6 +1294,7 @@ fn child_idle(stack: &str, pairs: usize, settle: Duration, window: Duration) {
             tokio::time::sleep(Duration::from_millis(1)).await;
             ready_tx.send(()).unwrap();
             let socks = sock_rx.recv().unwrap();
+            let before = thread_allocs();
             let mut tasks = Vec::with_capacity(socks.len());
             for s in socks {
                 let mut f = tokio_framed(s);
@@ -1303,7 +1302,7 @@ fn child_idle(stack: &str, pairs: usize, settle: Duration, window: Duration) {
                     while let Some(Ok(_)) = f.next().await {}
                 }));
             }
-            built_tx.send(()).unwrap();
+            built_tx.send(delta(before)).unwrap();
             let _ = stop_rx.recv().await;
             for t in tasks {
                 t.abort();
@@ -1314,7 +1313,7 @@ fn child_idle(stack: &str, pairs: usize, settle: Duration, window: Duration) {
     malloc_trim();
     let rss0 = rss_bytes();
     sock_tx.send(socks).unwrap();
-    built_rx.recv().unwrap();
+    let (allocs, bytes) = built_rx.recv().unwrap();
     thread::sleep(settle);
     let rss1 = rss_bytes();
     let (cpu, wall) = if window.is_zero() {
@@ -1324,12 +1323,17 @@ fn child_idle(stack: &str, pairs: usize, settle: Duration, window: Duration) {
         thread::sleep(window);
         (process_cpu_secs() - c0, t0.elapsed().as_secs_f64())
     };
-    println!("IDLE {rss0} {rss1} {cpu} {wall}");
+    println!("IDLE {rss0} {rss1} {cpu} {wall} {allocs} {bytes}");
     let _ = stop_tx.send_blocking(());
     worker.join().unwrap();
 }
 
-fn run_child_idle(stack: &str, pairs: usize, settle: Duration, window: Duration) -> Option<[f64; 4]> {
+fn run_child_idle(
+    stack: &str,
+    pairs: usize,
+    settle: Duration,
+    window: Duration,
+) -> Option<[f64; 6]> {
     let exe = std::env::current_exe().ok()?;
     let out = std::process::Command::new(exe)
         .args([
@@ -1347,8 +1351,8 @@ fn run_child_idle(stack: &str, pairs: usize, settle: Duration, window: Duration)
         .split_whitespace()
         .filter_map(|x| x.parse().ok())
         .collect();
-    if v.len() == 4 {
-        Some([v[0], v[1], v[2], v[3]])
+    if v.len() == 6 {
+        Some([v[0], v[1], v[2], v[3], v[4], v[5]])
     } else {
         eprintln!(
             "idle child failed: {}",
@@ -1390,7 +1394,7 @@ fn scenario_memory(cfg: &Cfg, rep: &mut Report) {
     }
     let _ = writeln!(
         md,
-        "| stack | connection ends | RSS per end | keepalive CPU, % of one core |\n|---|---:|---:|---:|"
+        "| stack | connection ends | RSS per end | heap allocations / bytes per end, at setup | keepalive CPU, % of one core |\n|---|---:|---:|---:|---:|"
     );
     for stack in ["chatpipe", "tokio-util"] {
         eprintln!("memory {stack} ({pairs} pairs) ...");
@@ -1400,7 +1404,7 @@ fn scenario_memory(cfg: &Cfg, rep: &mut Report) {
             Duration::ZERO
         };
         match run_child_idle(stack, pairs, cfg.idle_settle, window) {
-            Some([rss0, rss1, cpu, wall]) => {
+            Some([rss0, rss1, cpu, wall, allocs, bytes]) => {
                 let per = (rss1 - rss0) / (2 * pairs) as f64;
                 rep.set(format!("memory/{stack}/rss_per_end"), per);
                 let cpu_pct = if wall > 0.0 {
@@ -1410,16 +1414,19 @@ fn scenario_memory(cfg: &Cfg, rep: &mut Report) {
                 } else {
                     "– (no keepalives)".into()
                 };
+                let ends = (2 * pairs) as f64;
                 let _ = writeln!(
                     md,
-                    "| {stack} | {} | {:.0} B ({:.1} KiB) | {cpu_pct} |",
+                    "| {stack} | {} | {:.0} B ({:.1} KiB) | {:.1} / {:.0} B | {cpu_pct} |",
                     2 * pairs,
                     per,
-                    per / 1024.0
+                    per / 1024.0,
+                    allocs / ends,
+                    bytes / ends,
                 );
             }
             None => {
-                let _ = writeln!(md, "| {stack} | {} | failed | – |", 2 * pairs);
+                let _ = writeln!(md, "| {stack} | {} | failed | – | – |", 2 * pairs);
             }
         }
     }
@@ -1741,7 +1748,10 @@ fn targets(rep: &mut Report) {
             met: le(rss, 4096.0),
         },
         T {
-            what: format!("keepalive CPU, {:.0} connections", pairs),
+            what: format!(
+                "keepalive CPU, {:.0} connections (both ends in-process)",
+                pairs
+            ),
             goal: "< 1% of a core (for 10,000)".into(),
             // Scaled to 10,000 connections when fewer were measured.
             measured: cpu.map(|c| if pairs > 0.0 { c * 10_000.0 / pairs } else { c }),
@@ -1788,7 +1798,9 @@ fn targets(rep: &mut Report) {
 // ---------------------------------------------------------------------------
 
 fn oneway_csv(rep: &Report) -> String {
-    let mut s = String::from("size_bytes,stack,n,msgs_per_s_median,msgs_per_s_min,msgs_per_s_max,mb_per_s_median\n");
+    let mut s = String::from(
+        "size_bytes,stack,n,msgs_per_s_median,msgs_per_s_min,msgs_per_s_max,mb_per_s_median\n",
+    );
     for &(size, stack, n, med, min, max) in &rep.oneway {
         let _ = writeln!(
             s,
@@ -1819,7 +1831,12 @@ fn oneway_svg(rep: &Report, subtitle: &str) -> String {
         .map(|o| o.3)
         .filter(|v| *v > 0.0)
         .collect();
-    let lo = vals.iter().cloned().fold(f64::MAX, f64::min).log10().floor();
+    let lo = vals
+        .iter()
+        .cloned()
+        .fold(f64::MAX, f64::min)
+        .log10()
+        .floor();
     let hi = vals.iter().cloned().fold(0.0, f64::max).log10().ceil();
     let (lo, hi) = if lo < hi { (lo, hi) } else { (3.0, 9.0) };
     let (xlo, xhi) = (16f64.log2(), (64.0 * 1024f64).log2());
@@ -1936,6 +1953,46 @@ fn main() {
         );
         return;
     }
+    if args.get(1).map(String::as_str) == Some("--one") {
+        // One case, for profilers: `--one <case> <size> <n>`.
+        let num = |i: usize| args.get(i).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+        let (case, size, n) = (
+            args.get(2).map_or("", String::as_str),
+            num(3) as usize,
+            num(4),
+        );
+        let t0 = Instant::now();
+        let secs = match case {
+            "raw" => oneway_raw(size, n),
+            "feed" => oneway_tokio(size, n, false),
+            "tokio-send" => oneway_tokio(size, n, true),
+            "send" => oneway_chatpipe(size, n, CpSend::Send),
+            "try_send" => oneway_chatpipe(size, n, CpSend::TrySend),
+            "request" => {
+                let v = rtt_chatpipe(n as usize, 0, true);
+                v.iter().sum::<u64>() as f64 / 1e9
+            }
+            "ping-raw" => {
+                let v = rtt_raw(n as usize, 0);
+                v.iter().sum::<u64>() as f64 / 1e9
+            }
+            "fanin" => fanin_chatpipe(100, n),
+            "fanin-feed" => fanin_tokio(100, n),
+            _ => {
+                eprintln!(
+                    "cases: raw feed tokio-send send try_send (size n), request ping-raw (_ n), \
+                     fanin fanin-feed (_ msgs per connection)"
+                );
+                return;
+            }
+        };
+        println!(
+            "{case} size {size} n {n}: {secs:.3} s measured, {:.3} s total, {} per s",
+            t0.elapsed().as_secs_f64(),
+            si(n as f64 / secs)
+        );
+        return;
+    }
     let cfg = Cfg::from_env();
     let started = Instant::now();
     let mut rep = Report::default();
@@ -1984,8 +2041,7 @@ fn main() {
                 let _ = std::fs::create_dir_all(dir);
             }
             let csv = path.with_extension("csv");
-            let svg =
-                std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("docs/throughput.svg");
+            let svg = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("docs/throughput.svg");
             let _ = std::fs::create_dir_all(svg.parent().unwrap());
             let subtitle = format!(
                 "{}; {}",
