@@ -1866,7 +1866,7 @@ fn oneway_svg(rep: &Report, subtitle: &str) -> String {
             l + pw,
             l - 6.0,
             yy + 4.0,
-            si(10f64.powi(d))
+            decade(d)
         );
         d += 1;
     }
@@ -1929,6 +1929,17 @@ fn oneway_svg(rep: &Report, subtitle: &str) -> String {
     }
     s.push_str("</svg>\n");
     s
+}
+
+/// 10^d as 1, 10, 100, 1k, ..., 1G.
+fn decade(d: i32) -> String {
+    let units = ["", "k", "M", "G", "T"];
+    let d = d.max(0) as usize;
+    format!(
+        "{}{}",
+        10u64.pow((d % 3) as u32),
+        units.get(d / 3).copied().unwrap_or("?")
+    )
 }
 
 fn xml_escape(s: &str) -> String {
