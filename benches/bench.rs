@@ -1697,6 +1697,8 @@ fn targets(rep: &mut Report) {
     let cpu = get("memory/chatpipe/cpu_pct");
     let a_send = get("allocs/chatpipe/64/send");
     let a_recv = get("allocs/chatpipe/64/recv");
+    let a_req_c = get("allocs/chatpipe/request/send");
+    let a_req_s = get("allocs/chatpipe/request/recv");
     let list = [
         T {
             what: "oneway 64 B: chatpipe send vs tokio-util feed".into(),
@@ -1771,6 +1773,21 @@ fn targets(rep: &mut Report) {
             measured: a_recv,
             unit: "",
             met: le(a_recv, 1.0),
+        },
+        // Each side of a round trip sends one message and receives one.
+        T {
+            what: "allocations per request() round trip, client thread".into(),
+            goal: "<= 2 (1 sent + 1 received)".into(),
+            measured: a_req_c,
+            unit: "",
+            met: le(a_req_c, 2.0),
+        },
+        T {
+            what: "allocations per request() round trip, server thread".into(),
+            goal: "<= 2 (1 received + 1 sent)".into(),
+            measured: a_req_s,
+            unit: "",
+            met: le(a_req_s, 2.0),
         },
     ];
     let mut md = String::from(
