@@ -861,11 +861,8 @@ fn rtt_raw(n: usize, warm: usize) -> Vec<u64> {
             b.write_all(&buf[..len]).expect("raw echo");
         }
     });
-    let (frame, _) = {
-        let mut f = (RTT_SIZE as u32).to_be_bytes().to_vec();
-        f.extend_from_slice(&payload(RTT_SIZE));
-        (f, 1)
-    };
+    let mut frame = (RTT_SIZE as u32).to_be_bytes().to_vec();
+    frame.extend_from_slice(&payload(RTT_SIZE));
     let mut buf = vec![0u8; 64 * 1024];
     let mut out = Vec::with_capacity(n);
     for i in 0..n + warm {
