@@ -524,6 +524,8 @@ impl<T, P: Protocol, Tm> fmt::Debug for Connection<T, P, Tm> {
 const BUDGET: usize = 16;
 /// Most frames decoded in one round.
 const FRAMES_PER_ROUND: usize = 1024;
+/// Bytes read in one round, at most (give or take one read).
+const READ_PER_ROUND: u64 = 256 * 1024;
 /// Write-queue bytes above which nothing more is taken from the outbox.
 const WRITE_HIGH_WATER: usize = 256 * 1024;
 
@@ -612,7 +614,12 @@ where
             // Inbound: hand over what waits, then read more.
             progress |= self.deliver(cx, now);
             if self.received.is_empty() {
-                while self.received.len() < FRAMES_PER_ROUND.min(self.receive_capacity) {
+                // A round ends after a bounded number of frames or bytes, so
+                // the application gets them while they are hot.
+                let read_limit = self.pipe.bytes_read + READ_PER_ROUND;
+                while self.received.len() < FRAMES_PER_ROUND.min(self.receive_capacity)
+                    && self.pipe.bytes_read < read_limit
+                {
                     match self.pipe.poll_frame(cx) {
                         Poll::Ready(Ok(Some(payload))) => {
                             self.dispatch(payload)?;
