@@ -69,10 +69,21 @@ impl Decoder {
     /// four bytes are in; nothing is reserved or awaited for its body. After
     /// an error the decoder must not be used again.
     pub fn decode(&mut self, buf: &mut BytesMut) -> Result<Option<Bytes>, Error> {
+        let filled = buf.len();
+        self.decode_filled(buf, filled)
+    }
+
+    /// [`Decoder::decode`] over the first `filled` bytes of `buf` only (the
+    /// rest is spare room a reader writes into).
+    pub(crate) fn decode_filled(
+        &mut self,
+        buf: &mut BytesMut,
+        filled: usize,
+    ) -> Result<Option<Bytes>, Error> {
         let len = match self.current {
             Some(len) => len,
             None => {
-                let Some(header) = buf.first_chunk::<HEADER_LEN>() else {
+                let Some(header) = buf[..filled].first_chunk::<HEADER_LEN>() else {
                     return Ok(None);
                 };
                 let len = u64::from(u32::from_be_bytes(*header));
@@ -90,7 +101,7 @@ impl Decoder {
         };
         // The header stays in the buffer until the frame is whole, then
         // both leave in one split (cheaper than advancing twice).
-        if buf.len() < HEADER_LEN + len {
+        if filled < HEADER_LEN + len {
             return Ok(None);
         }
         self.current = None;
@@ -108,9 +119,13 @@ impl Decoder {
 
     /// How many more bytes the frame in progress needs, if known.
     pub fn remaining(&self, buf: &BytesMut) -> usize {
+        self.remaining_after(buf.len())
+    }
+
+    pub(crate) fn remaining_after(&self, filled: usize) -> usize {
         match self.current {
-            Some(len) => (HEADER_LEN + len).saturating_sub(buf.len()),
-            None => HEADER_LEN.saturating_sub(buf.len()),
+            Some(len) => (HEADER_LEN + len).saturating_sub(filled),
+            None => HEADER_LEN.saturating_sub(filled),
         }
     }
 }

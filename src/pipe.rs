@@ -16,10 +16,8 @@ use crate::Error;
 /// The most one read takes in.
 const MAX_READ: usize = 64 * 1024;
 
-thread_local! {
-    static SCRATCH: std::cell::RefCell<Box<[u8]>> =
-        std::cell::RefCell::new(vec![0; MAX_READ].into_boxed_slice());
-}
+/// Spare room below this is topped up to `MAX_READ` before a read.
+const MIN_SPARE: usize = 4 * 1024;
 /// Pieces at least this long are queued as they are (vectored, no copy);
 /// shorter ones are copied together into one buffer.
 pub(crate) const COPY_BELOW: usize = 4 * 1024;
@@ -29,7 +27,12 @@ const MAX_IOVS: usize = 64;
 pub(crate) struct Pipe<T> {
     io: T,
     decoder: Decoder,
+    /// `filled` bytes received and not yet decoded, then spare room that
+    /// reads write into. Safe code must hand `poll_read` initialised
+    /// memory; keeping the spare room in the buffer means it is zeroed once
+    /// when allocated, not before every read.
     read_buf: BytesMut,
+    filled: usize,
     read_eof: bool,
     /// Total bytes read; the driver watches it for liveness.
     pub bytes_read: u64,
@@ -66,6 +69,7 @@ impl<T: AsyncRead + AsyncWrite + Unpin> Pipe<T> {
             io,
             decoder: Decoder::new(max_frame_len),
             read_buf: BytesMut::new(),
+            filled: 0,
             read_eof: false,
             bytes_read: 0,
             bytes_written: 0,
@@ -81,23 +85,27 @@ impl<T: AsyncRead + AsyncWrite + Unpin> Pipe<T> {
 
     /// True if a frame is partly received.
     pub fn is_mid_frame(&self) -> bool {
-        self.decoder.is_mid_frame(&self.read_buf)
+        self.filled > 0
     }
 
     /// The next frame's payload; `Ok(None)` at a clean end of stream.
     pub fn poll_frame(&mut self, cx: &mut Context<'_>) -> Poll<Result<Option<Bytes>, Error>> {
         loop {
-            if let Some(payload) = self.decoder.decode(&mut self.read_buf)? {
+            if let Some(payload) = self
+                .decoder
+                .decode_filled(&mut self.read_buf, self.filled)?
+            {
+                self.filled -= payload.len() + crate::frame::HEADER_LEN;
                 return Poll::Ready(Ok(Some(payload)));
             }
             if self.read_eof {
                 if self.is_mid_frame() {
-                    let missing = self.decoder.remaining(&self.read_buf);
+                    let missing = self.decoder.remaining_after(self.filled);
                     return Poll::Ready(Err(Error::UnexpectedEof { missing }));
                 }
                 return Poll::Ready(Ok(None));
             }
-            if self.read_buf.is_empty() && self.read_buf.capacity() > MAX_READ {
+            if self.filled == 0 && self.read_buf.capacity() > 2 * MAX_READ {
                 // Give back what a large message made us grow to.
                 self.read_buf = BytesMut::new();
             }
@@ -113,36 +121,27 @@ impl<T: AsyncRead + AsyncWrite + Unpin> Pipe<T> {
     /// EOF and errors are seen while the application is not taking messages.
     /// Ready when the limit or EOF is reached.
     pub fn poll_fill(&mut self, cx: &mut Context<'_>, limit: usize) -> Poll<Result<(), Error>> {
-        while !self.read_eof && self.read_buf.len() < limit {
+        while !self.read_eof && self.filled < limit {
             ready!(self.poll_read_more(cx))?;
         }
         Poll::Ready(Ok(()))
     }
 
     fn poll_read_more(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Error>> {
-        // Read into a zeroed per-thread buffer and copy out what arrived:
-        // safe code must hand `poll_read` initialised memory, and zeroing
-        // the read buffer on every attempt cost more than the copy (most
-        // attempts on a busy socket end in `Pending`). Memory follows the
-        // bytes that actually arrive, never a length a peer announced.
-        let io = Pin::new(&mut self.io);
-        let read_buf = &mut self.read_buf;
-        let read = |buf: &mut [u8]| {
-            let res = io.poll_read(cx, buf);
-            if let Poll::Ready(Ok(n)) = res {
-                read_buf.extend_from_slice(&buf[..n]);
-            }
-            res
-        };
-        let res = SCRATCH.with(|scratch| match scratch.try_borrow_mut() {
-            Ok(mut buf) => read(&mut buf[..]),
-            // Re-entered (an `AsyncRead` that drives another connection on
-            // this thread): a smaller buffer on the stack will do.
-            Err(_) => read(&mut [0u8; 4096]),
-        });
+        if self.read_buf.len() - self.filled < MIN_SPARE {
+            // Top the spare room up. Only bytes that arrived are kept, and
+            // the room is one read's worth: memory follows what actually
+            // arrives, never a length a peer announced.
+            self.read_buf.resize(self.filled + MAX_READ, 0);
+        }
+        let filled = self.filled;
+        let res = Pin::new(&mut self.io).poll_read(cx, &mut self.read_buf[filled..]);
         match res {
             Poll::Ready(Ok(0)) => self.read_eof = true,
-            Poll::Ready(Ok(n)) => self.bytes_read += n as u64,
+            Poll::Ready(Ok(n)) => {
+                self.filled += n;
+                self.bytes_read += n as u64;
+            }
             Poll::Ready(Err(e)) if e.kind() == io::ErrorKind::Interrupted => {}
             Poll::Ready(Err(e)) => return Poll::Ready(Err(e.into())),
             Poll::Pending => return Poll::Pending,
@@ -243,7 +242,7 @@ impl<T: AsyncRead + AsyncWrite + Unpin> Pipe<T> {
     /// Releases buffers while nothing is in them, so an idle connection
     /// holds next to no memory.
     pub fn release_idle_buffers(&mut self) {
-        if self.read_buf.is_empty() {
+        if self.filled == 0 {
             self.read_buf = BytesMut::new();
         }
         if self.queued == 0 {
