@@ -411,6 +411,25 @@ mod tests {
         assert_eq!(unframe(&bytes), Ok(Some(ChatMessage::Keepalive)));
     }
 
+    /// The two further examples of the repository's docs/PROTOCOL.md.
+    #[test]
+    fn docs_protocol_md_examples() {
+        let broadcast = ChatMessage::Broadcast {
+            from: "ana".into(),
+            text: "yo".into(),
+        };
+        let bytes = [
+            0, 0, 0, 0x0c, 0, 0, 0, 1, 3, 0x61, 0x6e, 0x61, 0, 2, 0x79, 0x6f,
+        ];
+        assert_eq!(frame_of(&broadcast), bytes);
+        assert_eq!(unframe(&bytes), Ok(Some(broadcast)));
+
+        let ack = ChatMessage::Ack { request_id: ID };
+        let bytes = [&[0, 0, 0, 0x14, 0, 0, 0, 4][..], &ID.0].concat();
+        assert_eq!(frame_of(&ack), bytes);
+        assert_eq!(unframe(&bytes), Ok(Some(ack)));
+    }
+
     /// Every type, both ways, against bytes written out by hand.
     #[test]
     fn every_type_byte_for_byte() {
