@@ -2,13 +2,21 @@
 //!
 //! It lives in its own file so the end-to-end tests run the very same
 //! server in-process (`tests/chat_e2e.rs` includes it with `#[path]`).
+//!
+//! Each client has a task that drives its connection, handles what it
+//! sends, and feeds it the broadcasts waiting in its backlog. Broadcasting
+//! never waits for anyone: a message goes into each other client's backlog
+//! at once. A client that stops taking messages (its connection's queue
+//! stays full for `stall`) or falls too far behind (its backlog grows over
+//! `backlog` bytes) is disconnected, never silently skipped.
 
 use std::collections::HashMap;
 use std::fmt;
 use std::future::Future;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use chatpipe::chat::{Chat, ChatMessage};
 use chatpipe::{Builder, Error, Sender, TrySendError};
@@ -26,10 +34,13 @@ pub struct Config {
     /// Keepalive interval of every connection. Silence for three of them
     /// disconnects a client.
     pub keepalive: Duration,
-    /// How many broadcasts may wait for one client. A client whose queue is
-    /// full when a broadcast comes is too slow and is disconnected: the
-    /// room never waits for it, and never silently skips it either.
-    pub queue: usize,
+    /// A client whose connection takes no message for this long while
+    /// broadcasts wait for it (it does not read) is disconnected.
+    pub stall: Duration,
+    /// A client with more than this many bytes of broadcasts waiting for
+    /// it, beyond its connection's own queue, is disconnected: memory for a
+    /// client that cannot keep up is bounded.
+    pub backlog: usize,
     /// How long shutdown waits for clients to close cleanly before
     /// dropping them.
     pub grace: Duration,
@@ -41,7 +52,8 @@ impl Default for Config {
     fn default() -> Self {
         Config {
             keepalive: Duration::from_secs(5),
-            queue: 1024,
+            stall: Duration::from_secs(5),
+            backlog: 4 << 20,
             grace: Duration::from_secs(5),
             log: Arc::new(|line| eprintln!("{line}")),
         }
@@ -52,7 +64,8 @@ impl fmt::Debug for Config {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Config")
             .field("keepalive", &self.keepalive)
-            .field("queue", &self.queue)
+            .field("stall", &self.stall)
+            .field("backlog", &self.backlog)
             .field("grace", &self.grace)
             .finish_non_exhaustive()
     }
@@ -97,15 +110,15 @@ pub async fn serve(listener: TcpListener, config: Config, shutdown: impl Future<
     drop(listener);
     drop(alive);
 
-    let senders: Vec<_> = room.lock().values().map(|m| m.sender.clone()).collect();
-    room.log(format_args!(
-        "shutting down: closing {} connection(s)",
-        senders.len()
-    ));
-    for s in &senders {
-        s.close();
+    // Each member's task sends what waits for it, then closes.
+    {
+        let members = room.lock();
+        let n = members.len();
+        room.log(format_args!("shutting down: closing {n} connection(s)"));
+        for m in members.values() {
+            m.outbox.close();
+        }
     }
-    drop(senders);
     // Nothing is ever sent on `alive`: `recv` fails once every client task
     // has ended, or gives `Ok` here when the grace period is over first.
     let grace = async {
@@ -130,7 +143,10 @@ struct Room {
 struct Member {
     addr: SocketAddr,
     nickname: Option<String>,
-    sender: Sender<Chat>,
+    /// Broadcasts on their way to this member's connection.
+    outbox: channel::Sender<ChatMessage>,
+    /// Bytes of text in `outbox`.
+    waiting: Arc<AtomicUsize>,
     /// Tells the member's task to drop its connection, and why.
     kick: channel::Sender<String>,
 }
@@ -145,6 +161,14 @@ impl Member {
     }
 }
 
+/// What a broadcast weighs in a backlog.
+fn weight(msg: &ChatMessage) -> usize {
+    match msg {
+        ChatMessage::Broadcast { from, text } => from.len() + text.len(),
+        _ => 0,
+    }
+}
+
 impl Room {
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Member>> {
         // The map stays consistent even if a holder panicked.
@@ -156,36 +180,27 @@ impl Room {
     }
 
     /// Sends `text` from member `id` to every other member, without ever
-    /// waiting: a member whose queue is full is disconnected.
+    /// waiting.
     fn broadcast(&self, id: u64, text: String) {
         let members = self.lock();
         let Some(from) = members.get(&id).map(Member::name) else {
             return;
         };
         let msg = ChatMessage::Broadcast { from, text };
+        let size = weight(&msg);
         for (_, m) in members.iter().filter(|(&other, _)| other != id) {
-            match m.sender.try_send(msg.clone()) {
-                Ok(()) => {}
-                Err(TrySendError::Full(_)) => {
-                    // Its task drops the connection and leaves the room;
-                    // until then, further kicks are no-ops.
-                    let reason = format!(
-                        "too slow: its queue of {} messages stayed full",
-                        self.config.queue
-                    );
-                    let _ = m.kick.try_send(reason);
-                }
-                // The message itself cannot go out (too large for a
-                // frame): it cannot go to anyone.
-                Err(TrySendError::Failed(e))
-                    if matches!(e.error, Error::FrameTooLarge { .. } | Error::Encode(_)) =>
-                {
-                    drop(members);
-                    self.log(format_args!("broadcast not sent: {}", e.error));
-                    return;
-                }
-                // That member's connection is ending; its task cleans up.
-                Err(TrySendError::Failed(_)) => {}
+            if m.waiting.fetch_add(size, Ordering::Relaxed) + size > self.config.backlog {
+                // Its task drops the connection; until then, further kicks
+                // are no-ops.
+                let reason = format!(
+                    "too slow: over {} bytes of broadcasts wait for it",
+                    self.config.backlog
+                );
+                let _ = m.kick.try_send(reason);
+            } else {
+                // Unbounded, as `waiting` bounds it; fails only when the
+                // member is leaving.
+                let _ = m.outbox.try_send(msg.clone());
             }
         }
     }
@@ -223,13 +238,15 @@ impl Room {
         let _ = stream.set_nodelay(true);
         let (sender, incoming, conn) = Builder::new()
             .keepalive_interval(Some(self.config.keepalive))
-            .send_capacity(self.config.queue)
             .build(stream, Chat);
+        let (outbox, broadcasts) = channel::unbounded();
+        let waiting = Arc::new(AtomicUsize::new(0));
         let (kick, kicked) = channel::bounded(1);
         let member = Member {
             addr,
             nickname: None,
-            sender: sender.clone(),
+            outbox,
+            waiting: waiting.clone(),
             kick,
         };
         self.lock().insert(id, member);
@@ -251,13 +268,18 @@ impl Room {
                     Err(_) => std::future::pending().await,
                 }
             };
+            let stalled = forward(&room, addr, broadcasts, &waiting, &sender);
             let mut incoming = incoming;
             let reading = async {
                 while let Some(Ok(msg)) = incoming.next().await {
                     handle(&room, id, addr, &sender, msg).await;
+                    // Messages that arrived together are all ready at once:
+                    // let the other members' tasks run between them.
+                    smol::future::yield_now().await;
                 }
             };
-            let (reason, ()) = smol::future::zip(driver.or(kicked), reading).await;
+            let ended = driver.or(kicked).or(stalled);
+            let (reason, ()) = smol::future::zip(ended, reading).await;
 
             let nickname = room.lock().remove(&id).and_then(|m| m.nickname);
             let name = match nickname {
@@ -267,6 +289,61 @@ impl Room {
             room.log(format_args!("{name} disconnected: {reason}"));
         }
     }
+}
+
+/// Moves broadcasts from a member's backlog to its connection. Resolves,
+/// with the reason, only if the connection's queue stays full for `stall`;
+/// once the backlog is closed and empty (at shutdown), closes the
+/// connection.
+async fn forward(
+    room: &Room,
+    addr: SocketAddr,
+    broadcasts: channel::Receiver<ChatMessage>,
+    waiting: &AtomicUsize,
+    sender: &Sender<Chat>,
+) -> String {
+    let stall = room.config.stall;
+    // When the queue was first found full, since it last had room.
+    let mut full_since = None;
+    while let Ok(msg) = broadcasts.recv().await {
+        waiting.fetch_sub(weight(&msg), Ordering::Relaxed);
+        let sent = match sender.try_send(msg) {
+            Ok(()) => {
+                full_since = None;
+                Ok(())
+            }
+            Err(TrySendError::Full(msg)) => {
+                // Wait for room, but only until the queue has been full for
+                // `stall`: a slot freed now and then is not catching up.
+                let since = *full_since.get_or_insert_with(Instant::now);
+                let send = async { Some(sender.send(msg).await) };
+                let give_up = async {
+                    smol::Timer::at(since + stall).await;
+                    None
+                };
+                match send.or(give_up).await {
+                    Some(sent) => sent.map_err(|e| e.error),
+                    None => {
+                        let reason = "disconnected by the server: too slow";
+                        return format!("{reason}: its queue stayed full for {stall:?}");
+                    }
+                }
+            }
+            Err(TrySendError::Failed(e)) => Err(e.error),
+        };
+        match sent {
+            Ok(()) => {}
+            // This message cannot go out (too large for a frame); the next
+            // ones can.
+            Err(e @ (Error::FrameTooLarge { .. } | Error::Encode(_))) => {
+                room.log(format_args!("broadcast to {addr} not sent: {e}"));
+            }
+            // The connection is ending; its driver says why.
+            Err(_) => break,
+        }
+    }
+    sender.close();
+    std::future::pending().await
 }
 
 async fn handle(room: &Room, id: u64, addr: SocketAddr, sender: &Sender<Chat>, msg: ChatMessage) {
