@@ -96,9 +96,10 @@ pub struct RequestId(pub [u8; 16]);
 impl RequestId {
     /// A fresh random id.
     ///
-    /// The randomness comes from the standard library's per-process
-    /// randomly keyed hasher, fed a process-wide counter, so ids never
-    /// repeat within a process and do not follow a guessable sequence.
+    /// The randomness comes from the standard library's randomly keyed
+    /// hasher (SipHash) fed a process-wide counter: ids do not repeat within
+    /// a process and do not follow a visible sequence, which is all request
+    /// ids need. They are not meant as secrets.
     pub fn random() -> Self {
         static COUNTER: AtomicU64 = AtomicU64::new(0);
         let n = COUNTER.fetch_add(1, Ordering::Relaxed);

@@ -264,7 +264,7 @@ impl Room {
             };
             let kicked = async {
                 match kicked.recv().await {
-                    Ok(reason) => format!("disconnected by the server: {reason}"),
+                    Ok(reason) => reason,
                     Err(_) => std::future::pending().await,
                 }
             };
@@ -324,8 +324,7 @@ async fn forward(
                 match send.or(give_up).await {
                     Some(sent) => sent.map_err(|e| e.error),
                     None => {
-                        let reason = "disconnected by the server: too slow";
-                        return format!("{reason}: its queue stayed full for {stall:?}");
+                        return format!("too slow: its queue stayed full for {stall:?}");
                     }
                 }
             }
