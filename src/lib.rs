@@ -65,6 +65,7 @@
 #![forbid(unsafe_code)]
 #![warn(missing_docs, missing_debug_implementations)]
 
+pub mod chat;
 mod connection;
 mod error;
 pub mod frame;

@@ -33,7 +33,10 @@ async fn frames_for(peer: &mut TcpStream, dur: Duration) -> Vec<Vec<u8>> {
     let mut rest = &wire[..];
     while rest.len() >= 4 {
         let len = u32::from_be_bytes([rest[0], rest[1], rest[2], rest[3]]) as usize;
-        out.push(rest[4..4 + len].to_vec());
+        let Some(payload) = rest.get(4..4 + len) else {
+            panic!("a frame cut at the window's end: {rest:?}");
+        };
+        out.push(payload.to_vec());
         rest = &rest[4 + len..];
     }
     out
@@ -57,13 +60,16 @@ fn a_keepalive_goes_out_after_silence_and_none_while_traffic_flows() {
             }
             tx
         });
-        let busy = frames_for(&mut peer, 400 * MS).await;
-        assert!(busy.len() >= 30, "traffic flowed: {}", busy.len());
+        let mut busy = frames_for(&mut peer, 400 * MS).await;
+        let _tx = sending.await;
+        // The last messages may still be in flight on a loaded machine:
+        // drain them, well within one keepalive interval.
+        busy.extend(frames_for(&mut peer, 30 * MS).await);
+        assert_eq!(busy.len(), 40, "all traffic arrived");
         assert!(
             busy.iter().all(|p| p[..] == b"\0t"[..]),
             "no keepalive while busy"
         );
-        let _tx = sending.await;
 
         // Then silence: keepalives (payload [1]) about every 100 ms.
         let quiet = frames_for(&mut peer, 450 * MS).await;
@@ -85,15 +91,15 @@ fn a_silent_peer_is_detected_within_the_idle_timeout() {
         let client_io = TcpStream::connect(proxy.addr).await.unwrap();
         let (server_io, _) = listener.accept().await.unwrap();
         let cfg = Builder::new()
-            .keepalive_interval(Some(30 * MS))
-            .idle_timeout(Some(150 * MS));
+            .keepalive_interval(Some(50 * MS))
+            .idle_timeout(Some(250 * MS));
         let (_ctx, mut crx, cconn) = cfg.build(client_io, Raw);
         let (_stx, mut srx, sconn) = cfg.build(server_io, Raw);
         let cconn = smol::spawn(cconn);
         let sconn = smol::spawn(sconn);
 
         // Keepalives hold the connection open through several timeouts.
-        smol::Timer::after(500 * MS).await;
+        smol::Timer::after(800 * MS).await;
         assert!(!cconn.is_finished() && !sconn.is_finished());
 
         let cut = Instant::now();
@@ -102,11 +108,11 @@ fn a_silent_peer_is_detected_within_the_idle_timeout() {
             let err = conn.await.unwrap_err();
             let took = cut.elapsed();
             assert!(
-                matches!(err, Error::IdleTimeout(d) if d == 150 * MS),
+                matches!(err, Error::IdleTimeout(d) if d == 250 * MS),
                 "{err}"
             );
             assert!(
-                took >= 120 * MS && took < 400 * MS,
+                took >= 100 * MS && took < 1000 * MS,
                 "detected after {took:?}"
             );
             assert!(matches!(rx.next().await, Some(Err(Error::IdleTimeout(_)))));
@@ -119,8 +125,8 @@ fn our_own_application_not_reading_is_not_a_silent_peer() {
     smol::block_on(within(20, async {
         let (a, b) = tcp_pair().await;
         let cfg = Builder::new()
-            .keepalive_interval(Some(20 * MS))
-            .idle_timeout(Some(60 * MS))
+            .keepalive_interval(Some(50 * MS))
+            .idle_timeout(Some(200 * MS))
             .receive_capacity(8);
         let (tx, _arx, aconn) = cfg.build(a, Raw);
         let (_btx, mut rx, bconn) = cfg.build(b, Raw);
@@ -134,7 +140,7 @@ fn our_own_application_not_reading_is_not_a_silent_peer() {
         });
         // Read nothing for 5 idle timeouts: the sender backs up, and the
         // peer's bytes stop arriving because we stopped reading them.
-        smol::Timer::after(300 * MS).await;
+        smol::Timer::after(1000 * MS).await;
         assert!(!bconn.is_finished(), "closed while we were the slow one");
         for i in 0..5_000 {
             assert_eq!(number_of(&rx.next().await.unwrap().unwrap()), i);

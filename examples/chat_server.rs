@@ -1,0 +1,74 @@
+//! A chat server: every message a client sends goes to every other client.
+//!
+//! ```text
+//! cargo run --example chat_server -- [--listen ADDR]
+//! ```
+//!
+//! It speaks the chat protocol of `docs/PROTOCOL.md`, so `chat_client` or
+//! any other TcpChat v0.5 client can join. The room itself is in
+//! `examples/chat/server.rs`.
+
+use std::process::ExitCode;
+
+use async_signal::{Signal, Signals};
+use clap::Parser;
+use futures::StreamExt;
+use smol::net::TcpListener;
+
+#[path = "chat/server.rs"]
+mod server;
+
+/// A chat room over the TcpChat v0.5 protocol (see docs/PROTOCOL.md).
+///
+/// The first line on stdout is `listening on IP:PORT`, the address bound.
+/// Connections, disconnections and errors are logged on stderr. Ctrl-C or
+/// SIGTERM stops accepting, closes every connection cleanly and exits 0.
+#[derive(Debug, Parser)]
+#[command(version)]
+struct Args {
+    /// The address to listen on; port 0 picks a free port. Use
+    /// 0.0.0.0:33333 to listen on every interface.
+    #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:33333")]
+    listen: String,
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    smol::block_on(async {
+        // Signals first: once the address is printed, a signal must stop
+        // the server cleanly rather than kill it.
+        let signals = if cfg!(windows) {
+            Signals::new([Signal::Int])
+        } else {
+            Signals::new([Signal::Int, Signal::Term])
+        };
+        let mut signals = match signals {
+            Ok(s) => s,
+            Err(e) => {
+                eprintln!("cannot catch signals: {e}");
+                return ExitCode::FAILURE;
+            }
+        };
+        let listener = match TcpListener::bind(&args.listen).await {
+            Ok(l) => l,
+            Err(e) => {
+                eprintln!("cannot listen on {}: {e}", args.listen);
+                return ExitCode::FAILURE;
+            }
+        };
+        match listener.local_addr() {
+            Ok(addr) => println!("listening on {addr}"),
+            Err(e) => {
+                eprintln!("cannot read the bound address: {e}");
+                return ExitCode::FAILURE;
+            }
+        }
+        let shutdown = async move {
+            if let Some(Ok(signal)) = signals.next().await {
+                eprintln!("received {signal:?}");
+            }
+        };
+        server::serve(listener, server::Config::default(), shutdown).await;
+        ExitCode::SUCCESS
+    })
+}

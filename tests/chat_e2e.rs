@@ -1,0 +1,495 @@
+//! The example chat server, run in-process over loopback TCP, against
+//! chatpipe clients and raw sockets.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use chatpipe::chat::{Chat, ChatMessage};
+use chatpipe::{Builder, Error, Incoming, Sender};
+use futures::StreamExt;
+use smol::channel;
+use smol::future::FutureExt;
+use smol::net::{TcpListener, TcpStream};
+use smol::{Task, Timer};
+
+#[path = "../examples/chat/server.rs"]
+mod server;
+
+/// Runs a test body, failing it if it takes longer than `limit`.
+fn run<T>(limit: Duration, body: impl Future<Output = T>) -> T {
+    smol::block_on(body.or(async move {
+        Timer::after(limit).await;
+        panic!("test timed out after {limit:?}")
+    }))
+}
+
+struct TestServer {
+    addr: SocketAddr,
+    stop: channel::Sender<()>,
+    done: Task<()>,
+    log: Arc<Mutex<Vec<String>>>,
+}
+
+/// Starts the example's server with its default settings on a free
+/// loopback port, logging into memory.
+async fn start() -> TestServer {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    start_with(listener, server::Config::default())
+}
+
+fn start_with(listener: TcpListener, config: server::Config) -> TestServer {
+    let addr = listener.local_addr().unwrap();
+    let log = Arc::new(Mutex::new(Vec::new()));
+    let sink = log.clone();
+    let config = server::Config {
+        log: Arc::new(move |line| sink.lock().unwrap().push(line)),
+        ..config
+    };
+    let (stop, stopped) = channel::bounded::<()>(1);
+    let shutdown = async move {
+        let _ = stopped.recv().await;
+    };
+    let done = smol::spawn(server::serve(listener, config, shutdown));
+    TestServer {
+        addr,
+        stop,
+        done,
+        log,
+    }
+}
+
+/// A loopback listener whose connections have a small, fixed send buffer
+/// (accepted sockets inherit it), so that what a peer does not read backs
+/// up into the server quickly instead of into megabytes of kernel buffer.
+fn small_buffered_listener() -> TcpListener {
+    use socket2::{Domain, Socket, Type};
+    let s = Socket::new(Domain::IPV4, Type::STREAM, None).unwrap();
+    s.set_send_buffer_size(16 * 1024).unwrap();
+    s.bind(&SocketAddr::from(([127, 0, 0, 1], 0)).into())
+        .unwrap();
+    s.listen(128).unwrap();
+    TcpListener::try_from(std::net::TcpListener::from(s)).unwrap()
+}
+
+impl TestServer {
+    /// Waits until a log line contains every one of `parts`, and returns it.
+    async fn wait_for_log(&self, parts: &[&str]) -> String {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let log = self.log.lock().unwrap().clone();
+            if let Some(line) = log.iter().find(|l| parts.iter().all(|p| l.contains(p))) {
+                return line.clone();
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no log line with {parts:?} in {log:#?}"
+            );
+            Timer::after(Duration::from_millis(10)).await;
+        }
+    }
+
+    /// Stops the server as a signal would, waits until it has closed every
+    /// connection, and returns its log.
+    async fn shutdown(self) -> Vec<String> {
+        drop(self.stop);
+        self.done.await;
+        let log = self.log.lock().unwrap();
+        log.clone()
+    }
+}
+
+struct Client {
+    sender: Sender<Chat>,
+    incoming: Incoming<Chat>,
+    driver: Task<Result<(), Error>>,
+    addr: SocketAddr,
+}
+
+async fn connect(server: SocketAddr) -> Client {
+    let stream = TcpStream::connect(server).await.unwrap();
+    let addr = stream.local_addr().unwrap();
+    let (sender, incoming, conn) = Builder::new().build(stream, Chat);
+    Client {
+        sender,
+        incoming,
+        driver: smol::spawn(conn),
+        addr,
+    }
+}
+
+impl Client {
+    async fn nick(&self, name: &str) -> ChatMessage {
+        let request = ChatMessage::set_nickname(name);
+        self.sender.request(request).await.unwrap()
+    }
+
+    async fn say(&self, text: &str) {
+        let msg = ChatMessage::Chat { text: text.into() };
+        self.sender.send(msg).await.unwrap();
+    }
+
+    /// The next broadcast, as `(from, text)`.
+    async fn next(&mut self) -> (String, String) {
+        next_broadcast(&mut self.incoming).await
+    }
+
+    /// Closes cleanly, and checks that the connection ended cleanly.
+    async fn close(self) {
+        self.sender.close();
+        self.driver.await.unwrap();
+    }
+}
+
+async fn next_broadcast(incoming: &mut Incoming<Chat>) -> (String, String) {
+    match incoming.next().await {
+        Some(Ok(ChatMessage::Broadcast { from, text })) => (from, text),
+        other => panic!("expected a broadcast, got {other:?}"),
+    }
+}
+
+fn pair(from: &str, text: &str) -> (String, String) {
+    (from.to_owned(), text.to_owned())
+}
+
+#[test]
+fn three_clients_nicknames_and_broadcasts() {
+    run(Duration::from_secs(30), async {
+        let server = start().await;
+        let mut ana = connect(server.addr).await;
+        let mut bo = connect(server.addr).await;
+        let mut cy = connect(server.addr).await;
+
+        assert!(matches!(ana.nick("ana").await, ChatMessage::Ack { .. }));
+        assert!(matches!(bo.nick("bo").await, ChatMessage::Ack { .. }));
+        // Taken by another client: refused, and the answer says why.
+        match cy.nick("ana").await {
+            ChatMessage::Nak { message, .. } => {
+                assert!(message.contains("taken"), "{message}");
+            }
+            other => panic!("expected a Nak, got {other:?}"),
+        }
+        // Asking again for one's own nickname is fine.
+        assert!(matches!(ana.nick("ana").await, ChatMessage::Ack { .. }));
+
+        // Until it has a nickname, a client is known by its address.
+        cy.say("hello from nowhere").await;
+        let cy_addr = cy.addr.to_string();
+        assert_eq!(ana.next().await, pair(&cy_addr, "hello from nowhere"));
+        assert_eq!(bo.next().await, pair(&cy_addr, "hello from nowhere"));
+        assert!(matches!(cy.nick("cy").await, ChatMessage::Ack { .. }));
+
+        // A broadcast reaches every other client, and not its sender: the
+        // sender's next message is the reply, not its own text.
+        ana.say("hi all").await;
+        assert_eq!(bo.next().await, pair("ana", "hi all"));
+        assert_eq!(cy.next().await, pair("ana", "hi all"));
+        bo.say("hi ana").await;
+        assert_eq!(ana.next().await, pair("bo", "hi ana"));
+        assert_eq!(cy.next().await, pair("bo", "hi ana"));
+
+        // A nickname is free again once its holder has left.
+        ana.close().await;
+        server.wait_for_log(&["(ana) disconnected"]).await;
+        assert!(matches!(cy.nick("ana").await, ChatMessage::Ack { .. }));
+        cy.say("I am ana now").await;
+        assert_eq!(bo.next().await, pair("ana", "I am ana now"));
+
+        bo.close().await;
+        cy.close().await;
+        let log = server.shutdown().await;
+        let disconnects = log
+            .iter()
+            .filter(|l| l.contains("disconnected: closed cleanly"));
+        assert_eq!(disconnects.count(), 3, "{log:#?}");
+    });
+}
+
+#[test]
+fn two_hundred_clients_get_every_message_exactly_once() {
+    const CLIENTS: usize = 200;
+    const EACH: usize = 5;
+    run(Duration::from_secs(120), async {
+        let server = start().await;
+        let mut clients = Vec::new();
+        for i in 0..CLIENTS {
+            let c = connect(server.addr).await;
+            // The Ack also proves the server has this client in the room.
+            assert!(matches!(
+                c.nick(&format!("c{i}")).await,
+                ChatMessage::Ack { .. }
+            ));
+            clients.push(c);
+        }
+
+        // Everyone talks at once; everyone reads at once.
+        let tasks: Vec<_> = clients
+            .into_iter()
+            .enumerate()
+            .map(|(i, mut c)| {
+                smol::spawn(async move {
+                    let me = format!("c{i}");
+                    let (sender, incoming) = (&c.sender, &mut c.incoming);
+                    let talk = async {
+                        for k in 0..EACH {
+                            let text = format!("{me} #{k}");
+                            sender.send(ChatMessage::Chat { text }).await.unwrap();
+                        }
+                    };
+                    let mut got = Vec::new();
+                    let listen = async {
+                        while got.len() < (CLIENTS - 1) * EACH {
+                            got.push(next_broadcast(incoming).await);
+                        }
+                    };
+                    smol::future::zip(talk, listen).await;
+                    (i, c, got)
+                })
+            })
+            .collect();
+        let mut clients = Vec::new();
+        for task in tasks {
+            let (i, c, got) = task.await;
+            // Exactly the other clients' messages, each once, and from one
+            // sender in the order sent.
+            let mut want = Vec::new();
+            let mut next = vec![0; CLIENTS];
+            for (from, text) in &got {
+                let j: usize = from[1..].parse().unwrap();
+                assert_ne!(i, j, "c{i} got its own message back");
+                assert_eq!(text, &format!("{from} #{}", next[j]), "order from {from}");
+                next[j] += 1;
+            }
+            for (j, n) in next.iter().enumerate() {
+                want.push(if i == j { 0 } else { EACH });
+                assert_eq!(*n, want[j], "c{i} got {n} messages from c{j}");
+            }
+            clients.push(c);
+        }
+
+        // Nothing more is on its way: the next message anyone sees is a
+        // final one from c0.
+        clients[0].say("the end").await;
+        for c in &mut clients[1..] {
+            assert_eq!(c.next().await, pair("c0", "the end"));
+        }
+        for c in clients {
+            c.close().await;
+        }
+        server.shutdown().await;
+    });
+}
+
+#[test]
+fn a_client_that_never_reads_does_not_stall_the_room() {
+    // The stuck client's queue stays full for 2 s (5 s by default).
+    let config = server::Config {
+        stall: Duration::from_secs(2),
+        ..server::Config::default()
+    };
+    let why = "too slow: its queue stayed full for 2s";
+    run(Duration::from_secs(60), stuck_client(config, why));
+}
+
+#[test]
+fn a_client_too_far_behind_is_disconnected() {
+    // Room for 64 KiB of broadcasts beyond the connection's queue: they pile
+    // up long before the queue has been full for the stall timeout. No
+    // other client reads here, so none can be too slow by accident.
+    let config = server::Config {
+        backlog: 64 * 1024,
+        stall: Duration::from_secs(600),
+        ..server::Config::default()
+    };
+    run(Duration::from_secs(60), async {
+        let server = start_with(small_buffered_listener(), config);
+        let (stuck, stuck_addr) = connect_stuck(server.addr);
+        let ana = connect(server.addr).await;
+        assert!(matches!(ana.nick("ana").await, ChatMessage::Ack { .. }));
+        let text = "x".repeat(1024);
+        for _ in 0..2000 {
+            ana.say(&text).await;
+        }
+        let line = server.wait_for_log(&[&stuck_addr, "disconnected"]).await;
+        let why = "too slow: over 65536 bytes of broadcasts wait for it";
+        assert!(line.contains(why), "{line}");
+        assert_ends(stuck, 2000 * 1024).await;
+        ana.close().await;
+        server.shutdown().await;
+    });
+}
+
+/// A client connected to `server` that never reads, with a small receive
+/// buffer so that what it does not read backs up quickly, and its address.
+fn connect_stuck(server: SocketAddr) -> (socket2::Socket, String) {
+    use socket2::{Domain, Socket, Type};
+    let stuck = Socket::new(Domain::IPV4, Type::STREAM, None).unwrap();
+    stuck.set_recv_buffer_size(4096).unwrap();
+    stuck.connect(&server.into()).unwrap();
+    let addr = stuck.local_addr().unwrap().as_socket().unwrap();
+    (stuck, addr.to_string())
+}
+
+/// Checks that the server dropped `stuck`: reading it ends (at EOF, or with
+/// a reset) within 10 s, before all of `sent` bytes were read.
+async fn assert_ends(stuck: socket2::Socket, sent: usize) {
+    let drained = smol::unblock(move || {
+        stuck.set_read_timeout(Some(Duration::from_secs(10)))?;
+        let mut stuck = std::net::TcpStream::from(stuck);
+        let mut sink = Vec::new();
+        std::io::Read::read_to_end(&mut stuck, &mut sink).map(|_| sink.len())
+    })
+    .await;
+    match drained {
+        Ok(n) => assert!(n < sent, "got everything ({n} bytes)?"),
+        Err(e) => assert_eq!(e.kind(), std::io::ErrorKind::ConnectionReset, "{e}"),
+    }
+}
+
+/// A client that never reads, while three others exchange 2,000
+/// broadcasts of 1 KiB: they get them all, and the stuck one is
+/// disconnected, for the reason `why`.
+async fn stuck_client(config: server::Config, why: &str) {
+    const EACH: usize = 1000;
+    let text = "x".repeat(1024);
+    // The server's sockets have small send buffers, so what the stuck
+    // client does not read cannot all hide in the kernel.
+    let server = start_with(small_buffered_listener(), config);
+    let (stuck, stuck_addr) = connect_stuck(server.addr);
+
+    let mut ana = connect(server.addr).await;
+    let mut bo = connect(server.addr).await;
+    let mut cy = connect(server.addr).await;
+    // Accepted in order, so once these are answered the stuck client is in
+    // the room too.
+    for (c, n) in [(&ana, "ana"), (&bo, "bo"), (&cy, "cy")] {
+        assert!(matches!(c.nick(n).await, ChatMessage::Ack { .. }));
+    }
+
+    // Ana and Bo each send 1,000 broadcasts of 1 KiB, while reading each
+    // other's; Cy reads them all.
+    let cy_reads = async {
+        let (mut from_ana, mut from_bo) = (0, 0);
+        while from_ana + from_bo < 2 * EACH {
+            let (from, t) = cy.next().await;
+            assert_eq!(t.len(), 1024);
+            match from.as_str() {
+                "ana" => from_ana += 1,
+                "bo" => from_bo += 1,
+                other => panic!("from {other}"),
+            }
+        }
+        (from_ana, from_bo)
+    };
+    let ((), ((), counts)) = smol::future::zip(
+        exchange("ana", "bo", &mut ana, &text, EACH),
+        smol::future::zip(exchange("bo", "ana", &mut bo, &text, EACH), cy_reads),
+    )
+    .await;
+    assert_eq!(counts, (EACH, EACH));
+
+    // 2 MiB were meant for the stuck client: more than the connection's
+    // queue (1,024 messages), its write buffer (256 KiB) and the sockets
+    // (tens of KiB) hold. It was disconnected, and the log says why.
+    let line = server.wait_for_log(&[&stuck_addr, "disconnected"]).await;
+    assert!(line.contains(why), "{line}");
+    assert_ends(stuck, 2 * EACH * 1024).await;
+
+    for c in [ana, bo, cy] {
+        c.close().await;
+    }
+    server.shutdown().await;
+}
+
+/// Sends `n` Chats of `text` while reading `n` broadcasts from `peer`.
+async fn exchange(me: &str, peer: &str, c: &mut Client, text: &str, n: usize) {
+    let (sender, incoming) = (&c.sender, &mut c.incoming);
+    let talk = async {
+        for _ in 0..n {
+            let text = text.to_owned();
+            sender.send(ChatMessage::Chat { text }).await.unwrap();
+        }
+    };
+    let listen = async {
+        for _ in 0..n {
+            let (from, got) = next_broadcast(incoming).await;
+            assert_eq!((from.as_str(), got.len()), (peer, text.len()), "{me}");
+        }
+    };
+    smol::future::zip(talk, listen).await;
+}
+
+#[test]
+fn half_a_frame_then_a_reset_leaves_the_room_serving() {
+    run(Duration::from_secs(30), async {
+        let server = start().await;
+        let mut ana = connect(server.addr).await;
+        let mut bo = connect(server.addr).await;
+        assert!(matches!(ana.nick("ana").await, ChatMessage::Ack { .. }));
+        assert!(matches!(bo.nick("bo").await, ChatMessage::Ack { .. }));
+
+        // Half of a 54-byte Chat frame, then a reset (SO_LINGER 0), and
+        // the same followed by a plain close.
+        let frame_start = [&[0, 0, 0, 54, 0, 0, 0, 0, 0, 48][..], b"half"].concat();
+        for reset in [true, false] {
+            let s =
+                socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+            s.connect(&server.addr.into()).unwrap();
+            let addr = s.local_addr().unwrap().as_socket().unwrap().to_string();
+            let mut s = std::net::TcpStream::from(s);
+            std::io::Write::write_all(&mut s, &frame_start).unwrap();
+            if reset {
+                socket2::SockRef::from(&s)
+                    .set_linger(Some(Duration::ZERO))
+                    .unwrap();
+            }
+            drop(s);
+            let why = if reset { "reset" } else { "middle of a frame" };
+            let line = server
+                .wait_for_log(&[&addr, "disconnected: error", why])
+                .await;
+            assert!(!line.contains("closed cleanly"), "{line}");
+        }
+
+        // The room carries on, for old clients and new.
+        ana.say("still here?").await;
+        assert_eq!(bo.next().await, pair("ana", "still here?"));
+        let mut cy = connect(server.addr).await;
+        assert!(matches!(cy.nick("cy").await, ChatMessage::Ack { .. }));
+        bo.say("yes").await;
+        assert_eq!(ana.next().await, pair("bo", "yes"));
+        assert_eq!(cy.next().await, pair("bo", "yes"));
+
+        for c in [ana, bo, cy] {
+            c.close().await;
+        }
+        server.shutdown().await;
+    });
+}
+
+#[test]
+fn shutdown_closes_every_connection_cleanly() {
+    run(Duration::from_secs(30), async {
+        let server = start().await;
+        let addr = server.addr;
+        let mut ana = connect(addr).await;
+        let bo = connect(addr).await;
+        assert!(matches!(ana.nick("ana").await, ChatMessage::Ack { .. }));
+        assert!(matches!(bo.nick("bo").await, ChatMessage::Ack { .. }));
+        bo.say("last words").await;
+        assert_eq!(ana.next().await, pair("bo", "last words"));
+
+        let log = server.shutdown().await;
+        assert!(
+            log.iter().any(|l| l.contains("closing 2 connection(s)")),
+            "{log:#?}"
+        );
+        // Both ends saw a clean close, not an error.
+        assert!(ana.incoming.next().await.is_none());
+        ana.driver.await.unwrap();
+        bo.driver.await.unwrap();
+        // And nothing is listening any more.
+        assert!(TcpStream::connect(addr).await.is_err());
+    });
+}

@@ -1,0 +1,343 @@
+//! The built `chat_server` and `chat_client` examples, driven by their
+//! command-line contract (flags, stdout lines, exit status) over loopback.
+//!
+//! A plain `cargo test` builds the examples before running any test;
+//! `cargo test --test chat_examples` alone does not, so run
+//! `cargo build --examples` first in that case.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::path::PathBuf;
+use std::process::{Child, ChildStdin, Command, ExitStatus, Stdio};
+use std::sync::mpsc;
+use std::thread;
+use std::time::{Duration, Instant};
+
+use bytes::BytesMut;
+use chatpipe::chat::{Chat, ChatMessage};
+use chatpipe::Protocol;
+
+const TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The path of a built example, next to this test's own binary.
+fn example(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    // target/<profile>/deps/<this test> -> target/<profile>/examples/<name>
+    let dir = exe.parent().unwrap().parent().unwrap().join("examples");
+    let path = dir.join(format!("{name}{}", std::env::consts::EXE_SUFFIX));
+    assert!(
+        path.exists(),
+        "{} is not built: run `cargo build --examples` (a plain `cargo test` does)",
+        path.display()
+    );
+    path
+}
+
+/// A running example: its stdout and stderr lines arrive on channels, and
+/// it is killed if the test ends first.
+struct Program {
+    child: Child,
+    stdin: Option<ChildStdin>,
+    stdout: mpsc::Receiver<String>,
+    stderr: mpsc::Receiver<String>,
+}
+
+fn lines(pipe: impl Read + Send + 'static) -> mpsc::Receiver<String> {
+    let (tx, rx) = mpsc::channel();
+    thread::spawn(move || {
+        for line in BufReader::new(pipe).lines() {
+            let Ok(line) = line else { break };
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    rx
+}
+
+fn start(name: &str, args: &[&str]) -> Program {
+    let mut child = Command::new(example(name))
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    Program {
+        stdin: child.stdin.take(),
+        stdout: lines(child.stdout.take().unwrap()),
+        stderr: lines(child.stderr.take().unwrap()),
+        child,
+    }
+}
+
+impl Program {
+    /// The next line on stdout.
+    fn line(&self) -> String {
+        self.stdout
+            .recv_timeout(TIMEOUT)
+            .expect("a line on stdout in time")
+    }
+
+    /// Waits for a stderr line containing `part`.
+    fn stderr_line(&self, part: &str) -> String {
+        let deadline = Instant::now() + TIMEOUT;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.stderr.recv_timeout(left) {
+                Ok(line) if line.contains(part) => return line,
+                Ok(_) => {}
+                Err(e) => panic!("no stderr line with {part:?}: {e}"),
+            }
+        }
+    }
+
+    fn type_line(&mut self, line: &str) {
+        let stdin = self.stdin.as_mut().expect("stdin open");
+        writeln!(stdin, "{line}").unwrap();
+        stdin.flush().unwrap();
+    }
+
+    /// Closes stdin: the end of input.
+    fn close_stdin(&mut self) {
+        self.stdin = None;
+    }
+
+    fn wait(&mut self) -> ExitStatus {
+        let deadline = Instant::now() + TIMEOUT;
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status;
+            }
+            assert!(Instant::now() < deadline, "the program did not exit");
+            thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    #[cfg(unix)]
+    fn signal(&self, sig: &str) {
+        let pid = self.child.id().to_string();
+        let status = Command::new("kill").args([sig, &pid]).status().unwrap();
+        assert!(status.success());
+    }
+}
+
+impl Drop for Program {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Starts the server on a free port and returns it with its address.
+fn server() -> (Program, String) {
+    let server = start("chat_server", &["--listen", "127.0.0.1:0"]);
+    let first = server.line();
+    let addr = first
+        .strip_prefix("listening on ")
+        .unwrap_or_else(|| panic!("first line: {first:?}"))
+        .to_owned();
+    (server, addr)
+}
+
+#[test]
+fn both_programs_have_help() {
+    let out = Command::new(example("chat_server"))
+        .arg("--help")
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let help = String::from_utf8(out.stdout).unwrap();
+    assert!(help.contains("--listen <ADDR>"), "{help}");
+    assert!(help.contains("127.0.0.1:33333"), "{help}");
+
+    let out = Command::new(example("chat_client"))
+        .arg("--help")
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let help = String::from_utf8(out.stdout).unwrap();
+    for flag in ["--connect <ADDR>", "--nick <NAME>", "--keepalive <SECS>"] {
+        assert!(help.contains(flag), "{help}");
+    }
+}
+
+#[test]
+fn server_prints_the_bound_address_first() {
+    let (_server, addr) = server();
+    let (ip, port) = addr.rsplit_once(':').unwrap();
+    assert_eq!(ip, "127.0.0.1");
+    assert_ne!(port.parse::<u16>().unwrap(), 0, "the port actually bound");
+    TcpStream::connect(&addr).expect("it listens there");
+}
+
+#[test]
+fn server_refuses_an_address_it_cannot_bind() {
+    let taken = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = taken.local_addr().unwrap().to_string();
+    let mut server = start("chat_server", &["--listen", &addr]);
+    assert!(!server.wait().success());
+    server.stderr_line("cannot listen");
+}
+
+#[test]
+fn clients_chat_through_the_server() {
+    let (mut server, addr) = server();
+    let mut ana = start("chat_client", &["--connect", &addr, "--nick", "ana"]);
+    assert_eq!(ana.line(), "* you are now ana");
+    let mut bo = start("chat_client", &["--connect", &addr, "--nick", "ana"]);
+    let refused = bo.line();
+    assert!(
+        refused.starts_with("! nickname refused: ") && refused.contains("taken"),
+        "{refused}"
+    );
+    bo.type_line("/nick bo");
+    assert_eq!(bo.line(), "* you are now bo");
+
+    // Ana's stdin is idle: what Bo says is printed at once all the same,
+    // and Ana's own line never comes back to her.
+    ana.type_line("hello bo");
+    assert_eq!(bo.line(), "ana: hello bo");
+    bo.type_line("hi ana");
+    bo.type_line("");
+    bo.type_line("how are you?");
+    assert_eq!(ana.line(), "bo: hi ana");
+    assert_eq!(ana.line(), "bo: how are you?");
+
+    // The end of stdin and /quit both send what is queued, then close
+    // cleanly with status 0.
+    ana.type_line("bye");
+    ana.close_stdin();
+    assert!(ana.wait().success());
+    assert_eq!(bo.line(), "ana: bye");
+    bo.type_line("/quit");
+    assert!(bo.wait().success());
+    server.stderr_line("(bo) disconnected: closed cleanly");
+
+    #[cfg(unix)]
+    {
+        server.signal("-TERM");
+        assert!(server.wait().success(), "SIGTERM exits 0");
+    }
+}
+
+/// Ctrl-C and SIGTERM: stop accepting, close every connection cleanly,
+/// exit 0; the client sees the server go and exits non-zero.
+#[cfg(unix)]
+#[test]
+fn signals_stop_the_server_cleanly() {
+    for sig in ["-INT", "-TERM"] {
+        let (mut server, addr) = server();
+        let mut ana = start("chat_client", &["--connect", &addr, "--nick", "ana"]);
+        assert_eq!(ana.line(), "* you are now ana");
+        server.signal(sig);
+        server.stderr_line("closing 1 connection(s)");
+        server.stderr_line("(ana) disconnected: closed cleanly");
+        assert!(server.wait().success(), "{sig} exits 0");
+        assert!(TcpStream::connect(&addr).is_err(), "no longer accepting");
+        ana.stderr_line("connection closed by the server");
+        assert_eq!(ana.wait().code(), Some(1));
+    }
+}
+
+/// A scripted server checks the client's bytes on the wire.
+#[test]
+fn client_speaks_the_protocol() {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    let mut client = start(
+        "chat_client",
+        &["--connect", &addr, "--nick", "ana", "--keepalive", "0.2"],
+    );
+    let (mut peer, _) = listener.accept().unwrap();
+    peer.set_read_timeout(Some(TIMEOUT)).unwrap();
+
+    // With --nick, the request goes out right after connecting.
+    let ChatMessage::SetNickname {
+        request_id,
+        nickname,
+    } = read_message(&mut peer)
+    else {
+        panic!("expected a set-nickname request");
+    };
+    assert_eq!(nickname, "ana");
+    write_message(&mut peer, &ChatMessage::Ack { request_id });
+    assert_eq!(client.line(), "* you are now ana");
+
+    // Nothing typed: keepalives at the interval.
+    let start = Instant::now();
+    let keepalive = [0, 0, 0, 4, 0, 0, 0, 2];
+    for _ in 0..3 {
+        assert_eq!(read_frame(&mut peer), keepalive);
+    }
+    assert!(
+        start.elapsed() < Duration::from_secs(2),
+        "{:?}",
+        start.elapsed()
+    );
+
+    // A line typed is one Chat; a broadcast is one printed line, control
+    // characters escaped.
+    client.type_line("Hi");
+    let frame = loop {
+        let frame = read_frame(&mut peer);
+        if frame != keepalive {
+            break frame;
+        }
+    };
+    assert_eq!(frame, [0, 0, 0, 8, 0, 0, 0, 0, 0, 2, 0x48, 0x69]);
+    let broadcast = ChatMessage::Broadcast {
+        from: "bo".into(),
+        text: "two\nlines".into(),
+    };
+    write_message(&mut peer, &broadcast);
+    assert_eq!(client.line(), r"bo: two\nlines");
+
+    // The server goes away: a message on stderr, exit status 1.
+    drop(peer);
+    client.stderr_line("connection closed by the server");
+    assert_eq!(client.wait().code(), Some(1));
+}
+
+#[test]
+fn client_without_a_server_fails() {
+    // A port that was free a moment ago.
+    let addr = TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .to_string();
+    let mut client = start("chat_client", &["--connect", &addr]);
+    assert!(!client.wait().success());
+    client.stderr_line("cannot connect");
+}
+
+/// Reads one whole frame, length prefix included.
+fn read_frame(s: &mut TcpStream) -> Vec<u8> {
+    let mut len = [0; 4];
+    s.read_exact(&mut len).unwrap();
+    let mut frame = vec![0; 4 + u32::from_be_bytes(len) as usize];
+    frame[..4].copy_from_slice(&len);
+    s.read_exact(&mut frame[4..]).unwrap();
+    frame
+}
+
+/// Reads one frame and decodes it, skipping keepalives.
+fn read_message(s: &mut TcpStream) -> ChatMessage {
+    loop {
+        let frame = read_frame(s);
+        match Chat.decode(BytesMut::from(&frame[4..]).freeze()).unwrap() {
+            Some(ChatMessage::Keepalive) => {}
+            Some(msg) => return msg,
+            None => panic!("unknown message type"),
+        }
+    }
+}
+
+fn write_message(s: &mut TcpStream, msg: &ChatMessage) {
+    let mut payload = BytesMut::new();
+    Chat.encode(msg, &mut payload).unwrap();
+    let mut frame = BytesMut::new();
+    chatpipe::frame::encode(&payload, 1 << 16, &mut frame).unwrap();
+    s.write_all(&frame).unwrap();
+}
