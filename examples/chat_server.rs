@@ -1,7 +1,8 @@
 //! A chat server: every message a client sends goes to every other client.
 //!
 //! ```text
-//! cargo run --example chat_server -- [--listen ADDR]
+//! cargo run --example chat_server -- [--listen ADDR] [--rate N] [--burst N]
+//!     [--max-connections N] [--max-per-ip N]
 //! ```
 //!
 //! It speaks the chat protocol of `docs/PROTOCOL.md`, so `chat_client` or
@@ -30,6 +31,25 @@ struct Args {
     /// 0.0.0.0:33333 to listen on every interface.
     #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:33333")]
     listen: String,
+
+    /// Messages per second each client may send on average (a token
+    /// bucket); chat over it is dropped and logged, a nickname request over
+    /// it is refused. 0 turns the limit off.
+    #[arg(long, value_name = "N", default_value_t = 10.0)]
+    rate: f64,
+
+    /// Messages a client may send at once before the rate applies.
+    #[arg(long, value_name = "N", default_value_t = 20.0)]
+    burst: f64,
+
+    /// Connections at once; more are closed as soon as they are accepted.
+    #[arg(long, value_name = "N", default_value_t = 10_000)]
+    max_connections: usize,
+
+    /// Connections at once from one IP address; more are closed as soon as
+    /// they are accepted.
+    #[arg(long, value_name = "N", default_value_t = 64)]
+    max_per_ip: usize,
 }
 
 fn main() -> ExitCode {
@@ -68,7 +88,17 @@ fn main() -> ExitCode {
                 eprintln!("received {signal:?}");
             }
         };
-        server::serve(listener, server::Config::default(), shutdown).await;
+        let rate = (args.rate > 0.0).then_some(server::Rate {
+            per_second: args.rate,
+            burst: args.burst.max(1.0),
+        });
+        let config = server::Config {
+            rate,
+            max_connections: args.max_connections,
+            max_per_ip: args.max_per_ip,
+            ..server::Config::default()
+        };
+        server::serve(listener, config, shutdown).await;
         ExitCode::SUCCESS
     })
 }

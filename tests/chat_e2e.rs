@@ -211,7 +211,13 @@ fn two_hundred_clients_get_every_message_exactly_once() {
     const CLIENTS: usize = 200;
     const EACH: usize = 5;
     run(Duration::from_secs(120), async {
-        let server = start().await;
+        // All from 127.0.0.1: above the default cap of 64 per address.
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let config = server::Config {
+            max_per_ip: CLIENTS,
+            ..server::Config::default()
+        };
+        let server = start_with(listener, config);
         let mut clients = Vec::new();
         for i in 0..CLIENTS {
             let c = connect(server.addr).await;
@@ -284,8 +290,10 @@ fn two_hundred_clients_get_every_message_exactly_once() {
 #[test]
 fn a_client_that_never_reads_does_not_stall_the_room() {
     // The stuck client's queue stays full for 2 s (5 s by default).
+    // Clients here send 1,000 messages back to back: no rate limit.
     let config = server::Config {
         stall: Duration::from_secs(2),
+        rate: None,
         ..server::Config::default()
     };
     let why = "too slow: its queue stayed full for 2s";
@@ -300,6 +308,7 @@ fn a_client_too_far_behind_is_disconnected() {
     let config = server::Config {
         backlog: 64 * 1024,
         stall: Duration::from_secs(600),
+        rate: None,
         ..server::Config::default()
     };
     run(Duration::from_secs(60), async {

@@ -9,6 +9,15 @@
 //! at once. A client that stops taking messages (its connection's queue
 //! stays full for `stall`) or falls too far behind (its backlog grows over
 //! `backlog` bytes) is disconnected, never silently skipped.
+//!
+//! Limits on what clients may do, and what an offender gets (each logged):
+//!
+//! | limit | default | offender |
+//! |---|---|---|
+//! | connections in all (`max_connections`) | 10,000 | the new connection is closed at once |
+//! | connections per remote IP (`max_per_ip`) | 64 | the new connection is closed at once |
+//! | messages per client (`rate`: token bucket) | 10/s, bursts of 20 | Chat over the rate is dropped; a nickname request over it gets a Nak. Drops are logged at most once a second per client, with a count. |
+//! | a client that does not read (`stall`, `backlog`) | 5 s, 4 MiB | disconnected |
 
 use std::collections::HashMap;
 use std::fmt;
@@ -44,6 +53,13 @@ pub struct Config {
     /// How long shutdown waits for clients to close cleanly before
     /// dropping them.
     pub grace: Duration,
+    /// How many messages a client may send: `None` for no limit.
+    pub rate: Option<Rate>,
+    /// Connections at once; more are closed as soon as they are accepted.
+    pub max_connections: usize,
+    /// Connections at once from one IP address; more are closed as soon as
+    /// they are accepted.
+    pub max_per_ip: usize,
     /// Connections, disconnections and errors are reported here.
     pub log: Log,
 }
@@ -55,8 +71,72 @@ impl Default for Config {
             stall: Duration::from_secs(5),
             backlog: 4 << 20,
             grace: Duration::from_secs(5),
+            rate: Some(Rate {
+                per_second: 10.0,
+                burst: 20.0,
+            }),
+            max_connections: 10_000,
+            max_per_ip: 64,
             log: Arc::new(|line| eprintln!("{line}")),
         }
+    }
+}
+
+/// A token bucket: `burst` messages at once, refilled at `per_second`.
+#[derive(Debug, Clone, Copy)]
+pub struct Rate {
+    /// Messages per second, on average.
+    pub per_second: f64,
+    /// Messages at once.
+    pub burst: f64,
+}
+
+/// One client's bucket, and what it has dropped since it last said so.
+struct Bucket {
+    rate: Rate,
+    tokens: f64,
+    last: Instant,
+    dropped: u64,
+    reported: Option<Instant>,
+}
+
+impl Bucket {
+    fn new(rate: Rate) -> Self {
+        Bucket {
+            rate,
+            tokens: rate.burst,
+            last: Instant::now(),
+            dropped: 0,
+            reported: None,
+        }
+    }
+
+    /// Takes a token if there is one.
+    fn take(&mut self) -> bool {
+        let now = Instant::now();
+        let refill = now.duration_since(self.last).as_secs_f64() * self.rate.per_second;
+        self.tokens = (self.tokens + refill).min(self.rate.burst);
+        self.last = now;
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            return true;
+        }
+        self.dropped += 1;
+        false
+    }
+
+    /// How many were dropped since the last report, at most once a second.
+    fn report(&mut self) -> Option<u64> {
+        let now = Instant::now();
+        if self.dropped == 0
+            || self
+                .reported
+                .is_some_and(|t| now - t < Duration::from_secs(1))
+        {
+            return None;
+        }
+        self.reported = Some(now);
+        Some(std::mem::take(&mut self.dropped))
     }
 }
 
@@ -67,6 +147,9 @@ impl fmt::Debug for Config {
             .field("stall", &self.stall)
             .field("backlog", &self.backlog)
             .field("grace", &self.grace)
+            .field("rate", &self.rate)
+            .field("max_connections", &self.max_connections)
+            .field("max_per_ip", &self.max_per_ip)
             .finish_non_exhaustive()
     }
 }
@@ -87,6 +170,11 @@ pub async fn serve(listener: TcpListener, config: Config, shutdown: impl Future<
         loop {
             match listener.accept().await {
                 Ok((stream, addr)) => {
+                    if let Err(why) = room.admit(addr) {
+                        room.log(format_args!("{addr} refused: {why}"));
+                        drop(stream);
+                        continue;
+                    }
                     next_id += 1;
                     // Joined here, not in the task, so that shutdown sees
                     // every connection it must close.
@@ -205,6 +293,24 @@ impl Room {
         }
     }
 
+    /// Whether a new connection from `addr` is within the limits.
+    fn admit(&self, addr: SocketAddr) -> Result<(), String> {
+        let members = self.lock();
+        let max = self.config.max_connections;
+        if members.len() >= max {
+            return Err(format!("server full ({max} connections)"));
+        }
+        let max = self.config.max_per_ip;
+        let from_ip = members
+            .values()
+            .filter(|m| m.addr.ip() == addr.ip())
+            .count();
+        if from_ip >= max {
+            return Err(format!("too many connections from {} ({max})", addr.ip()));
+        }
+        Ok(())
+    }
+
     /// Gives member `id` the nickname unless another member holds it.
     fn set_nickname(&self, id: u64, nickname: &str) -> Result<(), String> {
         let mut members = self.lock();
@@ -270,9 +376,10 @@ impl Room {
             };
             let stalled = forward(&room, addr, broadcasts, &waiting, &sender);
             let mut incoming = incoming;
+            let mut bucket = room.config.rate.map(Bucket::new);
             let reading = async {
                 while let Some(Ok(msg)) = incoming.next().await {
-                    handle(&room, id, addr, &sender, msg).await;
+                    handle(&room, id, addr, &sender, msg, bucket.as_mut()).await;
                     // Messages that arrived together are all ready at once:
                     // let the other members' tasks run between them.
                     smol::future::yield_now().await;
@@ -345,7 +452,36 @@ async fn forward(
     std::future::pending().await
 }
 
-async fn handle(room: &Room, id: u64, addr: SocketAddr, sender: &Sender<Chat>, msg: ChatMessage) {
+async fn handle(
+    room: &Room,
+    id: u64,
+    addr: SocketAddr,
+    sender: &Sender<Chat>,
+    msg: ChatMessage,
+    bucket: Option<&mut Bucket>,
+) {
+    if let Some(bucket) = bucket {
+        if !bucket.take() {
+            if let Some(n) = bucket.report() {
+                let r = bucket.rate;
+                room.log(format_args!(
+                    "{addr} rate-limited: dropped {n} message(s) over {}/s (bursts of {})",
+                    r.per_second, r.burst
+                ));
+            }
+            // Requests deserve an answer; anything else is dropped.
+            if let ChatMessage::SetNickname { request_id, .. } = msg {
+                let message = "rate limited: slow down".to_owned();
+                let _ = sender
+                    .send(ChatMessage::Nak {
+                        request_id,
+                        message,
+                    })
+                    .await;
+            }
+            return;
+        }
+    }
     match msg {
         ChatMessage::Chat { text } => room.broadcast(id, text),
         ChatMessage::SetNickname {

@@ -1,0 +1,303 @@
+//! The example server under abuse: connection churn, a flooding client,
+//! and the connection caps. Over loopback, with the server in-process.
+//!
+//! The tests here take a lock so they never overlap: one counts this
+//! process's file descriptors.
+
+#[path = "../examples/chat/server.rs"]
+#[allow(dead_code)]
+mod server;
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use chatpipe::chat::{Chat, ChatMessage};
+use chatpipe::{Builder, Error, Incoming, Sender};
+use futures::StreamExt;
+use smol::channel;
+use smol::future::FutureExt;
+use smol::net::{TcpListener, TcpStream};
+use smol::{Task, Timer};
+
+static SERIAL: Mutex<()> = Mutex::new(());
+
+fn run<T>(limit: Duration, body: impl Future<Output = T>) -> T {
+    let _one_at_a_time = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    smol::block_on(body.or(async move {
+        Timer::after(limit).await;
+        panic!("test timed out after {limit:?}")
+    }))
+}
+
+struct TestServer {
+    addr: SocketAddr,
+    stop: channel::Sender<()>,
+    done: Task<()>,
+    log: Arc<Mutex<Vec<String>>>,
+}
+
+async fn start(config: server::Config) -> TestServer {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let log = Arc::new(Mutex::new(Vec::new()));
+    let sink = log.clone();
+    let config = server::Config {
+        log: Arc::new(move |line| sink.lock().unwrap().push(line)),
+        ..config
+    };
+    let (stop, stopped) = channel::bounded::<()>(1);
+    let shutdown = async move {
+        let _ = stopped.recv().await;
+    };
+    let done = smol::spawn(server::serve(listener, config, shutdown));
+    TestServer {
+        addr,
+        stop,
+        done,
+        log,
+    }
+}
+
+impl TestServer {
+    fn count(&self, part: &str) -> usize {
+        self.log
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|l| l.contains(part))
+            .count()
+    }
+
+    /// Waits (bounded by the test's limit) until `n` log lines contain
+    /// `part`.
+    async fn wait_count(&self, part: &str, n: usize) {
+        while self.count(part) < n {
+            Timer::after(Duration::from_millis(5)).await;
+        }
+    }
+
+    async fn shutdown(self) {
+        let _ = self.stop.send(()).await;
+        self.done.await;
+    }
+}
+
+struct Client {
+    sender: Sender<Chat>,
+    incoming: Incoming<Chat>,
+    driver: Task<Result<(), Error>>,
+}
+
+async fn connect(server: SocketAddr) -> Client {
+    let stream = TcpStream::connect(server).await.unwrap();
+    let (sender, incoming, conn) = Builder::new().build(stream, Chat);
+    Client {
+        sender,
+        incoming,
+        driver: smol::spawn(conn),
+    }
+}
+
+impl Client {
+    async fn nick(&self, name: &str) -> ChatMessage {
+        self.sender
+            .request(ChatMessage::set_nickname(name))
+            .await
+            .unwrap()
+    }
+
+    async fn close(self) {
+        self.sender.close();
+        self.driver.await.unwrap();
+    }
+}
+
+fn open_fds() -> usize {
+    std::fs::read_dir("/proc/self/fd").map_or(0, |d| d.count())
+}
+
+#[test]
+fn a_thousand_connect_disconnect_cycles_leak_nothing() {
+    run(Duration::from_secs(120), async {
+        let server = start(server::Config::default()).await;
+        // Warm up (reactor threads, lazily opened descriptors), then count.
+        connect(server.addr).await.close().await;
+        server.wait_count("disconnected", 1).await;
+        let fds = open_fds();
+
+        for i in 0..1000 {
+            let c = connect(server.addr).await;
+            // A request each time: the client's table fills and empties.
+            assert!(matches!(
+                c.nick(&format!("n{i}")).await,
+                ChatMessage::Ack { .. }
+            ));
+            c.close().await;
+        }
+        // Every server task has ended: each logs its disconnection last.
+        server.wait_count("disconnected", 1001).await;
+        assert_eq!(server.count(" connected"), 1001);
+        assert_eq!(open_fds(), fds, "file descriptors leaked");
+        // A nickname is free again once its holder left.
+        let c = connect(server.addr).await;
+        assert!(matches!(c.nick("n999").await, ChatMessage::Ack { .. }));
+        c.close().await;
+        server.shutdown().await;
+    });
+}
+
+#[test]
+fn a_flooding_client_is_rate_limited_while_everyone_else_gets_through() {
+    const CLIENTS: usize = 200;
+    const EACH: usize = 5;
+    const FLOOD: usize = 2000;
+    let rate = server::Rate {
+        per_second: 10.0,
+        burst: 20.0,
+    };
+    run(Duration::from_secs(120), async {
+        let server = start(server::Config {
+            rate: Some(rate),
+            max_per_ip: CLIENTS,
+            ..server::Config::default()
+        })
+        .await;
+        let mut clients = Vec::new();
+        for i in 0..CLIENTS {
+            let c = connect(server.addr).await;
+            assert!(matches!(
+                c.nick(&format!("c{i}")).await,
+                ChatMessage::Ack { .. }
+            ));
+            clients.push(c);
+        }
+        let start = Instant::now();
+        // c0 floods; everyone else says five things.
+        let flooder = clients[0].sender.clone();
+        let flood = smol::spawn(async move {
+            for i in 0..FLOOD {
+                let text = format!("flood {i}");
+                flooder.send(ChatMessage::Chat { text }).await.unwrap();
+            }
+        });
+        for (i, c) in clients.iter().enumerate().skip(1) {
+            for k in 0..EACH {
+                let text = format!("{i}:{k}");
+                c.sender.send(ChatMessage::Chat { text }).await.unwrap();
+            }
+        }
+        // Each of the others gets every message of the rest exactly once.
+        let expected = (CLIENTS - 2) * EACH;
+        let readers: Vec<_> = clients
+            .iter_mut()
+            .enumerate()
+            .skip(1)
+            .map(|(me, c)| async move {
+                let mut seen: HashMap<String, usize> = HashMap::new();
+                let mut from_flooder = 0;
+                while seen.len() < expected {
+                    match c.incoming.next().await {
+                        Some(Ok(ChatMessage::Broadcast { from, text })) => {
+                            if from == "c0" {
+                                from_flooder += 1;
+                                continue;
+                            }
+                            assert_ne!(from, format!("c{me}"), "own message echoed");
+                            *seen.entry(text).or_default() += 1;
+                        }
+                        other => panic!("c{me}: {other:?}"),
+                    }
+                }
+                assert!(seen.values().all(|&n| n == 1), "c{me}: duplicates");
+                from_flooder
+            })
+            .collect();
+        let from_flooder = futures::future::join_all(readers).await;
+        flood.await;
+        // The flood reached the room only as fast as the bucket allows.
+        let allowed = rate.burst + rate.per_second * start.elapsed().as_secs_f64() + 1.0;
+        let most = *from_flooder.iter().max().unwrap_or(&0);
+        assert!(
+            (most as f64) <= allowed,
+            "{most} flood messages got through, at most {allowed:.0} allowed"
+        );
+        // The server may still be reading the flood: wait for its report.
+        server.wait_count("rate-limited: dropped", 1).await;
+        for c in clients {
+            c.close().await;
+        }
+        server.shutdown().await;
+    });
+}
+
+/// Connects and reports how the connection ends without sending anything.
+async fn refused(server: SocketAddr) -> bool {
+    let c = connect(server).await;
+    let ended = c.driver.or(async {
+        Timer::after(Duration::from_secs(2)).await;
+        Err(Error::Closed)
+    });
+    // Closed by the server at once: a clean end, well before 2 s.
+    ended.await.is_ok()
+}
+
+#[test]
+fn connections_over_the_caps_are_refused_and_logged() {
+    run(Duration::from_secs(60), async {
+        let server = start(server::Config {
+            max_connections: 3,
+            max_per_ip: 2,
+            ..server::Config::default()
+        })
+        .await;
+        let a = connect(server.addr).await;
+        let b = connect(server.addr).await;
+        assert!(matches!(a.nick("a").await, ChatMessage::Ack { .. }));
+        assert!(matches!(b.nick("b").await, ChatMessage::Ack { .. }));
+        // A third from the same address is over the per-IP cap.
+        assert!(refused(server.addr).await);
+        server
+            .wait_count("too many connections from 127.0.0.1", 1)
+            .await;
+        // Once one leaves, there is room again.
+        a.close().await;
+        server.wait_count("disconnected", 1).await;
+        let c = connect(server.addr).await;
+        assert!(matches!(c.nick("c").await, ChatMessage::Ack { .. }));
+        b.close().await;
+        c.close().await;
+
+        // The overall cap, from three addresses on loopback.
+        let mut held = Vec::new();
+        for ip in ["127.0.0.2", "127.0.0.3", "127.0.0.4"] {
+            let s = bind_from(ip, server.addr).await;
+            let (sender, incoming, conn) = Builder::new().build(s, Chat);
+            let driver = smol::spawn(conn);
+            let c = Client {
+                sender,
+                incoming,
+                driver,
+            };
+            assert!(matches!(c.nick(ip).await, ChatMessage::Ack { .. }));
+            held.push(c);
+        }
+        assert!(refused(server.addr).await);
+        server.wait_count("server full (3 connections)", 1).await;
+        for c in held {
+            c.close().await;
+        }
+        server.shutdown().await;
+    });
+}
+
+/// A connection to `server` from the loopback address `ip`.
+async fn bind_from(ip: &str, server: SocketAddr) -> TcpStream {
+    let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    let local: SocketAddr = format!("{ip}:0").parse().unwrap();
+    socket.bind(&local.into()).unwrap();
+    socket.connect(&server.into()).unwrap();
+    TcpStream::try_from(std::net::TcpStream::from(socket)).unwrap()
+}
