@@ -213,6 +213,7 @@ impl Builder {
             phase: Phase::Open,
             timer,
             armed: None,
+            last_io: Instant::now(),
             max_frame_len: self.max_frame_len,
             request_timeout: self.request_timeout,
         };
@@ -457,8 +458,12 @@ impl<P: Protocol> Stream for Incoming<P> {
                     };
                 }
                 Poll::Pending => {
-                    // Idle: hold no memory.
-                    this.batch = VecDeque::new();
+                    // Give back a large batch; keep a small one, which the
+                    // queue and the driver trade back and forth, so a
+                    // conversation does not allocate per message.
+                    if this.batch.capacity() > KEEP_BATCH {
+                        this.batch = VecDeque::new();
+                    }
                     return Poll::Pending;
                 }
             }
@@ -503,6 +508,9 @@ pub struct Connection<T, P: Protocol, Tm> {
     phase: Phase,
     timer: Tm,
     armed: Option<Instant>,
+    /// When bytes last moved either way: buffers are released only after a
+    /// while without any, not between the messages of a conversation.
+    last_io: Instant,
     max_frame_len: usize,
     request_timeout: Duration,
 }
@@ -524,6 +532,10 @@ impl<T, P: Protocol, Tm> fmt::Debug for Connection<T, P, Tm> {
 const BUDGET: usize = 16;
 /// Most frames decoded in one round.
 const FRAMES_PER_ROUND: usize = 1024;
+/// Batch capacity (messages) the incoming stream keeps while it waits.
+const KEEP_BATCH: usize = 8;
+/// Without I/O for this long, a connection gives its buffers back.
+const RELEASE_AFTER: Duration = Duration::from_secs(1);
 /// Bytes read in one round, at most (give or take one read).
 const READ_PER_ROUND: u64 = 256 * 1024;
 /// Write-queue bytes above which nothing more is taken from the outbox.
@@ -563,6 +575,7 @@ where
     }
 
     fn drive(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Error>> {
+        let was_idle = self.last_io.elapsed() >= RELEASE_AFTER;
         for _ in 0..BUDGET {
             let now = Instant::now();
             let before = (self.pipe.bytes_read, self.pipe.bytes_written);
@@ -666,10 +679,13 @@ where
             self.state.set_mid_frame(now, self.pipe.is_mid_frame());
             self.state
                 .set_write_state(now, self.pipe.queued() > 0, after.1 != before.1);
-            progress |= after != before;
+            if after != before {
+                progress = true;
+                self.last_io = now;
+            }
 
             if !progress {
-                return self.arm_timer(cx);
+                return self.arm_timer(cx, was_idle);
             }
         }
         // Out of budget: let other tasks run, then continue.
@@ -716,9 +732,11 @@ where
     /// usually move later (each message pushes keepalive and idle out), so
     /// the timer is only moved earlier; when it fires early the deadline is
     /// checked and it is re-armed.
-    fn arm_timer(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Error>> {
-        if self.pipe.queued() == 0 && self.received.is_empty() && self.taken.is_empty() {
-            // Idle: hold next to no memory.
+    fn arm_timer(&mut self, cx: &mut Context<'_>, was_idle: bool) -> Poll<Result<(), Error>> {
+        let empty = self.pipe.queued() == 0 && self.received.is_empty() && self.taken.is_empty();
+        if was_idle && empty {
+            // Woken after a quiet spell (for a keepalive, say): give the
+            // buffers back, so an idle connection holds next to no memory.
             self.pipe.release_idle_buffers();
             self.taken = VecDeque::new();
             self.received = VecDeque::new();

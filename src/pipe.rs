@@ -16,8 +16,8 @@ use crate::Error;
 /// The most one read takes in.
 const MAX_READ: usize = 64 * 1024;
 
-/// Spare room below this is topped up to `MAX_READ` before a read.
-const MIN_SPARE: usize = 4 * 1024;
+/// The first read's size; it doubles while reads fill it, up to `MAX_READ`.
+const MIN_READ: usize = 1024;
 /// Pieces at least this long are queued as they are (vectored, no copy);
 /// shorter ones are copied together into one buffer.
 pub(crate) const COPY_BELOW: usize = 4 * 1024;
@@ -33,6 +33,7 @@ pub(crate) struct Pipe<T> {
     /// when allocated, not before every read.
     read_buf: BytesMut,
     filled: usize,
+    read_size: usize,
     read_eof: bool,
     /// Total bytes read; the driver watches it for liveness.
     pub bytes_read: u64,
@@ -70,6 +71,7 @@ impl<T: AsyncRead + AsyncWrite + Unpin> Pipe<T> {
             decoder: Decoder::new(max_frame_len),
             read_buf: BytesMut::new(),
             filled: 0,
+            read_size: MIN_READ,
             read_eof: false,
             bytes_read: 0,
             bytes_written: 0,
@@ -128,19 +130,23 @@ impl<T: AsyncRead + AsyncWrite + Unpin> Pipe<T> {
     }
 
     fn poll_read_more(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Error>> {
-        if self.read_buf.len() - self.filled < MIN_SPARE {
-            // Top the spare room up. Only bytes that arrived are kept, and
-            // the room is one read's worth: memory follows what actually
-            // arrives, never a length a peer announced.
-            self.read_buf.resize(self.filled + MAX_READ, 0);
+        if self.read_buf.len() - self.filled < self.read_size / 2 {
+            // Top the spare room up to one read's worth. The read size grows
+            // only while reads fill it: memory follows the bytes that
+            // actually arrive, never a length a peer announced.
+            self.read_buf.resize(self.filled + self.read_size, 0);
         }
         let filled = self.filled;
+        let room = self.read_buf.len() - filled;
         let res = Pin::new(&mut self.io).poll_read(cx, &mut self.read_buf[filled..]);
         match res {
             Poll::Ready(Ok(0)) => self.read_eof = true,
             Poll::Ready(Ok(n)) => {
                 self.filled += n;
                 self.bytes_read += n as u64;
+                if n == room {
+                    self.read_size = (self.read_size * 2).min(MAX_READ);
+                }
             }
             Poll::Ready(Err(e)) if e.kind() == io::ErrorKind::Interrupted => {}
             Poll::Ready(Err(e)) => return Poll::Ready(Err(e.into())),
@@ -244,6 +250,7 @@ impl<T: AsyncRead + AsyncWrite + Unpin> Pipe<T> {
     pub fn release_idle_buffers(&mut self) {
         if self.filled == 0 {
             self.read_buf = BytesMut::new();
+            self.read_size = MIN_READ;
         }
         if self.queued == 0 {
             self.tail = BytesMut::new();
