@@ -576,6 +576,10 @@ where
 
     fn drive(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Error>> {
         let was_idle = self.last_io.elapsed() >= RELEASE_AFTER;
+        // A direction that returned `Pending` has its waker registered: it
+        // is not tried again in this poll (with most runtimes each try is a
+        // system call that would only fail again).
+        let (mut write_blocked, mut read_blocked) = (false, false);
         for _ in 0..BUDGET {
             let now = Instant::now();
             let before = (self.pipe.bytes_read, self.pipe.bytes_written);
@@ -611,11 +615,15 @@ where
                     Poll::Pending => break,
                 }
             }
-            let written = match self.pipe.poll_write(cx) {
-                Poll::Ready(Ok(())) => true,
-                Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
-                Poll::Pending => false,
-            };
+            let written = !write_blocked
+                && match self.pipe.poll_write(cx) {
+                    Poll::Ready(Ok(())) => true,
+                    Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                    Poll::Pending => {
+                        write_blocked = true;
+                        false
+                    }
+                };
             if written && self.phase == Phase::Closing && self.outbound_done {
                 if let Poll::Ready(res) = self.pipe.poll_close_write(cx) {
                     res?;
@@ -626,7 +634,7 @@ where
 
             // Inbound: hand over what waits, then read more.
             progress |= self.deliver(cx, now);
-            if self.received.is_empty() {
+            if self.received.is_empty() && !read_blocked {
                 // A round ends after a bounded number of frames or bytes, so
                 // the application gets them while they are hot.
                 let read_limit = self.pipe.bytes_read + READ_PER_ROUND;
@@ -657,18 +665,21 @@ where
                             break;
                         }
                         Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
-                        Poll::Pending => break,
+                        Poll::Pending => {
+                            read_blocked = true;
+                            break;
+                        }
                     }
                 }
                 self.deliver(cx, now);
             }
-            if !self.received.is_empty() {
+            if !self.received.is_empty() && !read_blocked {
                 // The application is behind: read ahead a bounded amount
                 // so that a reset or EOF is still seen at once.
-                if let Poll::Ready(Err(e)) =
-                    self.pipe.poll_fill(cx, self.max_frame_len + HEADER_LEN)
-                {
-                    return Poll::Ready(Err(e));
+                match self.pipe.poll_fill(cx, self.max_frame_len + HEADER_LEN) {
+                    Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                    Poll::Ready(Ok(())) => {}
+                    Poll::Pending => read_blocked = true,
                 }
             }
 
