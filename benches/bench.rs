@@ -845,11 +845,12 @@ fn scenario_oneway(cfg: &Cfg, rep: &mut Report) {
 // ---------------------------------------------------------------------------
 
 const RTT_SIZE: usize = 64;
-const RTT_STACKS: [&str; 4] = [
+const RTT_STACKS: [&str; 5] = [
     "raw ping-pong",
     "tokio-util ping-pong",
     "chatpipe request()",
     "chatpipe ping-pong",
+    "chatpipe request() on tokio",
 ];
 
 /// Round-trip times in nanoseconds, warm-up excluded.
@@ -952,6 +953,74 @@ fn rtt_chatpipe(n: usize, warm: usize, use_request: bool) -> Vec<u64> {
     out
 }
 
+/// chatpipe's `Timer` over tokio's, so the tokio runs need no async-io.
+struct TokioTimer(std::pin::Pin<Box<tokio::time::Sleep>>);
+
+impl TokioTimer {
+    fn new() -> Self {
+        TokioTimer(Box::pin(tokio::time::sleep(Duration::from_secs(3600))))
+    }
+}
+
+impl chatpipe::Timer for TokioTimer {
+    fn reset(&mut self, deadline: Instant) {
+        self.0.as_mut().reset(deadline.into());
+    }
+    fn poll_expired(&mut self, cx: &mut std::task::Context<'_>) -> std::task::Poll<()> {
+        std::future::Future::poll(self.0.as_mut(), cx)
+    }
+}
+
+fn tokio_compat(s: TcpStream) -> tokio_util::compat::Compat<tokio::net::TcpStream> {
+    use tokio_util::compat::TokioAsyncReadCompatExt;
+    s.set_nonblocking(true).unwrap();
+    tokio::net::TcpStream::from_std(s)
+        .expect("register with tokio")
+        .compat()
+}
+
+/// The same request/response as `rtt_chatpipe`, with chatpipe running on
+/// tokio (current-thread runtime per side): what the runtime costs.
+fn rtt_chatpipe_tokio(n: usize, warm: usize) -> Vec<u64> {
+    let (a, b) = tcp_pair();
+    let server = tokio_thread(move || async move {
+        let (tx, mut incoming, conn) =
+            chatpipe_builder().build_with_timer(tokio_compat(b), Raw, TokioTimer::new());
+        let driver = tokio::spawn(conn);
+        while let Some(Ok(RawMessage::Request { id, body })) = incoming.next().await {
+            if tx.send(RawMessage::Response { id, body }).await.is_err() {
+                break;
+            }
+        }
+        drop(tx);
+        let _ = driver.await;
+    });
+    let client = tokio_thread(move || async move {
+        let (tx, _incoming, conn) =
+            chatpipe_builder().build_with_timer(tokio_compat(a), Raw, TokioTimer::new());
+        let driver = tokio::spawn(conn);
+        let body = payload(RTT_SIZE);
+        let mut out = Vec::with_capacity(n);
+        for i in 0..n + warm {
+            let t = Instant::now();
+            let msg = RawMessage::Request {
+                id: i as u64,
+                body: body.clone(),
+            };
+            tx.request(msg).await.expect("request");
+            if i >= warm {
+                out.push(t.elapsed().as_nanos() as u64);
+            }
+        }
+        tx.close();
+        driver.await.expect("join").expect("client driver");
+        out
+    });
+    let out = client.join().unwrap();
+    server.join().unwrap();
+    out
+}
+
 fn percentile(sorted: &[u64], p: f64) -> f64 {
     if sorted.is_empty() {
         return f64::NAN;
@@ -992,6 +1061,7 @@ fn scenario_rtt(cfg: &Cfg, rep: &mut Report) {
                     "raw ping-pong" => rtt_raw(cfg.rtt_n, cfg.rtt_warmup),
                     "tokio-util ping-pong" => rtt_tokio(cfg.rtt_n, cfg.rtt_warmup),
                     "chatpipe request()" => rtt_chatpipe(cfg.rtt_n, cfg.rtt_warmup, true),
+                    "chatpipe request() on tokio" => rtt_chatpipe_tokio(cfg.rtt_n, cfg.rtt_warmup),
                     _ => rtt_chatpipe(cfg.rtt_n, cfg.rtt_warmup, false),
                 };
                 v.sort_unstable();
