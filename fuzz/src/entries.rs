@@ -29,7 +29,7 @@ use chatpipe::{Builder, Error, Protocol, Timer};
 use futures::executor::LocalPool;
 use futures::io::{AsyncRead, AsyncWrite};
 use futures::task::LocalSpawnExt;
-use futures::StreamExt;
+use futures::{FutureExt, StreamExt};
 
 struct Input<'a> {
     config: u8,
@@ -150,6 +150,10 @@ fn decode_all(max: usize, chunks: &[&[u8]]) -> Decoded {
 /// with these ids match them (once each).
 const REQUEST_IDS: [u64; 3] = [1, 2, 3];
 
+/// The id of a request abandoned (its future dropped) before the driver
+/// starts, under flag bit 1: its first response is ignored as late.
+const ABANDONED_ID: u64 = 4;
+
 /// A value one task leaves for the checks at the end.
 type Slot<T> = Rc<RefCell<T>>;
 
@@ -170,13 +174,16 @@ const HOUR: Duration = Duration::from_secs(3600);
 /// Config bits: 0 max frame 1024 (else 64), 1 keepalive of an hour (else
 /// none), 2 receive capacity 1 (else 64), 3 the sender closes after its
 /// sends, 4-5 bytes per write (all, 1, 5, 100), 6 every write is
-/// `Pending` first, 7 the application yields after each message. Flag bit
-/// 0: the sends are queued before the driver starts.
+/// `Pending` first, 7 the application yields after each message. Flag
+/// bits: 0 the sends are queued before the driver starts, 1 a request is
+/// abandoned before it starts, 2 the application drops `Incoming` at once.
 pub fn connection(data: &[u8]) {
     let input = parse(data);
     let cfg = input.config;
     let max = if cfg & 1 != 0 { 1024 } else { 64 };
     let close_early = cfg & 8 != 0;
+    let abandon = input.flags & 2 != 0;
+    let drop_incoming = input.flags & 4 != 0;
     let slow_reader = cfg & 0x80 != 0;
 
     let io = FuzzIo {
@@ -221,6 +228,15 @@ pub fn connection(data: &[u8]) {
         }));
     }
     pool.run_until_stalled();
+    if abandon {
+        // Polled once, so queued, then dropped while it waits.
+        let body = Bytes::new();
+        let id = ABANDONED_ID;
+        assert!(sender
+            .request(RawMessage::Request { id, body })
+            .now_or_never()
+            .is_none());
+    }
 
     // The application sends a few messages (one always too large, one too
     // large under the small maximum), before the driver starts (flag 1) or
@@ -262,20 +278,25 @@ pub fn connection(data: &[u8]) {
         spawn(task);
     }
 
-    // The application also takes every incoming item.
+    // The application also takes every incoming item, or drops the stream
+    // (then messages are discarded and responses still reach requests).
     let received: Slot<Vec<Result<RawMessage, Error>>> = Default::default();
-    let incoming_ended = Rc::new(Cell::new(false));
+    let incoming_ended = Rc::new(Cell::new(drop_incoming));
     let (rec, ended) = (received.clone(), incoming_ended.clone());
-    spawn(Box::pin(async move {
-        let mut incoming = incoming;
-        while let Some(item) = incoming.next().await {
-            rec.borrow_mut().push(item);
-            if slow_reader {
-                yield_now().await;
+    if drop_incoming {
+        drop(incoming);
+    } else {
+        spawn(Box::pin(async move {
+            let mut incoming = incoming;
+            while let Some(item) = incoming.next().await {
+                rec.borrow_mut().push(item);
+                if slow_reader {
+                    yield_now().await;
+                }
             }
-        }
-        ended.set(true);
-    }));
+            ended.set(true);
+        }));
+    }
     pool.run_until_stalled();
 
     // Nothing may be left waiting: the input ended in EOF.
@@ -285,7 +306,7 @@ pub fn connection(data: &[u8]) {
     assert!(incoming_ended.get(), "the incoming stream did not end");
     assert!(sent_all.get(), "a send never resolved");
 
-    let expected = model(input.stream, max);
+    let expected = model(input.stream, max, abandon);
     let error = outcome.as_ref().err();
     assert_eq!(error.map(kind), expected.error, "driver outcome");
     let reason = error.cloned().unwrap_or(Error::Closed);
@@ -301,7 +322,7 @@ pub fn connection(data: &[u8]) {
         received.pop();
     } else {
         assert!(
-            error.is_none(),
+            error.is_none() || drop_incoming,
             "the incoming stream ended without the error"
         );
     }
@@ -309,7 +330,9 @@ pub fn connection(data: &[u8]) {
         .into_iter()
         .map(|r| r.expect("an error before the end of the stream"))
         .collect();
-    assert_eq!(delivered, expected.delivered);
+    if !drop_incoming {
+        assert_eq!(delivered, expected.delivered);
+    }
 
     // Sends: accepted if within the maximum, else refused alone (the
     // connection carries on); or failed with the connection's reason.
@@ -348,7 +371,9 @@ pub fn connection(data: &[u8]) {
             }
         }
         ids.sort_unstable();
-        assert_eq!(ids, REQUEST_IDS);
+        let mut want = REQUEST_IDS.to_vec();
+        want.extend(abandon.then_some(ABANDONED_ID));
+        assert_eq!(ids, want);
         assert_eq!(others, accepted);
     }
 }
@@ -399,8 +424,9 @@ struct Expected {
     error: Option<String>,
 }
 
-/// What a connection must make of `stream`, decoded in one piece.
-fn model(stream: &[u8], max: usize) -> Expected {
+/// What a connection must make of `stream`, decoded in one piece;
+/// `abandoned`: the request [`ABANDONED_ID`] was issued and abandoned.
+fn model(stream: &[u8], max: usize, mut abandoned: bool) -> Expected {
     let mut dec = Decoder::new(max);
     let mut buf = BytesMut::from(stream);
     let mut exp = Expected::default();
@@ -425,6 +451,8 @@ fn model(stream: &[u8], max: usize) -> Expected {
                     .filter(|slot| slot.is_none());
                 match slot {
                     Some(slot) => *slot = Some(msg),
+                    // A late response is ignored, once.
+                    None if id == ABANDONED_ID && abandoned => abandoned = false,
                     // Never issued, or answered already.
                     None => break Some(Error::Protocol(String::new())),
                 }
