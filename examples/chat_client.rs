@@ -164,7 +164,7 @@ async fn set_nickname(sender: &Sender<Chat>, nick: String) {
 
 /// Errors that fail one message, not the connection.
 fn is_local(e: &Error) -> bool {
-    matches!(e, Error::Encode(_) | Error::FrameTooLarge { .. })
+    matches!(e, Error::Encode(_) | Error::MessageTooLarge { .. })
 }
 
 fn lost(e: &Error) -> ! {

@@ -18,12 +18,20 @@ pub enum Error {
     /// Reading from or writing to the byte stream failed.
     #[error("i/o error: {0}")]
     Io(#[source] Arc<io::Error>),
-    /// A frame's length is over the maximum. Incoming, this closes the
-    /// connection (detected from the 4 header bytes alone); outgoing, it
-    /// fails only that message.
-    #[error("frame of {len} bytes is over the maximum of {max}")]
+    /// The peer announced a frame over the maximum: the connection closes,
+    /// detected from the 4 header bytes alone.
+    #[error("the peer sent a frame of {len} bytes, over the maximum of {max}")]
     FrameTooLarge {
-        /// The length announced or attempted.
+        /// The length announced.
+        len: u64,
+        /// The configured maximum.
+        max: usize,
+    },
+    /// A message to send encodes to a payload over the maximum: it fails
+    /// alone, and the connection carries on.
+    #[error("message of {len} bytes is over the maximum frame of {max}")]
+    MessageTooLarge {
+        /// The encoded payload's length.
         len: u64,
         /// The configured maximum.
         max: usize,
@@ -85,7 +93,7 @@ impl Error {
 pub struct SendError<M> {
     /// The message that was not sent.
     pub message: M,
-    /// Why: [`Error::FrameTooLarge`] or [`Error::Encode`] for this message
+    /// Why: [`Error::MessageTooLarge`] or [`Error::Encode`] for this message
     /// alone, otherwise the reason the connection ended.
     pub error: Error,
 }

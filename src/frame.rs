@@ -132,7 +132,7 @@ impl Decoder {
 
 /// Appends one frame, header and payload, to `dst`.
 ///
-/// A payload over `max_frame_len` is an [`Error::FrameTooLarge`] and
+/// A payload over `max_frame_len` is an [`Error::MessageTooLarge`] and
 /// leaves `dst` untouched.
 ///
 /// ```
@@ -154,7 +154,7 @@ pub(crate) fn check_len(len: usize, max_frame_len: usize) -> Result<(), Error> {
     // `max_frame_len` is clamped to u32::MAX by the builder, so a length
     // that passes fits in the header.
     if len > max_frame_len || len > u32::MAX as usize {
-        return Err(Error::FrameTooLarge {
+        return Err(Error::MessageTooLarge {
             len: len as u64,
             max: max_frame_len,
         });
@@ -203,7 +203,7 @@ mod tests {
         let mut buf = BytesMut::new();
         assert!(matches!(
             encode(&[0; 5], 4, &mut buf),
-            Err(Error::FrameTooLarge { len: 5, max: 4 })
+            Err(Error::MessageTooLarge { len: 5, max: 4 })
         ));
         assert!(buf.is_empty());
     }

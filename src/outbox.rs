@@ -370,7 +370,7 @@ mod tests {
         let too_big = text("this is longer than eight");
         assert!(matches!(
             outbox.try_push(&Raw, &too_big, None),
-            Err((PushError::Encode(Error::FrameTooLarge { .. }), None))
+            Err((PushError::Encode(Error::MessageTooLarge { .. }), None))
         ));
         assert!(outbox.try_push(&Raw, &text("ok2"), None).is_ok());
         let (bytes, frames) = wire(&take(&outbox));

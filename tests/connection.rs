@@ -183,7 +183,7 @@ fn an_oversized_outgoing_message_fails_alone() {
         let err = tx.send(big.clone()).await.unwrap_err();
         assert!(matches!(
             err.error,
-            Error::FrameTooLarge { len: 101, max: 100 }
+            Error::MessageTooLarge { len: 101, max: 100 }
         ));
         assert_eq!(err.into_inner(), big);
         // The connection carries on.

@@ -43,3 +43,8 @@ fn frame_decoder_corpus() {
 fn connection_corpus() {
     assert!(replay("connection", entries::connection) >= 10);
 }
+
+#[test]
+fn chat_decoder_corpus() {
+    assert!(replay("chat_decoder", entries::chat_decoder) >= 10);
+}

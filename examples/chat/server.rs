@@ -441,7 +441,7 @@ async fn forward(
             Ok(()) => {}
             // This message cannot go out (too large for a frame); the next
             // ones can.
-            Err(e @ (Error::FrameTooLarge { .. } | Error::Encode(_))) => {
+            Err(e @ (Error::MessageTooLarge { .. } | Error::Encode(_))) => {
                 room.log(format_args!("broadcast to {addr} not sent: {e}"));
             }
             // The connection is ending; its driver says why.

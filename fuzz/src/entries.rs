@@ -344,7 +344,7 @@ pub fn connection(data: &[u8]) {
                 assert!(len <= max, "a message over the maximum was accepted");
                 accepted.push(msg);
             }
-            Err(Error::FrameTooLarge { len: l, .. }) if len > max => assert_eq!(l, len as u64),
+            Err(Error::MessageTooLarge { len: l, .. }) if len > max => assert_eq!(l, len as u64),
             Err(e) => assert_eq!(kind(&e), kind(&reason), "send failed"),
         }
     }
@@ -566,4 +566,26 @@ impl AsyncWrite for FuzzIo {
         self.shut.set(true);
         Poll::Ready(Ok(()))
     }
+}
+
+/// The chat protocol's decoder on one arbitrary payload: it never panics,
+/// and whatever it accepts encodes again (within the field limits) and
+/// decodes to the same message. Unknown types are skipped (`Ok(None)`).
+pub fn chat_decoder(data: &[u8]) {
+    use chatpipe::chat::Chat;
+    let Ok(Some(msg)) = Chat.decode(Bytes::copy_from_slice(data)) else {
+        return;
+    };
+    let mut buf = BytesMut::new();
+    let body = Chat
+        .encode(&msg, &mut buf)
+        .unwrap_or_else(|e| panic!("a decoded message must encode again: {e} ({msg:?})"));
+    if let Some(body) = body {
+        buf.extend_from_slice(&body);
+    }
+    let again = Chat.decode(buf.freeze());
+    assert!(
+        matches!(&again, Ok(Some(m)) if *m == msg),
+        "round trip changed {msg:?} into {again:?}"
+    );
 }
