@@ -4,115 +4,32 @@
 //! The tests here take a lock so they never overlap: one counts this
 //! process's file descriptors.
 
-#[path = "../examples/chat/server.rs"]
-#[allow(dead_code)]
-mod server;
+mod chat_support;
+use chat_support::*;
 
 use std::collections::HashMap;
-use std::future::Future;
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex};
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use chatpipe::chat::{Chat, ChatMessage};
-use chatpipe::{Builder, Error, Incoming, Sender};
+use chatpipe::{Builder, Error};
 use futures::StreamExt;
-use smol::channel;
 use smol::future::FutureExt;
 use smol::net::{TcpListener, TcpStream};
-use smol::{Task, Timer};
+use smol::Timer;
 
 static SERIAL: Mutex<()> = Mutex::new(());
 
-fn run<T>(limit: Duration, body: impl Future<Output = T>) -> T {
+/// `chat_support::run`, one test at a time.
+fn run<T>(limit: Duration, body: impl std::future::Future<Output = T>) -> T {
     let _one_at_a_time = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    smol::block_on(body.or(async move {
-        Timer::after(limit).await;
-        panic!("test timed out after {limit:?}")
-    }))
-}
-
-struct TestServer {
-    addr: SocketAddr,
-    stop: channel::Sender<()>,
-    done: Task<()>,
-    log: Arc<Mutex<Vec<String>>>,
+    chat_support::run(limit, body)
 }
 
 async fn start(config: server::Config) -> TestServer {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let log = Arc::new(Mutex::new(Vec::new()));
-    let sink = log.clone();
-    let config = server::Config {
-        log: Arc::new(move |line| sink.lock().unwrap().push(line)),
-        ..config
-    };
-    let (stop, stopped) = channel::bounded::<()>(1);
-    let shutdown = async move {
-        let _ = stopped.recv().await;
-    };
-    let done = smol::spawn(server::serve(listener, config, shutdown));
-    TestServer {
-        addr,
-        stop,
-        done,
-        log,
-    }
-}
-
-impl TestServer {
-    fn count(&self, part: &str) -> usize {
-        self.log
-            .lock()
-            .unwrap()
-            .iter()
-            .filter(|l| l.contains(part))
-            .count()
-    }
-
-    /// Waits (bounded by the test's limit) until `n` log lines contain
-    /// `part`.
-    async fn wait_count(&self, part: &str, n: usize) {
-        while self.count(part) < n {
-            Timer::after(Duration::from_millis(5)).await;
-        }
-    }
-
-    async fn shutdown(self) {
-        let _ = self.stop.send(()).await;
-        self.done.await;
-    }
-}
-
-struct Client {
-    sender: Sender<Chat>,
-    incoming: Incoming<Chat>,
-    driver: Task<Result<(), Error>>,
-}
-
-async fn connect(server: SocketAddr) -> Client {
-    let stream = TcpStream::connect(server).await.unwrap();
-    let (sender, incoming, conn) = Builder::new().build(stream, Chat);
-    Client {
-        sender,
-        incoming,
-        driver: smol::spawn(conn),
-    }
-}
-
-impl Client {
-    async fn nick(&self, name: &str) -> ChatMessage {
-        self.sender
-            .request(ChatMessage::set_nickname(name))
-            .await
-            .unwrap()
-    }
-
-    async fn close(self) {
-        self.sender.close();
-        self.driver.await.unwrap();
-    }
+    start_with(listener, config)
 }
 
 fn open_fds() -> usize {
@@ -274,12 +191,14 @@ fn connections_over_the_caps_are_refused_and_logged() {
         let mut held = Vec::new();
         for ip in ["127.0.0.2", "127.0.0.3", "127.0.0.4"] {
             let s = bind_from(ip, server.addr).await;
+            let addr = s.local_addr().unwrap();
             let (sender, incoming, conn) = Builder::new().build(s, Chat);
             let driver = smol::spawn(conn);
             let c = Client {
                 sender,
                 incoming,
                 driver,
+                addr,
             };
             assert!(matches!(c.nick(ip).await, ChatMessage::Ack { .. }));
             held.push(c);
