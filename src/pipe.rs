@@ -257,3 +257,130 @@ impl<T: AsyncRead + AsyncWrite + Unpin> Pipe<T> {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::task::Waker;
+
+    /// Reads hand out the given chunks; writes are recorded, each with the
+    /// address of every slice they were given.
+    #[derive(Default)]
+    struct Mock {
+        reads: VecDeque<Vec<u8>>,
+        written: Vec<u8>,
+        calls: Vec<Vec<(usize, usize)>>,
+    }
+
+    impl AsyncRead for Mock {
+        fn poll_read(
+            mut self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+            buf: &mut [u8],
+        ) -> Poll<io::Result<usize>> {
+            let Some(mut chunk) = self.reads.pop_front() else {
+                return Poll::Pending;
+            };
+            let n = chunk.len().min(buf.len());
+            buf[..n].copy_from_slice(&chunk[..n]);
+            if n < chunk.len() {
+                self.reads.push_front(chunk.split_off(n));
+            }
+            Poll::Ready(Ok(n))
+        }
+    }
+
+    impl AsyncWrite for Mock {
+        fn poll_write(
+            self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+            buf: &[u8],
+        ) -> Poll<io::Result<usize>> {
+            self.poll_write_vectored(cx, &[IoSlice::new(buf)])
+        }
+        fn poll_write_vectored(
+            mut self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+            bufs: &[IoSlice<'_>],
+        ) -> Poll<io::Result<usize>> {
+            let call = bufs
+                .iter()
+                .map(|b| (b.as_ptr() as usize, b.len()))
+                .collect();
+            self.calls.push(call);
+            let mut n = 0;
+            for b in bufs {
+                self.written.extend_from_slice(b);
+                n += b.len();
+            }
+            Poll::Ready(Ok(n))
+        }
+        fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+        fn poll_close(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+    }
+
+    fn frame(len: usize) -> Vec<u8> {
+        let mut v = (len as u32).to_be_bytes().to_vec();
+        v.resize(4 + len, 7);
+        v
+    }
+
+    #[test]
+    fn read_buffers_shrink_back_after_a_large_message() {
+        let mut mock = Mock::default();
+        for chunk in frame(1 << 20).chunks(64 * 1024) {
+            mock.reads.push_back(chunk.to_vec());
+        }
+        mock.reads.push_back(frame(10));
+        let mut pipe = Pipe::new(mock, 2 << 20);
+        let mut cx = Context::from_waker(Waker::noop());
+        let big = match pipe.poll_frame(&mut cx) {
+            Poll::Ready(Ok(Some(p))) => p,
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(big.len(), 1 << 20);
+        // Grown for the message: the space left in its allocation is large.
+        assert!(pipe.read_buf.capacity() > 2 * MAX_READ);
+        drop(big);
+        assert!(matches!(pipe.poll_frame(&mut cx), Poll::Ready(Ok(Some(p))) if p.len() == 10));
+        assert!(pipe.poll_frame(&mut cx).is_pending());
+        assert!(
+            pipe.read_buf.capacity() <= 2 * MAX_READ,
+            "still holding {} bytes",
+            pipe.read_buf.capacity()
+        );
+        pipe.release_idle_buffers();
+        assert_eq!(pipe.read_buf.capacity(), 0);
+    }
+
+    #[test]
+    fn small_frames_coalesce_and_large_pieces_are_not_copied() {
+        let mut pipe = Pipe::new(Mock::default(), 1 << 20);
+        let mut cx = Context::from_waker(Waker::noop());
+        for _ in 0..100 {
+            pipe.queue(Bytes::from(frame(20)), 1);
+        }
+        assert!(matches!(pipe.poll_write(&mut cx), Poll::Ready(Ok(()))));
+        assert_eq!(pipe.io.calls.len(), 1, "100 small frames, one write");
+        assert_eq!(pipe.io.written.len(), 100 * 24);
+
+        let big = Bytes::from(vec![9u8; 64 * 1024]);
+        pipe.queue(Bytes::from(frame(0)), 0);
+        pipe.queue(big.clone(), 1);
+        pipe.queue(Bytes::from(frame(3)), 1);
+        assert_eq!(pipe.unwritten_frames(), 2);
+        assert!(matches!(pipe.poll_write(&mut cx), Poll::Ready(Ok(()))));
+        let call = pipe.io.calls.last().unwrap();
+        assert_eq!(call.len(), 3, "head, body, tail in one vectored write");
+        assert_eq!(
+            call[1],
+            (big.as_ptr() as usize, big.len()),
+            "the body as it is"
+        );
+        assert_eq!(pipe.unwritten_frames(), 0);
+    }
+}
