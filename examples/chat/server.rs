@@ -378,11 +378,17 @@ impl Room {
             let mut incoming = incoming;
             let mut bucket = room.config.rate.map(Bucket::new);
             let reading = async {
+                let mut handled = 0u32;
                 while let Some(Ok(msg)) = incoming.next().await {
                     handle(&room, id, addr, &sender, msg, bucket.as_mut()).await;
                     // Messages that arrived together are all ready at once:
-                    // let the other members' tasks run between them.
-                    smol::future::yield_now().await;
+                    // let the other members' tasks run now and then, but not
+                    // after every message, or each broadcast becomes a
+                    // write of its own instead of being coalesced.
+                    handled = handled.wrapping_add(1);
+                    if handled % 32 == 0 {
+                        smol::future::yield_now().await;
+                    }
                 }
             };
             let ended = driver.or(kicked).or(stalled);
