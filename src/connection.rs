@@ -106,6 +106,10 @@ impl Builder {
     /// Close with [`Error::IdleTimeout`] when nothing at all arrived for this
     /// long (while the application is taking messages); `None` never does.
     /// Default: 3 x the keepalive interval, or none without keepalives.
+    ///
+    /// It measures what the *peer* sends: if you shorten your keepalive
+    /// interval below the peer's, set this to a few of the peer's intervals
+    /// (the chat client uses 3 x the larger of the two).
     pub fn idle_timeout(mut self, d: Option<Duration>) -> Self {
         self.idle_timeout = Some(d);
         self
