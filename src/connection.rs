@@ -414,7 +414,9 @@ impl<P: Protocol> Drop for AbandonOnDrop<'_, P> {
 ///
 /// Messages are taken from the connection in batches: besides the
 /// `receive_capacity` messages that may wait in the queue, the stream holds
-/// at most as many again that it is handing out.
+/// at most as many again that it is handing out. When the connection ends,
+/// what had already been read (at most one read-ahead, a maximum frame's
+/// worth) is handed over too, room or not, before the end.
 pub struct Incoming<P: Protocol> {
     queue: Arc<Queue<P::Message>>,
     batch: VecDeque<P::Message>,
@@ -638,11 +640,15 @@ where
 
             // Inbound: hand over what waits, then read more.
             progress |= self.deliver(cx, now);
-            if self.received.is_empty() && !read_blocked {
+            // Once the peer's EOF is buffered, what is left is bounded by the
+            // read-ahead: decode it all and close, even if the application
+            // is behind, so a closed connection is never held open.
+            let eof = self.pipe.read_eof();
+            if (self.received.is_empty() || eof) && !read_blocked {
                 // A round ends after a bounded number of frames or bytes, so
                 // the application gets them while they are hot.
                 let read_limit = self.pipe.bytes_read + READ_PER_ROUND;
-                while self.received.len() < FRAMES_PER_ROUND.min(self.receive_capacity)
+                while (eof || self.received.len() < FRAMES_PER_ROUND.min(self.receive_capacity))
                     && self.pipe.bytes_read < read_limit
                 {
                     match self.pipe.poll_frame(cx) {
@@ -652,12 +658,11 @@ where
                         }
                         Poll::Ready(Ok(None)) => {
                             if self.phase == Phase::WriteClosed {
-                                // Hand over the last messages before ending.
-                                self.deliver(cx, now);
-                                if self.received.is_empty() || self.inbound_closed {
-                                    return Poll::Ready(Ok(()));
-                                }
-                                break;
+                                // Both directions are done. What was received
+                                // is handed over by `finish`, room or not, so
+                                // a slow application cannot hold the
+                                // connection open.
+                                return Poll::Ready(Ok(()));
                             }
                             // The peer closed: close too, after writing
                             // what was already accepted.

@@ -85,6 +85,12 @@ impl<T: AsyncRead + AsyncWrite + Unpin> Pipe<T> {
         }
     }
 
+    /// True once the peer's EOF has been read (frames before it may still
+    /// be buffered).
+    pub fn read_eof(&self) -> bool {
+        self.read_eof
+    }
+
     /// True if a frame is partly received.
     pub fn is_mid_frame(&self) -> bool {
         self.filled > 0

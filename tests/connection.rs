@@ -336,3 +336,26 @@ fn scripted_io_with_partial_headers_and_pending_between() {
         assert_eq!(*written.lock().unwrap(), raw_frame(b"\0out"));
     }));
 }
+
+#[test]
+fn a_slow_application_does_not_hold_a_closed_connection_open() {
+    smol::block_on(within(10, async {
+        let (a, b) = duplex_pair(64 * 1024);
+        let (atx, _arx, aconn) = quiet().build(a, Raw);
+        let (btx, mut brx, bconn) = quiet().receive_capacity(4).build(b, Raw);
+        for i in 0..100 {
+            atx.send(numbered(i)).await.unwrap();
+        }
+        atx.close();
+        btx.close();
+        // Both drivers end although b's application has read nothing yet.
+        let (ra, rb) = futures::join!(smol::spawn(aconn), smol::spawn(bconn));
+        ra.unwrap();
+        rb.unwrap();
+        // Everything that arrived is still delivered, then a clean end.
+        for i in 0..100 {
+            assert_eq!(number_of(&brx.next().await.unwrap().unwrap()), i);
+        }
+        assert!(brx.next().await.is_none());
+    }));
+}
