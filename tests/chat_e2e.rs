@@ -80,16 +80,7 @@ fn two_hundred_clients_get_every_message_exactly_once() {
             ..server::Config::default()
         };
         let server = start_with(listener, config);
-        let mut clients = Vec::new();
-        for i in 0..CLIENTS {
-            let c = connect(server.addr).await;
-            // The Ack also proves the server has this client in the room.
-            assert!(matches!(
-                c.nick(&format!("c{i}")).await,
-                ChatMessage::Ack { .. }
-            ));
-            clients.push(c);
-        }
+        let clients = connect_named(server.addr, CLIENTS).await;
 
         // Everyone talks at once; everyone reads at once.
         let tasks: Vec<_> = clients

@@ -82,15 +82,7 @@ fn a_flooding_client_is_rate_limited_while_everyone_else_gets_through() {
             ..server::Config::default()
         })
         .await;
-        let mut clients = Vec::new();
-        for i in 0..CLIENTS {
-            let c = connect(server.addr).await;
-            assert!(matches!(
-                c.nick(&format!("c{i}")).await,
-                ChatMessage::Ack { .. }
-            ));
-            clients.push(c);
-        }
+        let mut clients = connect_named(server.addr, CLIENTS).await;
         let start = Instant::now();
         // c0 floods; everyone else says five things.
         let flooder = clients[0].sender.clone();

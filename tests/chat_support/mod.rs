@@ -150,6 +150,21 @@ pub async fn next_broadcast(incoming: &mut Incoming<Chat>) -> (String, String) {
     }
 }
 
+/// Connects `n` clients named `c0`, `c1`, ... one after another; each
+/// Ack also proves the server has that client in the room.
+pub async fn connect_named(server: SocketAddr, n: usize) -> Vec<Client> {
+    let mut clients = Vec::new();
+    for i in 0..n {
+        let c = connect(server).await;
+        assert!(matches!(
+            c.nick(&format!("c{i}")).await,
+            ChatMessage::Ack { .. }
+        ));
+        clients.push(c);
+    }
+    clients
+}
+
 impl TestServer {
     /// How many log lines contain `part`.
     pub fn count(&self, part: &str) -> usize {
