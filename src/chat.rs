@@ -69,13 +69,18 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 
-use crate::{Kind, Protocol};
+use crate::{Call, Kind, Protocol};
 
 /// The default TCP port of the chat protocol.
 pub const DEFAULT_PORT: u16 = 33333;
 
 /// The longest short string (a nickname, a broadcast's `from`), in bytes.
 pub const SHORT_STRING_MAX: usize = u8::MAX as usize;
+
+/// The largest payload any chat message encodes to: a Broadcast with the
+/// longest `from` and the longest text (4 + 1 + 255 + 2 + 65,535 =
+/// 65,797 bytes), so the default frame limit of a chat connection is this.
+pub const MAX_PAYLOAD_LEN: usize = 4 + 1 + SHORT_STRING_MAX + 2 + LONG_STRING_MAX;
 
 /// The longest long string (a chat text, a Nak's message), in bytes.
 pub const LONG_STRING_MAX: usize = u16::MAX as usize;
@@ -213,6 +218,41 @@ pub enum ChatError {
 #[derive(Debug, Clone, Copy, Default)]
 pub struct Chat;
 
+/// Asks the server for a nickname with
+/// [`Sender::call`](crate::Sender::call): `Ok(())` when it answers with an
+/// Ack, `Err(reason)` with a Nak's message.
+///
+/// ```no_run
+/// # async fn f(client: chatpipe::Sender<chatpipe::chat::Chat>) -> Result<(), chatpipe::Error> {
+/// use chatpipe::chat::Nickname;
+/// match client.call(Nickname("ferris".into())).await? {
+///     Ok(()) => println!("you are ferris"),
+///     Err(reason) => println!("refused: {reason}"),
+/// }
+/// # Ok(()) }
+/// ```
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Nickname(pub String);
+
+impl Call<Chat> for Nickname {
+    type Output = Result<(), String>;
+
+    fn into_request(self, request_id: RequestId) -> ChatMessage {
+        ChatMessage::SetNickname {
+            request_id,
+            nickname: self.0,
+        }
+    }
+
+    fn from_response(response: ChatMessage) -> Result<Self::Output, ChatMessage> {
+        match response {
+            ChatMessage::Ack { .. } => Ok(Ok(())),
+            ChatMessage::Nak { message, .. } => Ok(Err(message)),
+            other => Err(other),
+        }
+    }
+}
+
 impl Protocol for Chat {
     type Message = ChatMessage;
     type RequestId = RequestId;
@@ -288,8 +328,18 @@ impl Protocol for Chat {
         Ok(Some(msg))
     }
 
-    fn keepalive(&self) -> ChatMessage {
-        ChatMessage::Keepalive
+    fn keepalive(&self) -> Option<ChatMessage> {
+        Some(ChatMessage::Keepalive)
+    }
+
+    /// Request ids are random GUIDs; the count is not needed.
+    fn request_id(&self, _: u64) -> Option<RequestId> {
+        Some(RequestId::random())
+    }
+
+    /// A Broadcast of the longest nickname and the longest text.
+    fn max_payload_len(&self) -> Option<usize> {
+        Some(MAX_PAYLOAD_LEN)
     }
 
     fn kind(&self, msg: &ChatMessage) -> Kind<RequestId> {

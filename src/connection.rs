@@ -1,11 +1,11 @@
-//! The public handles, the builder, and the driver future that joins the
-//! pipe, the state machine, the channels and the timer.
+//! The driver future: it joins the pipe, the state machine, the queues and
+//! the timer, and does all the I/O.
 
 use std::collections::VecDeque;
 use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
@@ -13,467 +13,71 @@ use std::time::{Duration, Instant};
 use bytes::{Bytes, BytesMut};
 use event_listener::EventListener;
 use futures_channel::oneshot;
-use futures_core::Stream;
 use futures_io::{AsyncRead, AsyncWrite};
 
-use crate::error::{SendError, TrySendError};
-use crate::frame::{self, HEADER_LEN};
-use crate::outbox::{encode_frame, Outbox, Piece, PushError, Reply};
+use crate::frame::HEADER_LEN;
+use crate::outbox::{encode_frame, Outbox, Piece, Reply};
 use crate::pipe::Pipe;
 use crate::queue::Queue;
 use crate::state::{Event, Matched, State, Timeouts};
 use crate::timer::Timer;
 use crate::{Error, Kind, Protocol};
 
-/// Configures and sets up connections. Every setting has a default.
-///
-/// ```no_run
-/// # use std::time::Duration;
-/// # fn f<P: chatpipe::Protocol>(stream: smol::net::TcpStream, protocol: P) {
-/// let (sender, incoming, conn) = chatpipe::Builder::new()
-///     .keepalive_interval(Some(Duration::from_secs(10)))
-///     .max_frame_len(1 << 20)
-///     .build(stream, protocol);
-/// smol::spawn(conn).detach();
-/// # }
-/// ```
-#[derive(Debug, Clone)]
-pub struct Builder {
-    max_frame_len: usize,
-    send_capacity: usize,
-    receive_capacity: usize,
-    keepalive_interval: Option<Duration>,
-    idle_timeout: Option<Option<Duration>>,
-    request_timeout: Duration,
-    frame_timeout: Option<Duration>,
-    write_timeout: Option<Duration>,
+/// Logs through `tracing` with the feature on; nothing without it.
+macro_rules! log {
+    ($level:ident, $($arg:tt)*) => {{
+        #[cfg(feature = "tracing")]
+        tracing::$level!($($arg)*);
+    }};
 }
 
-impl Default for Builder {
-    fn default() -> Self {
-        Builder {
-            max_frame_len: frame::DEFAULT_MAX_FRAME_LEN,
-            send_capacity: 1024,
-            receive_capacity: 1024,
-            keepalive_interval: Some(Duration::from_secs(5)),
-            idle_timeout: None,
-            request_timeout: Duration::from_secs(30),
-            frame_timeout: Some(Duration::from_secs(30)),
-            write_timeout: Some(Duration::from_secs(30)),
-        }
-    }
-}
-
-impl Builder {
-    /// The defaults, listed on each setter.
-    pub fn new() -> Self {
-        Self::default()
-    }
-
-    /// The largest payload accepted or sent, in bytes. Default: 65,536.
-    /// Clamped to `u32::MAX`, the most the length prefix can say.
-    pub fn max_frame_len(mut self, n: usize) -> Self {
-        self.max_frame_len = n.min(u32::MAX as usize);
-        self
-    }
-
-    /// How many messages may wait in the queue before `send` waits and
-    /// `try_send` fails with `Full`. Default: 1,024. At least 1.
-    ///
-    /// The driver takes the queue in one batch, so up to twice this many
-    /// may be accepted and not yet in the write buffer (itself bounded at
-    /// 256 KiB). The queue's memory grows with what is in it and is given
-    /// back when it drains.
-    pub fn send_capacity(mut self, n: usize) -> Self {
-        self.send_capacity = n.max(1);
-        self
-    }
-
-    /// How many received messages may wait for the application before the
-    /// connection stops reading (backpressure). Default: 1,024. At least 1.
-    pub fn receive_capacity(mut self, n: usize) -> Self {
-        self.receive_capacity = n.max(1);
-        self
-    }
-
-    /// Send a keepalive whenever nothing was sent for this long; `None`
-    /// sends none. Default: 5 s, as in the reference.
-    pub fn keepalive_interval(mut self, d: Option<Duration>) -> Self {
-        self.keepalive_interval = d;
-        self
-    }
-
-    /// Close with [`Error::IdleTimeout`] when nothing at all arrived for this
-    /// long (while the application is taking messages); `None` never does.
-    /// Default: 3 x the keepalive interval, or none without keepalives.
-    ///
-    /// It measures what the *peer* sends: if you shorten your keepalive
-    /// interval below the peer's, set this to a few of the peer's intervals
-    /// (the chat client uses 3 x the larger of the two).
-    pub fn idle_timeout(mut self, d: Option<Duration>) -> Self {
-        self.idle_timeout = Some(d);
-        self
-    }
-
-    /// How long `request` waits for its response. Default: 30 s.
-    pub fn request_timeout(mut self, d: Duration) -> Self {
-        self.request_timeout = d;
-        self
-    }
-
-    /// Once a frame's first byte is in, the whole frame must arrive within
-    /// this long, or the connection closes with [`Error::FrameTimeout`]
-    /// (slow senders). `None` disables it. Default: 30 s.
-    pub fn frame_timeout(mut self, d: Option<Duration>) -> Self {
-        self.frame_timeout = d;
-        self
-    }
-
-    /// A write that makes no progress for this long closes the connection
-    /// with [`Error::WriteTimeout`] (peers that do not read). `None`
-    /// disables it. Default: 30 s.
-    pub fn write_timeout(mut self, d: Option<Duration>) -> Self {
-        self.write_timeout = d;
-        self
-    }
-
-    fn timeouts(&self) -> Timeouts {
-        Timeouts {
-            keepalive_interval: self.keepalive_interval,
-            idle_timeout: self
-                .idle_timeout
-                .unwrap_or_else(|| self.keepalive_interval.map(|i| i * 3)),
-            request_timeout: self.request_timeout,
-            frame_timeout: self.frame_timeout,
-            write_timeout: self.write_timeout,
-        }
-    }
-
-    /// Sets up a connection over `io` with the default timer
-    /// ([`AsyncIoTimer`](crate::AsyncIoTimer)).
-    ///
-    /// Returns the sending handle, the stream of incoming messages, and the
-    /// driver future, which does all the work: spawn it on any executor.
-    #[cfg(feature = "async-io")]
-    pub fn build<T, P>(
-        &self,
-        io: T,
-        protocol: P,
-    ) -> (
-        Sender<P>,
-        Incoming<P>,
-        Connection<T, P, crate::AsyncIoTimer>,
-    )
-    where
-        T: AsyncRead + AsyncWrite + Unpin,
-        P: Protocol,
-    {
-        self.build_with_timer(io, protocol, crate::AsyncIoTimer::default())
-    }
-
-    /// Like [`Builder::build`], with a timer of your choosing.
-    pub fn build_with_timer<T, P, Tm>(
-        &self,
-        io: T,
-        protocol: P,
-        timer: Tm,
-    ) -> (Sender<P>, Incoming<P>, Connection<T, P, Tm>)
-    where
-        T: AsyncRead + AsyncWrite + Unpin,
-        P: Protocol,
-        Tm: Timer,
-    {
-        let protocol = Arc::new(protocol);
-        let shared = Arc::new(Shared {
-            senders: AtomicUsize::new(1),
-            ..Shared::default()
-        });
-        let outbox = Arc::new(Outbox::new(self.send_capacity, self.max_frame_len));
-        let inbound = Arc::new(Queue::new(self.receive_capacity));
-        let sender = Sender {
-            outbox: outbox.clone(),
-            protocol: protocol.clone(),
-            shared: shared.clone(),
-        };
-        let incoming = Incoming {
-            queue: inbound.clone(),
-            batch: VecDeque::new(),
-            shared: shared.clone(),
-            done: false,
-        };
-        let conn = Connection {
-            pipe: Pipe::new(io, self.max_frame_len),
-            state: State::new(Instant::now(), self.timeouts()),
-            protocol,
-            shared,
-            outbox,
-            taken: VecDeque::new(),
-            outbound_done: false,
-            inbound,
-            received: VecDeque::new(),
-            receive_capacity: self.receive_capacity,
-            inbound_closed: false,
-            room: None,
-            phase: Phase::Open,
-            timer,
-            armed: None,
-            last_io: Instant::now(),
-            max_frame_len: self.max_frame_len,
-            request_timeout: self.request_timeout,
-        };
-        (sender, incoming, conn)
-    }
-}
-
-/// Shared by every handle: the one reason the connection ended.
-#[derive(Debug, Default)]
-struct Shared {
-    reason: OnceLock<Error>,
+/// Shared by every handle: the one reason the connection ended, and what
+/// the handles read without asking the driver.
+#[derive(Debug)]
+pub(crate) struct Shared {
+    pub reason: OnceLock<Error>,
     /// Messages accepted but never written, once the connection failed.
-    undelivered: AtomicUsize,
+    pub undelivered: AtomicUsize,
     /// Live `Sender`s: when the last goes, the connection closes gracefully.
-    senders: AtomicUsize,
+    pub senders: AtomicUsize,
+    /// Accepted messages settled: written and flushed (or refused by the
+    /// driver). `Sender::flush` waits on it through `flush_event`.
+    pub flushed: AtomicU64,
+    pub flush_event: event_listener::Event,
+    /// Requests `Sender::call` has numbered.
+    pub next_request: AtomicU64,
+    pub stats: Counters,
+    /// The connection's setup time: counters' times are offsets from it.
+    pub start: Instant,
+}
+
+/// Counters the driver stores once a round, for `Sender::stats`.
+#[derive(Debug, Default)]
+pub(crate) struct Counters {
+    pub messages_in: AtomicU64,
+    pub bytes_in: AtomicU64,
+    pub messages_out: AtomicU64,
+    pub bytes_out: AtomicU64,
+    pub last_read_ns: AtomicU64,
+    pub last_written_ns: AtomicU64,
 }
 
 impl Shared {
-    fn reason(&self) -> Error {
+    pub fn new(start: Instant) -> Self {
+        Shared {
+            reason: OnceLock::new(),
+            undelivered: AtomicUsize::new(0),
+            senders: AtomicUsize::new(0),
+            flushed: AtomicU64::new(0),
+            flush_event: event_listener::Event::new(),
+            next_request: AtomicU64::new(0),
+            stats: Counters::default(),
+            start,
+        }
+    }
+
+    pub fn reason(&self) -> Error {
         self.reason.get().cloned().unwrap_or(Error::Closed)
-    }
-}
-
-/// Sends messages and requests. Clone it to send from several tasks.
-///
-/// Messages are encoded on the caller's task, straight into the outbound
-/// queue, so an unencodable or too large message fails its own `send` at
-/// once and nothing else. Dropping every `Sender` closes the connection
-/// gracefully, as [`Sender::close`] does.
-pub struct Sender<P: Protocol> {
-    outbox: Arc<Outbox<P>>,
-    protocol: Arc<P>,
-    shared: Arc<Shared>,
-}
-
-impl<P: Protocol> Clone for Sender<P> {
-    fn clone(&self) -> Self {
-        self.shared.senders.fetch_add(1, Ordering::Relaxed);
-        Sender {
-            outbox: self.outbox.clone(),
-            protocol: self.protocol.clone(),
-            shared: self.shared.clone(),
-        }
-    }
-}
-
-impl<P: Protocol> Drop for Sender<P> {
-    fn drop(&mut self) {
-        if self.shared.senders.fetch_sub(1, Ordering::AcqRel) == 1 {
-            self.outbox.close();
-        }
-    }
-}
-
-impl<P: Protocol> fmt::Debug for Sender<P> {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Sender")
-            .field("queued", &self.outbox.len())
-            .field("closed", &self.outbox.is_closed())
-            .finish()
-    }
-}
-
-impl<P: Protocol> Sender<P> {
-    /// Queues `msg`, waiting while the queue is full (backpressure).
-    ///
-    /// Returns once the message is queued, not written. Everything queued
-    /// is written before a clean close; if the connection fails instead,
-    /// every handle sees that error and [`Sender::undelivered`] counts what
-    /// was lost.
-    ///
-    /// Cancel safety: if the future is dropped before it completes, the
-    /// message was not queued.
-    pub async fn send(&self, msg: P::Message) -> Result<(), SendError<P::Message>> {
-        loop {
-            let error = match self.outbox.try_push(&self.protocol, &msg, None) {
-                Ok(()) => return Ok(()),
-                Err((PushError::Full, _)) => {
-                    self.outbox.room().await;
-                    continue;
-                }
-                Err((PushError::Closed, _)) => self.shared.reason(),
-                Err((PushError::Encode(e), _)) => e,
-            };
-            return Err(SendError {
-                message: msg,
-                error,
-            });
-        }
-    }
-
-    /// Queues `msg` if there is room, failing at once with
-    /// [`TrySendError::Full`] if not: for servers that must not wait on a
-    /// slow peer.
-    pub fn try_send(&self, msg: P::Message) -> Result<(), TrySendError<P::Message>> {
-        let error = match self.outbox.try_push(&self.protocol, &msg, None) {
-            Ok(()) => return Ok(()),
-            Err((PushError::Full, _)) => return Err(TrySendError::Full(msg)),
-            Err((PushError::Closed, _)) => self.shared.reason(),
-            Err((PushError::Encode(e), _)) => e,
-        };
-        Err(TrySendError::Failed(SendError {
-            message: msg,
-            error,
-        }))
-    }
-
-    /// Sends a request and waits for the response carrying the same id.
-    ///
-    /// Fails with [`Error::RequestTimeout`] after the configured timeout, with
-    /// [`Error::InvalidRequest`] if `msg` is not a request or its id is
-    /// already outstanding, and with the connection's reason if it ends
-    /// first. Dropping the future abandons the request: its entry leaves the
-    /// table, and a late response is ignored.
-    pub async fn request(&self, msg: P::Message) -> Result<P::Message, Error> {
-        let Kind::Request(id) = self.protocol.kind(&msg) else {
-            return Err(Error::InvalidRequest("the message is not a request"));
-        };
-        let (reply_tx, reply_rx) = oneshot::channel();
-        let mut reply_tx = Some(reply_tx);
-        while let Some(tx) = reply_tx.take() {
-            match self
-                .outbox
-                .try_push(&self.protocol, &msg, Some((id.clone(), tx)))
-            {
-                Ok(()) => {}
-                Err((PushError::Full, tx)) => {
-                    reply_tx = tx;
-                    self.outbox.room().await;
-                }
-                Err((PushError::Closed, _)) => return Err(self.shared.reason()),
-                Err((PushError::Encode(e), _)) => return Err(e),
-            }
-        }
-        drop(msg);
-        let mut guard = AbandonOnDrop {
-            outbox: &self.outbox,
-            id: Some(id),
-        };
-        let res = match reply_rx.await {
-            Ok(res) => res,
-            Err(oneshot::Canceled) => Err(self.shared.reason()),
-        };
-        guard.id = None;
-        res
-    }
-
-    /// Closes the connection gracefully: everything already queued is
-    /// written, then the write half is shut. Later sends fail.
-    pub fn close(&self) {
-        self.outbox.close();
-    }
-
-    /// True once the connection no longer accepts messages.
-    pub fn is_closed(&self) -> bool {
-        self.outbox.is_closed()
-    }
-
-    /// The reason the connection ended: `None` while it is open.
-    pub fn close_reason(&self) -> Option<Error> {
-        self.shared.reason.get().cloned()
-    }
-
-    /// How many messages `send` or `try_send` accepted that were never
-    /// written, because the connection failed (or its driver was dropped).
-    /// Always 0 after a clean close: then everything accepted was written.
-    /// Accurate once the connection has ended.
-    pub fn undelivered(&self) -> usize {
-        self.shared.undelivered.load(Ordering::Acquire)
-    }
-}
-
-/// Tells the driver when a request future is dropped while waiting, so its
-/// entry leaves the table at once.
-struct AbandonOnDrop<'a, P: Protocol> {
-    outbox: &'a Outbox<P>,
-    id: Option<P::RequestId>,
-}
-
-impl<P: Protocol> Drop for AbandonOnDrop<'_, P> {
-    fn drop(&mut self) {
-        if let Some(id) = self.id.take() {
-            self.outbox.abandon(id);
-        }
-    }
-}
-
-/// The incoming messages: a [`Stream`] of `Result<Message, Error>`.
-///
-/// Keepalives and responses to requests are taken out. The stream ends
-/// with `None` after a clean close, or yields the error that closed the
-/// connection once and then ends. Dropping it is allowed: later messages
-/// are then discarded (responses still reach their requests).
-///
-/// Messages are taken from the connection in batches: besides the
-/// `receive_capacity` messages that may wait in the queue, the stream holds
-/// at most as many again that it is handing out. When the connection ends,
-/// what had already been read (at most one read-ahead, a maximum frame's
-/// worth) is handed over too, room or not, before the end.
-pub struct Incoming<P: Protocol> {
-    queue: Arc<Queue<P::Message>>,
-    batch: VecDeque<P::Message>,
-    shared: Arc<Shared>,
-    done: bool,
-}
-
-// Nothing in it is structurally pinned.
-impl<P: Protocol> Unpin for Incoming<P> {}
-
-impl<P: Protocol> Drop for Incoming<P> {
-    fn drop(&mut self) {
-        // Tells the driver to stop delivering (and stop waiting for room).
-        self.queue.close();
-    }
-}
-
-impl<P: Protocol> fmt::Debug for Incoming<P> {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Incoming")
-            .field("buffered", &(self.queue.len() + self.batch.len()))
-            .finish()
-    }
-}
-
-impl<P: Protocol> Stream for Incoming<P> {
-    type Item = Result<P::Message, Error>;
-
-    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
-        let this = &mut *self;
-        loop {
-            if let Some(m) = this.batch.pop_front() {
-                return Poll::Ready(Some(Ok(m)));
-            }
-            if this.done {
-                return Poll::Ready(None);
-            }
-            match this.queue.poll_take_all(cx, &mut this.batch) {
-                Poll::Ready(true) => {}
-                Poll::Ready(false) => {
-                    this.done = true;
-                    return match this.shared.reason() {
-                        Error::Closed => Poll::Ready(None),
-                        e => Poll::Ready(Some(Err(e))),
-                    };
-                }
-                Poll::Pending => {
-                    // Give back a large batch; keep a small one, which the
-                    // queue and the driver trade back and forth, so a
-                    // conversation does not allocate per message.
-                    if this.batch.capacity() > KEEP_BATCH {
-                        this.batch = VecDeque::new();
-                    }
-                    return Poll::Pending;
-                }
-            }
-        }
     }
 }
 
@@ -491,9 +95,28 @@ enum Phase {
 ///
 /// It resolves when the connection ends: `Ok(())` after a clean close by
 /// either side, or the error that closed it, which every handle sees too.
-/// Dropping it closes the connection at once: queued messages are not
-/// written (see [`Sender::undelivered`]) and every pending request fails
-/// with [`Error::Closed`].
+///
+/// Each poll runs a few rounds of named steps (see `drive`): *deadlines*
+/// (keepalives, timeouts), *take* (what senders queued), *write*, *read*
+/// (and deliver), then *account* (what moved, for the deadlines). A round
+/// with no progress arms the timer and returns `Pending`.
+///
+/// Closing, both directions together:
+///
+/// | phase | everything accepted written | peer's EOF read | next |
+/// |---|---|---|---|
+/// | open | - | no | read and write; `close()` or the last `Sender` dropped: closing |
+/// | open | - | yes | take it as a close: stop accepting, closing |
+/// | closing | no | - | keep writing (and reading) |
+/// | closing | yes | - | shut our write half: write-closed |
+/// | write-closed | yes | no | read and deliver until the peer's EOF |
+/// | write-closed | yes | yes | resolve `Ok(())` |
+///
+/// An error or timeout in any phase resolves with that error at once.
+///
+/// Dropping the driver closes the connection at once: queued messages are
+/// not written (see [`Sender::undelivered`](crate::Sender::undelivered))
+/// and every pending request fails with [`Error::Closed`].
 #[must_use = "the connection does nothing unless its driver future is polled (spawn it)"]
 pub struct Connection<T, P: Protocol, Tm> {
     pipe: Pipe<T>,
@@ -519,6 +142,27 @@ pub struct Connection<T, P: Protocol, Tm> {
     last_io: Instant,
     max_frame_len: usize,
     request_timeout: Duration,
+    /// Frames received, and requests refused (settled without a write).
+    frames_in: u64,
+    refused: u64,
+    label: Option<Arc<str>>,
+    #[cfg(feature = "tracing")]
+    span: tracing::Span,
+}
+
+/// What `Builder` hands the driver.
+pub(crate) struct Parts<T, P: Protocol, Tm> {
+    pub io: T,
+    pub protocol: Arc<P>,
+    pub shared: Arc<Shared>,
+    pub outbox: Arc<Outbox<P>>,
+    pub inbound: Arc<Queue<P::Message>>,
+    pub timer: Tm,
+    pub now: Instant,
+    pub timeouts: Timeouts,
+    pub max_frame_len: usize,
+    pub receive_capacity: usize,
+    pub label: Option<Arc<str>>,
 }
 
 // No field is structurally pinned: `T` and `Tm` are `Unpin`.
@@ -527,6 +171,7 @@ impl<T, P: Protocol, Tm> Unpin for Connection<T, P, Tm> {}
 impl<T, P: Protocol, Tm> fmt::Debug for Connection<T, P, Tm> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Connection")
+            .field("label", &self.label)
             .field("phase", &self.phase)
             .field("outstanding_requests", &self.state.outstanding())
             .field("queued_bytes", &self.pipe.queued())
@@ -538,14 +183,25 @@ impl<T, P: Protocol, Tm> fmt::Debug for Connection<T, P, Tm> {
 const BUDGET: usize = 16;
 /// Most frames decoded in one round.
 const FRAMES_PER_ROUND: usize = 1024;
-/// Batch capacity (messages) the incoming stream keeps while it waits.
-const KEEP_BATCH: usize = 8;
 /// Without I/O for this long, a connection gives its buffers back.
 const RELEASE_AFTER: Duration = Duration::from_secs(1);
 /// Bytes read in one round, at most (give or take one read).
 const READ_PER_ROUND: u64 = 256 * 1024;
 /// Write-queue bytes above which nothing more is taken from the outbox.
 const WRITE_HIGH_WATER: usize = 256 * 1024;
+
+/// A step's outcome: whether it made progress, or why the connection ends
+/// (`Error::Closed` for a clean end).
+type Step = Result<bool, Error>;
+
+/// Directions that returned `Pending` in this poll: their wakers are
+/// registered, so they are not tried again (with most runtimes each try is
+/// a system call that would only fail again).
+#[derive(Default)]
+struct Blocked {
+    read: bool,
+    write: bool,
+}
 
 impl<T, P, Tm> Future for Connection<T, P, Tm>
 where
@@ -557,15 +213,23 @@ where
 
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let this = &mut *self;
+        #[cfg(feature = "tracing")]
+        let _span = this.span.clone().entered();
         if let Some(reason) = this.shared.reason.get() {
             return Poll::Ready(match reason {
                 Error::Closed => Ok(()),
                 e => Err(e.clone()),
             });
         }
-        let res = std::task::ready!(this.drive(cx));
-        this.finish(res.as_ref().err().cloned().unwrap_or(Error::Closed));
-        Poll::Ready(res)
+        let reason = match std::task::ready!(this.drive(cx)) {
+            Ok(never) => match never {},
+            Err(reason) => reason,
+        };
+        this.finish(reason.clone());
+        Poll::Ready(match reason {
+            Error::Closed => Ok(()),
+            e => Err(e),
+        })
     }
 }
 
@@ -575,137 +239,61 @@ where
     P: Protocol,
     Tm: Timer,
 {
+    pub(crate) fn new(parts: Parts<T, P, Tm>) -> Self {
+        #[cfg(feature = "tracing")]
+        let span = tracing::debug_span!("chatpipe", label = parts.label.as_deref().unwrap_or(""));
+        Connection {
+            pipe: Pipe::new(parts.io, parts.max_frame_len),
+            state: State::new(parts.now, parts.timeouts),
+            protocol: parts.protocol,
+            shared: parts.shared,
+            outbox: parts.outbox,
+            taken: VecDeque::new(),
+            outbound_done: false,
+            inbound: parts.inbound,
+            received: VecDeque::new(),
+            receive_capacity: parts.receive_capacity,
+            inbound_closed: false,
+            room: None,
+            phase: Phase::Open,
+            timer: parts.timer,
+            armed: None,
+            last_io: parts.now,
+            max_frame_len: parts.max_frame_len,
+            request_timeout: parts.timeouts.request_timeout,
+            frames_in: 0,
+            refused: 0,
+            label: parts.label,
+            #[cfg(feature = "tracing")]
+            span,
+        }
+    }
+
     /// Number of requests awaiting a response.
     pub fn outstanding_requests(&self) -> usize {
         self.state.outstanding()
     }
 
-    fn drive(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Error>> {
-        let was_idle = self.last_io.elapsed() >= RELEASE_AFTER;
-        // A direction that returned `Pending` has its waker registered: it
-        // is not tried again in this poll (with most runtimes each try is a
-        // system call that would only fail again).
-        let (mut write_blocked, mut read_blocked) = (false, false);
+    /// Rounds of the steps until none makes progress (then the timer is
+    /// armed) or the budget is spent (then other tasks get a turn).
+    /// Resolves only with the reason the connection ends.
+    fn drive(&mut self, cx: &mut Context<'_>) -> Poll<Result<std::convert::Infallible, Error>> {
+        let was_idle = self.timer.now().saturating_duration_since(self.last_io) >= RELEASE_AFTER;
+        let mut blocked = Blocked::default();
         for _ in 0..BUDGET {
-            let now = Instant::now();
+            let now = self.timer.now();
             let before = (self.pipe.bytes_read, self.pipe.bytes_written);
-            let mut progress = false;
-
-            while let Some(ev) = self.state.poll_event(now) {
-                match ev {
-                    // After our write half is shut there is nothing to keep alive.
-                    Event::SendKeepalive if self.phase == Phase::WriteClosed => {}
-                    Event::SendKeepalive => self.queue_keepalive(now)?,
-                    Event::RequestExpired(reply) => {
-                        let _ = reply.send(Err(Error::RequestTimeout(self.request_timeout)));
-                    }
-                    Event::Close(e) => return Poll::Ready(Err(e)),
-                }
-            }
-
-            // Outbound: take what senders encoded while the pipe has room.
-            while !self.outbound_done && self.pipe.queued() < WRITE_HIGH_WATER {
-                if let Some(piece) = self.taken.pop_front() {
-                    self.queue_piece(now, piece);
-                    progress = true;
-                    continue;
-                }
-                match self.outbox.poll_take(cx, &mut self.taken) {
-                    Poll::Ready(true) => {}
-                    Poll::Ready(false) => {
-                        self.outbound_done = true;
-                        if self.phase == Phase::Open {
-                            self.phase = Phase::Closing;
-                        }
-                    }
-                    Poll::Pending => break,
-                }
-            }
-            let written = !write_blocked
-                && match self.pipe.poll_write(cx) {
-                    Poll::Ready(Ok(())) => true,
-                    Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
-                    Poll::Pending => {
-                        write_blocked = true;
-                        false
-                    }
-                };
-            if written && self.phase == Phase::Closing && self.outbound_done {
-                if let Poll::Ready(res) = self.pipe.poll_close_write(cx) {
-                    res?;
-                    self.phase = Phase::WriteClosed;
-                    progress = true;
-                }
-            }
-
-            // Inbound: hand over what waits, then read more.
-            progress |= self.deliver(cx, now);
-            // Once the peer's EOF is buffered, what is left is bounded by the
-            // read-ahead: decode it all and close, even if the application
-            // is behind, so a closed connection is never held open.
-            let eof = self.pipe.read_eof();
-            if (self.received.is_empty() || eof) && !read_blocked {
-                // A round ends after a bounded number of frames or bytes, so
-                // the application gets them while they are hot.
-                let read_limit = self.pipe.bytes_read + READ_PER_ROUND;
-                while (eof || self.received.len() < FRAMES_PER_ROUND.min(self.receive_capacity))
-                    && self.pipe.bytes_read < read_limit
-                {
-                    match self.pipe.poll_frame(cx) {
-                        Poll::Ready(Ok(Some(payload))) => {
-                            self.dispatch(payload)?;
-                            progress = true;
-                        }
-                        Poll::Ready(Ok(None)) => {
-                            if self.phase == Phase::WriteClosed {
-                                // Both directions are done. What was received
-                                // is handed over by `finish`, room or not, so
-                                // a slow application cannot hold the
-                                // connection open.
-                                return Poll::Ready(Ok(()));
-                            }
-                            // The peer closed: close too, after writing
-                            // what was already accepted.
-                            self.outbox.close();
-                            if self.phase == Phase::Open {
-                                self.phase = Phase::Closing;
-                                progress = true;
-                            }
-                            break;
-                        }
-                        Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
-                        Poll::Pending => {
-                            read_blocked = true;
-                            break;
-                        }
-                    }
-                }
-                self.deliver(cx, now);
-            }
-            if !self.received.is_empty() && !read_blocked {
-                // The application is behind: read ahead a bounded amount
-                // so that a reset or EOF is still seen at once.
-                match self.pipe.poll_fill(cx, self.max_frame_len + HEADER_LEN) {
-                    Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
-                    Poll::Ready(Ok(())) => {}
-                    Poll::Pending => read_blocked = true,
-                }
-            }
-
-            let after = (self.pipe.bytes_read, self.pipe.bytes_written);
-            if after.0 != before.0 {
-                self.state.on_received(now);
-            }
-            self.state.set_mid_frame(now, self.pipe.is_mid_frame());
-            self.state
-                .set_write_state(now, self.pipe.queued() > 0, after.1 != before.1);
-            if after != before {
-                progress = true;
-                self.last_io = now;
-            }
-
+            let progress = self.step_deadlines(now)?
+                | self.step_take(cx, now)
+                | self.step_write(cx, &mut blocked)?
+                | self.step_read(cx, now, &mut blocked)?
+                | self.step_account(now, before);
             if !progress {
-                return self.arm_timer(cx, was_idle);
+                if was_idle {
+                    self.release_idle_buffers();
+                }
+                self.arm_timer(cx);
+                return Poll::Pending;
             }
         }
         // Out of budget: let other tasks run, then continue.
@@ -713,15 +301,173 @@ where
         Poll::Pending
     }
 
+    /// Keepalives, request timeouts, and the timeouts that end the
+    /// connection.
+    fn step_deadlines(&mut self, now: Instant) -> Step {
+        let mut progress = false;
+        while let Some(ev) = self.state.poll_event(now) {
+            match ev {
+                // After our write half is shut there is nothing to keep alive.
+                Event::SendKeepalive if self.phase == Phase::WriteClosed => {}
+                Event::SendKeepalive => {
+                    log!(trace, "keepalive");
+                    self.queue_keepalive(now)?;
+                    progress = true;
+                }
+                Event::RequestExpired(reply) => {
+                    log!(debug, timeout = ?self.request_timeout, "request timed out");
+                    let _ = reply.send(Err(Error::RequestTimeout(self.request_timeout)));
+                }
+                Event::Close(e) => {
+                    log!(warn, error = %e, "timed out");
+                    return Err(e);
+                }
+            }
+        }
+        Ok(progress)
+    }
+
+    /// Moves what senders encoded into the pipe, while it has room.
+    fn step_take(&mut self, cx: &mut Context<'_>, now: Instant) -> bool {
+        let mut progress = false;
+        while !self.outbound_done && self.pipe.queued() < WRITE_HIGH_WATER {
+            if let Some(piece) = self.taken.pop_front() {
+                self.queue_piece(now, piece);
+                progress = true;
+                continue;
+            }
+            match self.outbox.poll_take(cx, &mut self.taken) {
+                Poll::Ready(true) => {}
+                Poll::Ready(false) => {
+                    self.outbound_done = true;
+                    if self.phase == Phase::Open {
+                        self.phase = Phase::Closing;
+                    }
+                    progress = true;
+                }
+                Poll::Pending => break,
+            }
+        }
+        progress
+    }
+
+    /// Writes what the pipe holds; once everything is written while
+    /// closing, shuts the write half.
+    fn step_write(&mut self, cx: &mut Context<'_>, blocked: &mut Blocked) -> Step {
+        if blocked.write {
+            return Ok(false);
+        }
+        match self.pipe.poll_write(cx) {
+            Poll::Ready(res) => res?,
+            Poll::Pending => {
+                blocked.write = true;
+                return Ok(false);
+            }
+        }
+        if self.phase == Phase::Closing && self.outbound_done {
+            if let Poll::Ready(res) = self.pipe.poll_close_write(cx) {
+                res?;
+                self.phase = Phase::WriteClosed;
+                return Ok(true);
+            }
+        }
+        Ok(false)
+    }
+
+    /// Hands over what waits, then reads and decodes more while the
+    /// application has room; when it has none, reads ahead a bounded
+    /// amount so that a reset or EOF is still seen at once.
+    fn step_read(&mut self, cx: &mut Context<'_>, now: Instant, blocked: &mut Blocked) -> Step {
+        let mut progress = self.deliver(cx, now);
+        // Once the peer's EOF is buffered, what is left is bounded by the
+        // read-ahead: decode it all and close, even if the application is
+        // behind, so a closed connection is never held open.
+        let eof = self.pipe.read_eof();
+        if (self.received.is_empty() || eof) && !blocked.read {
+            // A round ends after a bounded number of frames or bytes, so
+            // the application gets them while they are hot.
+            let read_limit = self.pipe.bytes_read + READ_PER_ROUND;
+            let frame_limit = FRAMES_PER_ROUND.min(self.receive_capacity);
+            while (eof || self.received.len() < frame_limit) && self.pipe.bytes_read < read_limit
+            {
+                match self.pipe.poll_frame(cx) {
+                    Poll::Ready(Ok(Some(payload))) => {
+                        self.dispatch(payload)?;
+                        progress = true;
+                    }
+                    Poll::Ready(Ok(None)) => {
+                        progress |= self.on_read_eof()?;
+                        break;
+                    }
+                    Poll::Ready(Err(e)) => {
+                        log!(warn, error = %e, "refused what the peer sent");
+                        return Err(e);
+                    }
+                    Poll::Pending => {
+                        blocked.read = true;
+                        break;
+                    }
+                }
+            }
+            self.deliver(cx, now);
+        }
+        if !self.received.is_empty() && !blocked.read {
+            match self.pipe.poll_fill(cx, self.max_frame_len + HEADER_LEN) {
+                Poll::Ready(res) => res?,
+                Poll::Pending => blocked.read = true,
+            }
+        }
+        Ok(progress)
+    }
+
+    /// The peer closed: end if our side is done too, otherwise close ours
+    /// after writing what was already accepted.
+    fn on_read_eof(&mut self) -> Step {
+        if self.phase == Phase::WriteClosed {
+            // Both directions are done. What was received is handed over by
+            // `finish`, room or not, so a slow application cannot hold the
+            // connection open.
+            return Err(Error::Closed);
+        }
+        self.outbox.close();
+        if self.phase == Phase::Open {
+            self.phase = Phase::Closing;
+            return Ok(true);
+        }
+        Ok(false)
+    }
+
+    /// Tells the state machine and the counters what moved this round.
+    fn step_account(&mut self, now: Instant, before: (u64, u64)) -> bool {
+        let after = (self.pipe.bytes_read, self.pipe.bytes_written);
+        if after.0 != before.0 {
+            self.state.on_received(now);
+        }
+        self.state.set_mid_frame(now, self.pipe.is_mid_frame());
+        self.state
+            .set_write_state(now, self.pipe.queued() > 0, after.1 != before.1);
+        let stats = &self.shared.stats;
+        let since_start = |t: Instant| t.saturating_duration_since(self.shared.start).as_nanos() as u64;
+        if after.0 != before.0 {
+            stats.last_read_ns.store(since_start(now), Ordering::Relaxed);
+        }
+        if after.1 != before.1 {
+            stats.last_written_ns.store(since_start(now), Ordering::Relaxed);
+        }
+        self.publish();
+        if after != before {
+            self.last_io = now;
+            return true;
+        }
+        false
+    }
+
     /// Moves received messages to the application's queue, as many as fit.
     /// While some do not, reading pauses (and the idle clock with it) until
     /// the application makes room. True if anything moved.
     fn deliver(&mut self, cx: &mut Context<'_>, now: Instant) -> bool {
         let mut moved = false;
-        loop {
-            if self.received.is_empty() {
-                break;
-            }
+        while !self.received.is_empty() {
             let before = self.received.len();
             if self.inbound_closed || self.inbound.push_batch(&mut self.received).is_err() {
                 // Nobody is listening: discard.
@@ -748,21 +494,23 @@ where
         moved
     }
 
-    /// Arms the timer for the state machine's next deadline. Deadlines
-    /// usually move later (each message pushes keepalive and idle out), so
-    /// the timer is only moved earlier; when it fires early the deadline is
-    /// checked and it is re-armed.
-    fn arm_timer(&mut self, cx: &mut Context<'_>, was_idle: bool) -> Poll<Result<(), Error>> {
-        let empty = self.pipe.queued() == 0 && self.received.is_empty() && self.taken.is_empty();
-        if was_idle && empty {
-            // Woken after a quiet spell (for a keepalive, say): give the
-            // buffers back, so an idle connection holds next to no memory.
+    /// Woken after a quiet spell (for a keepalive, say): give the buffers
+    /// back, so an idle connection holds next to no memory.
+    fn release_idle_buffers(&mut self) {
+        if self.pipe.queued() == 0 && self.received.is_empty() && self.taken.is_empty() {
             self.pipe.release_idle_buffers();
             self.taken = VecDeque::new();
             self.received = VecDeque::new();
             self.outbox.release_if_empty();
             self.inbound.release_if_empty();
         }
+    }
+
+    /// Arms the timer for the state machine's next deadline. Deadlines
+    /// usually move later (each message pushes keepalive and idle out), so
+    /// the timer is only moved earlier; when it fires early the deadline is
+    /// checked and it is re-armed.
+    fn arm_timer(&mut self, cx: &mut Context<'_>) {
         while let Some(deadline) = self.state.poll_timeout() {
             if self.armed.is_none_or(|a| deadline < a) {
                 self.timer.reset(deadline);
@@ -772,23 +520,25 @@ where
                 Poll::Pending => break,
                 Poll::Ready(()) => {
                     self.armed = None;
-                    if Instant::now() >= deadline {
+                    if self.timer.now() >= deadline {
                         cx.waker().wake_by_ref();
                         break;
                     }
                 }
             }
         }
-        Poll::Pending
     }
 
     fn queue_keepalive(&mut self, now: Instant) -> Result<(), Error> {
+        let Some(keepalive) = self.protocol.keepalive() else {
+            return Ok(());
+        };
         let mut buf = BytesMut::new();
-        let keepalive = self.protocol.keepalive();
         let body = encode_frame(&*self.protocol, &keepalive, &mut buf, self.max_frame_len)?;
-        let body_frames = usize::from(!body.is_empty());
-        self.pipe.queue(buf.freeze(), 1 - body_frames);
-        self.pipe.queue(body, body_frames);
+        // Counted as no frame: `flush` and `undelivered` count messages
+        // that senders accepted.
+        self.pipe.queue(buf.freeze(), 0);
+        self.pipe.queue(body, 0);
         self.state.on_sent(now);
         Ok(())
     }
@@ -807,6 +557,7 @@ where
                     let _ = reply.send(Err(Error::InvalidRequest(
                         "a request with this id is already outstanding",
                     )));
+                    self.refused += 1;
                     return;
                 }
                 let body_frames = usize::from(!body.is_empty());
@@ -821,10 +572,15 @@ where
     /// Decodes one payload and routes it: keepalives dropped, responses to
     /// their requests, everything else toward the application.
     fn dispatch(&mut self, payload: Bytes) -> Result<(), Error> {
+        self.frames_in += 1;
         let msg = match self.protocol.decode(payload) {
             Ok(Some(msg)) => msg,
             Ok(None) => return Ok(()),
-            Err(e) => return Err(Error::Malformed(Arc::new(e))),
+            Err(e) => {
+                let e = Error::Malformed(Arc::new(e));
+                log!(warn, error = %e, "refused a frame");
+                return Err(e);
+            }
         };
         match self.protocol.kind(&msg) {
             Kind::Keepalive => {}
@@ -850,12 +606,37 @@ where
 }
 
 impl<T, P: Protocol, Tm> Connection<T, P, Tm> {
+    /// Stores the totals the handles read, and wakes `flush` waiters when
+    /// more was flushed.
+    fn publish(&self) {
+        let stats = &self.shared.stats;
+        stats.bytes_in.store(self.pipe.bytes_read, Ordering::Relaxed);
+        stats.bytes_out.store(self.pipe.bytes_written, Ordering::Relaxed);
+        stats.messages_in.store(self.frames_in, Ordering::Relaxed);
+        stats
+            .messages_out
+            .store(self.pipe.frames_written(), Ordering::Relaxed);
+        let flushed = self.pipe.frames_flushed() + self.refused;
+        if self.shared.flushed.swap(flushed, Ordering::AcqRel) != flushed {
+            self.shared.flush_event.notify(usize::MAX);
+        }
+    }
+
     /// Records why the connection ended, counts what was accepted but
     /// never written, and tells every handle. Runs once: on completion, or
     /// on drop if the driver never completed.
     fn finish(&mut self, reason: Error) {
-        if self.shared.reason.set(reason.clone()).is_err() {
+        if self.shared.reason.get().is_some() {
             return;
+        }
+        // Final before the reason is set, so whoever sees the reason sees
+        // the final counts.
+        self.publish();
+        let _ = self.shared.reason.set(reason.clone());
+        if reason.is_closed() {
+            log!(debug, "closed");
+        } else {
+            log!(info, error = %reason, "closed with an error");
         }
         // What arrived before the end is delivered before the end is seen.
         let _ = self.inbound.push_all(&mut self.received);
@@ -877,6 +658,7 @@ impl<T, P: Protocol, Tm> Connection<T, P, Tm> {
         self.shared
             .undelivered
             .store(undelivered, Ordering::Release);
+        self.shared.flush_event.notify(usize::MAX);
         for reply in self.state.drain_requests() {
             let _ = reply.send(Err(reason.clone()));
         }

@@ -69,10 +69,15 @@ pub enum Error {
     /// never made.
     #[error("protocol violation: {0}")]
     Protocol(String),
-    /// A request could not be issued: the message is not a request, or its id
-    /// is already outstanding.
+    /// A request could not be issued: the message is not a request, its id
+    /// is already outstanding, or the protocol makes no ids for
+    /// [`Sender::call`](crate::Sender::call).
     #[error("invalid request: {0}")]
     InvalidRequest(&'static str),
+    /// The response to a [`Sender::call`](crate::Sender::call) did not have
+    /// the form the call expects.
+    #[error("the response does not answer the call")]
+    UnexpectedResponse,
 }
 
 impl From<io::Error> for Error {
@@ -85,6 +90,79 @@ impl Error {
     /// True for the clean end of a connection, as opposed to a failure.
     pub fn is_closed(&self) -> bool {
         matches!(self, Error::Closed)
+    }
+
+    /// True if the connection is gone; false if only the one operation
+    /// failed and the connection carries on.
+    ///
+    /// Only these concern one operation: [`Error::MessageTooLarge`],
+    /// [`Error::Encode`], [`Error::RequestTimeout`],
+    /// [`Error::InvalidRequest`] and [`Error::UnexpectedResponse`].
+    ///
+    /// ```
+    /// # async fn f(sender: &chatpipe::Sender<chatpipe::raw::Raw>, msg: chatpipe::raw::RawMessage) {
+    /// match sender.send(msg).await {
+    ///     Ok(()) => {}
+    ///     Err(e) if !e.is_fatal() => eprintln!("skipped one message: {e}"),
+    ///     Err(e) => return eprintln!("connection lost: {e}"),
+    /// }
+    /// # }
+    /// ```
+    pub fn is_fatal(&self) -> bool {
+        !matches!(
+            self,
+            Error::MessageTooLarge { .. }
+                | Error::Encode(_)
+                | Error::RequestTimeout(_)
+                | Error::InvalidRequest(_)
+                | Error::UnexpectedResponse
+        )
+    }
+
+    /// The [`io::ErrorKind`] this error converts to: an I/O error's own
+    /// kind, otherwise the nearest one.
+    pub fn io_kind(&self) -> io::ErrorKind {
+        use io::ErrorKind as K;
+        match self {
+            Error::Io(e) => e.kind(),
+            Error::FrameTooLarge { .. } | Error::Malformed(_) | Error::Protocol(_) => {
+                K::InvalidData
+            }
+            Error::UnexpectedResponse => K::InvalidData,
+            Error::MessageTooLarge { .. } | Error::Encode(_) | Error::InvalidRequest(_) => {
+                K::InvalidInput
+            }
+            Error::UnexpectedEof { .. } => K::UnexpectedEof,
+            Error::IdleTimeout(_)
+            | Error::RequestTimeout(_)
+            | Error::FrameTimeout(_)
+            | Error::WriteTimeout(_) => K::TimedOut,
+            Error::Closed => K::NotConnected,
+        }
+    }
+}
+
+/// Keeps the kind of an underlying I/O error; the chatpipe error is the
+/// source, so nothing is lost.
+impl From<Error> for io::Error {
+    fn from(e: Error) -> Self {
+        io::Error::new(e.io_kind(), e)
+    }
+}
+
+impl<M> From<SendError<M>> for io::Error {
+    fn from(e: SendError<M>) -> Self {
+        e.error.into()
+    }
+}
+
+/// A full queue is [`io::ErrorKind::WouldBlock`].
+impl<M> From<TrySendError<M>> for io::Error {
+    fn from(e: TrySendError<M>) -> Self {
+        match e {
+            TrySendError::Full(_) => io::ErrorKind::WouldBlock.into(),
+            TrySendError::Failed(e) => e.into(),
+        }
     }
 }
 
@@ -102,6 +180,12 @@ impl<M> SendError<M> {
     /// The message that was not sent.
     pub fn into_inner(self) -> M {
         self.message
+    }
+
+    /// True if the connection is gone ([`Error::is_fatal`]); false if only
+    /// this message could not be sent.
+    pub fn is_fatal(&self) -> bool {
+        self.error.is_fatal()
     }
 }
 
@@ -148,6 +232,12 @@ impl<M> TrySendError<M> {
     pub fn is_full(&self) -> bool {
         matches!(self, TrySendError::Full(_))
     }
+
+    /// True if the connection is gone; false for a full queue or a message
+    /// that cannot be sent alone.
+    pub fn is_fatal(&self) -> bool {
+        matches!(self, TrySendError::Failed(e) if e.is_fatal())
+    }
 }
 
 impl<M> fmt::Debug for TrySendError<M> {
@@ -168,4 +258,11 @@ impl<M> fmt::Display for TrySendError<M> {
     }
 }
 
-impl<M> std::error::Error for TrySendError<M> {}
+impl<M> std::error::Error for TrySendError<M> {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            TrySendError::Full(_) => None,
+            TrySendError::Failed(e) => Some(&e.error),
+        }
+    }
+}

@@ -65,21 +65,33 @@
 #![forbid(unsafe_code)]
 #![warn(missing_docs, missing_debug_implementations)]
 
+mod builder;
 pub mod chat;
 mod connection;
 mod error;
 pub mod frame;
+mod incoming;
 mod outbox;
 mod pipe;
 mod protocol;
 mod queue;
 pub mod raw;
+mod sender;
 mod state;
+#[cfg(feature = "test-util")]
+pub mod test_util;
 mod timer;
+#[cfg(feature = "tokio")]
+mod tokio;
 
-pub use connection::{Builder, Connection, Incoming, Sender};
+pub use builder::Builder;
+pub use connection::Connection;
 pub use error::{BoxError, Error, SendError, TrySendError};
-pub use protocol::{Kind, Protocol};
+pub use incoming::Incoming;
+pub use protocol::{Call, Kind, Protocol};
+pub use sender::{Permit, Sender, Stats};
 #[cfg(feature = "async-io")]
 pub use timer::AsyncIoTimer;
 pub use timer::Timer;
+#[cfg(feature = "tokio")]
+pub use tokio::{TokioIo, TokioTimer};

@@ -55,8 +55,12 @@ pub(crate) struct Outbox<P: Protocol> {
 }
 
 struct Inner<P: Protocol> {
-    /// Messages waiting: what the capacity counts.
+    /// Messages waiting: what the capacity counts, with `reserved`.
     queued: usize,
+    /// Slots held by permits (`Sender::reserve`, the `Sink`).
+    reserved: usize,
+    /// Messages ever accepted: what `Sender::flush` waits for.
+    accepted: u64,
     pieces: VecDeque<Piece<P>>,
     /// Frames encoded in place, after everything in `pieces`.
     tail: BytesMut,
@@ -117,6 +121,8 @@ impl<P: Protocol> Outbox<P> {
         Outbox {
             inner: Mutex::new(Inner {
                 queued: 0,
+                reserved: 0,
+                accepted: 0,
                 pieces: VecDeque::new(),
                 tail: BytesMut::new(),
                 tail_frames: 0,
@@ -135,20 +141,26 @@ impl<P: Protocol> Outbox<P> {
         self.inner.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Encodes `msg` into the queue if there is room. A request comes with
-    /// its id and reply slot, which are handed back if it is not queued.
+    /// Encodes `msg` into the queue if there is room, or into the slot a
+    /// permit reserved (`permit`: the slot is used up either way). A
+    /// request comes with its id and reply slot, which are handed back if
+    /// it is not queued.
     pub fn try_push(
         &self,
         protocol: &P,
         msg: &P::Message,
         request: Option<(P::RequestId, Reply<P::Message>)>,
+        permit: bool,
     ) -> Result<(), PushFailure<P::Message>> {
         let mut lock = self.lock();
         let inner = &mut *lock;
+        if permit {
+            inner.reserved -= 1;
+        }
         if inner.closed {
             return Err((PushError::Closed, request.map(|r| r.1)));
         }
-        if inner.queued >= self.capacity {
+        if !permit && inner.queued + inner.reserved >= self.capacity {
             return Err((PushError::Full, request.map(|r| r.1)));
         }
         if request.is_some() {
@@ -160,7 +172,14 @@ impl<P: Protocol> Outbox<P> {
         }
         let body = match encode_frame(protocol, msg, &mut inner.tail, self.max_frame_len) {
             Ok(body) => body,
-            Err(e) => return Err((PushError::Encode(e), request.map(|r| r.1))),
+            Err(e) => {
+                drop(lock);
+                if permit {
+                    // The reserved slot is free again.
+                    self.room.notify(1.additional());
+                }
+                return Err((PushError::Encode(e), request.map(|r| r.1)));
+            }
         };
         match request {
             Some((id, reply)) => {
@@ -187,6 +206,7 @@ impl<P: Protocol> Outbox<P> {
             }
         }
         inner.queued += 1;
+        inner.accepted += 1;
         let consumer = inner.consumer.take();
         drop(lock);
         if let Some(w) = consumer {
@@ -205,6 +225,35 @@ impl<P: Protocol> Outbox<P> {
         listener.await;
     }
 
+    /// A listener for room being made.
+    pub fn listen_room(&self) -> event_listener::EventListener {
+        self.room.listen()
+    }
+
+    /// Holds one slot for a later `try_push(.., permit: true)`.
+    pub fn try_reserve(&self) -> Result<(), PushError> {
+        let mut inner = self.lock();
+        if inner.closed {
+            return Err(PushError::Closed);
+        }
+        if inner.queued + inner.reserved >= self.capacity {
+            return Err(PushError::Full);
+        }
+        inner.reserved += 1;
+        Ok(())
+    }
+
+    /// Gives back a slot held by an unused permit.
+    pub fn release(&self) {
+        self.lock().reserved -= 1;
+        self.room.notify(1.additional());
+    }
+
+    /// Messages ever accepted.
+    pub fn accepted(&self) -> u64 {
+        self.lock().accepted
+    }
+
     /// Queues a marker that needs no room (best effort).
     pub fn abandon(&self, id: P::RequestId) {
         let mut inner = self.lock();
@@ -221,7 +270,7 @@ impl<P: Protocol> Outbox<P> {
 
     pub fn is_full(&self) -> bool {
         let inner = self.lock();
-        !inner.closed && inner.queued >= self.capacity
+        !inner.closed && inner.queued + inner.reserved >= self.capacity
     }
 
     pub fn len(&self) -> usize {
@@ -334,7 +383,7 @@ mod tests {
     fn small_frames_coalesce_into_one_piece() {
         let outbox = Outbox::new(10, 1024);
         for s in ["a", "bb", "ccc"] {
-            assert!(outbox.try_push(&Raw, &text(s), None).is_ok());
+            assert!(outbox.try_push(&Raw, &text(s), None, false).is_ok());
         }
         let pieces = take(&outbox);
         assert_eq!(pieces.len(), 1);
@@ -346,18 +395,18 @@ mod tests {
     #[test]
     fn capacity_counts_messages_and_frees_on_take() {
         let outbox = Outbox::new(2, 1024);
-        assert!(outbox.try_push(&Raw, &text("1"), None).is_ok());
-        assert!(outbox.try_push(&Raw, &text("2"), None).is_ok());
+        assert!(outbox.try_push(&Raw, &text("1"), None, false).is_ok());
+        assert!(outbox.try_push(&Raw, &text("2"), None, false).is_ok());
         assert!(outbox.is_full());
         assert!(matches!(
-            outbox.try_push(&Raw, &text("3"), None),
+            outbox.try_push(&Raw, &text("3"), None, false),
             Err((PushError::Full, None))
         ));
         take(&outbox);
-        assert!(outbox.try_push(&Raw, &text("3"), None).is_ok());
+        assert!(outbox.try_push(&Raw, &text("3"), None, false).is_ok());
         outbox.close();
         assert!(matches!(
-            outbox.try_push(&Raw, &text("4"), None),
+            outbox.try_push(&Raw, &text("4"), None, false),
             Err((PushError::Closed, None))
         ));
         assert_eq!(wire(&take(&outbox)).1, 1, "queued before the close");
@@ -366,13 +415,13 @@ mod tests {
     #[test]
     fn a_failed_encode_leaves_no_trace() {
         let outbox = Outbox::new(10, 8);
-        assert!(outbox.try_push(&Raw, &text("ok"), None).is_ok());
+        assert!(outbox.try_push(&Raw, &text("ok"), None, false).is_ok());
         let too_big = text("this is longer than eight");
         assert!(matches!(
-            outbox.try_push(&Raw, &too_big, None),
+            outbox.try_push(&Raw, &too_big, None, false),
             Err((PushError::Encode(Error::MessageTooLarge { .. }), None))
         ));
-        assert!(outbox.try_push(&Raw, &text("ok2"), None).is_ok());
+        assert!(outbox.try_push(&Raw, &text("ok2"), None, false).is_ok());
         let (bytes, frames) = wire(&take(&outbox));
         assert_eq!(bytes, b"\0\0\0\x03\0ok\0\0\0\x04\0ok2");
         assert_eq!(frames, 2);
@@ -411,13 +460,13 @@ mod tests {
     #[test]
     fn a_panicking_encoder_leaves_whole_frames_only() {
         let outbox = Outbox::new(10, 1024);
-        assert!(outbox.try_push(&Panicky, &text("a"), None).is_ok());
+        assert!(outbox.try_push(&Panicky, &text("a"), None, false).is_ok());
         let panicked = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            let _ = outbox.try_push(&Panicky, &RawMessage::Keepalive, None);
+            let _ = outbox.try_push(&Panicky, &RawMessage::Keepalive, None, false);
         }));
         assert!(panicked.is_err());
         // The poisoned lock is recovered and the half frame is gone.
-        assert!(outbox.try_push(&Panicky, &text("b"), None).is_ok());
+        assert!(outbox.try_push(&Panicky, &text("b"), None, false).is_ok());
         let (bytes, frames) = wire(&take(&outbox));
         assert_eq!(frames, 2);
         assert_eq!(bytes, b"\0\0\0\x09partial\0a\0\0\0\x09partial\0b");
@@ -428,14 +477,14 @@ mod tests {
         let outbox = Outbox::new(10, 1 << 20);
         let big = Bytes::from(vec![9u8; 8192]);
         let (tx, _rx) = oneshot::channel();
-        assert!(outbox.try_push(&Raw, &text("first"), None).is_ok());
+        assert!(outbox.try_push(&Raw, &text("first"), None, false).is_ok());
         let req = RawMessage::Request {
             id: 5,
             body: Bytes::from_static(b"q"),
         };
-        assert!(outbox.try_push(&Raw, &req, Some((5, tx))).is_ok());
+        assert!(outbox.try_push(&Raw, &req, Some((5, tx)), false).is_ok());
         let large = RawMessage::Message(big.clone());
-        assert!(outbox.try_push(&Raw, &large, None).is_ok());
+        assert!(outbox.try_push(&Raw, &large, None, false).is_ok());
         outbox.abandon(5);
         let pieces = take(&outbox);
         let kinds: Vec<&str> = pieces

@@ -50,6 +50,9 @@ pub(crate) struct Pipe<T> {
     unwritten_frames: usize,
     bytes_queued: u64,
     needs_flush: bool,
+    /// Frames completely written, and of those, flushed.
+    frames_written: u64,
+    frames_flushed: u64,
 }
 
 impl<T> Pipe<T> {
@@ -61,6 +64,16 @@ impl<T> Pipe<T> {
     /// Frames queued and not completely written.
     pub fn unwritten_frames(&self) -> usize {
         self.unwritten_frames
+    }
+
+    /// Frames completely written.
+    pub fn frames_written(&self) -> u64 {
+        self.frames_written
+    }
+
+    /// Frames written, then flushed: handed to the transport.
+    pub fn frames_flushed(&self) -> u64 {
+        self.frames_flushed
     }
 }
 
@@ -82,6 +95,8 @@ impl<T: AsyncRead + AsyncWrite + Unpin> Pipe<T> {
             unwritten_frames: 0,
             bytes_queued: 0,
             needs_flush: false,
+            frames_written: 0,
+            frames_flushed: 0,
         }
     }
 
@@ -215,6 +230,7 @@ impl<T: AsyncRead + AsyncWrite + Unpin> Pipe<T> {
             ready!(Pin::new(&mut self.io).poll_flush(cx))?;
             self.needs_flush = false;
         }
+        self.frames_flushed = self.frames_written;
         Poll::Ready(Ok(()))
     }
 
@@ -226,6 +242,7 @@ impl<T: AsyncRead + AsyncWrite + Unpin> Pipe<T> {
                 break;
             }
             self.unwritten_frames -= frames;
+            self.frames_written += frames as u64;
             self.frame_ends.pop_front();
         }
         while n > 0 {

@@ -13,7 +13,7 @@
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 
-use crate::{Kind, Protocol};
+use crate::{Call, Kind, Protocol};
 
 /// One message of the [`Raw`] protocol.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -112,8 +112,12 @@ impl Protocol for Raw {
         }))
     }
 
-    fn keepalive(&self) -> RawMessage {
-        RawMessage::Keepalive
+    fn keepalive(&self) -> Option<RawMessage> {
+        Some(RawMessage::Keepalive)
+    }
+
+    fn request_id(&self, n: u64) -> Option<u64> {
+        Some(n)
     }
 
     fn kind(&self, msg: &RawMessage) -> Kind<u64> {
@@ -154,5 +158,30 @@ mod tests {
         assert_eq!(Raw.decode(Bytes::from_static(&[9, 1, 2])).unwrap(), None);
         assert!(Raw.decode(Bytes::new()).is_err());
         assert!(Raw.decode(Bytes::from_static(&[3, 0, 0])).is_err());
+    }
+}
+
+/// A body sent with [`Sender::call`](crate::Sender::call) is a
+/// [`RawMessage::Request`] with an id the connection picks; the answer is
+/// the response's body.
+///
+/// ```
+/// # use chatpipe::raw::{Raw, RawMessage};
+/// # async fn f(client: chatpipe::Sender<Raw>) -> Result<(), chatpipe::Error> {
+/// let body: bytes::Bytes = client.call(bytes::Bytes::from("ping")).await?;
+/// # Ok(()) }
+/// ```
+impl Call<Raw> for Bytes {
+    type Output = Bytes;
+
+    fn into_request(self, id: u64) -> RawMessage {
+        RawMessage::Request { id, body: self }
+    }
+
+    fn from_response(response: RawMessage) -> Result<Bytes, RawMessage> {
+        match response {
+            RawMessage::Response { body, .. } => Ok(body),
+            other => Err(other),
+        }
     }
 }

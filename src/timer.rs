@@ -1,16 +1,24 @@
-//! The one timer a connection needs, behind a small trait so any runtime's
-//! timer can drive it.
+//! Time, behind one small trait, so any runtime's timer (or a virtual
+//! clock in tests) can drive a connection.
 
 use std::task::{Context, Poll};
 use std::time::Instant;
 
-/// A re-armable timer: the connection keeps one and moves its deadline,
-/// rather than creating a timer per message.
+/// A clock and one re-armable timer: the connection keeps one and moves its
+/// deadline, rather than creating a timer per message.
 ///
-/// Implement it over your runtime's timer (for tokio, a pinned
-/// `tokio::time::Sleep` with `reset`), or use the default,
-/// [`AsyncIoTimer`], which works under any executor.
+/// Every time the connection reads comes from [`Timer::now`], so a timer
+/// over a virtual clock ([`ManualClock`](crate::test_util::ManualClock)
+/// with the `test-util` feature, or tokio's paused time with
+/// [`TokioTimer`](crate::TokioTimer)) runs whole connections without
+/// waiting.
+///
+/// Implementations ship for async-io ([`AsyncIoTimer`], the default) and
+/// tokio ([`TokioTimer`](crate::TokioTimer), feature `tokio`).
 pub trait Timer: Send + Unpin + 'static {
+    /// The current time on this timer's clock.
+    fn now(&self) -> Instant;
+
     /// Sets the deadline, replacing any earlier one.
     fn reset(&mut self, deadline: Instant);
 
@@ -21,7 +29,8 @@ pub trait Timer: Send + Unpin + 'static {
 
 /// The default timer: [`async_io::Timer`], driven by async-io's own
 /// reactor thread when the executor is not async-io's, so it works under
-/// smol, tokio or anything else.
+/// smol or any other executor (on tokio, prefer
+/// [`TokioTimer`](crate::TokioTimer), which needs no extra thread).
 #[cfg(feature = "async-io")]
 #[derive(Debug)]
 pub struct AsyncIoTimer(async_io::Timer);
@@ -35,6 +44,10 @@ impl Default for AsyncIoTimer {
 
 #[cfg(feature = "async-io")]
 impl Timer for AsyncIoTimer {
+    fn now(&self) -> Instant {
+        Instant::now()
+    }
+
     fn reset(&mut self, deadline: Instant) {
         self.0.set_at(deadline);
     }
