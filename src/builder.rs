@@ -252,11 +252,7 @@ impl Builder {
         T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
         P: Protocol,
     {
-        self.build_with_timer(
-            crate::TokioIo(io),
-            protocol,
-            crate::TokioTimer::default(),
-        )
+        self.build_with_timer(crate::TokioIo(io), protocol, crate::TokioTimer::default())
     }
 
     /// Like [`Builder::build`], with a timer of your choosing: another

@@ -458,7 +458,7 @@ mod tests {
     fn protocol_md_keepalive_example() {
         let bytes = [0, 0, 0, 4, 0, 0, 0, 2];
         assert_eq!(frame_of(&ChatMessage::Keepalive), bytes);
-        assert_eq!(frame_of(&Chat.keepalive()), bytes);
+        assert_eq!(frame_of(&ChatMessage::Keepalive), bytes);
         assert_eq!(unframe(&bytes), Ok(Some(ChatMessage::Keepalive)));
     }
 

@@ -388,8 +388,7 @@ where
             // the application gets them while they are hot.
             let read_limit = self.pipe.bytes_read + READ_PER_ROUND;
             let frame_limit = FRAMES_PER_ROUND.min(self.receive_capacity);
-            while (eof || self.received.len() < frame_limit) && self.pipe.bytes_read < read_limit
-            {
+            while (eof || self.received.len() < frame_limit) && self.pipe.bytes_read < read_limit {
                 match self.pipe.poll_frame(cx) {
                     Poll::Ready(Ok(Some(payload))) => {
                         self.dispatch(payload)?;
@@ -447,12 +446,17 @@ where
         self.state
             .set_write_state(now, self.pipe.queued() > 0, after.1 != before.1);
         let stats = &self.shared.stats;
-        let since_start = |t: Instant| t.saturating_duration_since(self.shared.start).as_nanos() as u64;
+        let since_start =
+            |t: Instant| t.saturating_duration_since(self.shared.start).as_nanos() as u64;
         if after.0 != before.0 {
-            stats.last_read_ns.store(since_start(now), Ordering::Relaxed);
+            stats
+                .last_read_ns
+                .store(since_start(now), Ordering::Relaxed);
         }
         if after.1 != before.1 {
-            stats.last_written_ns.store(since_start(now), Ordering::Relaxed);
+            stats
+                .last_written_ns
+                .store(since_start(now), Ordering::Relaxed);
         }
         self.publish();
         if after != before {
@@ -610,8 +614,12 @@ impl<T, P: Protocol, Tm> Connection<T, P, Tm> {
     /// more was flushed.
     fn publish(&self) {
         let stats = &self.shared.stats;
-        stats.bytes_in.store(self.pipe.bytes_read, Ordering::Relaxed);
-        stats.bytes_out.store(self.pipe.bytes_written, Ordering::Relaxed);
+        stats
+            .bytes_in
+            .store(self.pipe.bytes_read, Ordering::Relaxed);
+        stats
+            .bytes_out
+            .store(self.pipe.bytes_written, Ordering::Relaxed);
         stats.messages_in.store(self.frames_in, Ordering::Relaxed);
         stats
             .messages_out

@@ -78,7 +78,7 @@ mod queue;
 pub mod raw;
 mod sender;
 mod state;
-#[cfg(feature = "test-util")]
+#[cfg(any(test, feature = "test-util"))]
 pub mod test_util;
 mod timer;
 #[cfg(feature = "tokio")]

@@ -449,8 +449,8 @@ mod tests {
         fn decode(&self, payload: Bytes) -> Result<Option<RawMessage>, Self::Error> {
             Raw.decode(payload)
         }
-        fn keepalive(&self) -> RawMessage {
-            RawMessage::Keepalive
+        fn keepalive(&self) -> Option<RawMessage> {
+            Some(RawMessage::Keepalive)
         }
         fn kind(&self, msg: &RawMessage) -> crate::Kind<u64> {
             Raw.kind(msg)

@@ -240,7 +240,7 @@ impl<P: Protocol> Sender<P> {
     /// # async fn f(sender: chatpipe::Sender<chatpipe::raw::Raw>) -> Result<(), chatpipe::Error> {
     /// // With the raw protocol a `Bytes` body is a call; the answer is the
     /// // response's body.
-    /// let (a, b) = futures::join!(sender.call(bytes::Bytes::from("one")), sender.call("two".into()));
+    /// let (a, b) = futures::join!(sender.call(bytes::Bytes::from("one")), sender.call(bytes::Bytes::from("two")));
     /// println!("{:?} {:?}", a?, b?);
     /// # Ok(()) }
     /// ```

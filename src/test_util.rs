@@ -93,7 +93,8 @@ impl ManualClock {
             inner.waiting = waiting;
             due
         };
-        due.into_iter().for_each(|(_, _, w): (u64, Instant, Waker)| w.wake());
+        due.into_iter()
+            .for_each(|(_, _, w): (u64, Instant, Waker)| w.wake());
     }
 
     /// The earliest deadline a timer of this clock waits for.
@@ -201,6 +202,9 @@ pub struct Mock {
     writes: VecDeque<Step>,
     eof: bool,
     max_write: Option<usize>,
+    pending_each_write: bool,
+    /// With `pending_each_write`: the next write goes through.
+    write_ready: bool,
 }
 
 impl Mock {
@@ -243,6 +247,13 @@ impl Mock {
     /// A write fails with this error.
     pub fn write_error(mut self, kind: io::ErrorKind) -> Self {
         self.writes.push_back(Step::Error(kind));
+        self
+    }
+
+    /// Every write returns `Pending` once before it goes through, as a
+    /// slow socket's do.
+    pub fn pending_each_write(mut self) -> Self {
+        self.pending_each_write = true;
         self
     }
 
@@ -336,7 +347,11 @@ impl AsyncRead for MockIo {
 }
 
 impl AsyncWrite for MockIo {
-    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
         self.poll_write_vectored(cx, &[IoSlice::new(buf)])
     }
 
@@ -353,11 +368,19 @@ impl AsyncWrite for MockIo {
             Some(Step::Error(kind)) => return Poll::Ready(Err(kind.into())),
             Some(Step::Data(_)) | None => {}
         }
+        if self.script.pending_each_write && !std::mem::take(&mut self.script.write_ready) {
+            self.script.write_ready = true;
+            cx.waker().wake_by_ref();
+            return Poll::Pending;
+        }
         let mut left = self.script.max_write.unwrap_or(usize::MAX);
         let mut log = lock(&self.log);
         log.written_after_shut |= log.shut;
-        log.calls
-            .push(bufs.iter().map(|b| (b.as_ptr() as usize, b.len())).collect());
+        log.calls.push(
+            bufs.iter()
+                .map(|b| (b.as_ptr() as usize, b.len()))
+                .collect(),
+        );
         let mut n = 0;
         for b in bufs {
             let take = b.len().min(left);

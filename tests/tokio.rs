@@ -1,47 +1,24 @@
-//! The core of the suite again on tokio: chatpipe depends on no executor.
-//! Sockets come through tokio-util's compat layer; timers are either the
-//! default (async-io's, which runs anywhere) or tokio's own.
+//! The core of the suite again on tokio, through `Builder::build_tokio`:
+//! tokio streams as they are, tokio's timer, no compat layer. Timeouts run
+//! on tokio's paused clock, so no test waits for real time.
+#![cfg(feature = "tokio")]
 
-use std::pin::Pin;
-use std::task::{Context, Poll};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use bytes::Bytes;
 use chatpipe::raw::{Raw, RawMessage};
-use chatpipe::{Builder, Error, Timer};
-use futures::StreamExt;
+use chatpipe::{Builder, Error};
+use futures::{SinkExt, StreamExt};
+use tokio::io::AsyncReadExt;
 use tokio::net::{TcpListener, TcpStream};
-use tokio_util::compat::{Compat, TokioAsyncReadCompatExt};
 
-const MS: Duration = Duration::from_millis(1);
-
-/// chatpipe's `Timer` over tokio's `Sleep`.
-struct TokioTimer(Pin<Box<tokio::time::Sleep>>);
-
-impl TokioTimer {
-    fn new() -> Self {
-        TokioTimer(Box::pin(tokio::time::sleep(Duration::from_secs(3600))))
-    }
-}
-
-impl Timer for TokioTimer {
-    fn reset(&mut self, deadline: Instant) {
-        self.0.as_mut().reset(deadline.into());
-    }
-    fn poll_expired(&mut self, cx: &mut Context<'_>) -> Poll<()> {
-        self.0.as_mut().poll(cx)
-    }
-}
-
-use std::future::Future;
-
-async fn tcp_pair() -> (Compat<TcpStream>, Compat<TcpStream>) {
+async fn tcp_pair() -> (TcpStream, TcpStream) {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let a = TcpStream::connect(listener.local_addr().unwrap())
         .await
         .unwrap();
     let (b, _) = listener.accept().await.unwrap();
-    (a.compat(), b.compat())
+    (a, b)
 }
 
 fn numbered(i: u32) -> RawMessage {
@@ -52,8 +29,8 @@ fn numbered(i: u32) -> RawMessage {
 async fn messages_both_ways_and_clean_close_on_tokio() {
     tokio::time::timeout(Duration::from_secs(30), async {
         let (a, b) = tcp_pair().await;
-        let (atx, mut arx, aconn) = Builder::new().build(a, Raw);
-        let (btx, mut brx, bconn) = Builder::new().build(b, Raw);
+        let (atx, mut arx, aconn) = Builder::new().build_tokio(a, Raw);
+        let (btx, mut brx, bconn) = Builder::new().build_tokio(b, Raw);
         let aconn = tokio::spawn(aconn);
         let bconn = tokio::spawn(bconn);
         let sender = tokio::spawn(async move {
@@ -77,69 +54,91 @@ async fn messages_both_ways_and_clean_close_on_tokio() {
     .unwrap();
 }
 
-#[tokio::test]
-async fn requests_on_tokio_with_tokio_timers() {
-    tokio::time::timeout(Duration::from_secs(10), async {
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sink_forwards_a_stream_and_flush_puts_it_on_the_wire() {
+    tokio::time::timeout(Duration::from_secs(30), async {
         let (a, b) = tcp_pair().await;
-        let cfg = Builder::new().request_timeout(50 * MS);
-        let (client, _crx, cconn) = cfg.build_with_timer(a, Raw, TokioTimer::new());
-        let (server, mut srx, sconn) = cfg.build_with_timer(b, Raw, TokioTimer::new());
-        let cconn = tokio::spawn(cconn);
-        tokio::spawn(sconn);
-        tokio::spawn(async move {
-            while let Some(Ok(RawMessage::Request { id, body })) = srx.next().await {
-                if id != 0 {
-                    server
-                        .send(RawMessage::Response { id, body })
-                        .await
-                        .unwrap();
-                }
-            }
-        });
-        let r = client
-            .request(RawMessage::Request {
-                id: 1,
-                body: "q".into(),
-            })
-            .await
-            .unwrap();
-        assert_eq!(
-            r,
-            RawMessage::Response {
-                id: 1,
-                body: "q".into()
-            }
-        );
-        // Id 0 is never answered: the tokio timer fires the timeout.
-        let err = client
-            .request(RawMessage::Request {
-                id: 0,
-                body: "q".into(),
-            })
-            .await
-            .unwrap_err();
-        assert!(matches!(err, Error::RequestTimeout(_)), "{err}");
-        client.close();
-        cconn.await.unwrap().unwrap();
+        let (mut atx, _arx, aconn) = Builder::new().send_capacity(16).build_tokio(a, Raw);
+        let (_btx, brx, bconn) = Builder::new().build_tokio(b, Raw);
+        let aconn = tokio::spawn(aconn);
+        tokio::spawn(bconn);
+        let mut source = futures::stream::iter((0..5_000).map(|i| Ok(numbered(i))));
+        atx.send_all(&mut source).await.unwrap();
+        // `send_all` flushed: every message has been handed to the socket.
+        assert_eq!(atx.stats().messages_out, 5_000);
+        SinkExt::close(&mut atx).await.unwrap();
+        let got: Vec<_> = brx.map(Result::unwrap).collect().await;
+        assert_eq!(got, (0..5_000).map(numbered).collect::<Vec<_>>());
+        aconn.await.unwrap().unwrap();
     })
     .await
     .unwrap();
 }
 
-#[tokio::test]
-async fn idle_timeout_on_tokio() {
-    tokio::time::timeout(Duration::from_secs(10), async {
-        let (a, _silent_peer) = tcp_pair().await;
-        let (_tx, mut rx, conn) = Builder::new()
-            .keepalive_interval(Some(20 * MS))
-            .idle_timeout(Some(80 * MS))
-            .build_with_timer(a, Raw, TokioTimer::new());
-        let start = Instant::now();
-        let err = tokio::spawn(conn).await.unwrap().unwrap_err();
-        assert!(matches!(err, Error::IdleTimeout(_)), "{err}");
-        assert!(start.elapsed() >= 80 * MS && start.elapsed() < 1000 * MS);
-        assert!(matches!(rx.next().await, Some(Err(Error::IdleTimeout(_)))));
-    })
-    .await
-    .unwrap();
+/// Requests whose ids the connection picks, answered in reverse order.
+#[tokio::test(start_paused = true)]
+async fn pipelined_calls_and_a_request_timeout_on_paused_time() {
+    let (a, b) = tokio::io::duplex(64 * 1024);
+    let cfg = Builder::new().request_timeout(Duration::from_secs(5));
+    let (client, _crx, cconn) = cfg.build_tokio(a, Raw);
+    let (server, mut srx, sconn) = cfg.build_tokio(b, Raw);
+    let cconn = tokio::spawn(cconn);
+    tokio::spawn(sconn);
+    tokio::spawn(async move {
+        let mut batch = Vec::new();
+        while let Some(Ok(RawMessage::Request { id, body })) = srx.next().await {
+            if body.as_ref() == b"never" {
+                continue;
+            }
+            batch.push((id, body));
+            if batch.len() == 3 {
+                for (id, body) in batch.drain(..).rev() {
+                    let _ = server.send(RawMessage::Response { id, body }).await;
+                }
+            }
+        }
+    });
+    let (x, y, z) = futures::join!(
+        client.call(Bytes::from("x")),
+        client.call(Bytes::from("y")),
+        client.call(Bytes::from("z")),
+    );
+    assert_eq!(
+        (x.unwrap(), y.unwrap(), z.unwrap()),
+        ("x".into(), "y".into(), "z".into())
+    );
+
+    let start = tokio::time::Instant::now();
+    let err = client.call(Bytes::from("never")).await.unwrap_err();
+    assert!(matches!(err, Error::RequestTimeout(_)), "{err}");
+    assert!(
+        !err.is_fatal(),
+        "a timed-out request leaves the connection up"
+    );
+    assert_eq!(
+        start.elapsed(),
+        Duration::from_secs(5),
+        "on tokio's paused clock"
+    );
+    client.close();
+    cconn.await.unwrap().unwrap();
+}
+
+/// A peer that never says anything: keepalives go out every interval, and
+/// the connection gives up after the idle timeout, on virtual time.
+#[tokio::test(start_paused = true)]
+async fn keepalives_and_idle_timeout_on_paused_time() {
+    let (a, mut silent_peer) = tokio::io::duplex(64 * 1024);
+    let (_tx, mut rx, conn) = Builder::new()
+        .keepalive_interval(Some(Duration::from_secs(5)))
+        .build_tokio(a, Raw);
+    let start = tokio::time::Instant::now();
+    let err = tokio::spawn(conn).await.unwrap().unwrap_err();
+    assert!(matches!(err, Error::IdleTimeout(_)), "{err}");
+    assert_eq!(start.elapsed(), Duration::from_secs(15), "3 x the interval");
+    assert!(matches!(rx.next().await, Some(Err(Error::IdleTimeout(_)))));
+    // Keepalives at 5 s and 10 s (at 15 s the idle timeout came first).
+    let mut seen = Vec::new();
+    silent_peer.read_to_end(&mut seen).await.unwrap();
+    assert_eq!(seen, [[0, 0, 0, 1, 1], [0, 0, 0, 1, 1]].concat());
 }

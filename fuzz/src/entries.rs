@@ -13,21 +13,19 @@
 //! (one chunk when there are none), so the fuzzer explores splits too.
 
 use std::cell::{Cell, RefCell};
-use std::collections::VecDeque;
 use std::future::Future;
-use std::io;
 use std::pin::Pin;
 use std::rc::Rc;
 use std::sync::Arc;
-use std::task::{Context, Poll};
-use std::time::{Duration, Instant};
+use std::task::Poll;
+use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use chatpipe::frame::{self, Decoder};
 use chatpipe::raw::{Raw, RawMessage};
-use chatpipe::{Builder, Error, Protocol, Timer};
+use chatpipe::test_util::{ManualClock, Mock};
+use chatpipe::{Builder, Error, Protocol};
 use futures::executor::LocalPool;
-use futures::io::{AsyncRead, AsyncWrite};
 use futures::task::LocalSpawnExt;
 use futures::{FutureExt, StreamExt};
 
@@ -186,20 +184,20 @@ pub fn connection(data: &[u8]) {
     let drop_incoming = input.flags & 4 != 0;
     let slow_reader = cfg & 0x80 != 0;
 
-    let io = FuzzIo {
-        // Chunks of at least 1 byte: an empty read would mean EOF.
-        chunks: chunks(input.stream, input.sizes, 1)
-            .into_iter()
-            .map(<[u8]>::to_vec)
-            .collect(),
-        pending_next: true,
-        write_max: [usize::MAX, 1, 5, 100][usize::from(cfg >> 4 & 3)],
-        write_pending: cfg & 0x40 != 0,
-        write_ready: false,
-        written: Default::default(),
-        shut: Default::default(),
-    };
-    let (written, shut) = (io.written.clone(), io.shut.clone());
+    // The peer: each chunk (at least 1 byte: an empty read would mean EOF)
+    // after a `Pending`, then EOF; writes of at most a few bytes, each
+    // `Pending` first if asked.
+    let mut mock = Mock::new().max_write([usize::MAX, 1, 5, 100][usize::from(cfg >> 4 & 3)]);
+    for chunk in chunks(input.stream, input.sizes, 1) {
+        mock = mock.read_pending().read(chunk);
+    }
+    if cfg & 0x40 != 0 {
+        mock = mock.pending_each_write();
+    }
+    let (io, peer) = mock.eof().build();
+    // A clock that never moves: every timeout is an hour or off, and a
+    // real clock would make runs depend on the time they take.
+    let clock = ManualClock::new();
     let (sender, incoming, mut conn) = Builder::new()
         .max_frame_len(max)
         .send_capacity(16)
@@ -209,7 +207,7 @@ pub fn connection(data: &[u8]) {
         .frame_timeout(None)
         .write_timeout(None)
         .request_timeout(HOUR)
-        .build_with_timer(io, Raw, NeverTimer);
+        .build_with_timer(io, Raw, clock.timer());
 
     let mut pool = LocalPool::new();
     let spawner = pool.spawner();
@@ -361,10 +359,17 @@ pub fn connection(data: &[u8]) {
     // After a clean close, everything accepted was written, in whole frames,
     // and the write half was shut.
     if outcome.is_ok() {
-        assert!(shut.get(), "clean close without shutting the write half");
+        assert!(
+            peer.is_shut(),
+            "clean close without shutting the write half"
+        );
+        assert!(
+            !peer.written_after_shut(),
+            "write after the write half was shut"
+        );
         let mut ids = Vec::new();
         let mut others = Vec::new();
-        for msg in decode_wire(&written.borrow(), max) {
+        for msg in decode_wire(&peer.written(), max) {
             match msg {
                 RawMessage::Request { id, .. } => ids.push(id),
                 other => others.push(other),
@@ -492,80 +497,6 @@ async fn yield_now() {
         Poll::Pending
     })
     .await
-}
-
-/// A timer that never fires: every timeout is an hour or off, and a real
-/// timer would make runs depend on the clock.
-struct NeverTimer;
-
-impl Timer for NeverTimer {
-    fn reset(&mut self, _: Instant) {}
-    fn poll_expired(&mut self, _: &mut Context<'_>) -> Poll<()> {
-        Poll::Pending
-    }
-}
-
-/// The peer: reads hand out the chunks with a `Pending` (and a wakeup)
-/// before each, then EOF; writes are collected, at most `write_max` bytes
-/// at a time, each optionally `Pending` first.
-struct FuzzIo {
-    chunks: VecDeque<Vec<u8>>,
-    pending_next: bool,
-    write_max: usize,
-    write_pending: bool,
-    write_ready: bool,
-    written: Slot<Vec<u8>>,
-    shut: Rc<Cell<bool>>,
-}
-
-impl AsyncRead for FuzzIo {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut [u8],
-    ) -> Poll<io::Result<usize>> {
-        if std::mem::take(&mut self.pending_next) {
-            cx.waker().wake_by_ref();
-            return Poll::Pending;
-        }
-        let Some(mut chunk) = self.chunks.pop_front() else {
-            return Poll::Ready(Ok(0));
-        };
-        let n = chunk.len().min(buf.len());
-        buf[..n].copy_from_slice(&chunk[..n]);
-        if n < chunk.len() {
-            self.chunks.push_front(chunk.split_off(n));
-        }
-        self.pending_next = true;
-        Poll::Ready(Ok(n))
-    }
-}
-
-impl AsyncWrite for FuzzIo {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        assert!(!self.shut.get(), "write after the write half was shut");
-        if self.write_pending && !std::mem::take(&mut self.write_ready) {
-            self.write_ready = true;
-            cx.waker().wake_by_ref();
-            return Poll::Pending;
-        }
-        let n = buf.len().min(self.write_max);
-        self.written.borrow_mut().extend_from_slice(&buf[..n]);
-        Poll::Ready(Ok(n))
-    }
-
-    fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Poll::Ready(Ok(()))
-    }
-
-    fn poll_close(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
-        self.shut.set(true);
-        Poll::Ready(Ok(()))
-    }
 }
 
 /// The chat protocol's decoder on one arbitrary payload: it never panics,
