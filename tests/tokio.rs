@@ -141,4 +141,10 @@ async fn keepalives_and_idle_timeout_on_paused_time() {
     let mut seen = Vec::new();
     silent_peer.read_to_end(&mut seen).await.unwrap();
     assert_eq!(seen, [[0, 0, 0, 1, 1], [0, 0, 0, 1, 1]].concat());
+    // tokio's timer did it all: no async-io reactor thread was started.
+    #[cfg(target_os = "linux")]
+    for task in std::fs::read_dir("/proc/self/task").unwrap() {
+        let comm = std::fs::read_to_string(task.unwrap().path().join("comm")).unwrap_or_default();
+        assert_ne!(comm.trim(), "async-io", "an async-io thread is running");
+    }
 }
