@@ -1,4 +1,4 @@
-//! The chat protocol: TcpChat v0.5, byte for byte.
+//! The chat protocol (v0.5 of the TcpChat application's), byte for byte.
 //!
 //! Six messages, each a payload that starts with a 4-byte big-endian type
 //! (see `docs/PROTOCOL.md` in the repository for the whole wire format):

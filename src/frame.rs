@@ -12,7 +12,7 @@
 //!
 //! Unlike that codec, [`Decoder`] never reserves buffer space on a peer's
 //! say-so: a header announcing 60 KiB makes it reserve nothing. Memory
-//! grows only with bytes that actually arrive (see tokio issue #333).
+//! grows only with bytes that actually arrive.
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 
@@ -21,8 +21,9 @@ use crate::Error;
 /// Size of the length prefix in bytes.
 pub const HEADER_LEN: usize = 4;
 
-/// The default maximum payload length: 65,536 bytes, as in the reference
-/// chat application.
+/// The default maximum payload length: 65,536 bytes. A connection's
+/// default rises above it only for a protocol whose own messages are larger
+/// ([`Protocol::max_payload_len`](crate::Protocol::max_payload_len)).
 pub const DEFAULT_MAX_FRAME_LEN: usize = 64 * 1024;
 
 /// Decodes length-prefixed frames out of a [`BytesMut`].

@@ -23,9 +23,11 @@
 //! # Example
 //!
 //! A request/response round trip over loopback TCP with the ready-made
-//! [`raw`] protocol; see [`Protocol`] to put your own messages on the wire.
+//! [`raw`] protocol, on smol; see [`Protocol`] to put your own messages on
+//! the wire.
 //!
 //! ```
+//! use bytes::Bytes;
 //! use chatpipe::raw::{Raw, RawMessage};
 //! use chatpipe::Builder;
 //! use futures::StreamExt;
@@ -51,10 +53,9 @@
 //!     // Client: the driver future runs on any executor; here, smol's.
 //!     let (client, _incoming, conn) = Builder::new().build(client_io, Raw);
 //!     let driver = smol::spawn(conn);
-//!     let answer = client
-//!         .request(RawMessage::Request { id: 1, body: "abc".into() })
-//!         .await?;
-//!     assert_eq!(answer, RawMessage::Response { id: 1, body: "cba".into() });
+//!     // `call` picks the request id; the answer is the response's body.
+//!     let answer = client.call(Bytes::from("abc")).await?;
+//!     assert_eq!(answer, "cba");
 //!
 //!     client.close(); // write what is queued, then shut down; the peer follows
 //!     driver.await?;
@@ -62,6 +63,81 @@
 //! })
 //! # }
 //! ```
+//!
+//! # Runtimes and features
+//!
+//! The core needs no executor. What differs between runtimes is the timer
+//! (and, for tokio, its I/O traits), chosen by cargo features:
+//!
+//! | feature | gives | default |
+//! |---|---|---|
+//! | `async-io` | [`Builder::build`] with [`AsyncIoTimer`]: smol, async-std, or any executor (async-io runs its own timer thread if the executor is not smol) | on |
+//! | `tokio` | [`Builder::build_tokio`] for `tokio::io::AsyncRead + AsyncWrite` streams with `TokioTimer`: no compat layer, no extra thread | off |
+//! | `tracing` | a span per connection ([`Builder::label`]) and events for closes, timeouts, keepalives and refused frames; nothing is logged without it | off |
+//! | `test-util` | `test_util`: a virtual clock and scripted mock I/O for your tests | off |
+//!
+//! Neither camp pays for the other's runtime: smol users keep the default;
+//! tokio users turn it off:
+//!
+//! ```toml
+//! chatpipe = { version = "0.2", default-features = false, features = ["tokio"] }
+//! ```
+//!
+//! On tokio, the driver uses tokio's timer, so it must be polled inside a
+//! tokio runtime (`tokio::spawn` does that); building a connection needs
+//! none. With tokio's paused clock (`#[tokio::test(start_paused = true)]`)
+//! connections run on virtual time.
+//!
+//! ```
+//! # #[cfg(feature = "tokio")]
+//! # fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! # tokio::runtime::Builder::new_current_thread().enable_all().build()?.block_on(async {
+//! use bytes::Bytes;
+//! use chatpipe::raw::{Raw, RawMessage};
+//! use futures::StreamExt;
+//! use tokio::net::{TcpListener, TcpStream};
+//!
+//! let listener = TcpListener::bind("127.0.0.1:0").await?;
+//! let client = TcpStream::connect(listener.local_addr()?).await?;
+//! let (server, _) = listener.accept().await?;
+//!
+//! let (server, mut requests, conn) = chatpipe::Builder::new().build_tokio(server, Raw);
+//! tokio::spawn(conn);
+//! tokio::spawn(async move {
+//!     while let Some(Ok(RawMessage::Request { id, body })) = requests.next().await {
+//!         let _ = server.send(RawMessage::Response { id, body }).await; // echo
+//!     }
+//! });
+//!
+//! let (client, _incoming, conn) = chatpipe::Builder::new().build_tokio(client, Raw);
+//! tokio::spawn(conn);
+//! assert_eq!(client.call(Bytes::from("ping")).await?, "ping");
+//! # Ok(()) })
+//! # }
+//! # #[cfg(not(feature = "tokio"))]
+//! # fn main() {}
+//! ```
+//!
+//! # The handles
+//!
+//! - [`Sender`] (clone it freely): [`send`](Sender::send) waits for room,
+//!   [`try_send`](Sender::try_send) does not, [`reserve`](Sender::reserve)
+//!   holds room for a message you make later; it is a `futures::Sink` too.
+//!   [`flush`](Sender::flush) waits until what you sent is on the wire;
+//!   [`request`](Sender::request) and [`call`](Sender::call) wait for the
+//!   answer; [`close`](Sender::close) closes gracefully;
+//!   [`stats`](Sender::stats) reads counters for metrics.
+//! - [`Incoming`]: a `Stream` (and `FusedStream`) of received messages,
+//!   ending with `None` after a clean close or with the error that ended
+//!   the connection.
+//! - [`Connection`]: the driver future. Spawn it; it resolves when the
+//!   connection ends. Dropping it closes the connection at once, and every
+//!   pending request fails.
+//!
+//! Errors are one type, [`Error`]. [`Error::is_fatal`] tells "this message
+//! failed, the connection lives" from "the connection is gone", and every
+//! error converts into `std::io::Error`. [`SendError`] and
+//! [`TrySendError`] hand the message back.
 #![forbid(unsafe_code)]
 #![warn(missing_docs, missing_debug_implementations)]
 
