@@ -243,11 +243,7 @@ impl Builder {
         &self,
         io: T,
         protocol: P,
-    ) -> (
-        Sender<P>,
-        Incoming<P>,
-        Connection<crate::TokioIo<T>, P, crate::TokioTimer>,
-    )
+    ) -> (Sender<P>, Incoming<P>, crate::TokioConnection<T, P>)
     where
         T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
         P: Protocol,

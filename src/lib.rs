@@ -170,4 +170,4 @@ pub use sender::{Permit, Sender, Stats};
 pub use timer::AsyncIoTimer;
 pub use timer::Timer;
 #[cfg(feature = "tokio")]
-pub use tokio::{TokioIo, TokioTimer};
+pub use tokio::{TokioConnection, TokioIo, TokioTimer};

@@ -7,7 +7,11 @@ use std::pin::Pin;
 use std::task::{ready, Context, Poll};
 use std::time::Instant;
 
-use crate::Timer;
+use crate::{Connection, Timer};
+
+/// The driver of a connection over a tokio stream, as
+/// [`Builder::build_tokio`](crate::Builder::build_tokio) returns it.
+pub type TokioConnection<T, P> = Connection<TokioIo<T>, P, TokioTimer>;
 
 /// A [`Timer`] over tokio's: no thread of its own, and it follows tokio's
 /// clock, so a test runtime with paused time (`#[tokio::test(start_paused
