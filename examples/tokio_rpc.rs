@@ -42,7 +42,11 @@ async fn serve(listener: TcpListener) -> Result<(), Error> {
                 if let RawMessage::Request { id, body } = msg {
                     let body = Bytes::from(body.to_ascii_uppercase());
                     // Fails only once the connection is gone.
-                    if sender.send(RawMessage::Response { id, body }).await.is_err() {
+                    if sender
+                        .send(RawMessage::Response { id, body })
+                        .await
+                        .is_err()
+                    {
                         break;
                     }
                 }
