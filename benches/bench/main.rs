@@ -15,17 +15,33 @@
 //! server), memory, allocs.
 //! Run `cargo bench` for all of them, `cargo bench -- oneway rtt` for some.
 //!
+//! Outputs: the markdown goes to stdout, and into files that stay under
+//! Cargo's target directory unless asked otherwise:
+//! - every run writes `target/bench/results.md` (the same markdown),
+//!   `target/bench/results.csv` (oneway throughput) and
+//!   `target/bench/throughput.svg` (the chart); `target` is wherever Cargo
+//!   builds (`CARGO_TARGET_DIR` included), and `CHATPIPE_BENCH_OUT` moves
+//!   the three files;
+//! - only when asked, with `CHATPIPE_BENCH_UPDATE_DOCS=1` or the
+//!   `--update-docs` argument (`cargo bench --bench bench -- --update-docs`),
+//!   the chart also goes to `docs/throughput.svg`, the one docs/BENCHMARKS.md
+//!   shows. The results section of docs/BENCHMARKS.md is not written by the
+//!   bench: paste it from `target/bench/results.md`.
+//!
+//! The profiling modes (`--one`, `--child-idle`) write no files.
+//!
 //! Environment:
 //! - `CHATPIPE_BENCH_QUICK=1`: a fast smoke run (small N, 2 repetitions);
-//! - `CHATPIPE_BENCH_OUT=path/results.md`: also write the markdown there, the
-//!   oneway CSV beside it (`results.csv`) and the chart to
-//!   `docs/throughput.svg`.
+//! - `CHATPIPE_BENCH_OUT=path/results.md`: write the markdown there instead,
+//!   with the oneway CSV (`results.csv`) and the chart (`throughput.svg`)
+//!   beside it;
+//! - `CHATPIPE_BENCH_UPDATE_DOCS=1`: as `--update-docs` above.
 //!
 //! Layout: this file (configuration, the scenario list, `main`),
 //! `counting_alloc` (the global allocator), `harness` (statistics,
 //! calibration, /proc, affinity, rlimits), `stacks` (the stacks compared),
 //! `scenarios/*` (one module per scenario), `report` (metrics, machine facts,
-//! targets, CSV) and `chart` (the SVG).
+//! targets, CSV, output files) and `chart` (the SVG).
 //!
 //! This program, unlike the library, uses `unsafe`: a counting global
 //! allocator, and `libc` for CPU affinity and the open-file limit.
@@ -40,9 +56,8 @@ mod report;
 mod scenarios;
 mod stacks;
 
-use chart::oneway_svg;
 use harness::percentile;
-use report::{machine_info, oneway_csv, si, targets, utc_now, Report};
+use report::{machine_info, si, targets, write_outputs, Report};
 use scenarios::allocs::scenario_allocs;
 use scenarios::chat::{chat_cpu_line, chat_fanout, scenario_chat_fanout};
 use scenarios::fanin::{fanin_chatpipe, fanin_tokio, scenario_fanin};
@@ -77,11 +92,17 @@ struct Cfg {
     idle_settle: Duration,
     idle_cpu_window: Duration,
     filters: Vec<String>,
+    /// Also write docs/throughput.svg (`--update-docs`,
+    /// `CHATPIPE_BENCH_UPDATE_DOCS=1`).
+    update_docs: bool,
 }
 
 impl Cfg {
     fn from_env() -> Cfg {
-        let quick = std::env::var("CHATPIPE_BENCH_QUICK").is_ok_and(|v| !v.is_empty() && v != "0");
+        let flag = |var: &str| std::env::var(var).is_ok_and(|v| !v.is_empty() && v != "0");
+        let quick = flag("CHATPIPE_BENCH_QUICK");
+        let update_docs =
+            flag("CHATPIPE_BENCH_UPDATE_DOCS") || std::env::args().any(|a| a == "--update-docs");
         // `cargo bench` passes `--bench`; other words select scenarios.
         let filters = std::env::args()
             .skip(1)
@@ -106,6 +127,7 @@ impl Cfg {
                 idle_settle: Duration::from_millis(500),
                 idle_cpu_window: Duration::from_secs(5),
                 filters,
+                update_docs,
             }
         } else {
             Cfg {
@@ -126,6 +148,7 @@ impl Cfg {
                 idle_settle: Duration::from_secs(1),
                 idle_cpu_window: Duration::from_secs(10),
                 filters,
+                update_docs,
             }
         }
     }
@@ -251,30 +274,5 @@ fn main() {
     );
     print!("{}", rep.md);
 
-    if let Ok(out) = std::env::var("CHATPIPE_BENCH_OUT") {
-        if !out.is_empty() {
-            let path = std::path::PathBuf::from(out);
-            if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-                let _ = std::fs::create_dir_all(dir);
-            }
-            let csv = path.with_extension("csv");
-            let svg = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("docs/throughput.svg");
-            let _ = std::fs::create_dir_all(svg.parent().unwrap());
-            let subtitle = format!(
-                "{}; {}",
-                if cfg.quick { "QUICK run" } else { "full run" },
-                utc_now()
-            );
-            for (p, body) in [
-                (&path, rep.md.clone()),
-                (&csv, oneway_csv(&rep)),
-                (&svg, oneway_svg(&rep, &subtitle)),
-            ] {
-                match std::fs::write(p, body) {
-                    Ok(()) => eprintln!("wrote {}", p.display()),
-                    Err(e) => eprintln!("could not write {}: {e}", p.display()),
-                }
-            }
-        }
-    }
+    write_outputs(&cfg, &rep);
 }

@@ -1,11 +1,14 @@
 //! The report: metrics gathered by the scenarios, number formatting, the
-//! machine facts at the top, the targets table at the end, the oneway CSV.
+//! machine facts at the top, the targets table at the end, the oneway CSV,
+//! and where the files go.
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
 use std::thread;
 use std::time::SystemTime;
 
+use crate::chart::oneway_svg;
 use crate::Cfg;
 
 #[derive(Default)]
@@ -354,7 +357,7 @@ pub(crate) fn targets(rep: &mut Report) {
 }
 
 // ---------------------------------------------------------------------------
-// Outputs: CSV
+// Outputs: CSV, and the files written
 // ---------------------------------------------------------------------------
 
 pub(crate) fn oneway_csv(rep: &Report) -> String {
@@ -369,4 +372,53 @@ pub(crate) fn oneway_csv(rep: &Report) -> String {
         );
     }
     s
+}
+
+/// `target/bench` (the target directory of this build, wherever
+/// `CARGO_TARGET_DIR` or the Cargo configuration put it).
+fn default_out_dir() -> PathBuf {
+    let tmp = Path::new(env!("CARGO_TARGET_TMPDIR"));
+    tmp.parent().unwrap_or(tmp).join("bench")
+}
+
+/// Writes the markdown to `CHATPIPE_BENCH_OUT` (default
+/// `target/bench/results.md`), the oneway CSV (`results.csv`) and the chart
+/// (`throughput.svg`) beside it, and the chart to docs/throughput.svg as well
+/// only when asked (`--update-docs`, `CHATPIPE_BENCH_UPDATE_DOCS=1`).
+pub(crate) fn write_outputs(cfg: &Cfg, rep: &Report) {
+    let path = match std::env::var("CHATPIPE_BENCH_OUT") {
+        Ok(out) if !out.is_empty() => PathBuf::from(out),
+        _ => default_out_dir().join("results.md"),
+    };
+    let csv = path.with_extension("csv");
+    let svg = path.with_file_name("throughput.svg");
+    let subtitle = format!(
+        "{}; {}",
+        if cfg.quick { "QUICK run" } else { "full run" },
+        utc_now()
+    );
+    let chart = oneway_svg(rep, &subtitle);
+    let docs_svg = Path::new(env!("CARGO_MANIFEST_DIR")).join("docs/throughput.svg");
+    let mut files = vec![
+        (path, rep.md.clone()),
+        (csv, oneway_csv(rep)),
+        (svg, chart.clone()),
+    ];
+    if cfg.update_docs {
+        files.push((docs_svg, chart));
+    } else {
+        eprintln!(
+            "{} left as it is (--update-docs or CHATPIPE_BENCH_UPDATE_DOCS=1 to update it)",
+            docs_svg.display()
+        );
+    }
+    for (p, body) in files {
+        if let Some(dir) = p.parent().filter(|d| !d.as_os_str().is_empty()) {
+            let _ = std::fs::create_dir_all(dir);
+        }
+        match std::fs::write(&p, body) {
+            Ok(()) => eprintln!("wrote {}", p.display()),
+            Err(e) => eprintln!("could not write {}: {e}", p.display()),
+        }
+    }
 }
