@@ -1,0 +1,432 @@
+//! Scenario 4: chat fan-out through the example chat server.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::net::TcpListener;
+use std::rc::Rc;
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::Arc;
+use std::thread;
+use std::time::{Duration, Instant};
+
+use chatpipe::chat::{Chat, ChatMessage};
+use chatpipe::Builder;
+use futures::StreamExt;
+use smol::LocalExecutor;
+
+use crate::counting_alloc::{GLOBAL_ALLOCS, GLOBAL_ON};
+use crate::harness::{clock_ticks, percentile, stats};
+use crate::report::{si, Report};
+use crate::Cfg;
+
+/// The example chat server's room, the very file `examples/chat_server.rs`
+/// and `tests/chat_e2e.rs` use.
+#[path = "../../../examples/chat/server.rs"]
+mod chat_server;
+
+/// Bytes of every Chat text: a send timestamp, the sender and a sequence
+/// number, padded.
+const CHAT_TEXT: usize = 64;
+
+/// A Chat text carrying `sent`, nanoseconds since the run's base `Instant`.
+fn chat_text(sent: u64, sender: usize, seq: u64) -> String {
+    let mut s = format!("{sent:020} {sender:03} {seq:09} ");
+    while s.len() < CHAT_TEXT {
+        s.push('.');
+    }
+    s
+}
+
+/// The send timestamp `chat_text` put at the start of a text.
+fn chat_sent(text: &str) -> u64 {
+    text.get(..20)
+        .and_then(|t| t.parse().ok())
+        .unwrap_or_else(|| panic!("chat fan-out: no timestamp in {text:?}"))
+}
+
+/// One chat client of the bench, on the client thread.
+struct ChatClient {
+    tx: chatpipe::Sender<Chat>,
+    incoming: Option<chatpipe::Incoming<Chat>>,
+    driver: smol::Task<Result<(), chatpipe::Error>>,
+}
+
+/// What one run measured.
+pub(crate) struct ChatRun {
+    /// From the first send to the last delivery, seconds.
+    pub(crate) secs: f64,
+    pub(crate) deliveries: u64,
+    /// Per delivery, receive time minus embedded send time, nanoseconds;
+    /// sorted.
+    pub(crate) latencies: Vec<u64>,
+    /// Heap allocations during the run, every thread of the process.
+    pub(crate) allocs: u64,
+}
+
+/// One run: `senders` clients (the first ones) each send `msgs` Chat
+/// messages, as fast as `send().await` takes them or, with `pace`, at that
+/// many messages/s each; every client takes every broadcast meant for it
+/// (all but its own).
+async fn chat_run(
+    ex: &Rc<LocalExecutor<'static>>,
+    clients: &mut [ChatClient],
+    senders: usize,
+    msgs: u64,
+    pace: Option<f64>,
+) -> ChatRun {
+    GLOBAL_ALLOCS.store(0, Relaxed);
+    GLOBAL_ON.store(true, Relaxed);
+    let base = Instant::now();
+    let receivers: Vec<_> = clients
+        .iter_mut()
+        .enumerate()
+        .map(|(i, c)| {
+            let expect = msgs * (senders - usize::from(i < senders)) as u64;
+            let mut incoming = c.incoming.take().expect("incoming");
+            ex.spawn(async move {
+                let mut lat = Vec::with_capacity(expect as usize);
+                let mut last = base;
+                while (lat.len() as u64) < expect {
+                    match incoming.next().await {
+                        Some(Ok(ChatMessage::Broadcast { text, .. })) => {
+                            last = Instant::now();
+                            let now = last.duration_since(base).as_nanos() as u64;
+                            lat.push(now.saturating_sub(chat_sent(&text)));
+                        }
+                        other => panic!("chat client {i}: expected a broadcast, got {other:?}"),
+                    }
+                }
+                (incoming, lat, last)
+            })
+        })
+        .collect();
+    let sending: Vec<_> = clients[..senders]
+        .iter()
+        .enumerate()
+        .map(|(i, c)| {
+            let tx = c.tx.clone();
+            ex.spawn(async move {
+                // Paced senders start staggered, so their ticks interleave.
+                let start = base
+                    + pace.map_or(Duration::ZERO, |r| {
+                        Duration::from_secs_f64(i as f64 / (r * senders as f64))
+                    });
+                for seq in 0..msgs {
+                    if let Some(rate) = pace {
+                        let due = start + Duration::from_secs_f64(seq as f64 / rate);
+                        if Instant::now() < due {
+                            smol::Timer::at(due).await;
+                        }
+                    }
+                    let sent = base.elapsed().as_nanos() as u64;
+                    let text = chat_text(sent, i, seq);
+                    tx.send(ChatMessage::Chat { text })
+                        .await
+                        .expect("chat send");
+                }
+            })
+        })
+        .collect();
+    for s in sending {
+        s.await;
+    }
+    let mut latencies = Vec::new();
+    let mut end = base;
+    for (c, r) in clients.iter_mut().zip(receivers) {
+        let (incoming, lat, last) = r.await;
+        c.incoming = Some(incoming);
+        latencies.extend(lat);
+        end = end.max(last);
+    }
+    GLOBAL_ON.store(false, Relaxed);
+    latencies.sort_unstable();
+    ChatRun {
+        secs: end.duration_since(base).as_secs_f64(),
+        deliveries: latencies.len() as u64,
+        latencies,
+        allocs: GLOBAL_ALLOCS.load(Relaxed),
+    }
+}
+
+/// CPU seconds (user + system) of this process's threads, summed by
+/// thread name (`/proc/self/task/*/{comm,stat}`).
+fn thread_cpu() -> BTreeMap<String, f64> {
+    let mut out = BTreeMap::new();
+    let Ok(tasks) = std::fs::read_dir("/proc/self/task") else {
+        return out;
+    };
+    for t in tasks.flatten() {
+        let p = t.path();
+        let name = std::fs::read_to_string(p.join("comm")).unwrap_or_default();
+        let stat = std::fs::read_to_string(p.join("stat")).unwrap_or_default();
+        let after = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
+        let f: Vec<&str> = after.split_whitespace().collect();
+        let ticks = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+        *out.entry(name.trim().to_string()).or_insert(0.0) +=
+            (ticks(11) + ticks(12)) / clock_ticks();
+    }
+    out
+}
+
+/// The server thread's name: its `serve` runs the accept loop there; the
+/// per-client tasks it spawns run on smol's global executor ("smol-N").
+const CHAT_SERVER_THREAD: &str = "chat-server";
+const CHAT_CLIENT_THREAD: &str = "chat-clients";
+
+/// Everything one chat fan-out measurement gives back.
+pub(crate) struct ChatResults {
+    /// Saturated runs, warm-up excluded.
+    pub(crate) saturated: Vec<ChatRun>,
+    /// The paced run, with its offered broadcasts/s (all senders).
+    pub(crate) paced: Option<(ChatRun, f64)>,
+    /// A saturated run with one sender.
+    pub(crate) single: Option<ChatRun>,
+    /// Thread name -> CPU seconds over the saturated runs.
+    pub(crate) usage: BTreeMap<String, f64>,
+    /// Server log lines about trouble (kicks, refusals, errors).
+    pub(crate) trouble: Vec<String>,
+}
+
+pub(crate) fn chat_fanout(cfg: &Cfg) -> ChatResults {
+    let (clients, senders, msgs) = (cfg.chat_clients, cfg.chat_senders, cfg.chat_msgs);
+    let listener = TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1");
+    let addr = listener.local_addr().unwrap();
+    let trouble = Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
+    let sink = trouble.clone();
+    let config = chat_server::Config {
+        rate: None,
+        max_per_ip: clients + 1,
+        max_connections: clients + 1,
+        grace: Duration::from_secs(2),
+        // No output: keep only lines that say something went wrong, which
+        // never happens per message.
+        log: Arc::new(move |line: String| {
+            let bad = ["too slow", "refused", "error", "not sent", "failed"];
+            if bad.iter().any(|b| line.contains(b)) {
+                sink.lock().unwrap().push(line);
+            }
+        }),
+        ..chat_server::Config::default()
+    };
+    let (stop, stopped) = smol::channel::bounded::<()>(1);
+    let server = thread::Builder::new()
+        .name(CHAT_SERVER_THREAD.into())
+        .spawn(move || {
+            let listener = smol::net::TcpListener::try_from(listener).expect("async listener");
+            smol::block_on(chat_server::serve(listener, config, async move {
+                let _ = stopped.recv().await;
+            }));
+        })
+        .expect("server thread");
+
+    let (reps, warmup) = (cfg.chat_reps, usize::from(!cfg.quick));
+    let (target_paced, single) = (cfg.chat_paced_secs, cfg.chat_single);
+    let client = thread::Builder::new()
+        .name(CHAT_CLIENT_THREAD.into())
+        .spawn(move || {
+            let ex = Rc::new(LocalExecutor::new());
+            let ex2 = ex.clone();
+            smol::block_on(ex.run(async move {
+                let ex = ex2;
+                let mut cs = Vec::with_capacity(clients);
+                for i in 0..clients {
+                    let s = smol::net::TcpStream::connect(addr).await.expect("connect");
+                    let _ = s.set_nodelay(true);
+                    let (tx, incoming, conn) = Builder::new().build(s, Chat);
+                    let driver = ex.spawn(conn);
+                    // Answered once the server has this client in its room.
+                    match tx
+                        .request(ChatMessage::set_nickname(format!("c{i:03}")))
+                        .await
+                    {
+                        Ok(ChatMessage::Ack { .. }) => {}
+                        other => panic!("chat client {i}: nickname refused: {other:?}"),
+                    }
+                    cs.push(ChatClient {
+                        tx,
+                        incoming: Some(incoming),
+                        driver,
+                    });
+                }
+                for _ in 0..warmup {
+                    chat_run(&ex, &mut cs, senders, msgs, None).await;
+                }
+                let u0 = thread_cpu();
+                let mut saturated = Vec::new();
+                for _ in 0..reps {
+                    saturated.push(chat_run(&ex, &mut cs, senders, msgs, None).await);
+                }
+                let u1 = thread_cpu();
+                let usage = u1
+                    .iter()
+                    .map(|(k, c1)| (k.clone(), c1 - u0.get(k).copied().unwrap_or(0.0)))
+                    .collect();
+                // Paced at half the saturated rate: latency without a
+                // standing queue.
+                let mut rates: Vec<f64> = saturated
+                    .iter()
+                    .map(|r| r.deliveries as f64 / r.secs)
+                    .collect();
+                rates.sort_by(|a, b| a.total_cmp(b));
+                let paced = match rates.get(rates.len() / 2) {
+                    Some(&deliveries) if target_paced > 0.0 => {
+                        let broadcasts = 0.5 * deliveries / (clients - 1) as f64;
+                        let per_sender = broadcasts / senders as f64;
+                        let n = ((per_sender * target_paced) as u64).clamp(10, msgs * 10);
+                        let run = chat_run(&ex, &mut cs, senders, n, Some(per_sender)).await;
+                        Some((run, broadcasts))
+                    }
+                    _ => None,
+                };
+                // The same messages from one sender instead of many.
+                let single = if single && senders > 1 {
+                    Some(chat_run(&ex, &mut cs, 1, msgs, None).await)
+                } else {
+                    None
+                };
+                for c in cs {
+                    c.tx.close();
+                    c.driver.await.expect("chat client driver");
+                }
+                (saturated, paced, single, usage)
+            }))
+        })
+        .expect("client thread");
+    let (saturated, paced, single, usage) = client.join().expect("chat clients");
+    let _ = stop.send_blocking(());
+    server.join().expect("chat server");
+    let trouble = trouble.lock().unwrap().clone();
+    ChatResults {
+        saturated,
+        paced,
+        single,
+        usage,
+        trouble,
+    }
+}
+
+/// Each busy thread's share of a core over `secs`, with its role.
+pub(crate) fn chat_cpu_line(res: &ChatResults, secs: f64) -> String {
+    let mut threads: Vec<String> = Vec::new();
+    for (name, &cpu) in &res.usage {
+        let role = if name.starts_with("smol-") {
+            "the server's client tasks"
+        } else if name == CHAT_SERVER_THREAD {
+            "the server's accept loop"
+        } else if name == CHAT_CLIENT_THREAD {
+            "the clients"
+        } else if name == "async-io" {
+            "async-io's reactor"
+        } else {
+            continue;
+        };
+        let share = 100.0 * cpu / secs.max(1e-9);
+        if share >= 0.5 {
+            threads.push(format!("{name} ({role}) {share:.0}%"));
+        }
+    }
+    threads.join(", ")
+}
+
+pub(crate) fn scenario_chat_fanout(cfg: &Cfg, rep: &mut Report) {
+    let (clients, senders, msgs) = (cfg.chat_clients, cfg.chat_senders, cfg.chat_msgs);
+    let smol_threads = std::env::var("SMOL_THREADS").unwrap_or_else(|_| "1 (default)".into());
+    eprintln!("chat fan-out ({clients} clients, {senders} senders x {msgs}) ...");
+    let res = chat_fanout(cfg);
+    let others = clients as u64 - 1;
+    let per_run = msgs * senders as u64 * others;
+    for r in &res.saturated {
+        assert_eq!(r.deliveries, per_run, "chat fan-out: deliveries lost");
+    }
+    let mut md = String::new();
+    let _ = writeln!(
+        md,
+        "## 4. chat fan-out: the example chat server, {clients} clients\n\n\
+         `examples/chat/server.rs` in-process: `serve` on a thread of its own, which runs only its \
+         accept loop; the per-client tasks it `smol::spawn`s run on smol's global executor \
+         (SMOL_THREADS = {smol_threads}). No rate limit; log lines dropped. {clients} chatpipe clients \
+         (`Builder` defaults, `Chat` protocol, each with a nickname) all on **one** client thread (a \
+         `LocalExecutor`). Senders (the first clients) send Chat messages of {CHAT_TEXT} B text whose \
+         first bytes are the send time (ns since the run's start); the server broadcasts each to the \
+         {others} others. *delivered/s*: deliveries at all clients / (first send to last delivery). \
+         *latency*: per delivery, receive time minus the embedded send time. *saturated*: senders \
+         `send().await` as fast as it returns, so latency there is mostly queueing behind the whole \
+         run; *paced*: at half the saturated median rate, senders staggered, no standing queue. \
+         *allocs*: heap allocations per delivery, whole process (server and clients).\n"
+    );
+    let _ = writeln!(
+        md,
+        "| load | deliveries per run | runs | delivered/s | spread | p50 µs | p99 µs | max µs | allocs |\n\
+         |---|---:|---|---:|---|---:|---:|---:|---:|"
+    );
+    let p = |r: &ChatRun, q: f64| percentile(&r.latencies, q);
+    let max = |r: &ChatRun| r.latencies.last().map_or(f64::NAN, |&v| v as f64 / 1000.0);
+    let rate = |r: &ChatRun| r.deliveries as f64 / r.secs;
+    let allocs = |r: &ChatRun| r.allocs as f64 / r.deliveries.max(1) as f64;
+    let med = |f: &dyn Fn(&ChatRun) -> f64| {
+        stats(&res.saturated.iter().map(f).collect::<Vec<_>>()).median
+    };
+    let st = stats(&res.saturated.iter().map(rate).collect::<Vec<_>>());
+    let p99 = med(&|r| p(r, 0.99));
+    rep.set("chat/delivered_per_s".into(), st.median);
+    rep.set("chat/clients".into(), clients as f64);
+    rep.set("chat/senders".into(), senders as f64);
+    rep.set("chat/saturated/p99_us".into(), p99);
+    let _ = writeln!(
+        md,
+        "| saturated, {senders} senders x {msgs} | {} | median of {}{} | {} | {}–{} | {:.0} | {p99:.0} | {:.0} | {:.2} |",
+        si(per_run as f64),
+        res.saturated.len(),
+        if cfg.quick { "" } else { ", after a warm-up" },
+        si(st.median),
+        si(st.min),
+        si(st.max),
+        med(&|r| p(r, 0.50)),
+        med(&max),
+        med(&allocs),
+    );
+    if let Some((r, offered)) = &res.paced {
+        rep.set("chat/paced/p99_us".into(), p(r, 0.99));
+        let _ = writeln!(
+            md,
+            "| paced, {senders} senders, {} broadcasts/s offered | {} | one | {} | – | {:.0} | {:.0} | {:.0} | {:.2} |",
+            si(*offered),
+            si(r.deliveries as f64),
+            si(rate(r)),
+            p(r, 0.50),
+            p(r, 0.99),
+            max(r),
+            allocs(r),
+        );
+    }
+    if let Some(r) = &res.single {
+        rep.set("chat/single/delivered_per_s".into(), rate(r));
+        let _ = writeln!(
+            md,
+            "| saturated, 1 sender x {msgs} | {} | one | {} | – | {:.0} | {:.0} | {:.0} | {:.2} |",
+            si(r.deliveries as f64),
+            si(rate(r)),
+            p(r, 0.50),
+            p(r, 0.99),
+            max(r),
+            allocs(r),
+        );
+    }
+    let secs: f64 = res.saturated.iter().map(|r| r.secs).sum();
+    let _ = writeln!(
+        md,
+        "\nCPU per thread over the saturated {senders}-sender runs (/proc/self/task/*/stat, share of \
+         one core): {}.\n",
+        chat_cpu_line(&res, secs),
+    );
+    if !res.trouble.is_empty() {
+        let note = format!(
+            "chat fan-out: the server logged {} problem line(s), first: {}",
+            res.trouble.len(),
+            res.trouble[0]
+        );
+        let _ = writeln!(md, "**Note**: {note}.\n");
+        rep.notes.push(note);
+    }
+    rep.md.push_str(&md);
+}

@@ -1,0 +1,225 @@
+//! Scenario 3: fanin, many connections into one server.
+
+use std::fmt::Write as _;
+use std::io::Write;
+use std::sync::{Arc, Barrier};
+use std::thread;
+use std::time::Instant;
+
+use bytes::Bytes;
+use chatpipe::raw::{Raw, RawMessage};
+use futures::{SinkExt, StreamExt};
+
+use crate::harness::stats;
+use crate::report::{ratio, si, Report};
+use crate::stacks::{
+    chatpipe_builder, fanin_pairs, payload, raw_read_frames, smol_stream, smol_thread,
+    tokio_framed, tokio_thread,
+};
+use crate::Cfg;
+
+const FANIN_SIZE: usize = 64;
+
+fn fanin_raw(conns: usize, msgs: u64) -> f64 {
+    let (clients, servers) = fanin_pairs(conns);
+    let go = Arc::new(Barrier::new(conns + 2));
+    let readers: Vec<_> = servers
+        .into_iter()
+        .map(|mut s| {
+            let go = go.clone();
+            thread::spawn(move || {
+                go.wait();
+                raw_read_frames(&mut s, msgs);
+            })
+        })
+        .collect();
+    let go2 = go.clone();
+    let writer = thread::spawn(move || {
+        let frame = 4 + FANIN_SIZE;
+        let body = payload(FANIN_SIZE);
+        let mut block = Vec::with_capacity(frame * msgs as usize);
+        for _ in 0..msgs {
+            block.extend_from_slice(&(FANIN_SIZE as u32).to_be_bytes());
+            block.extend_from_slice(&body);
+        }
+        go2.wait();
+        for mut c in clients {
+            for chunk in block.chunks(512 * 1024) {
+                c.write_all(chunk).expect("raw write");
+            }
+        }
+    });
+    go.wait();
+    let t0 = Instant::now();
+    for r in readers {
+        r.join().unwrap();
+    }
+    let secs = t0.elapsed().as_secs_f64();
+    writer.join().unwrap();
+    secs
+}
+
+pub(crate) fn fanin_tokio(conns: usize, msgs: u64) -> f64 {
+    let (clients, servers) = fanin_pairs(conns);
+    let go = Arc::new(Barrier::new(2));
+    let go2 = go.clone();
+    let client = tokio_thread(move || async move {
+        let framed: Vec<_> = clients.into_iter().map(tokio_framed).collect();
+        let body = payload(FANIN_SIZE);
+        go2.wait();
+        let tasks: Vec<_> = framed
+            .into_iter()
+            .map(|mut f| {
+                let body = body.clone();
+                tokio::spawn(async move {
+                    for _ in 0..msgs {
+                        f.feed(body.clone()).await.unwrap();
+                    }
+                    SinkExt::<Bytes>::flush(&mut f).await.unwrap();
+                    SinkExt::<Bytes>::close(&mut f).await.unwrap();
+                })
+            })
+            .collect();
+        for t in tasks {
+            t.await.unwrap();
+        }
+    });
+    let server = tokio_thread(move || async move {
+        let framed: Vec<_> = servers.into_iter().map(tokio_framed).collect();
+        go.wait();
+        let t0 = Instant::now();
+        let tasks: Vec<_> = framed
+            .into_iter()
+            .map(|mut f| {
+                tokio::spawn(async move {
+                    for _ in 0..msgs {
+                        f.next().await.unwrap().unwrap();
+                    }
+                    f
+                })
+            })
+            .collect();
+        let mut done = Vec::new();
+        for t in tasks {
+            done.push(t.await.unwrap());
+        }
+        let secs = t0.elapsed().as_secs_f64();
+        for mut f in done {
+            while f.next().await.is_some() {}
+        }
+        secs
+    });
+    client.join().unwrap();
+    server.join().unwrap()
+}
+
+pub(crate) fn fanin_chatpipe(conns: usize, msgs: u64) -> f64 {
+    let (clients, servers) = fanin_pairs(conns);
+    let go = Arc::new(Barrier::new(2));
+    let go2 = go.clone();
+    let client = smol_thread(move |ex| async move {
+        let ends: Vec<_> = clients
+            .into_iter()
+            .map(|s| {
+                let (tx, _incoming, conn) = chatpipe_builder().build(smol_stream(s), Raw);
+                (tx, ex.spawn(conn))
+            })
+            .collect();
+        let body = payload(FANIN_SIZE);
+        go2.wait();
+        let tasks: Vec<_> = ends
+            .into_iter()
+            .map(|(tx, driver)| {
+                let body = body.clone();
+                ex.spawn(async move {
+                    for _ in 0..msgs {
+                        tx.send(RawMessage::Message(body.clone())).await.unwrap();
+                    }
+                    tx.close();
+                    driver.await.expect("fanin client driver");
+                })
+            })
+            .collect();
+        for t in tasks {
+            t.await;
+        }
+    });
+    let server = smol_thread(move |ex| async move {
+        let ends: Vec<_> = servers
+            .into_iter()
+            .map(|s| {
+                let (tx, incoming, conn) = chatpipe_builder().build(smol_stream(s), Raw);
+                (tx, incoming, ex.spawn(conn))
+            })
+            .collect();
+        go.wait();
+        let t0 = Instant::now();
+        let tasks: Vec<_> = ends
+            .into_iter()
+            .map(|(tx, mut incoming, driver)| {
+                ex.spawn(async move {
+                    for _ in 0..msgs {
+                        incoming.next().await.unwrap().unwrap();
+                    }
+                    (tx, incoming, driver)
+                })
+            })
+            .collect();
+        let mut done = Vec::new();
+        for t in tasks {
+            done.push(t.await);
+        }
+        let secs = t0.elapsed().as_secs_f64();
+        for (tx, mut incoming, driver) in done {
+            while incoming.next().await.is_some() {}
+            drop(tx);
+            let _ = driver.await;
+        }
+        secs
+    });
+    client.join().unwrap();
+    server.join().unwrap()
+}
+
+pub(crate) fn scenario_fanin(cfg: &Cfg, rep: &mut Report) {
+    let (conns, msgs) = (cfg.fanin_conns, cfg.fanin_msgs as u64);
+    let total = (conns as u64 * msgs) as f64;
+    let mut md = String::new();
+    let _ = writeln!(
+        md,
+        "## 3. fanin: {conns} connections x {msgs} messages of {FANIN_SIZE} B to one server\n\n\
+         Aggregate messages/s at the server, median of {} runs. raw: one writer thread writing each \
+         connection's pre-encoded frames, one reader thread per connection; tokio-util (feed, then \
+         flush) and chatpipe (`send().await`): one thread per side, one task per connection.\n",
+        cfg.reps
+    );
+    let _ = writeln!(
+        md,
+        "| stack | msgs/s | spread | x raw | x tokio-util feed |\n|---|---:|---|---:|---:|"
+    );
+    for stack in ["raw", "tokio-util feed", "chatpipe send"] {
+        eprintln!("fanin {stack} ...");
+        let rates: Vec<f64> = (0..cfg.reps + 1)
+            .map(|_| match stack {
+                "raw" => fanin_raw(conns, msgs),
+                "tokio-util feed" => fanin_tokio(conns, msgs),
+                _ => fanin_chatpipe(conns, msgs),
+            })
+            .skip(1) // warm-up
+            .map(|s| total / s)
+            .collect();
+        let st = stats(&rates);
+        rep.set(format!("fanin/{stack}"), st.median);
+        let _ = writeln!(
+            md,
+            "| {stack} | {} | {}–{} | {} | {} |",
+            si(st.median),
+            si(st.min),
+            si(st.max),
+            ratio(Some(st.median), rep.get("fanin/raw")),
+            ratio(Some(st.median), rep.get("fanin/tokio-util feed")),
+        );
+    }
+    rep.md.push_str(&md);
+    rep.md.push('\n');
+}

@@ -1,0 +1,191 @@
+//! Scenario 5: memory and keepalive CPU of idle connections.
+
+use std::fmt::Write as _;
+use std::net::TcpStream;
+use std::thread;
+use std::time::{Duration, Instant};
+
+use chatpipe::raw::Raw;
+use chatpipe::Builder;
+use futures::StreamExt;
+
+use crate::counting_alloc::{delta, thread_allocs};
+use crate::harness::{
+    clock_ticks, malloc_trim, open_fds, process_cpu_secs, raise_nofile, rss_bytes,
+};
+use crate::report::Report;
+use crate::stacks::{fanin_pairs, smol_stream, smol_thread, tokio_framed, tokio_thread};
+use crate::Cfg;
+
+/// Runs in a child process (a fresh heap, so RSS deltas are clean):
+/// builds `pairs` idle loopback connections, both ends in this process, and
+/// prints `IDLE <rss before> <rss after> <cpu secs> <window secs>`.
+pub(crate) fn child_idle(stack: &str, pairs: usize, settle: Duration, window: Duration) {
+    raise_nofile();
+    let (clients, servers) = fanin_pairs(pairs);
+    let mut socks = clients;
+    socks.extend(servers);
+    let (sock_tx, sock_rx) = std::sync::mpsc::channel::<Vec<TcpStream>>();
+    let (built_tx, built_rx) = std::sync::mpsc::channel::<(u64, u64)>();
+    let (stop_tx, stop_rx) = smol::channel::bounded::<()>(1);
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel::<()>();
+    let worker = match stack {
+        "chatpipe" => smol_thread(move |ex| async move {
+            smol::Timer::after(Duration::from_millis(1)).await; // reactor up
+            ready_tx.send(()).unwrap();
+            let socks = sock_rx.recv().unwrap();
+            let before = thread_allocs();
+            let mut handles = Vec::with_capacity(socks.len());
+            for s in socks {
+                let (tx, incoming, conn) = Builder::new().build(smol_stream(s), Raw);
+                ex.spawn(conn).detach();
+                handles.push((tx, incoming));
+            }
+            built_tx.send(delta(before)).unwrap();
+            let _ = stop_rx.recv().await;
+            drop(handles);
+        }),
+        _ => tokio_thread(move || async move {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+            ready_tx.send(()).unwrap();
+            let socks = sock_rx.recv().unwrap();
+            let before = thread_allocs();
+            let mut tasks = Vec::with_capacity(socks.len());
+            for s in socks {
+                let mut f = tokio_framed(s);
+                tasks.push(tokio::spawn(async move {
+                    while let Some(Ok(_)) = f.next().await {}
+                }));
+            }
+            built_tx.send(delta(before)).unwrap();
+            let _ = stop_rx.recv().await;
+            for t in tasks {
+                t.abort();
+            }
+        }),
+    };
+    ready_rx.recv().unwrap();
+    malloc_trim();
+    let rss0 = rss_bytes();
+    sock_tx.send(socks).unwrap();
+    let (allocs, bytes) = built_rx.recv().unwrap();
+    thread::sleep(settle);
+    let rss1 = rss_bytes();
+    let (cpu, wall) = if window.is_zero() {
+        (0.0, 0.0)
+    } else {
+        let (c0, t0) = (process_cpu_secs(), Instant::now());
+        thread::sleep(window);
+        (process_cpu_secs() - c0, t0.elapsed().as_secs_f64())
+    };
+    println!("IDLE {rss0} {rss1} {cpu} {wall} {allocs} {bytes}");
+    let _ = stop_tx.send_blocking(());
+    worker.join().unwrap();
+}
+
+fn run_child_idle(
+    stack: &str,
+    pairs: usize,
+    settle: Duration,
+    window: Duration,
+) -> Option<[f64; 6]> {
+    let exe = std::env::current_exe().ok()?;
+    let out = std::process::Command::new(exe)
+        .args([
+            "--child-idle",
+            stack,
+            &pairs.to_string(),
+            &settle.as_millis().to_string(),
+            &window.as_millis().to_string(),
+        ])
+        .output()
+        .ok()?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let line = text.lines().find(|l| l.starts_with("IDLE "))?;
+    let v: Vec<f64> = line[5..]
+        .split_whitespace()
+        .filter_map(|x| x.parse().ok())
+        .collect();
+    if v.len() == 6 {
+        Some([v[0], v[1], v[2], v[3], v[4], v[5]])
+    } else {
+        eprintln!(
+            "idle child failed: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+        None
+    }
+}
+
+pub(crate) fn scenario_memory(cfg: &Cfg, rep: &mut Report) {
+    let limit = raise_nofile();
+    let spare = open_fds() + 64;
+    let fit = (limit.saturating_sub(spare) / 2) as usize;
+    let pairs = cfg.idle_pairs.min(fit);
+    let mut md = String::new();
+    let _ = writeln!(
+        md,
+        "## 5. memory: idle connections\n\n\
+         {pairs} idle loopback connections, both ends in one fresh child process, so {} connection \
+         ends; RSS (/proc/self/statm) before and {:.1} s after building them, divided by the number of \
+         ends. Each chatpipe end keeps its `Sender` and `Incoming` and a spawned driver, all on one \
+         smol thread, default Builder (keepalive every 5 s, idle timeout 15 s). Keepalive CPU: process \
+         CPU time (/proc/self/stat, {} Hz ticks) over {:.0} s while idle. tokio-util: one task per end \
+         awaiting `Framed::next()` on one current-thread runtime, no keepalives.\n",
+        2 * pairs,
+        cfg.idle_settle.as_secs_f64(),
+        clock_ticks(),
+        cfg.idle_cpu_window.as_secs_f64(),
+    );
+    if pairs < cfg.idle_pairs {
+        let note = format!(
+            "memory: scaled down from {} to {pairs} connections: the open-file limit is {limit} \
+             (raise it with `ulimit -n {}` for the full count)",
+            cfg.idle_pairs,
+            2 * cfg.idle_pairs + spare as usize,
+        );
+        let _ = writeln!(md, "**Note**: {note}.\n");
+        rep.notes.push(note);
+    }
+    let _ = writeln!(
+        md,
+        "| stack | connection ends | RSS per end | heap allocations / bytes per end, at setup | keepalive CPU, % of one core |\n|---|---:|---:|---:|---:|"
+    );
+    for stack in ["chatpipe", "tokio-util"] {
+        eprintln!("memory {stack} ({pairs} pairs) ...");
+        let window = if stack == "chatpipe" {
+            cfg.idle_cpu_window
+        } else {
+            Duration::ZERO
+        };
+        match run_child_idle(stack, pairs, cfg.idle_settle, window) {
+            Some([rss0, rss1, cpu, wall, allocs, bytes]) => {
+                let per = (rss1 - rss0) / (2 * pairs) as f64;
+                rep.set(format!("memory/{stack}/rss_per_end"), per);
+                let cpu_pct = if wall > 0.0 {
+                    let p = 100.0 * cpu / wall;
+                    rep.set(format!("memory/{stack}/cpu_pct"), p);
+                    format!("{p:.2}%")
+                } else {
+                    "– (no keepalives)".into()
+                };
+                let ends = (2 * pairs) as f64;
+                let _ = writeln!(
+                    md,
+                    "| {stack} | {} | {:.0} B ({:.1} KiB) | {:.1} / {:.0} B | {cpu_pct} |",
+                    2 * pairs,
+                    per,
+                    per / 1024.0,
+                    allocs / ends,
+                    bytes / ends,
+                );
+            }
+            None => {
+                let _ = writeln!(md, "| {stack} | {} | failed | – | – |", 2 * pairs);
+            }
+        }
+    }
+    rep.set("memory/pairs".into(), pairs as f64);
+    rep.md.push_str(&md);
+    rep.md.push('\n');
+}

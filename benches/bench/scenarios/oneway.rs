@@ -1,0 +1,67 @@
+//! Scenario 1: oneway, one connection, N messages.
+
+use std::fmt::Write as _;
+
+use crate::harness::{calibrated, stats};
+use crate::report::{ratio, si, size_name, Report};
+use crate::stacks::{oneway_chatpipe, oneway_raw, oneway_tokio, CpSend};
+use crate::Cfg;
+
+/// Payload sizes of the oneway runs (and the chart's x axis).
+pub(crate) const SIZES: [usize; 4] = [16, 64, 1024, 64 * 1024];
+
+const ONEWAY_STACKS: [&str; 5] = [
+    "raw",
+    "tokio-util feed",
+    "tokio-util send",
+    "chatpipe send",
+    "chatpipe try_send",
+];
+
+pub(crate) fn scenario_oneway(cfg: &Cfg, rep: &mut Report) {
+    let mut md = String::new();
+    let _ = writeln!(
+        md,
+        "## 1. oneway: one connection, N messages\n\n\
+         Messages/s at the receiver (from the start signal to the N-th message), median of {} runs, \
+         spread min–max; MB/s counts payload bytes (10^6). chatpipe's Raw protocol adds a 1-byte tag \
+         to each payload.\n",
+        cfg.reps
+    );
+    let _ = writeln!(
+        md,
+        "| size | stack | N | msgs/s | spread | MB/s | x raw | x tokio-util feed |\n|---|---|---:|---:|---|---:|---:|---:|"
+    );
+    for size in SIZES {
+        for stack in ONEWAY_STACKS {
+            eprintln!("oneway {} {stack} ...", size_name(size));
+            let (n, secs) = match stack {
+                "raw" => calibrated(cfg, |n| oneway_raw(size, n)),
+                "tokio-util feed" => calibrated(cfg, |n| oneway_tokio(size, n, false)),
+                "tokio-util send" => calibrated(cfg, |n| oneway_tokio(size, n, true)),
+                "chatpipe send" => calibrated(cfg, |n| oneway_chatpipe(size, n, CpSend::Send)),
+                _ => calibrated(cfg, |n| oneway_chatpipe(size, n, CpSend::TrySend)),
+            };
+            let rates: Vec<f64> = secs.iter().map(|s| n as f64 / s).collect();
+            let st = stats(&rates);
+            rep.set(format!("oneway/{size}/{stack}"), st.median);
+            rep.oneway.push((size, stack, n, st.median, st.min, st.max));
+            let raw = rep.get(&format!("oneway/{size}/raw"));
+            let feed = rep.get(&format!("oneway/{size}/tokio-util feed"));
+            let _ = writeln!(
+                md,
+                "| {} | {stack} | {} | {} | {}–{} | {:.0} | {} | {} |",
+                size_name(size),
+                si(n as f64),
+                si(st.median),
+                si(st.min),
+                si(st.max),
+                st.median * size as f64 / 1e6,
+                ratio(Some(st.median), raw),
+                ratio(Some(st.median), feed),
+            );
+        }
+    }
+    rep.md.push_str(&md);
+    rep.md.push('\n');
+}

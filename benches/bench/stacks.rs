@@ -1,0 +1,339 @@
+//! The stacks compared: loopback sockets and runtime threads shared by every
+//! scenario, then raw `std::net` sockets, tokio-util `Framed`, and chatpipe
+//! (on smol, and on tokio through `TokioTimer`), with their oneway runs.
+
+use std::io::{Read, Write};
+use std::net::{Shutdown, TcpListener, TcpStream};
+use std::rc::Rc;
+use std::sync::{Arc, Barrier};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use chatpipe::raw::{Raw, RawMessage};
+use chatpipe::{Builder, TrySendError};
+use futures::{SinkExt, StreamExt};
+use smol::LocalExecutor;
+use tokio_util::codec::{Framed, LengthDelimitedCodec};
+
+// ---------------------------------------------------------------------------
+// Small helpers
+// ---------------------------------------------------------------------------
+
+/// chatpipe's default maximum frame is 64 KiB, and a 64 KiB body plus the
+/// Raw protocol's tag byte is one byte over; a user sending 64 KiB
+/// messages raises it, and so does the bench (for every stack alike).
+const MAX_FRAME: usize = 1 << 20;
+
+/// A connected loopback pair, Nagle off on both ends (every stack alike).
+pub(crate) fn tcp_pair() -> (TcpStream, TcpStream) {
+    let listener = TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1");
+    let a = TcpStream::connect(listener.local_addr().unwrap()).expect("connect");
+    let (b, _) = listener.accept().expect("accept");
+    a.set_nodelay(true).unwrap();
+    b.set_nodelay(true).unwrap();
+    (a, b)
+}
+
+pub(crate) fn payload(size: usize) -> Bytes {
+    Bytes::from((0..size).map(|i| i as u8).collect::<Vec<u8>>())
+}
+
+pub(crate) fn chatpipe_builder() -> Builder {
+    Builder::new().max_frame_len(MAX_FRAME)
+}
+
+pub(crate) fn smol_stream(s: TcpStream) -> smol::net::TcpStream {
+    smol::net::TcpStream::try_from(s).expect("register with async-io")
+}
+
+pub(crate) fn tokio_framed(s: TcpStream) -> Framed<tokio::net::TcpStream, LengthDelimitedCodec> {
+    s.set_nonblocking(true).unwrap();
+    let s = tokio::net::TcpStream::from_std(s).expect("register with tokio");
+    let codec = LengthDelimitedCodec::builder()
+        .max_frame_length(MAX_FRAME)
+        .new_codec();
+    Framed::new(s, codec)
+}
+
+/// Runs `f` on a new thread inside its own smol `LocalExecutor`.
+pub(crate) fn smol_thread<T, F, Fut>(f: F) -> thread::JoinHandle<T>
+where
+    T: Send + 'static,
+    F: FnOnce(Rc<LocalExecutor<'static>>) -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = T>,
+{
+    thread::spawn(move || {
+        let ex = Rc::new(LocalExecutor::new());
+        smol::block_on(ex.run(f(ex.clone())))
+    })
+}
+
+/// Runs `f` on a new thread inside its own tokio current-thread runtime.
+pub(crate) fn tokio_thread<T, F, Fut>(f: F) -> thread::JoinHandle<T>
+where
+    T: Send + 'static,
+    F: FnOnce() -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = T>,
+{
+    thread::spawn(move || {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("tokio runtime")
+            .block_on(f())
+    })
+}
+
+pub(crate) fn fanin_pairs(conns: usize) -> (Vec<TcpStream>, Vec<TcpStream>) {
+    (0..conns).map(|_| tcp_pair()).unzip()
+}
+
+// ---------------------------------------------------------------------------
+// Raw std::net stack
+// ---------------------------------------------------------------------------
+
+/// Pre-encoded frames of `size`-byte payloads, about 512 KiB of them (at
+/// least one frame).
+fn encoded_block(size: usize) -> (Vec<u8>, usize) {
+    let frame = 4 + size;
+    let per_block = (512 * 1024 / frame).max(1);
+    let body = payload(size);
+    let mut block = Vec::with_capacity(per_block * frame);
+    for _ in 0..per_block {
+        block.extend_from_slice(&(size as u32).to_be_bytes());
+        block.extend_from_slice(&body);
+    }
+    (block, per_block)
+}
+
+fn raw_write_frames(s: &mut TcpStream, block: &[u8], per_block: usize, size: usize, n: u64) {
+    let frame = 4 + size;
+    let per_block = per_block as u64;
+    for _ in 0..n / per_block {
+        s.write_all(block).expect("raw write");
+    }
+    let rest = (n % per_block) as usize;
+    s.write_all(&block[..rest * frame]).expect("raw write");
+}
+
+/// Reads until `expect` frames have arrived, walking the length prefixes
+/// in a 64 KiB buffer; payloads are skipped, never copied. Returns the
+/// payload bytes seen.
+pub(crate) fn raw_read_frames(s: &mut TcpStream, expect: u64) -> u64 {
+    let mut buf = vec![0u8; 64 * 1024];
+    let (mut have, mut skip, mut msgs, mut bytes) = (0usize, 0usize, 0u64, 0u64);
+    while msgs < expect {
+        let n = s.read(&mut buf[have..]).expect("raw read");
+        assert!(n > 0, "raw reader: early EOF after {msgs} of {expect}");
+        let end = have + n;
+        let mut pos = 0;
+        loop {
+            if skip > 0 {
+                let k = skip.min(end - pos);
+                pos += k;
+                skip -= k;
+                if skip > 0 {
+                    break;
+                }
+                msgs += 1;
+            }
+            if end - pos < 4 {
+                break;
+            }
+            let len = u32::from_be_bytes(buf[pos..pos + 4].try_into().unwrap()) as usize;
+            pos += 4;
+            bytes += len as u64;
+            if len == 0 {
+                msgs += 1;
+            } else {
+                skip = len;
+            }
+        }
+        buf.copy_within(pos..end, 0);
+        have = end - pos;
+    }
+    bytes
+}
+
+/// Reads exactly one frame into `buf` (request/response: nothing follows it
+/// until it is answered). `None` at EOF.
+pub(crate) fn raw_read_one(s: &mut TcpStream, buf: &mut [u8]) -> Option<usize> {
+    let mut have = 0;
+    loop {
+        let n = s.read(&mut buf[have..]).expect("raw read");
+        if n == 0 {
+            return None;
+        }
+        have += n;
+        if have >= 4 {
+            let len = 4 + u32::from_be_bytes(buf[..4].try_into().unwrap()) as usize;
+            if have >= len {
+                assert_eq!(have, len, "ping-pong: more than one frame");
+                return Some(len);
+            }
+        }
+    }
+}
+
+pub(crate) fn oneway_raw(size: usize, n: u64) -> f64 {
+    let (mut a, mut b) = tcp_pair();
+    let go = Arc::new(Barrier::new(2));
+    let go2 = go.clone();
+    let writer = thread::spawn(move || {
+        let (block, per_block) = encoded_block(size);
+        go2.wait();
+        raw_write_frames(&mut a, &block, per_block, size, n);
+        let _ = a.shutdown(Shutdown::Write);
+    });
+    go.wait();
+    let t0 = Instant::now();
+    let bytes = raw_read_frames(&mut b, n);
+    let secs = t0.elapsed().as_secs_f64();
+    assert_eq!(bytes, n * size as u64);
+    writer.join().unwrap();
+    secs
+}
+
+// ---------------------------------------------------------------------------
+// tokio-util stack
+// ---------------------------------------------------------------------------
+
+pub(crate) fn oneway_tokio(size: usize, n: u64, flush_each: bool) -> f64 {
+    let (a, b) = tcp_pair();
+    let go = Arc::new(Barrier::new(2));
+    let go2 = go.clone();
+    let body = payload(size);
+    let sender = tokio_thread(move || async move {
+        let mut f = tokio_framed(a);
+        go2.wait();
+        if flush_each {
+            for _ in 0..n {
+                f.send(body.clone()).await.unwrap();
+            }
+        } else {
+            for _ in 0..n {
+                f.feed(body.clone()).await.unwrap();
+            }
+            SinkExt::<Bytes>::flush(&mut f).await.unwrap();
+        }
+        SinkExt::<Bytes>::close(&mut f).await.unwrap();
+    });
+    let receiver = tokio_thread(move || async move {
+        let mut f = tokio_framed(b);
+        go.wait();
+        let t0 = Instant::now();
+        let mut bytes = 0u64;
+        for _ in 0..n {
+            bytes += f.next().await.unwrap().unwrap().len() as u64;
+        }
+        let secs = t0.elapsed().as_secs_f64();
+        assert_eq!(bytes, n * size as u64);
+        while f.next().await.is_some() {}
+        secs
+    });
+    sender.join().unwrap();
+    receiver.join().unwrap()
+}
+
+// ---------------------------------------------------------------------------
+// chatpipe stack
+// ---------------------------------------------------------------------------
+
+#[derive(Clone, Copy, PartialEq)]
+pub(crate) enum CpSend {
+    Send,
+    TrySend,
+}
+
+/// The chatpipe receiving side: counts `n` messages, returns the seconds
+/// from the barrier to the last one and the payload bytes, then lets the
+/// connection close.
+async fn chatpipe_receive(ex: &LocalExecutor<'static>, s: TcpStream, n: u64, go: &Barrier) -> f64 {
+    let (tx, mut incoming, conn) = chatpipe_builder().build(smol_stream(s), Raw);
+    let driver = ex.spawn(conn);
+    go.wait();
+    let t0 = Instant::now();
+    let mut bytes = 0u64;
+    for _ in 0..n {
+        match incoming.next().await {
+            Some(Ok(RawMessage::Message(b))) => bytes += b.len() as u64,
+            other => panic!("chatpipe receiver: unexpected {other:?}"),
+        }
+    }
+    let secs = t0.elapsed().as_secs_f64();
+    while incoming.next().await.is_some() {}
+    drop(tx);
+    driver.await.expect("receiver driver");
+    std::hint::black_box(bytes);
+    secs
+}
+
+pub(crate) fn oneway_chatpipe(size: usize, n: u64, mode: CpSend) -> f64 {
+    let (a, b) = tcp_pair();
+    let go = Arc::new(Barrier::new(2));
+    let go2 = go.clone();
+    let body = payload(size);
+    let sender = smol_thread(move |ex| async move {
+        let (tx, _incoming, conn) = chatpipe_builder().build(smol_stream(a), Raw);
+        let driver = ex.spawn(conn);
+        go2.wait();
+        match mode {
+            CpSend::Send => {
+                for _ in 0..n {
+                    tx.send(RawMessage::Message(body.clone())).await.unwrap();
+                }
+            }
+            CpSend::TrySend => {
+                for _ in 0..n {
+                    let mut msg = RawMessage::Message(body.clone());
+                    loop {
+                        match tx.try_send(msg) {
+                            Ok(()) => break,
+                            Err(TrySendError::Full(m)) => {
+                                msg = m;
+                                smol::future::yield_now().await;
+                            }
+                            Err(e) => panic!("try_send: {e}"),
+                        }
+                    }
+                }
+            }
+        }
+        tx.close();
+        driver.await.expect("sender driver");
+    });
+    let receiver = smol_thread(move |ex| async move { chatpipe_receive(&ex, b, n, &go).await });
+    sender.join().unwrap();
+    receiver.join().unwrap()
+}
+
+// ---------------------------------------------------------------------------
+// chatpipe on tokio
+// ---------------------------------------------------------------------------
+
+/// chatpipe's `Timer` over tokio's, so the tokio runs need no async-io.
+pub(crate) struct TokioTimer(std::pin::Pin<Box<tokio::time::Sleep>>);
+
+impl TokioTimer {
+    pub(crate) fn new() -> Self {
+        TokioTimer(Box::pin(tokio::time::sleep(Duration::from_secs(3600))))
+    }
+}
+
+impl chatpipe::Timer for TokioTimer {
+    fn reset(&mut self, deadline: Instant) {
+        self.0.as_mut().reset(deadline.into());
+    }
+    fn poll_expired(&mut self, cx: &mut std::task::Context<'_>) -> std::task::Poll<()> {
+        std::future::Future::poll(self.0.as_mut(), cx)
+    }
+}
+
+pub(crate) fn tokio_compat(s: TcpStream) -> tokio_util::compat::Compat<tokio::net::TcpStream> {
+    use tokio_util::compat::TokioAsyncReadCompatExt;
+    s.set_nonblocking(true).unwrap();
+    tokio::net::TcpStream::from_std(s)
+        .expect("register with tokio")
+        .compat()
+}
