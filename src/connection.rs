@@ -641,11 +641,7 @@ impl<T, P: Protocol, Tm> Connection<T, P, Tm> {
         // the final counts.
         self.publish();
         let _ = self.shared.reason.set(reason.clone());
-        if reason.is_closed() {
-            log!(debug, "closed");
-        } else {
-            log!(info, error = %reason, "closed with an error");
-        }
+        log!(debug, reason = %reason, "connection ended");
         // What arrived before the end is delivered before the end is seen.
         let _ = self.inbound.push_all(&mut self.received);
         self.outbox.close();

@@ -130,6 +130,31 @@ impl Protocol for Raw {
     }
 }
 
+/// A body sent with [`Sender::call`](crate::Sender::call) is a
+/// [`RawMessage::Request`] with an id the connection picks; the answer is
+/// the response's body.
+///
+/// ```
+/// # use chatpipe::raw::{Raw, RawMessage};
+/// # async fn f(client: chatpipe::Sender<Raw>) -> Result<(), chatpipe::Error> {
+/// let body: bytes::Bytes = client.call(bytes::Bytes::from("ping")).await?;
+/// # Ok(()) }
+/// ```
+impl Call<Raw> for Bytes {
+    type Output = Bytes;
+
+    fn into_request(self, id: u64) -> RawMessage {
+        RawMessage::Request { id, body: self }
+    }
+
+    fn from_response(response: RawMessage) -> Result<Bytes, RawMessage> {
+        match response {
+            RawMessage::Response { body, .. } => Ok(body),
+            other => Err(other),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -158,30 +183,5 @@ mod tests {
         assert_eq!(Raw.decode(Bytes::from_static(&[9, 1, 2])).unwrap(), None);
         assert!(Raw.decode(Bytes::new()).is_err());
         assert!(Raw.decode(Bytes::from_static(&[3, 0, 0])).is_err());
-    }
-}
-
-/// A body sent with [`Sender::call`](crate::Sender::call) is a
-/// [`RawMessage::Request`] with an id the connection picks; the answer is
-/// the response's body.
-///
-/// ```
-/// # use chatpipe::raw::{Raw, RawMessage};
-/// # async fn f(client: chatpipe::Sender<Raw>) -> Result<(), chatpipe::Error> {
-/// let body: bytes::Bytes = client.call(bytes::Bytes::from("ping")).await?;
-/// # Ok(()) }
-/// ```
-impl Call<Raw> for Bytes {
-    type Output = Bytes;
-
-    fn into_request(self, id: u64) -> RawMessage {
-        RawMessage::Request { id, body: self }
-    }
-
-    fn from_response(response: RawMessage) -> Result<Bytes, RawMessage> {
-        match response {
-            RawMessage::Response { body, .. } => Ok(body),
-            other => Err(other),
-        }
     }
 }

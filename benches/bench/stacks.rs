@@ -1,6 +1,6 @@
 //! The stacks compared: loopback sockets and runtime threads shared by every
 //! scenario, then raw `std::net` sockets, tokio-util `Framed`, and chatpipe
-//! (on smol, and on tokio through `TokioTimer`), with their oneway runs.
+//! (on smol, and on tokio through `Builder::build_tokio`), with their oneway runs.
 
 use std::io::{Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream};
@@ -312,28 +312,8 @@ pub(crate) fn oneway_chatpipe(size: usize, n: u64, mode: CpSend) -> f64 {
 // chatpipe on tokio
 // ---------------------------------------------------------------------------
 
-/// chatpipe's `Timer` over tokio's, so the tokio runs need no async-io.
-pub(crate) struct TokioTimer(std::pin::Pin<Box<tokio::time::Sleep>>);
-
-impl TokioTimer {
-    pub(crate) fn new() -> Self {
-        TokioTimer(Box::pin(tokio::time::sleep(Duration::from_secs(3600))))
-    }
-}
-
-impl chatpipe::Timer for TokioTimer {
-    fn reset(&mut self, deadline: Instant) {
-        self.0.as_mut().reset(deadline.into());
-    }
-    fn poll_expired(&mut self, cx: &mut std::task::Context<'_>) -> std::task::Poll<()> {
-        std::future::Future::poll(self.0.as_mut(), cx)
-    }
-}
-
-pub(crate) fn tokio_compat(s: TcpStream) -> tokio_util::compat::Compat<tokio::net::TcpStream> {
-    use tokio_util::compat::TokioAsyncReadCompatExt;
+/// A std socket registered with tokio, for `Builder::build_tokio`.
+pub(crate) fn tokio_stream(s: TcpStream) -> tokio::net::TcpStream {
     s.set_nonblocking(true).unwrap();
-    tokio::net::TcpStream::from_std(s)
-        .expect("register with tokio")
-        .compat()
+    tokio::net::TcpStream::from_std(s).expect("register with tokio")
 }

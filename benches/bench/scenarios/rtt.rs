@@ -11,8 +11,8 @@ use futures::{SinkExt, StreamExt};
 use crate::harness::{allowed_cpus, percentile, set_process_affinity, stats};
 use crate::report::{ratio, Report};
 use crate::stacks::{
-    chatpipe_builder, payload, raw_read_one, smol_stream, smol_thread, tcp_pair, tokio_compat,
-    tokio_framed, tokio_thread, TokioTimer,
+    chatpipe_builder, payload, raw_read_one, smol_stream, smol_thread, tcp_pair, tokio_framed,
+    tokio_stream, tokio_thread,
 };
 use crate::Cfg;
 
@@ -130,8 +130,7 @@ pub(crate) fn rtt_chatpipe(n: usize, warm: usize, use_request: bool) -> Vec<u64>
 fn rtt_chatpipe_tokio(n: usize, warm: usize) -> Vec<u64> {
     let (a, b) = tcp_pair();
     let server = tokio_thread(move || async move {
-        let (tx, mut incoming, conn) =
-            chatpipe_builder().build_with_timer(tokio_compat(b), Raw, TokioTimer::new());
+        let (tx, mut incoming, conn) = chatpipe_builder().build_tokio(tokio_stream(b), Raw);
         let driver = tokio::spawn(conn);
         while let Some(Ok(RawMessage::Request { id, body })) = incoming.next().await {
             if tx.send(RawMessage::Response { id, body }).await.is_err() {
@@ -142,8 +141,7 @@ fn rtt_chatpipe_tokio(n: usize, warm: usize) -> Vec<u64> {
         let _ = driver.await;
     });
     let client = tokio_thread(move || async move {
-        let (tx, _incoming, conn) =
-            chatpipe_builder().build_with_timer(tokio_compat(a), Raw, TokioTimer::new());
+        let (tx, _incoming, conn) = chatpipe_builder().build_tokio(tokio_stream(a), Raw);
         let driver = tokio::spawn(conn);
         let body = payload(RTT_SIZE);
         let mut out = Vec::with_capacity(n);
