@@ -284,67 +284,8 @@ impl<T: AsyncRead + AsyncWrite + Unpin> Pipe<T> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::test_util::Mock;
     use std::task::Waker;
-
-    /// Reads hand out the given chunks; writes are recorded, each with the
-    /// address of every slice they were given.
-    #[derive(Default)]
-    struct Mock {
-        reads: VecDeque<Vec<u8>>,
-        written: Vec<u8>,
-        calls: Vec<Vec<(usize, usize)>>,
-    }
-
-    impl AsyncRead for Mock {
-        fn poll_read(
-            mut self: Pin<&mut Self>,
-            _: &mut Context<'_>,
-            buf: &mut [u8],
-        ) -> Poll<io::Result<usize>> {
-            let Some(mut chunk) = self.reads.pop_front() else {
-                return Poll::Pending;
-            };
-            let n = chunk.len().min(buf.len());
-            buf[..n].copy_from_slice(&chunk[..n]);
-            if n < chunk.len() {
-                self.reads.push_front(chunk.split_off(n));
-            }
-            Poll::Ready(Ok(n))
-        }
-    }
-
-    impl AsyncWrite for Mock {
-        fn poll_write(
-            self: Pin<&mut Self>,
-            cx: &mut Context<'_>,
-            buf: &[u8],
-        ) -> Poll<io::Result<usize>> {
-            self.poll_write_vectored(cx, &[IoSlice::new(buf)])
-        }
-        fn poll_write_vectored(
-            mut self: Pin<&mut Self>,
-            _: &mut Context<'_>,
-            bufs: &[IoSlice<'_>],
-        ) -> Poll<io::Result<usize>> {
-            let call = bufs
-                .iter()
-                .map(|b| (b.as_ptr() as usize, b.len()))
-                .collect();
-            self.calls.push(call);
-            let mut n = 0;
-            for b in bufs {
-                self.written.extend_from_slice(b);
-                n += b.len();
-            }
-            Poll::Ready(Ok(n))
-        }
-        fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
-            Poll::Ready(Ok(()))
-        }
-        fn poll_close(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
-            Poll::Ready(Ok(()))
-        }
-    }
 
     fn frame(len: usize) -> Vec<u8> {
         let mut v = (len as u32).to_be_bytes().to_vec();
@@ -354,12 +295,13 @@ mod tests {
 
     #[test]
     fn read_buffers_shrink_back_after_a_large_message() {
-        let mut mock = Mock::default();
+        let mut script = Mock::new();
         for chunk in frame(1 << 20).chunks(64 * 1024) {
-            mock.reads.push_back(chunk.to_vec());
+            script = script.read(chunk);
         }
-        mock.reads.push_back(frame(10));
-        let mut pipe = Pipe::new(mock, 2 << 20);
+        // Then a small frame, and nothing more (the peer stays open).
+        let (io, _) = script.read(&frame(10)).build();
+        let mut pipe = Pipe::new(io, 2 << 20);
         let mut cx = Context::from_waker(Waker::noop());
         let big = match pipe.poll_frame(&mut cx) {
             Poll::Ready(Ok(Some(p))) => p,
@@ -382,14 +324,15 @@ mod tests {
 
     #[test]
     fn small_frames_coalesce_and_large_pieces_are_not_copied() {
-        let mut pipe = Pipe::new(Mock::default(), 1 << 20);
+        let (io, peer) = Mock::new().build();
+        let mut pipe = Pipe::new(io, 1 << 20);
         let mut cx = Context::from_waker(Waker::noop());
         for _ in 0..100 {
             pipe.queue(Bytes::from(frame(20)), 1);
         }
         assert!(matches!(pipe.poll_write(&mut cx), Poll::Ready(Ok(()))));
-        assert_eq!(pipe.io.calls.len(), 1, "100 small frames, one write");
-        assert_eq!(pipe.io.written.len(), 100 * 24);
+        assert_eq!(peer.write_calls().len(), 1, "100 small frames, one write");
+        assert_eq!(peer.written().len(), 100 * 24);
 
         let big = Bytes::from(vec![9u8; 64 * 1024]);
         pipe.queue(Bytes::from(frame(0)), 0);
@@ -397,7 +340,8 @@ mod tests {
         pipe.queue(Bytes::from(frame(3)), 1);
         assert_eq!(pipe.unwritten_frames(), 2);
         assert!(matches!(pipe.poll_write(&mut cx), Poll::Ready(Ok(()))));
-        let call = pipe.io.calls.last().unwrap();
+        let calls = peer.write_calls();
+        let call = calls.last().unwrap();
         assert_eq!(call.len(), 3, "head, body, tail in one vectored write");
         assert_eq!(
             call[1],

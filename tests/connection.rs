@@ -1,12 +1,18 @@
-//! The message connection end to end, on smol, over loopback TCP and
-//! in-memory streams.
+//! The message connection end to end: on smol over loopback TCP and
+//! in-memory streams, and on virtual time over in-memory streams and the
+//! scripted mock where a test must know that nothing more can happen.
 
 mod common;
 
-use std::time::Duration;
+use std::cell::Cell;
+use std::future::Future;
+use std::pin::Pin;
+use std::rc::Rc;
+use std::task::{Context, Waker};
 
 use bytes::Bytes;
 use chatpipe::raw::{Raw, RawMessage};
+use chatpipe::test_util::Mock;
 use chatpipe::{Builder, Error, TrySendError};
 use common::*;
 use futures::{AsyncReadExt, AsyncWriteExt, StreamExt};
@@ -114,47 +120,55 @@ fn close_delivers_everything_queued() {
 
 #[test]
 fn a_consumer_that_stops_reading_holds_memory_bounded() {
-    smol::block_on(within(20, async {
-        const CAP: usize = 64;
-        let (a, b) = duplex_pair(8 * 1024);
-        let (tx, _a_rx, a_conn) = quiet().send_capacity(CAP).build(a, Raw);
-        let (_b_tx, mut rx, b_conn) = quiet().receive_capacity(CAP).build(b, Raw);
-        smol::spawn(a_conn).detach();
-        smol::spawn(b_conn).detach();
-        let body = Bytes::from(vec![1u8; 1000]);
-        // Send until `send` waits: the consumer never reads.
-        let mut accepted = 0usize;
-        loop {
-            let sent = smol::future::or(
-                async { tx.send(RawMessage::Message(body.clone())).await.is_ok() },
-                async {
-                    smol::Timer::after(Duration::from_millis(300)).await;
-                    false
-                },
-            )
-            .await;
-            if !sent {
-                break;
+    const CAP: usize = 64;
+    let mut sim = Sim::new();
+    let (a, b) = duplex_pair(8 * 1024);
+    let (tx, _a_rx, a_conn) = quiet()
+        .send_capacity(CAP)
+        .build_with_timer(a, Raw, sim.timer());
+    let (_b_tx, mut rx, b_conn) =
+        quiet()
+            .receive_capacity(CAP)
+            .build_with_timer(b, Raw, sim.timer());
+    sim.spawn(a_conn).detach();
+    sim.spawn(b_conn).detach();
+    let body = Bytes::from(vec![1u8; 1000]);
+    // Send until `send` waits: the consumer never reads.
+    let accepted = Rc::new(Cell::new(0usize));
+    let sender = sim.spawn({
+        let (tx, body, accepted) = (tx.clone(), body.clone(), accepted.clone());
+        async move {
+            for _ in 0..10_000 {
+                tx.send(RawMessage::Message(body.clone())).await.unwrap();
+                accepted.set(accepted.get() + 1);
             }
-            accepted += 1;
-            assert!(accepted < 10_000, "the sender never had to wait");
         }
-        // Everything accepted sits in bounded places: both queues, the batch
-        // the sending driver took from its queue, the sender's write buffer
-        // (256 KiB), the pipe (8 KiB) and the receiver's read-ahead (one
-        // maximum frame).
-        let bound = CAP * 3 + (256 + 8 + 64 + 16) * 1024 / 1000;
-        eprintln!("accepted {accepted}, bound {bound}");
-        assert!(accepted <= bound, "accepted {accepted} > bound {bound}");
-        assert!(tx
-            .try_send(RawMessage::Message(body.clone()))
-            .unwrap_err()
-            .is_full());
-        // Once the consumer reads, everything arrives.
+    });
+    // Everything that can move without the consumer has moved.
+    sim.settle();
+    assert!(!sender.is_finished(), "the sender never had to wait");
+    sender.abort();
+    sim.settle();
+    let accepted = accepted.get();
+    // Everything accepted sits in bounded places: both queues, the batch
+    // the sending driver took from its queue, the sender's write buffer
+    // (256 KiB), the pipe (8 KiB) and the receiver's read-ahead (one
+    // maximum frame).
+    let bound = CAP * 3 + (256 + 8 + 64 + 16) * 1024 / 1000;
+    eprintln!("accepted {accepted}, bound {bound}");
+    assert!(accepted <= bound, "accepted {accepted} > bound {bound}");
+    assert!(tx
+        .try_send(RawMessage::Message(body.clone()))
+        .unwrap_err()
+        .is_full());
+    // Once the consumer reads, everything arrives.
+    let reader = sim.spawn(async move {
         for _ in 0..accepted {
             rx.next().await.unwrap().unwrap();
         }
-    }));
+    });
+    sim.settle();
+    assert!(reader.is_finished());
 }
 
 #[test]
@@ -289,52 +303,55 @@ fn a_peer_closing_is_seen_as_a_clean_end() {
 
 #[test]
 fn dropping_the_driver_fails_everything_pending() {
-    smol::block_on(within(10, async {
-        let (a, _b) = duplex_pair(64);
-        let (tx, mut rx, conn) = quiet().build(a, Raw);
-        let req = smol::spawn({
-            let tx = tx.clone();
-            async move {
-                tx.request(RawMessage::Request {
-                    id: 1,
-                    body: Bytes::new(),
-                })
-                .await
-            }
-        });
-        let mut conn = conn;
-        // Let the driver pick up the request, then drop it.
-        smol::future::poll_once(&mut conn).await;
-        smol::Timer::after(Duration::from_millis(20)).await;
-        smol::future::poll_once(&mut conn).await;
-        drop(conn);
-        assert!(matches!(req.await, Err(Error::Closed)));
-        assert!(rx.next().await.is_none());
-        assert!(tx.is_closed());
-    }));
+    let mut sim = Sim::new();
+    let (a, _b) = duplex_pair(64);
+    let (tx, mut rx, mut conn) = quiet().build_with_timer(a, Raw, sim.timer());
+    let req = sim.spawn({
+        let tx = tx.clone();
+        async move {
+            tx.request(RawMessage::Request {
+                id: 1,
+                body: Bytes::new(),
+            })
+            .await
+        }
+    });
+    sim.settle();
+    // Let the driver pick up the request, then drop it.
+    let mut cx = Context::from_waker(Waker::noop());
+    assert!(Pin::new(&mut conn).poll(&mut cx).is_pending());
+    assert_eq!(conn.outstanding_requests(), 1);
+    drop(conn);
+    sim.settle();
+    assert!(matches!(req.output(), Err(Error::Closed)));
+    assert!(ready(rx.next()).is_none());
+    assert!(tx.is_closed());
 }
 
 #[test]
 fn scripted_io_with_partial_headers_and_pending_between() {
-    smol::block_on(within(10, async {
-        let mut wire = Vec::new();
-        for w in ["a", "bb", "", "dddd"] {
-            let mut p = vec![0u8];
-            p.extend_from_slice(w.as_bytes());
-            wire.extend_from_slice(&raw_frame(&p));
-        }
-        // One byte at a time, Pending before each.
-        let chunks = wire.iter().map(|b| vec![*b]).collect();
-        let io = Scripted::new(chunks, true);
-        let written = io.written.clone();
-        let (tx, rx, conn) = quiet().build(io, Raw);
-        tx.send(msg("out")).await.unwrap();
-        let conn = smol::spawn(conn);
-        let got: Vec<_> = rx.map(Result::unwrap).collect().await;
-        assert_eq!(got, [msg("a"), msg("bb"), msg(""), msg("dddd")]);
-        conn.await.unwrap();
-        assert_eq!(*written.lock().unwrap(), raw_frame(b"\0out"));
-    }));
+    let mut sim = Sim::new();
+    let mut wire = Vec::new();
+    for w in ["a", "bb", "", "dddd"] {
+        let mut p = vec![0u8];
+        p.extend_from_slice(w.as_bytes());
+        wire.extend_from_slice(&raw_frame(&p));
+    }
+    // One byte at a time, Pending before each.
+    let mut script = Mock::new();
+    for b in &wire {
+        script = script.read_pending().read(&[*b]);
+    }
+    let (io, peer) = script.eof().build();
+    let (tx, rx, conn) = quiet().build_with_timer(io, Raw, sim.timer());
+    ready(tx.send(msg("out"))).unwrap();
+    let conn = sim.spawn(conn);
+    let got = sim.spawn(rx.map(Result::unwrap).collect::<Vec<_>>());
+    sim.settle();
+    assert_eq!(got.output(), [msg("a"), msg("bb"), msg(""), msg("dddd")]);
+    conn.output().unwrap();
+    assert_eq!(peer.written(), raw_frame(b"\0out"));
+    assert!(peer.is_shut() && !peer.written_after_shut());
 }
 
 #[test]

@@ -1,17 +1,19 @@
-//! Misbehaving peers and failures, over loopback: every case ends in a
-//! typed error (or a clean end) within a bound, never a hang.
+//! Misbehaving peers and failures: every case ends in a typed error (or a
+//! clean end), never a hang. Timeouts run on virtual time and in-memory
+//! streams (or the scripted mock), at exact times.
 
 mod common;
 
-use std::time::{Duration, Instant};
+use std::cell::Cell;
+use std::io;
+use std::rc::Rc;
 
 use bytes::Bytes;
 use chatpipe::raw::{Raw, RawMessage};
+use chatpipe::test_util::Mock;
 use chatpipe::{Builder, Error};
 use common::*;
-use futures::{AsyncWriteExt, StreamExt};
-
-const MS: Duration = Duration::from_millis(1);
+use futures::{AsyncReadExt, AsyncWriteExt, StreamExt};
 
 fn no_keepalive() -> Builder {
     Builder::new().keepalive_interval(None).idle_timeout(None)
@@ -19,87 +21,123 @@ fn no_keepalive() -> Builder {
 
 #[test]
 fn a_slow_sender_hits_the_frame_timeout() {
-    smol::block_on(within(10, async {
-        let (a, mut peer) = tcp_pair().await;
-        let (_tx, mut rx, conn) = no_keepalive().frame_timeout(Some(150 * MS)).build(a, Raw);
-        let conn = smol::spawn(conn);
-        let start = Instant::now();
-        // Slowloris: a header for 100 bytes, then one byte every 20 ms.
-        peer.write_all(&100u32.to_be_bytes()).await.unwrap();
-        let trickle = smol::spawn(async move {
-            for _ in 0..100 {
-                if peer.write_all(&[0]).await.is_err() {
-                    break;
-                }
-                smol::Timer::after(20 * MS).await;
-            }
-        });
-        let err = conn.await.unwrap_err();
-        let took = start.elapsed();
-        assert!(
-            matches!(err, Error::FrameTimeout(d) if d == 150 * MS),
-            "{err}"
-        );
-        assert!(took >= 150 * MS && took < 800 * MS, "took {took:?}");
-        assert!(matches!(rx.next().await, Some(Err(Error::FrameTimeout(_)))));
-        drop(trickle);
-    }));
+    let mut sim = Sim::new();
+    let (a, mut peer) = duplex_pair(64 * 1024);
+    let (_tx, mut rx, conn) =
+        no_keepalive()
+            .frame_timeout(Some(10 * S))
+            .build_with_timer(a, Raw, sim.timer());
+    let conn = sim.spawn(conn);
+    let mut frame = raw_frame(&[0; 100]);
+    // A whole frame at 3 s, then nothing: no frame is under way.
+    sim.run_to(3 * S);
+    ready(peer.write_all(&raw_frame(b"\0early"))).unwrap();
+    // Slowloris from 7 s: the header's first byte, the rest of it at 9 s,
+    // then one byte of the payload every 2 s.
+    let mut at = 7 * S;
+    for piece in [1, 3, 1, 1, 1] {
+        sim.run_to(at);
+        let rest = frame.split_off(piece);
+        ready(peer.write_all(&frame)).unwrap();
+        frame = rest;
+        at += 2 * S;
+    }
+    assert_eq!(sim.now(), 15 * S);
+    // The frame began at 7 s: it may take until 17 s...
+    sim.run_to(17 * S - NS);
+    assert!(!conn.is_finished());
+    // ...and at 17 s exactly the connection closes.
+    sim.run_to(17 * S);
+    let err = conn.output().unwrap_err();
+    assert!(
+        matches!(err, Error::FrameTimeout(d) if d == 10 * S),
+        "{err}"
+    );
+    assert_eq!(ready(rx.next()).unwrap().unwrap(), msg("early"));
+    assert!(matches!(
+        ready(rx.next()),
+        Some(Err(Error::FrameTimeout(_)))
+    ));
+    assert!(ready(rx.next()).is_none());
 }
 
 #[test]
 fn a_peer_that_does_not_read_hits_the_write_timeout() {
-    smol::block_on(within(20, async {
-        let (a, _peer_never_reads) = tcp_pair().await;
-        let (tx, _rx, conn) = no_keepalive()
-            .write_timeout(Some(150 * MS))
-            .send_capacity(16)
-            .build(a, Raw);
-        let conn = smol::spawn(conn);
-        let body = Bytes::from(vec![7u8; 16 * 1024]);
-        let mut accepted = 0usize;
-        let err = loop {
-            match tx.send(RawMessage::Message(body.clone())).await {
-                Ok(()) => accepted += 1,
-                Err(e) => break e.error,
+    let mut sim = Sim::new();
+    let (a, mut peer) = duplex_pair(64 * 1024);
+    let (tx, _rx, conn) = no_keepalive()
+        .write_timeout(Some(10 * S))
+        .send_capacity(16)
+        .build_with_timer(a, Raw, sim.timer());
+    let conn = sim.spawn(conn);
+    let accepted = Rc::new(Cell::new(0usize));
+    let sender = sim.spawn({
+        let tx = tx.clone();
+        let accepted = accepted.clone();
+        async move {
+            let body = Bytes::from(vec![7u8; 16 * 1024]);
+            loop {
+                match tx.send(RawMessage::Message(body.clone())).await {
+                    Ok(()) => accepted.set(accepted.get() + 1),
+                    Err(e) => break e.error,
+                }
+                assert!(accepted.get() < 100_000, "never blocked");
             }
-            assert!(accepted < 100_000, "never blocked");
-        };
-        assert!(
-            matches!(err, Error::WriteTimeout(d) if d == 150 * MS),
-            "{err}"
-        );
-        assert!(matches!(conn.await, Err(Error::WriteTimeout(_))));
-        // What was accepted but never written is reported, not lost silently.
-        let lost = tx.undelivered();
-        assert!(lost > 0 && lost <= accepted, "{lost} of {accepted}");
-    }));
+        }
+    });
+    // The peer reads nothing: at 0 s writing stalls with the pipe full.
+    sim.settle();
+    assert!(!sender.is_finished(), "the sender never had to wait");
+    let written = tx.stats().bytes_out;
+    assert!(written > 0);
+    // At 6 s the peer reads a little: the write progresses, and the
+    // timeout counts from there.
+    sim.run_to(6 * S);
+    let mut buf = vec![0; 16 * 1024];
+    assert_eq!(ready(peer.read(&mut buf)).unwrap(), buf.len());
+    sim.settle();
+    assert!(tx.stats().bytes_out > written);
+    sim.run_to(16 * S - NS);
+    assert!(!conn.is_finished() && !sender.is_finished());
+    // No progress from 6 s: closed at 16 s exactly.
+    sim.run_to(16 * S);
+    let err = sender.output();
+    assert!(
+        matches!(err, Error::WriteTimeout(d) if d == 10 * S),
+        "{err}"
+    );
+    assert!(matches!(conn.output(), Err(Error::WriteTimeout(_))));
+    // What was accepted but never written is reported, not lost silently.
+    let lost = tx.undelivered();
+    let accepted = accepted.get();
+    assert!(lost > 0 && lost <= accepted, "{lost} of {accepted}");
 }
 
 #[test]
 fn a_reset_in_the_middle_of_a_frame_is_an_error() {
-    smol::block_on(within(10, async {
-        let (a, mut peer) = tcp_pair().await;
-        let (tx, mut rx, conn) = no_keepalive().build(a, Raw);
-        let conn = smol::spawn(conn);
-        // Data the peer never reads makes its close a reset (RST).
-        tx.send(msg("unread")).await.unwrap();
-        smol::Timer::after(20 * MS).await;
-        peer.write_all(&raw_frame(b"\0half a frame")[..8])
-            .await
-            .unwrap();
-        smol::Timer::after(20 * MS).await;
-        drop(peer);
-        let err = conn.await.unwrap_err();
-        assert!(
-            matches!(err, Error::Io(_) | Error::UnexpectedEof { .. }),
-            "a reset is not a clean close: {err}"
-        );
-        assert_eq!(
-            rx.next().await.unwrap().unwrap_err().to_string(),
-            err.to_string()
-        );
-        assert!(rx.next().await.is_none());
-    }));
+    let mut sim = Sim::new();
+    let (io, peer) = Mock::new()
+        .read(&raw_frame(b"\0half a frame")[..8])
+        .read_pending()
+        .read_error(io::ErrorKind::ConnectionReset)
+        .build();
+    let (tx, mut rx, conn) = no_keepalive().build_with_timer(io, Raw, sim.timer());
+    tx.try_send(msg("unread")).unwrap();
+    let conn = sim.spawn(conn);
+    sim.settle();
+    let err = conn.output().unwrap_err();
+    assert!(
+        matches!(err, Error::Io(ref e) if e.kind() == io::ErrorKind::ConnectionReset),
+        "a reset is not a clean close: {err}"
+    );
+    assert_eq!(peer.written(), raw_frame(b"\0unread"));
+    assert_eq!(
+        ready(rx.next()).unwrap().unwrap_err().to_string(),
+        err.to_string()
+    );
+    assert!(ready(rx.next()).is_none());
+    let send_err = ready(tx.send(msg("x"))).unwrap_err();
+    assert_eq!(send_err.error.to_string(), err.to_string());
 }
 
 #[test]

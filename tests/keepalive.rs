@@ -1,153 +1,149 @@
-//! Keepalives and the idle timeout, on real sockets with short intervals.
-//! (The deadline logic itself is tested on a virtual clock in `state.rs`.)
+//! Keepalives and the idle timeout, whole connections on virtual time:
+//! every assertion is about the exact virtual time something happens.
+//! (The deadline logic alone is tested in `state.rs`.)
 
 mod common;
 
 use std::sync::atomic::Ordering;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use chatpipe::raw::Raw;
+use chatpipe::test_util::Mock;
 use chatpipe::{Builder, Error};
 use common::*;
-use futures::{AsyncReadExt, StreamExt};
-use smol::net::{TcpListener, TcpStream};
+use futures::StreamExt;
 
-const MS: Duration = Duration::from_millis(1);
-
-/// Reads raw frames from `peer` for `dur`, returning their payloads.
-async fn frames_for(peer: &mut TcpStream, dur: Duration) -> Vec<Vec<u8>> {
-    let mut wire = Vec::new();
-    let deadline = Instant::now() + dur;
-    let mut buf = [0u8; 4096];
-    while let Some(left) = deadline.checked_duration_since(Instant::now()) {
-        let read = smol::future::or(async { Some(peer.read(&mut buf).await.unwrap()) }, async {
-            smol::Timer::after(left).await;
-            None
-        });
-        match read.await {
-            Some(0) | None => break,
-            Some(n) => wire.extend_from_slice(&buf[..n]),
-        }
-    }
-    let mut out = Vec::new();
-    let mut rest = &wire[..];
-    while rest.len() >= 4 {
-        let len = u32::from_be_bytes([rest[0], rest[1], rest[2], rest[3]]) as usize;
-        let Some(payload) = rest.get(4..4 + len) else {
-            panic!("a frame cut at the window's end: {rest:?}");
-        };
-        out.push(payload.to_vec());
-        rest = &rest[4 + len..];
-    }
-    out
-}
+const KEEPALIVE: &[u8] = &[1];
 
 #[test]
 fn a_keepalive_goes_out_after_silence_and_none_while_traffic_flows() {
-    smol::block_on(within(10, async {
-        let (a, mut peer) = tcp_pair().await;
-        let (tx, _rx, conn) = Builder::new()
-            .keepalive_interval(Some(100 * MS))
-            .idle_timeout(None)
-            .build(a, Raw);
-        smol::spawn(conn).detach();
+    let mut sim = Sim::new();
+    // A peer that reads everything and sends nothing (nor closes).
+    let (io, peer) = Mock::new().build();
+    let (tx, _rx, conn) = Builder::new()
+        .keepalive_interval(Some(5 * S))
+        .idle_timeout(None)
+        .build_with_timer(io, Raw, sim.timer());
+    let conn = sim.spawn(conn);
 
-        // Traffic every 10 ms for 400 ms: no keepalive among it.
-        let sending = smol::spawn(async move {
-            for _ in 0..40 {
-                tx.send(msg("t")).await.unwrap();
-                smol::Timer::after(10 * MS).await;
-            }
-            tx
-        });
-        let mut busy = frames_for(&mut peer, 400 * MS).await;
-        let _tx = sending.await;
-        // The last messages may still be in flight on a loaded machine:
-        // drain them, well within one keepalive interval.
-        busy.extend(frames_for(&mut peer, 30 * MS).await);
-        assert_eq!(busy.len(), 40, "all traffic arrived");
-        assert!(
-            busy.iter().all(|p| p[..] == b"\0t"[..]),
-            "no keepalive while busy"
-        );
+    // Every frame on the wire, with the virtual time it was written.
+    let mut timeline: Vec<(Duration, Vec<u8>)> = Vec::new();
+    let observe = |timeline: &mut Vec<_>, now| {
+        let wire = frames(&peer.written());
+        for payload in &wire[timeline.len()..] {
+            timeline.push((now, payload.clone()));
+        }
+    };
 
-        // Then silence: keepalives (payload [1]) about every 100 ms.
-        let quiet = frames_for(&mut peer, 450 * MS).await;
-        assert!(quiet.iter().all(|p| p[..] == [1]), "{quiet:?}");
-        assert!(
-            (2..=5).contains(&quiet.len()),
-            "{} keepalives in 450 ms",
-            quiet.len()
-        );
-    }));
+    // Traffic every 4 s for 40 s (8 keepalive intervals): never silent
+    // for 5 s, so no keepalive among it.
+    for i in 1..=10 {
+        sim.run_to_with(4 * S * i, |now| observe(&mut timeline, now));
+        tx.try_send(msg("t")).unwrap();
+    }
+    // The last message went out at 40 s: nothing until 45 s...
+    sim.run_to_with(45 * S - NS, |now| observe(&mut timeline, now));
+    assert_eq!(timeline.len(), 10, "{timeline:?}");
+    // ...then a keepalive at 45 s exactly, and every 5 s after it.
+    sim.run_to_with(62 * S, |now| observe(&mut timeline, now));
+
+    let mut expected: Vec<_> = (1..=10).map(|i| (4 * S * i, b"\0t".to_vec())).collect();
+    expected.extend((9..=12).map(|i| (5 * S * i, KEEPALIVE.to_vec())));
+    assert_eq!(timeline, expected);
+    assert!(!conn.is_finished());
 }
 
-/// Both ends idle-time-out a peer behind a black-holed proxy.
+/// Both ends idle-time-out a peer behind a black hole (nothing arrives,
+/// nothing is closed), exactly one idle timeout after the last byte came.
 #[test]
 fn a_silent_peer_is_detected_within_the_idle_timeout() {
-    smol::block_on(within(10, async {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let proxy = Proxy::start(listener.local_addr().unwrap()).await;
-        let client_io = TcpStream::connect(proxy.addr).await.unwrap();
-        let (server_io, _) = listener.accept().await.unwrap();
-        let cfg = Builder::new()
-            .keepalive_interval(Some(50 * MS))
-            .idle_timeout(Some(250 * MS));
-        let (_ctx, mut crx, cconn) = cfg.build(client_io, Raw);
-        let (_stx, mut srx, sconn) = cfg.build(server_io, Raw);
-        let cconn = smol::spawn(cconn);
-        let sconn = smol::spawn(sconn);
+    let mut sim = Sim::new();
+    let (client_io, server_io, cut) = black_holed_pair(64 * 1024);
+    let cfg = Builder::new()
+        .keepalive_interval(Some(5 * S))
+        .idle_timeout(Some(15 * S));
+    let (ctx, mut crx, cconn) = cfg.build_with_timer(client_io, Raw, sim.timer());
+    let (stx, mut srx, sconn) = cfg.build_with_timer(server_io, Raw, sim.timer());
+    let cconn = sim.spawn(cconn);
+    let sconn = sim.spawn(sconn);
 
-        // Keepalives hold the connection open through several timeouts.
-        smol::Timer::after(800 * MS).await;
-        assert!(!cconn.is_finished() && !sconn.is_finished());
+    // Keepalives (at 5, 10, ... 60 s each way) hold the connection open
+    // through four idle timeouts.
+    sim.run_to(62 * S);
+    assert!(!cconn.is_finished() && !sconn.is_finished());
+    for tx in [&ctx, &stx] {
+        let stats = tx.stats();
+        assert_eq!(stats.messages_in, 12, "one keepalive every 5 s");
+        assert_eq!(stats.last_read, sim.at(60 * S));
+    }
 
-        let cut = Instant::now();
-        proxy.black_hole.store(true, Ordering::SeqCst);
-        for (conn, rx) in [(cconn, &mut crx), (sconn, &mut srx)] {
-            let err = conn.await.unwrap_err();
-            let took = cut.elapsed();
-            assert!(
-                matches!(err, Error::IdleTimeout(d) if d == 250 * MS),
-                "{err}"
-            );
-            assert!(
-                took >= 100 * MS && took < 1000 * MS,
-                "detected after {took:?}"
-            );
-            assert!(matches!(rx.next().await, Some(Err(Error::IdleTimeout(_)))));
-        }
-    }));
+    cut.store(true, Ordering::SeqCst);
+    // The last bytes arrived at 60 s: alive until 75 s...
+    sim.run_to(75 * S - NS);
+    assert!(!cconn.is_finished() && !sconn.is_finished());
+    // ...and both ends close at 75 s exactly.
+    sim.run_to(75 * S);
+    for (conn, rx) in [(cconn, &mut crx), (sconn, &mut srx)] {
+        let err = conn.output().unwrap_err();
+        assert!(matches!(err, Error::IdleTimeout(d) if d == 15 * S), "{err}");
+        assert!(matches!(ready(rx.next()), Some(Err(Error::IdleTimeout(_)))));
+        assert!(ready(rx.next()).is_none());
+    }
 }
 
 #[test]
 fn our_own_application_not_reading_is_not_a_silent_peer() {
-    smol::block_on(within(20, async {
-        let (a, b) = tcp_pair().await;
-        let cfg = Builder::new()
-            .keepalive_interval(Some(50 * MS))
-            .idle_timeout(Some(200 * MS))
-            .receive_capacity(8);
-        let (tx, _arx, aconn) = cfg.build(a, Raw);
-        let (_btx, mut rx, bconn) = cfg.build(b, Raw);
-        let aconn = smol::spawn(aconn);
-        let bconn = smol::spawn(bconn);
-        let sender = smol::spawn(async move {
+    let mut sim = Sim::new();
+    let (a, b) = duplex_pair(64 * 1024);
+    let cfg = Builder::new()
+        .keepalive_interval(Some(5 * S))
+        .idle_timeout(Some(15 * S))
+        // a's writes stall because b stops reading: that is the write
+        // timeout's business (tests/faults.rs), not this test's.
+        .write_timeout(None)
+        .receive_capacity(8);
+    let (atx, _arx, aconn) = cfg.build_with_timer(a, Raw, sim.timer());
+    let (btx, mut rx, bconn) = cfg.build_with_timer(b, Raw, sim.timer());
+    let aconn = sim.spawn(aconn);
+    let bconn = sim.spawn(bconn);
+    let sender = sim.spawn({
+        let tx = atx.clone();
+        async move {
             for i in 0..5_000 {
                 tx.send(numbered_padded(i, 1024)).await.unwrap();
             }
-            tx
-        });
-        // Read nothing for 5 idle timeouts: the sender backs up, and the
-        // peer's bytes stop arriving because we stopped reading them.
-        smol::Timer::after(1000 * MS).await;
-        assert!(!bconn.is_finished(), "closed while we were the slow one");
+        }
+    });
+    sim.settle();
+    // b's application takes nothing: the sender backs up, and a's bytes
+    // stop arriving because b stopped reading them.
+    assert!(!sender.is_finished(), "the sender never had to wait");
+    let stalled = btx.stats();
+    // Decoded: the queue's 8 and one batch of 8 waiting for room.
+    assert!(stalled.messages_in <= 16, "{stalled:?}");
+
+    // Ten idle timeouts without a byte from a: b stays open, and its own
+    // keepalives still reach a (at 5, 10, ... 150 s).
+    sim.run_to(150 * S);
+    assert!(!bconn.is_finished(), "closed while we were the slow one");
+    assert!(!aconn.is_finished());
+    assert_eq!(btx.stats().bytes_in, stalled.bytes_in, "b read nothing");
+    assert_eq!(atx.stats().messages_in, 30);
+
+    // Once b's application reads, everything arrives, in order, at once.
+    let reader = sim.spawn(async move {
         for i in 0..5_000 {
             assert_eq!(number_of(&rx.next().await.unwrap().unwrap()), i);
         }
-        drop(sender.await);
-        assert!(rx.next().await.is_none());
-        aconn.await.unwrap();
-        bconn.await.unwrap();
-    }));
+        rx
+    });
+    sim.settle();
+    assert!(sender.is_finished());
+    let mut rx = reader.output();
+    drop(atx);
+    sim.settle();
+    assert!(ready(rx.next()).is_none());
+    assert_eq!(sim.now(), 150 * S);
+    aconn.output().unwrap();
+    bconn.output().unwrap();
 }
