@@ -12,7 +12,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use chatpipe::chat::{Chat, ChatMessage};
+use chatpipe::chat::{Chat, ChatMessage, Nickname};
 use chatpipe::{Builder, Error, Incoming, Sender};
 use clap::Parser;
 use futures::StreamExt;
@@ -49,7 +49,7 @@ fn parse_secs(s: &str) -> Result<Duration, String> {
     }
 }
 
-/// The keepalive interval of the reference server, which we cannot know
+/// The keepalive interval of a v0.5 server (ours and others), which we cannot know
 /// better: the idle timeout allows for three of the slower of the two.
 const SERVER_KEEPALIVE: Duration = Duration::from_secs(5);
 
@@ -106,7 +106,7 @@ async fn run(args: Args) -> ExitCode {
             let msg = ChatMessage::Chat { text: text.into() };
             match sender.send(msg).await {
                 Ok(()) => {}
-                Err(e) if is_local(&e.error) => eprintln!("! not sent: {}", e.error),
+                Err(e) if !e.is_fatal() => eprintln!("! not sent: {}", e.error),
                 Err(e) => lost(&e.error),
             }
         }
@@ -146,25 +146,12 @@ async fn print_incoming(mut incoming: Incoming<Chat>, quitting: Arc<AtomicBool>)
 }
 
 async fn set_nickname(sender: &Sender<Chat>, nick: String) {
-    match sender
-        .request(ChatMessage::set_nickname(nick.clone()))
-        .await
-    {
-        Ok(ChatMessage::Ack { .. }) => println!("* you are now {}", one_line(&nick)),
-        Ok(ChatMessage::Nak { message, .. }) => {
-            println!("! nickname refused: {}", one_line(&message));
-        }
-        Ok(other) => eprintln!("! unexpected answer to /nick: {other:?}"),
-        Err(e @ (Error::Encode(_) | Error::RequestTimeout(_))) => {
-            eprintln!("! /nick {nick} failed: {e}");
-        }
+    match sender.call(Nickname(nick.clone())).await {
+        Ok(Ok(())) => println!("* you are now {}", one_line(&nick)),
+        Ok(Err(reason)) => println!("! nickname refused: {}", one_line(&reason)),
+        Err(e) if !e.is_fatal() => eprintln!("! /nick {nick} failed: {e}"),
         Err(e) => lost(&e),
     }
-}
-
-/// Errors that fail one message, not the connection.
-fn is_local(e: &Error) -> bool {
-    matches!(e, Error::Encode(_) | Error::MessageTooLarge { .. })
 }
 
 fn lost(e: &Error) -> ! {
