@@ -6,18 +6,17 @@
 //! ```
 //!
 //! It speaks the chat protocol of `docs/PROTOCOL.md`, so `chat_client` or
-//! any other TcpChat v0.5 client can join. The room itself is in
-//! `examples/chat/server.rs`.
+//! any other TcpChat v0.5 client can join. The room itself is the
+//! `chatpipe-chat` crate, in `chat/`: this binary parses arguments, catches
+//! signals and prints the address, then calls its `serve`.
 
 use std::process::ExitCode;
 
 use async_signal::{Signal, Signals};
+use chatpipe_chat::{serve, Config, Rate};
 use clap::Parser;
 use futures::StreamExt;
 use smol::net::TcpListener;
-
-#[path = "chat/server.rs"]
-mod server;
 
 /// A chat room over the TcpChat v0.5 protocol (see docs/PROTOCOL.md).
 ///
@@ -88,17 +87,17 @@ fn main() -> ExitCode {
                 eprintln!("received {signal:?}");
             }
         };
-        let rate = (args.rate > 0.0).then_some(server::Rate {
+        let rate = (args.rate > 0.0).then_some(Rate {
             per_second: args.rate,
             burst: args.burst.max(1.0),
         });
-        let config = server::Config {
+        let config = Config {
             rate,
             max_connections: args.max_connections,
             max_per_ip: args.max_per_ip,
-            ..server::Config::default()
+            ..Config::default()
         };
-        server::serve(listener, config, shutdown).await;
+        serve(listener, config, shutdown).await;
         ExitCode::SUCCESS
     })
 }

@@ -1,10 +1,12 @@
-//! The example chat server, run in-process over loopback TCP, against
-//! chatpipe clients and raw sockets.
+//! The chat room (`chatpipe_chat`), run in-process over loopback TCP,
+//! against chatpipe clients and raw sockets.
 
 use std::net::SocketAddr;
 use std::time::Duration;
 
 use chatpipe::chat::ChatMessage;
+use chatpipe::Error;
+use chatpipe_chat::{Config, Disconnect, Event, NicknameRefusal};
 use futures::StreamExt;
 use smol::net::{TcpListener, TcpStream};
 
@@ -26,12 +28,22 @@ fn three_clients_nicknames_and_broadcasts() {
         assert!(matches!(ana.nick("ana").await, ChatMessage::Ack { .. }));
         assert!(matches!(bo.nick("bo").await, ChatMessage::Ack { .. }));
         // Taken by another client: refused, and the answer says why.
+        let taken = NicknameRefusal::Taken {
+            nickname: "ana".into(),
+        };
         match cy.nick("ana").await {
-            ChatMessage::Nak { message, .. } => {
-                assert!(message.contains("taken"), "{message}");
-            }
+            ChatMessage::Nak { message, .. } => assert_eq!(message, taken.to_string()),
             other => panic!("expected a Nak, got {other:?}"),
         }
+        let refused = server
+            .wait_for(|e| match e {
+                Event::NicknameRefused { addr, reason, .. } if *addr == cy.addr => {
+                    Some(reason.clone())
+                }
+                _ => None,
+            })
+            .await;
+        assert_eq!(refused, taken);
         // Asking again for one's own nickname is fine.
         assert!(matches!(ana.nick("ana").await, ChatMessage::Ack { .. }));
 
@@ -52,19 +64,28 @@ fn three_clients_nicknames_and_broadcasts() {
         assert_eq!(cy.next().await, pair("bo", "hi ana"));
 
         // A nickname is free again once its holder has left.
+        let ana_addr = ana.addr;
         ana.close().await;
-        server.wait_for_log(&["(ana) disconnected"]).await;
+        let reason = server.disconnected(ana_addr).await;
+        assert!(matches!(reason, Disconnect::Closed), "{reason:?}");
         assert!(matches!(cy.nick("ana").await, ChatMessage::Ack { .. }));
         cy.say("I am ana now").await;
         assert_eq!(bo.next().await, pair("ana", "I am ana now"));
 
         bo.close().await;
         cy.close().await;
-        let log = server.shutdown().await;
-        let disconnects = log
-            .iter()
-            .filter(|l| l.contains("disconnected: closed cleanly"));
-        assert_eq!(disconnects.count(), 3, "{log:#?}");
+        let events = server.shutdown().await;
+        let clean = events.iter().filter(|e| {
+            matches!(
+                e,
+                Event::Disconnected {
+                    nickname: Some(_),
+                    reason: Disconnect::Closed,
+                    ..
+                }
+            )
+        });
+        assert_eq!(clean.count(), 3, "{events:#?}");
     });
 }
 
@@ -75,9 +96,9 @@ fn two_hundred_clients_get_every_message_exactly_once() {
     run(Duration::from_secs(120), async {
         // All from 127.0.0.1: above the default cap of 64 per address.
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let config = server::Config {
+        let config = Config {
             max_per_ip: CLIENTS,
-            ..server::Config::default()
+            ..Config::default()
         };
         let server = start_with(listener, config);
         let clients = connect_named(server.addr, CLIENTS).await;
@@ -144,13 +165,16 @@ fn two_hundred_clients_get_every_message_exactly_once() {
 fn a_client_that_never_reads_does_not_stall_the_room() {
     // The stuck client's queue stays full for 2 s (5 s by default).
     // Clients here send 1,000 messages back to back: no rate limit.
-    let config = server::Config {
+    let config = Config {
         stall: Duration::from_secs(2),
         rate: None,
-        ..server::Config::default()
+        ..Config::default()
     };
-    let why = "too slow: its queue stayed full for 2s";
-    run(Duration::from_secs(60), stuck_client(config, why));
+    let reason = run(Duration::from_secs(60), stuck_client(config));
+    assert!(
+        matches!(reason, Disconnect::Stalled { stall } if stall == Duration::from_secs(2)),
+        "{reason:?}"
+    );
 }
 
 #[test]
@@ -158,11 +182,11 @@ fn a_client_too_far_behind_is_disconnected() {
     // Room for 64 KiB of broadcasts beyond the connection's queue: they pile
     // up long before the queue has been full for the stall timeout. No
     // other client reads here, so none can be too slow by accident.
-    let config = server::Config {
+    let config = Config {
         backlog: 64 * 1024,
         stall: Duration::from_secs(600),
         rate: None,
-        ..server::Config::default()
+        ..Config::default()
     };
     run(Duration::from_secs(60), async {
         let server = start_with(small_buffered_listener(), config);
@@ -173,9 +197,11 @@ fn a_client_too_far_behind_is_disconnected() {
         for _ in 0..2000 {
             ana.say(&text).await;
         }
-        let line = server.wait_for_log(&[&stuck_addr, "disconnected"]).await;
-        let why = "too slow: over 65536 bytes of broadcasts wait for it";
-        assert!(line.contains(why), "{line}");
+        let reason = server.disconnected(stuck_addr).await;
+        assert!(
+            matches!(reason, Disconnect::TooFarBehind { backlog: 65536 }),
+            "{reason:?}"
+        );
         assert_ends(stuck, 2000 * 1024).await;
         ana.close().await;
         server.shutdown().await;
@@ -184,13 +210,13 @@ fn a_client_too_far_behind_is_disconnected() {
 
 /// A client connected to `server` that never reads, with a small receive
 /// buffer so that what it does not read backs up quickly, and its address.
-fn connect_stuck(server: SocketAddr) -> (socket2::Socket, String) {
+fn connect_stuck(server: SocketAddr) -> (socket2::Socket, SocketAddr) {
     use socket2::{Domain, Socket, Type};
     let stuck = Socket::new(Domain::IPV4, Type::STREAM, None).unwrap();
     stuck.set_recv_buffer_size(4096).unwrap();
     stuck.connect(&server.into()).unwrap();
     let addr = stuck.local_addr().unwrap().as_socket().unwrap();
-    (stuck, addr.to_string())
+    (stuck, addr)
 }
 
 /// Checks that the server dropped `stuck`: reading it ends (at EOF, or with
@@ -211,8 +237,8 @@ async fn assert_ends(stuck: socket2::Socket, sent: usize) {
 
 /// A client that never reads, while three others exchange 2,000
 /// broadcasts of 1 KiB: they get them all, and the stuck one is
-/// disconnected, for the reason `why`.
-async fn stuck_client(config: server::Config, why: &str) {
+/// disconnected; returns why.
+async fn stuck_client(config: Config) -> Disconnect {
     const EACH: usize = 1000;
     let text = "x".repeat(1024);
     // The server's sockets have small send buffers, so what the stuck
@@ -253,15 +279,15 @@ async fn stuck_client(config: server::Config, why: &str) {
 
     // 2 MiB were meant for the stuck client: more than the connection's
     // queue (1,024 messages), its write buffer (256 KiB) and the sockets
-    // (tens of KiB) hold. It was disconnected, and the log says why.
-    let line = server.wait_for_log(&[&stuck_addr, "disconnected"]).await;
-    assert!(line.contains(why), "{line}");
+    // (tens of KiB) hold. It was disconnected.
+    let reason = server.disconnected(stuck_addr).await;
     assert_ends(stuck, 2 * EACH * 1024).await;
 
     for c in [ana, bo, cy] {
         c.close().await;
     }
     server.shutdown().await;
+    reason
 }
 
 /// Sends `n` Chats of `text` while reading `n` broadcasts from `peer`.
@@ -298,7 +324,7 @@ fn half_a_frame_then_a_reset_leaves_the_room_serving() {
             let s =
                 socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
             s.connect(&server.addr.into()).unwrap();
-            let addr = s.local_addr().unwrap().as_socket().unwrap().to_string();
+            let addr = s.local_addr().unwrap().as_socket().unwrap();
             let mut s = std::net::TcpStream::from(s);
             std::io::Write::write_all(&mut s, &frame_start).unwrap();
             if reset {
@@ -307,11 +333,13 @@ fn half_a_frame_then_a_reset_leaves_the_room_serving() {
                     .unwrap();
             }
             drop(s);
-            let why = if reset { "reset" } else { "middle of a frame" };
-            let line = server
-                .wait_for_log(&[&addr, "disconnected: error", why])
-                .await;
-            assert!(!line.contains("closed cleanly"), "{line}");
+            match server.disconnected(addr).await {
+                Disconnect::Error(Error::Io(e)) if reset => {
+                    assert_eq!(e.kind(), std::io::ErrorKind::ConnectionReset, "{e}");
+                }
+                Disconnect::Error(Error::UnexpectedEof { .. }) if !reset => {}
+                other => panic!("reset: {reset}, {other:?}"),
+            }
         }
 
         // The room carries on, for old clients and new.
@@ -342,10 +370,12 @@ fn shutdown_closes_every_connection_cleanly() {
         bo.say("last words").await;
         assert_eq!(ana.next().await, pair("bo", "last words"));
 
-        let log = server.shutdown().await;
+        let events = server.shutdown().await;
         assert!(
-            log.iter().any(|l| l.contains("closing 2 connection(s)")),
-            "{log:#?}"
+            events
+                .iter()
+                .any(|e| matches!(e, Event::ShuttingDown { connections: 2 })),
+            "{events:#?}"
         );
         // Both ends saw a clean close, not an error.
         assert!(ana.incoming.next().await.is_none());

@@ -1,5 +1,6 @@
-//! The example server under abuse: connection churn, a flooding client,
-//! and the connection caps. Over loopback, with the server in-process.
+//! The chat room under abuse: connection churn, a flooding client, the
+//! rate limit on a manual clock, and the connection caps. Over loopback,
+//! with the room in-process.
 //!
 //! The tests here take a lock so they never overlap: one counts this
 //! process's file descriptors.
@@ -8,12 +9,13 @@ mod chat_support;
 use chat_support::*;
 
 use std::collections::HashMap;
-use std::net::SocketAddr;
-use std::sync::Mutex;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use chatpipe::chat::{Chat, ChatMessage};
 use chatpipe::{Builder, Error};
+use chatpipe_chat::{Config, Event, NicknameRefusal, Rate, Refusal};
 use futures::StreamExt;
 use smol::future::FutureExt;
 use smol::net::{TcpListener, TcpStream};
@@ -27,7 +29,7 @@ fn run<T>(limit: Duration, body: impl std::future::Future<Output = T>) -> T {
     chat_support::run(limit, body)
 }
 
-async fn start(config: server::Config) -> TestServer {
+async fn start(config: Config) -> TestServer {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     start_with(listener, config)
 }
@@ -39,10 +41,11 @@ fn open_fds() -> usize {
 #[test]
 fn a_thousand_connect_disconnect_cycles_leak_nothing() {
     run(Duration::from_secs(120), async {
-        let server = start(server::Config::default()).await;
+        let server = start(Config::default()).await;
+        let left = |e: &Event| matches!(e, Event::Disconnected { .. });
         // Warm up (reactor threads, lazily opened descriptors), then count.
         connect(server.addr).await.close().await;
-        server.wait_count("disconnected", 1).await;
+        server.wait_count(left, 1).await;
         let fds = open_fds();
 
         for i in 0..1000 {
@@ -54,9 +57,9 @@ fn a_thousand_connect_disconnect_cycles_leak_nothing() {
             ));
             c.close().await;
         }
-        // Every server task has ended: each logs its disconnection last.
-        server.wait_count("disconnected", 1001).await;
-        assert_eq!(server.count(" connected"), 1001);
+        // Every server task has ended: each reports its disconnection last.
+        server.wait_count(left, 1001).await;
+        assert_eq!(server.count(|e| matches!(e, Event::Connected { .. })), 1001);
         assert_eq!(open_fds(), fds, "file descriptors leaked");
         // A nickname is free again once its holder left.
         let c = connect(server.addr).await;
@@ -71,15 +74,15 @@ fn a_flooding_client_is_rate_limited_while_everyone_else_gets_through() {
     const CLIENTS: usize = 200;
     const EACH: usize = 5;
     const FLOOD: usize = 2000;
-    let rate = server::Rate {
+    let rate = Rate {
         per_second: 10.0,
         burst: 20.0,
     };
     run(Duration::from_secs(120), async {
-        let server = start(server::Config {
+        let server = start(Config {
             rate: Some(rate),
             max_per_ip: CLIENTS,
-            ..server::Config::default()
+            ..Config::default()
         })
         .await;
         let mut clients = connect_named(server.addr, CLIENTS).await;
@@ -134,7 +137,80 @@ fn a_flooding_client_is_rate_limited_while_everyone_else_gets_through() {
             "{most} flood messages got through, at most {allowed:.0} allowed"
         );
         // The server may still be reading the flood: wait for its report.
-        server.wait_count("rate-limited: dropped", 1).await;
+        let flooder = clients[0].addr;
+        let reported = |e: &Event| match e {
+            Event::RateLimited { addr, rate: r, .. } => *addr == flooder && *r == rate,
+            _ => false,
+        };
+        server.wait_count(reported, 1).await;
+        for c in clients {
+            c.close().await;
+        }
+        server.shutdown().await;
+    });
+}
+
+#[test]
+fn over_the_rate_drops_until_the_clock_moves_on() {
+    // The room's clock stands still until the test moves it: no sleeps.
+    let now = Arc::new(Mutex::new(Instant::now()));
+    let clock = now.clone();
+    let config = Config {
+        rate: Some(Rate {
+            per_second: 1.0,
+            burst: 3.0,
+        }),
+        clock: Arc::new(move || *clock.lock().unwrap()),
+        ..Config::default()
+    };
+    run(Duration::from_secs(60), async {
+        let server = start(config).await;
+        // Each nickname request takes a token: two are left for each.
+        let mut clients = connect_named(server.addr, 2).await;
+        let c0 = &clients[0];
+        // A Nak over the rate answers the request after everything c0 sent
+        // before it: by then the room has handled all of it.
+        let over_the_rate = || async {
+            match c0.nick("x").await {
+                ChatMessage::Nak { message, .. } => {
+                    assert_eq!(message, NicknameRefusal::RateLimited.to_string());
+                }
+                other => panic!("expected a Nak, got {other:?}"),
+            }
+        };
+        let reports = || -> Vec<u64> {
+            let events = server.events.lock().unwrap();
+            let dropped = events.iter().filter_map(|e| match e {
+                Event::RateLimited { addr, dropped, .. } if *addr == c0.addr => Some(*dropped),
+                _ => None,
+            });
+            dropped.collect()
+        };
+
+        for i in 0..5 {
+            c0.say(&format!("m{i}")).await;
+        }
+        over_the_rate().await;
+        // The first drop is reported at once; the next ones (m3, m4, the
+        // nickname) wait for a second to pass.
+        assert_eq!(reports(), [1]);
+
+        // Two seconds refill two tokens.
+        *now.lock().unwrap() += Duration::from_secs(2);
+        c0.say("m5").await;
+        c0.say("m6").await;
+        c0.say("m7").await;
+        over_the_rate().await;
+        assert_eq!(reports(), [1, 4], "m3, m4, x and m7");
+        // One more second, one more token.
+        *now.lock().unwrap() += Duration::from_secs(1);
+        c0.say("m8").await;
+
+        // Only what was within the rate reached c1, in order.
+        let c1 = &mut clients[1];
+        for text in ["m0", "m1", "m5", "m6", "m8"] {
+            assert_eq!(c1.next().await, ("c0".to_owned(), text.to_owned()));
+        }
         for c in clients {
             c.close().await;
         }
@@ -156,24 +232,26 @@ async fn refused(server: SocketAddr) -> bool {
 #[test]
 fn connections_over_the_caps_are_refused_and_logged() {
     run(Duration::from_secs(60), async {
-        let server = start(server::Config {
+        let server = start(Config {
             max_connections: 3,
             max_per_ip: 2,
-            ..server::Config::default()
+            ..Config::default()
         })
         .await;
+        let refused_for = |want: Refusal| move |e: &Event| matches!(e, Event::Refused { reason, .. } if *reason == want);
         let a = connect(server.addr).await;
         let b = connect(server.addr).await;
         assert!(matches!(a.nick("a").await, ChatMessage::Ack { .. }));
         assert!(matches!(b.nick("b").await, ChatMessage::Ack { .. }));
         // A third from the same address is over the per-IP cap.
         assert!(refused(server.addr).await);
-        server
-            .wait_count("too many connections from 127.0.0.1", 1)
-            .await;
+        let ip = IpAddr::from([127, 0, 0, 1]);
+        let over_per_ip = refused_for(Refusal::TooManyFromIp { ip, max: 2 });
+        server.wait_count(over_per_ip, 1).await;
         // Once one leaves, there is room again.
+        let a_addr = a.addr;
         a.close().await;
-        server.wait_count("disconnected", 1).await;
+        server.disconnected(a_addr).await;
         let c = connect(server.addr).await;
         assert!(matches!(c.nick("c").await, ChatMessage::Ack { .. }));
         b.close().await;
@@ -196,7 +274,8 @@ fn connections_over_the_caps_are_refused_and_logged() {
             held.push(c);
         }
         assert!(refused(server.addr).await);
-        server.wait_count("server full (3 connections)", 1).await;
+        let full = refused_for(Refusal::ServerFull { max: 3 });
+        server.wait_count(full, 1).await;
         for c in held {
             c.close().await;
         }

@@ -1,5 +1,5 @@
-//! What the chat tests share: the example's server run in-process, and a
-//! chatpipe chat client.
+//! What the chat tests share: the chat room (`chatpipe_chat`) run
+//! in-process, recording its events, and a chatpipe chat client.
 #![allow(dead_code)]
 
 use std::future::Future;
@@ -15,8 +15,7 @@ use smol::future::FutureExt;
 use smol::net::{TcpListener, TcpStream};
 use smol::{Task, Timer};
 
-#[path = "../../examples/chat/server.rs"]
-pub mod server;
+use chatpipe_chat::{Config, Disconnect, Event};
 
 /// Runs a test body, failing it if it takes longer than `limit`.
 pub fn run<T>(limit: Duration, body: impl Future<Output = T>) -> T {
@@ -30,34 +29,34 @@ pub struct TestServer {
     pub addr: SocketAddr,
     pub stop: channel::Sender<()>,
     pub done: Task<()>,
-    pub log: Arc<Mutex<Vec<String>>>,
+    pub events: Arc<Mutex<Vec<Event>>>,
 }
 
-/// Starts the example's server with its default settings on a free
-/// loopback port, logging into memory.
+/// Starts the room with its default settings on a free loopback port,
+/// recording its events.
 pub async fn start() -> TestServer {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    start_with(listener, server::Config::default())
+    start_with(listener, Config::default())
 }
 
-pub fn start_with(listener: TcpListener, config: server::Config) -> TestServer {
+pub fn start_with(listener: TcpListener, config: Config) -> TestServer {
     let addr = listener.local_addr().unwrap();
-    let log = Arc::new(Mutex::new(Vec::new()));
-    let sink = log.clone();
-    let config = server::Config {
-        log: Arc::new(move |line| sink.lock().unwrap().push(line)),
+    let events = Arc::new(Mutex::new(Vec::new()));
+    let sink = events.clone();
+    let config = Config {
+        events: Arc::new(move |event| sink.lock().unwrap().push(event)),
         ..config
     };
     let (stop, stopped) = channel::bounded::<()>(1);
     let shutdown = async move {
         let _ = stopped.recv().await;
     };
-    let done = smol::spawn(server::serve(listener, config, shutdown));
+    let done = smol::spawn(chatpipe_chat::serve(listener, config, shutdown));
     TestServer {
         addr,
         stop,
         done,
-        log,
+        events,
     }
 }
 
@@ -75,29 +74,56 @@ pub fn small_buffered_listener() -> TcpListener {
 }
 
 impl TestServer {
-    /// Waits until a log line contains every one of `parts`, and returns it.
-    pub async fn wait_for_log(&self, parts: &[&str]) -> String {
+    /// Waits until an event gives `Some`, and returns what it gave.
+    pub async fn wait_for<T>(&self, mut found: impl FnMut(&Event) -> Option<T>) -> T {
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
-            let log = self.log.lock().unwrap().clone();
-            if let Some(line) = log.iter().find(|l| parts.iter().all(|p| l.contains(p))) {
-                return line.clone();
+            if let Some(t) = self.events.lock().unwrap().iter().find_map(&mut found) {
+                return t;
             }
             assert!(
                 Instant::now() < deadline,
-                "no log line with {parts:?} in {log:#?}"
+                "not among the events: {:#?}",
+                self.events.lock().unwrap()
             );
             Timer::after(Duration::from_millis(10)).await;
         }
     }
 
+    /// Waits until the client at `addr` has left, and returns why.
+    pub async fn disconnected(&self, addr: SocketAddr) -> Disconnect {
+        self.wait_for(|e| match e {
+            Event::Disconnected {
+                addr: a, reason, ..
+            } if *a == addr => Some(reason.clone()),
+            _ => None,
+        })
+        .await
+    }
+
+    /// How many events are `which`.
+    pub fn count(&self, which: impl Fn(&Event) -> bool) -> usize {
+        self.events
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|e| which(e))
+            .count()
+    }
+
+    /// Waits (bounded by the test's limit) until `n` events are `which`.
+    pub async fn wait_count(&self, which: impl Fn(&Event) -> bool, n: usize) {
+        while self.count(&which) < n {
+            Timer::after(Duration::from_millis(5)).await;
+        }
+    }
+
     /// Stops the server as a signal would, waits until it has closed every
-    /// connection, and returns its log.
-    pub async fn shutdown(self) -> Vec<String> {
+    /// connection, and returns its events.
+    pub async fn shutdown(self) -> Vec<Event> {
         drop(self.stop);
         self.done.await;
-        let log = self.log.lock().unwrap();
-        log.clone()
+        std::mem::take(&mut self.events.lock().unwrap())
     }
 }
 
@@ -163,24 +189,4 @@ pub async fn connect_named(server: SocketAddr, n: usize) -> Vec<Client> {
         clients.push(c);
     }
     clients
-}
-
-impl TestServer {
-    /// How many log lines contain `part`.
-    pub fn count(&self, part: &str) -> usize {
-        self.log
-            .lock()
-            .unwrap()
-            .iter()
-            .filter(|l| l.contains(part))
-            .count()
-    }
-
-    /// Waits (bounded by the test's limit) until `n` log lines contain
-    /// `part`.
-    pub async fn wait_count(&self, part: &str, n: usize) {
-        while self.count(part) < n {
-            Timer::after(Duration::from_millis(5)).await;
-        }
-    }
 }

@@ -19,10 +19,9 @@ use crate::harness::{clock_ticks, percentile, stats};
 use crate::report::{si, Report};
 use crate::Cfg;
 
-/// The example chat server's room, the very file `examples/chat_server.rs`
-/// and `tests/chat_e2e.rs` use.
-#[path = "../../../examples/chat/server.rs"]
-mod chat_server;
+/// The example chat server's room: the `chatpipe-chat` crate (`chat/`), the
+/// very room `examples/chat_server.rs` and the chat tests use.
+use chatpipe_chat::{self as chat_server, Disconnect, Event};
 
 /// Bytes of every Chat text: a send timestamp, the sender and a sequence
 /// number, padded.
@@ -198,12 +197,21 @@ pub(crate) fn chat_fanout(cfg: &Cfg) -> ChatResults {
         max_per_ip: clients + 1,
         max_connections: clients + 1,
         grace: Duration::from_secs(2),
-        // No output: keep only lines that say something went wrong, which
+        // No output: keep only events that say something went wrong, which
         // never happens per message.
-        log: Arc::new(move |line: String| {
-            let bad = ["too slow", "refused", "error", "not sent", "failed"];
-            if bad.iter().any(|b| line.contains(b)) {
-                sink.lock().unwrap().push(line);
+        events: Arc::new(move |event| {
+            let bad = match &event {
+                Event::Disconnected { reason, .. } => {
+                    !matches!(reason, Disconnect::Closed | Disconnect::ShutdownTimeout)
+                }
+                Event::Refused { .. }
+                | Event::NicknameRefused { .. }
+                | Event::BroadcastNotSent { .. }
+                | Event::AcceptFailed(_) => true,
+                _ => false,
+            };
+            if bad {
+                sink.lock().unwrap().push(event.to_string());
             }
         }),
         ..chat_server::Config::default()
@@ -342,7 +350,7 @@ pub(crate) fn scenario_chat_fanout(cfg: &Cfg, rep: &mut Report) {
     let _ = writeln!(
         md,
         "## 4. chat fan-out: the example chat server, {clients} clients\n\n\
-         `examples/chat/server.rs` in-process: `serve` on a thread of its own, which runs only its \
+         the `chatpipe-chat` room (`chat/`) in-process: `serve` on a thread of its own, which runs only its \
          accept loop; the per-client tasks it `smol::spawn`s run on smol's global executor \
          (SMOL_THREADS = {smol_threads}). No rate limit; log lines dropped. {clients} chatpipe clients \
          (`Builder` defaults, `Chat` protocol, each with a nickname) all on **one** client thread (a \

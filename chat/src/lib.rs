@@ -1,7 +1,8 @@
-//! The chat room behind `examples/chat_server.rs`.
-//!
-//! It lives in its own file so the end-to-end tests run the very same
-//! server in-process (`tests/chat_e2e.rs` includes it with `#[path]`).
+//! The chat room behind `examples/chat_server.rs`: [`serve`] runs it on a
+//! listener, with a [`Config`]. The binary only parses arguments and catches
+//! signals; the chat tests and the bench run the very same room in-process.
+//! What the room does is reported as typed [`Event`]s (displayed, they are
+//! the server's log lines), so tests match on them.
 //!
 //! Each client has a task that drives its connection, handles what it
 //! sends, and feeds it the broadcasts waiting in its backlog. Broadcasting
@@ -10,13 +11,14 @@
 //! stays full for `stall`) or falls too far behind (its backlog grows over
 //! `backlog` bytes) is disconnected, never silently skipped.
 //!
-//! Limits on what clients may do, and what an offender gets (each logged):
+//! Limits on what clients may do, and what an offender gets (each an
+//! [`Event`]):
 //!
 //! | limit | default | offender |
 //! |---|---|---|
 //! | connections in all (`max_connections`) | 10,000 | the new connection is closed at once |
 //! | connections per remote IP (`max_per_ip`) | 64 | the new connection is closed at once |
-//! | messages per client (`rate`: token bucket) | 10/s, bursts of 20 | Chat over the rate is dropped; a nickname request over it gets a Nak. Drops are logged at most once a second per client, with a count. |
+//! | messages per client (`rate`: token bucket) | 10/s, bursts of 20 | Chat over the rate is dropped; a nickname request over it gets a Nak. Drops are reported at most once a second per client, with a count. |
 //! | a client that does not read (`stall`, `backlog`) | 5 s, 4 MiB | disconnected |
 
 use std::collections::HashMap;
@@ -28,14 +30,18 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use chatpipe::chat::{Chat, ChatMessage};
-use chatpipe::{Builder, Error, Sender, TrySendError};
-use futures::StreamExt;
+use chatpipe::{Builder, Sender, TrySendError};
 use smol::channel;
 use smol::future::FutureExt;
 use smol::net::{TcpListener, TcpStream};
+use smol::stream::StreamExt;
 
-/// Where log lines go.
-pub type Log = Arc<dyn Fn(String) + Send + Sync>;
+mod bucket;
+mod event;
+
+use bucket::Bucket;
+pub use bucket::Rate;
+pub use event::{Disconnect, Event, NicknameRefusal, Refusal};
 
 /// How the server runs.
 #[derive(Clone)]
@@ -60,8 +66,13 @@ pub struct Config {
     /// Connections at once from one IP address; more are closed as soon as
     /// they are accepted.
     pub max_per_ip: usize,
-    /// Connections, disconnections and errors are reported here.
-    pub log: Log,
+    /// Where connections, disconnections, refusals and errors are
+    /// reported; by default each is printed on stderr.
+    pub events: Arc<dyn Fn(Event) + Send + Sync>,
+    /// The time (by default `Instant::now`) for what the room measures: the
+    /// rate limit, and how long a client's queue has stayed full. Waits are
+    /// real timers.
+    pub clock: Arc<dyn Fn() -> Instant + Send + Sync>,
 }
 
 impl Default for Config {
@@ -77,66 +88,9 @@ impl Default for Config {
             }),
             max_connections: 10_000,
             max_per_ip: 64,
-            log: Arc::new(|line| eprintln!("{line}")),
+            events: Arc::new(|event| eprintln!("{event}")),
+            clock: Arc::new(Instant::now),
         }
-    }
-}
-
-/// A token bucket: `burst` messages at once, refilled at `per_second`.
-#[derive(Debug, Clone, Copy)]
-pub struct Rate {
-    /// Messages per second, on average.
-    pub per_second: f64,
-    /// Messages at once.
-    pub burst: f64,
-}
-
-/// One client's bucket, and what it has dropped since it last said so.
-struct Bucket {
-    rate: Rate,
-    tokens: f64,
-    last: Instant,
-    dropped: u64,
-    reported: Option<Instant>,
-}
-
-impl Bucket {
-    fn new(rate: Rate) -> Self {
-        Bucket {
-            rate,
-            tokens: rate.burst,
-            last: Instant::now(),
-            dropped: 0,
-            reported: None,
-        }
-    }
-
-    /// Takes a token if there is one.
-    fn take(&mut self) -> bool {
-        let now = Instant::now();
-        let refill = now.duration_since(self.last).as_secs_f64() * self.rate.per_second;
-        self.tokens = (self.tokens + refill).min(self.rate.burst);
-        self.last = now;
-        if self.tokens >= 1.0 {
-            self.tokens -= 1.0;
-            return true;
-        }
-        self.dropped += 1;
-        false
-    }
-
-    /// How many were dropped since the last report, at most once a second.
-    fn report(&mut self) -> Option<u64> {
-        let now = Instant::now();
-        if self.dropped == 0
-            || self
-                .reported
-                .is_some_and(|t| now - t < Duration::from_secs(1))
-        {
-            return None;
-        }
-        self.reported = Some(now);
-        Some(std::mem::take(&mut self.dropped))
     }
 }
 
@@ -170,8 +124,8 @@ pub async fn serve(listener: TcpListener, config: Config, shutdown: impl Future<
         loop {
             match listener.accept().await {
                 Ok((stream, addr)) => {
-                    if let Err(why) = room.admit(addr) {
-                        room.log(format_args!("{addr} refused: {why}"));
+                    if let Err(reason) = room.admit(addr) {
+                        room.emit(Event::Refused { addr, reason });
                         drop(stream);
                         continue;
                     }
@@ -187,7 +141,7 @@ pub async fn serve(listener: TcpListener, config: Config, shutdown: impl Future<
                     .detach();
                 }
                 Err(e) => {
-                    room.log(format_args!("accept failed: {e}"));
+                    room.emit(Event::AcceptFailed(e));
                     // Out of file descriptors, say: do not spin.
                     smol::Timer::after(Duration::from_millis(100)).await;
                 }
@@ -201,8 +155,8 @@ pub async fn serve(listener: TcpListener, config: Config, shutdown: impl Future<
     // Each member's task sends what waits for it, then closes.
     {
         let members = room.lock();
-        let n = members.len();
-        room.log(format_args!("shutting down: closing {n} connection(s)"));
+        let connections = members.len();
+        room.emit(Event::ShuttingDown { connections });
         for m in members.values() {
             m.outbox.close();
         }
@@ -216,11 +170,11 @@ pub async fn serve(listener: TcpListener, config: Config, shutdown: impl Future<
     if all_gone.recv().or(grace).await.is_ok() {
         // Still open after the grace period: drop them.
         for m in room.lock().values() {
-            let _ = m.kick.try_send("did not close in time at shutdown".into());
+            let _ = m.kick.try_send(Disconnect::ShutdownTimeout);
         }
         let _ = all_gone.recv().await;
     }
-    room.log(format_args!("stopped"));
+    room.emit(Event::Stopped);
 }
 
 struct Room {
@@ -236,7 +190,7 @@ struct Member {
     /// Bytes of text in `outbox`.
     waiting: Arc<AtomicUsize>,
     /// Tells the member's task to drop its connection, and why.
-    kick: channel::Sender<String>,
+    kick: channel::Sender<Disconnect>,
 }
 
 impl Member {
@@ -263,8 +217,12 @@ impl Room {
         self.members.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    fn log(&self, args: fmt::Arguments<'_>) {
-        (self.config.log)(args.to_string());
+    fn emit(&self, event: Event) {
+        (self.config.events)(event);
+    }
+
+    fn now(&self) -> Instant {
+        (self.config.clock)()
     }
 
     /// Sends `text` from member `id` to every other member, without ever
@@ -280,11 +238,8 @@ impl Room {
             if m.waiting.fetch_add(size, Ordering::Relaxed) + size > self.config.backlog {
                 // Its task drops the connection; until then, further kicks
                 // are no-ops.
-                let reason = format!(
-                    "too slow: over {} bytes of broadcasts wait for it",
-                    self.config.backlog
-                );
-                let _ = m.kick.try_send(reason);
+                let backlog = self.config.backlog;
+                let _ = m.kick.try_send(Disconnect::TooFarBehind { backlog });
             } else {
                 // Unbounded, as `waiting` bounds it; fails only when the
                 // member is leaving.
@@ -294,40 +249,35 @@ impl Room {
     }
 
     /// Whether a new connection from `addr` is within the limits.
-    fn admit(&self, addr: SocketAddr) -> Result<(), String> {
+    fn admit(&self, addr: SocketAddr) -> Result<(), Refusal> {
         let members = self.lock();
         let max = self.config.max_connections;
         if members.len() >= max {
-            return Err(format!("server full ({max} connections)"));
+            return Err(Refusal::ServerFull { max });
         }
-        let max = self.config.max_per_ip;
-        let from_ip = members
-            .values()
-            .filter(|m| m.addr.ip() == addr.ip())
-            .count();
-        if from_ip >= max {
-            return Err(format!("too many connections from {} ({max})", addr.ip()));
+        let (ip, max) = (addr.ip(), self.config.max_per_ip);
+        if members.values().filter(|m| m.addr.ip() == ip).count() >= max {
+            return Err(Refusal::TooManyFromIp { ip, max });
         }
         Ok(())
     }
 
     /// Gives member `id` the nickname unless another member holds it.
-    fn set_nickname(&self, id: u64, nickname: &str) -> Result<(), String> {
+    fn set_nickname(&self, id: u64, nickname: &str) -> Result<(), NicknameRefusal> {
         let mut members = self.lock();
         if members
             .iter()
             .any(|(&other, m)| other != id && m.nickname.as_deref() == Some(nickname))
         {
-            return Err(format!(
-                "nickname {nickname:?} is already taken by another client"
-            ));
+            let nickname = nickname.to_owned();
+            return Err(NicknameRefusal::Taken { nickname });
         }
         match members.get_mut(&id) {
             Some(m) => {
                 m.nickname = Some(nickname.to_owned());
                 Ok(())
             }
-            None => Err("you are being disconnected".into()),
+            None => Err(NicknameRefusal::Leaving),
         }
     }
 
@@ -356,7 +306,7 @@ impl Room {
             kick,
         };
         self.lock().insert(id, member);
-        self.log(format_args!("{addr} connected"));
+        self.emit(Event::Connected { addr });
         let room = self.clone();
 
         async move {
@@ -364,8 +314,8 @@ impl Room {
             // (dropping the driver closes it at once).
             let driver = async {
                 match conn.await {
-                    Ok(()) => "closed cleanly".to_owned(),
-                    Err(e) => format!("error: {e}"),
+                    Ok(()) => Disconnect::Closed,
+                    Err(e) => Disconnect::Error(e),
                 }
             };
             let kicked = async {
@@ -376,7 +326,7 @@ impl Room {
             };
             let stalled = forward(&room, addr, broadcasts, &waiting, &sender);
             let mut incoming = incoming;
-            let mut bucket = room.config.rate.map(Bucket::new);
+            let mut bucket = room.config.rate.map(|r| Bucket::new(r, room.now()));
             let reading = async {
                 let mut handled = 0u32;
                 while let Some(Ok(msg)) = incoming.next().await {
@@ -395,11 +345,11 @@ impl Room {
             let (reason, ()) = smol::future::zip(ended, reading).await;
 
             let nickname = room.lock().remove(&id).and_then(|m| m.nickname);
-            let name = match nickname {
-                Some(n) => format!("{addr} ({n})"),
-                None => addr.to_string(),
-            };
-            room.log(format_args!("{name} disconnected: {reason}"));
+            room.emit(Event::Disconnected {
+                addr,
+                nickname,
+                reason,
+            });
         }
     }
 }
@@ -414,7 +364,7 @@ async fn forward(
     broadcasts: channel::Receiver<ChatMessage>,
     waiting: &AtomicUsize,
     sender: &Sender<Chat>,
-) -> String {
+) -> Disconnect {
     let stall = room.config.stall;
     // When the queue was first found full, since it last had room.
     let mut full_since = None;
@@ -428,17 +378,17 @@ async fn forward(
             Err(TrySendError::Full(msg)) => {
                 // Wait for room, but only until the queue has been full for
                 // `stall`: a slot freed now and then is not catching up.
-                let since = *full_since.get_or_insert_with(Instant::now);
-                let send = async { Some(sender.send(msg).await) };
+                let since = *full_since.get_or_insert_with(|| room.now());
+                let left = stall.saturating_sub(room.now().saturating_duration_since(since));
+                let room_made = async { Some(sender.reserve().await) };
                 let give_up = async {
-                    smol::Timer::at(since + stall).await;
+                    smol::Timer::after(left).await;
                     None
                 };
-                match send.or(give_up).await {
-                    Some(sent) => sent.map_err(|e| e.error),
-                    None => {
-                        return format!("too slow: its queue stayed full for {stall:?}");
-                    }
+                match room_made.or(give_up).await {
+                    Some(Ok(permit)) => permit.send(msg).map_err(|e| e.error),
+                    Some(Err(e)) => Err(e),
+                    None => return Disconnect::Stalled { stall },
                 }
             }
             Err(TrySendError::Failed(e)) => Err(e.error),
@@ -447,8 +397,8 @@ async fn forward(
             Ok(()) => {}
             // This message cannot go out (too large for a frame); the next
             // ones can.
-            Err(e @ (Error::MessageTooLarge { .. } | Error::Encode(_))) => {
-                room.log(format_args!("broadcast to {addr} not sent: {e}"));
+            Err(error) if !error.is_fatal() => {
+                room.emit(Event::BroadcastNotSent { addr, error });
             }
             // The connection is ending; its driver says why.
             Err(_) => break,
@@ -467,17 +417,19 @@ async fn handle(
     bucket: Option<&mut Bucket>,
 ) {
     if let Some(bucket) = bucket {
-        if !bucket.take() {
-            if let Some(n) = bucket.report() {
-                let r = bucket.rate;
-                room.log(format_args!(
-                    "{addr} rate-limited: dropped {n} message(s) over {}/s (bursts of {})",
-                    r.per_second, r.burst
-                ));
+        let now = room.now();
+        if !bucket.take(now) {
+            if let Some(dropped) = bucket.report(now) {
+                let rate = bucket.rate;
+                room.emit(Event::RateLimited {
+                    addr,
+                    dropped,
+                    rate,
+                });
             }
             // Requests deserve an answer; anything else is dropped.
             if let ChatMessage::SetNickname { request_id, .. } = msg {
-                let message = "rate limited: slow down".to_owned();
+                let message = NicknameRefusal::RateLimited.to_string();
                 let _ = sender
                     .send(ChatMessage::Nak {
                         request_id,
@@ -496,11 +448,16 @@ async fn handle(
         } => {
             let reply = match room.set_nickname(id, &nickname) {
                 Ok(()) => {
-                    room.log(format_args!("{addr} is now known as {nickname:?}"));
+                    room.emit(Event::Nickname { addr, nickname });
                     ChatMessage::Ack { request_id }
                 }
-                Err(message) => {
-                    room.log(format_args!("{addr} refused {nickname:?}: {message}"));
+                Err(reason) => {
+                    let message = reason.to_string();
+                    room.emit(Event::NicknameRefused {
+                        addr,
+                        nickname,
+                        reason,
+                    });
                     ChatMessage::Nak {
                         request_id,
                         message,
@@ -512,7 +469,7 @@ async fn handle(
         }
         // A server-to-client message: meaningless here.
         ChatMessage::Broadcast { .. } => {
-            room.log(format_args!("{addr} sent a Broadcast; ignored"));
+            room.emit(Event::UnexpectedBroadcast { addr });
         }
         // Keepalives and responses never reach the application.
         ChatMessage::Keepalive | ChatMessage::Ack { .. } | ChatMessage::Nak { .. } => {}
