@@ -142,9 +142,8 @@ pub struct Connection<T, P: Protocol, Tm> {
     last_io: Instant,
     max_frame_len: usize,
     request_timeout: Duration,
-    /// Frames received, and requests refused (settled without a write).
+    /// Frames received.
     frames_in: u64,
-    refused: u64,
     label: Option<Arc<str>>,
     #[cfg(feature = "tracing")]
     span: tracing::Span,
@@ -262,7 +261,6 @@ where
             max_frame_len: parts.max_frame_len,
             request_timeout: parts.timeouts.request_timeout,
             frames_in: 0,
-            refused: 0,
             label: parts.label,
             #[cfg(feature = "tracing")]
             span,
@@ -538,7 +536,9 @@ where
             return Ok(());
         };
         let mut buf = BytesMut::new();
-        let body = encode_frame(&*self.protocol, &keepalive, &mut buf, self.max_frame_len)?;
+        // Without keepalives the connection cannot go on: that is fatal.
+        let body = encode_frame(&*self.protocol, &keepalive, &mut buf, self.max_frame_len)
+            .map_err(|e| Error::Protocol(format!("cannot send a keepalive: {e}")))?;
         // Counted as no frame: `flush` and `undelivered` count messages
         // that senders accepted.
         self.pipe.queue(buf.freeze(), 0);
@@ -561,14 +561,17 @@ where
                     let _ = reply.send(Err(Error::InvalidRequest(
                         "a request with this id is already outstanding",
                     )));
-                    self.refused += 1;
+                    // Settled once what was queued before it is flushed.
+                    self.pipe.mark();
                     return;
                 }
                 let body_frames = usize::from(!body.is_empty());
                 self.pipe.queue(head, 1 - body_frames);
                 self.pipe.queue(body, body_frames);
             }
-            Piece::Abandon(id) => return self.state.abandon(&id),
+            // Only if that request's future is gone: the id may have been
+            // reused since by a request that is still waiting.
+            Piece::Abandon(id) => return self.state.abandon(&id, oneshot::Sender::is_canceled),
         }
         self.state.on_sent(now);
     }
@@ -624,7 +627,7 @@ impl<T, P: Protocol, Tm> Connection<T, P, Tm> {
         stats
             .messages_out
             .store(self.pipe.frames_written(), Ordering::Relaxed);
-        let flushed = self.pipe.frames_flushed() + self.refused;
+        let flushed = self.pipe.frames_flushed() + self.pipe.marks_flushed();
         if self.shared.flushed.swap(flushed, Ordering::AcqRel) != flushed {
             self.shared.flush_event.notify(usize::MAX);
         }

@@ -142,11 +142,19 @@ impl Error {
     }
 }
 
-/// Keeps the kind of an underlying I/O error; the chatpipe error is the
-/// source, so nothing is lost.
+/// An I/O error comes back as it was (if no other handle holds it, else
+/// one of the same kind). Any other becomes an `io::Error` of the nearest
+/// kind ([`Error::io_kind`]) that wraps it: `get_ref()` and `into_inner()`
+/// give it back.
 impl From<Error> for io::Error {
     fn from(e: Error) -> Self {
-        io::Error::new(e.io_kind(), e)
+        match e {
+            Error::Io(inner) => match Arc::try_unwrap(inner) {
+                Ok(original) => original,
+                Err(shared) => io::Error::new(shared.kind(), Error::Io(shared)),
+            },
+            e => io::Error::new(e.io_kind(), e),
+        }
     }
 }
 

@@ -13,7 +13,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{Context, Poll, Waker};
 
 use bytes::{BufMut, Bytes, BytesMut};
-use event_listener::{Event, IntoNotification};
+use event_listener::Event;
 use futures_channel::oneshot;
 
 use crate::frame::{check_len, HEADER_LEN};
@@ -170,13 +170,23 @@ impl<P: Protocol> Outbox<P> {
         if inner.tail.capacity() - inner.tail.len() < 64 {
             inner.tail.reserve(4096);
         }
+        // A panic in the encoder under a permit frees its slot: say so.
+        struct NotifyOnUnwind<'a>(&'a Event, bool);
+        impl Drop for NotifyOnUnwind<'_> {
+            fn drop(&mut self) {
+                if self.1 && std::thread::panicking() {
+                    self.0.notify(usize::MAX);
+                }
+            }
+        }
+        let _notify = NotifyOnUnwind(&self.room, permit);
         let body = match encode_frame(protocol, msg, &mut inner.tail, self.max_frame_len) {
             Ok(body) => body,
             Err(e) => {
                 drop(lock);
                 if permit {
                     // The reserved slot is free again.
-                    self.room.notify(1.additional());
+                    self.room.notify(usize::MAX);
                 }
                 return Err((PushError::Encode(e), request.map(|r| r.1)));
             }
@@ -246,7 +256,7 @@ impl<P: Protocol> Outbox<P> {
     /// Gives back a slot held by an unused permit.
     pub fn release(&self) {
         self.lock().reserved -= 1;
-        self.room.notify(1.additional());
+        self.room.notify(usize::MAX);
     }
 
     /// Messages ever accepted.
@@ -297,7 +307,11 @@ impl<P: Protocol> Outbox<P> {
         }
         let freed = std::mem::take(&mut inner.queued);
         drop(inner);
-        self.room.notify(freed.additional());
+        if freed > 0 {
+            // Everyone waiting checks again: a listener a `Sink` left
+            // registered and never polls must not swallow the wakeup.
+            self.room.notify(usize::MAX);
+        }
         Poll::Ready(true)
     }
 

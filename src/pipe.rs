@@ -44,15 +44,19 @@ pub(crate) struct Pipe<T> {
     /// Small frames copied together.
     tail: BytesMut,
     queued: usize,
-    /// Where queued frames end (counted in bytes ever queued) and how many
-    /// end there: tells how many were never written if the connection fails.
-    frame_ends: VecDeque<(u64, usize)>,
+    /// Where queued frames end (counted in bytes ever queued), how many end
+    /// there, and how many markers (see `mark`) stand there: tells how many
+    /// were never written if the connection fails, and what `flush` waits on.
+    frame_ends: VecDeque<(u64, usize, usize)>,
     unwritten_frames: usize,
     bytes_queued: u64,
     needs_flush: bool,
     /// Frames completely written, and of those, flushed.
     frames_written: u64,
     frames_flushed: u64,
+    /// Markers reached by the writes, and of those, flushed.
+    marks_written: u64,
+    marks_flushed: u64,
 }
 
 impl<T> Pipe<T> {
@@ -74,6 +78,28 @@ impl<T> Pipe<T> {
     /// Frames written, then flushed: handed to the transport.
     pub fn frames_flushed(&self) -> u64 {
         self.frames_flushed
+    }
+
+    /// Markers whose place in the stream was written and flushed.
+    pub fn marks_flushed(&self) -> u64 {
+        self.marks_flushed
+    }
+
+    /// Places a marker after everything queued so far: it counts as
+    /// flushed once all of that is. For a message settled without being
+    /// written (a refused request), so `flush` waits for what came before.
+    pub fn mark(&mut self) {
+        match self.frame_ends.back_mut() {
+            Some(end) if end.0 == self.bytes_queued => end.2 += 1,
+            Some(_) => self.frame_ends.push_back((self.bytes_queued, 0, 1)),
+            // Everything queued was written: only a flush may be due.
+            None => {
+                self.marks_written += 1;
+                if !self.needs_flush {
+                    self.marks_flushed = self.marks_written;
+                }
+            }
+        }
     }
 }
 
@@ -97,6 +123,8 @@ impl<T: AsyncRead + AsyncWrite + Unpin> Pipe<T> {
             needs_flush: false,
             frames_written: 0,
             frames_flushed: 0,
+            marks_written: 0,
+            marks_flushed: 0,
         }
     }
 
@@ -183,7 +211,7 @@ impl<T: AsyncRead + AsyncWrite + Unpin> Pipe<T> {
         self.queued += piece.len();
         self.bytes_queued += piece.len() as u64;
         if frames > 0 {
-            self.frame_ends.push_back((self.bytes_queued, frames));
+            self.frame_ends.push_back((self.bytes_queued, frames, 0));
             self.unwritten_frames += frames;
         }
         if piece.len() >= COPY_BELOW {
@@ -198,6 +226,20 @@ impl<T: AsyncRead + AsyncWrite + Unpin> Pipe<T> {
 
     /// Writes everything queued, then flushes. Ready when all is written.
     pub fn poll_write(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Error>> {
+        let res = self.poll_write_inner(cx);
+        // The queue did not drain: flush what is written so far, so that
+        // `Sender::flush` is not held up by messages sent after it.
+        if res.is_pending() && self.needs_flush && self.frames_written > self.frames_flushed {
+            if let Poll::Ready(Ok(())) = Pin::new(&mut self.io).poll_flush(cx) {
+                self.frames_flushed = self.frames_written;
+                self.marks_flushed = self.marks_written;
+                self.needs_flush = false;
+            }
+        }
+        res
+    }
+
+    fn poll_write_inner(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Error>> {
         while self.queued > 0 {
             let n = if self.chunks.is_empty() {
                 ready!(Pin::new(&mut self.io).poll_write(cx, &self.tail))
@@ -231,18 +273,20 @@ impl<T: AsyncRead + AsyncWrite + Unpin> Pipe<T> {
             self.needs_flush = false;
         }
         self.frames_flushed = self.frames_written;
+        self.marks_flushed = self.marks_written;
         Poll::Ready(Ok(()))
     }
 
     fn advance(&mut self, mut n: usize) {
         self.queued -= n;
         self.bytes_written += n as u64;
-        while let Some(&(end, frames)) = self.frame_ends.front() {
+        while let Some(&(end, frames, marks)) = self.frame_ends.front() {
             if end > self.bytes_written {
                 break;
             }
             self.unwritten_frames -= frames;
             self.frames_written += frames as u64;
+            self.marks_written += marks as u64;
             self.frame_ends.pop_front();
         }
         while n > 0 {

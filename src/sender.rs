@@ -458,7 +458,11 @@ impl<P: Protocol> Sink<P::Message> for Sender<P> {
     fn start_send(mut self: Pin<&mut Self>, msg: P::Message) -> Result<(), Error> {
         let permit = std::mem::take(&mut self.sink_reserved);
         match self.outbox.try_push(&self.protocol, &msg, None, permit) {
-            Ok(()) => Ok(()),
+            Ok(()) => {
+                // A flush waiting since before must now wait for this too.
+                self.sink_flush = None;
+                Ok(())
+            }
             Err((PushError::Full, _)) => Err(Error::InvalidRequest(
                 "start_send without poll_ready on a full queue",
             )),
@@ -479,6 +483,8 @@ impl<P: Protocol> Sink<P::Message> for Sender<P> {
         res
     }
 
+    /// Closes the connection and resolves once everything accepted was
+    /// flushed; the driver then shuts the write half.
     fn poll_close(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Result<(), Error>> {
         if std::mem::take(&mut self.sink_reserved) {
             self.outbox.release();

@@ -161,10 +161,11 @@ impl<Id: Eq + Hash + Clone, R> State<Id, R> {
         Matched::Unknown
     }
 
-    /// Takes an abandoned request out of the table; its late response will
-    /// be ignored.
-    pub fn abandon(&mut self, id: &Id) {
-        if self.requests.remove(id).is_some() {
+    /// Takes an abandoned request out of the table, if its reply slot says
+    /// it was (`abandoned`); its late response will be ignored.
+    pub fn abandon(&mut self, id: &Id, abandoned: impl Fn(&R) -> bool) {
+        if self.requests.get(id).is_some_and(|(_, r)| abandoned(r)) {
+            self.requests.remove(id);
             self.retire(id.clone());
         }
     }
@@ -436,7 +437,7 @@ mod tests {
         assert_eq!(s.outstanding(), 33);
         assert_eq!(s.take_response(&3), Matched::Late);
         assert_eq!(s.take_response(&4), Matched::Pending(4));
-        s.abandon(&6);
+        s.abandon(&6, |_| true);
         assert_eq!(s.outstanding(), 31);
         assert_eq!(s.take_response(&6), Matched::Late);
     }
