@@ -234,6 +234,9 @@ impl<T: AsyncRead + AsyncWrite + Unpin> Pipe<T> {
                 self.frames_flushed = self.frames_written;
                 self.marks_flushed = self.marks_written;
                 self.needs_flush = false;
+                // Some streams drop their wait for writability when flushed
+                // (smol's `TcpStream` does): write again, which waits anew.
+                return self.poll_write_inner(cx);
             }
         }
         res

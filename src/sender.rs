@@ -362,7 +362,9 @@ pub struct Stats {
     pub messages_in: u64,
     /// Bytes received, length prefixes included.
     pub bytes_in: u64,
-    /// Messages written to the stream (keepalives not included).
+    /// Messages written to the stream (keepalives not included). Counted
+    /// as each batch of coalesced messages is written in full, so it may
+    /// lag a partly written batch, never run ahead.
     pub messages_out: u64,
     /// Bytes written, length prefixes and keepalives included.
     pub bytes_out: u64,

@@ -376,3 +376,51 @@ fn a_slow_application_does_not_hold_a_closed_connection_open() {
         assert!(brx.next().await.is_none());
     }));
 }
+
+/// Large messages keep the socket's buffer full, so writes return
+/// `Pending` between partial writes. Flushing then must not make the
+/// stream forget the wait for writability (smol's `TcpStream` drops it on
+/// flush): without keepalives nothing else would wake the driver, and the
+/// transfer would stop (the hang guard fails the test). Each side runs on
+/// a thread and executor of its own, as a server and a client would.
+#[test]
+fn large_messages_over_tcp_never_stall_on_a_full_socket() {
+    const N: usize = 2000;
+    let body = Bytes::from(vec![7u8; 64 * 1024]);
+    let cfg = quiet().max_frame_len(1 << 20);
+    for _ in 0..4 {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let a = std::net::TcpStream::connect(l.local_addr().unwrap()).unwrap();
+        let (b, _) = l.accept().unwrap();
+        let (body, cfg_a, cfg_b) = (body.clone(), cfg.clone(), cfg.clone());
+        let sender = std::thread::spawn(move || {
+            let ex = smol::LocalExecutor::new();
+            smol::block_on(ex.run(within(60, async {
+                let io = smol::net::TcpStream::try_from(a).unwrap();
+                let (tx, _rx, conn) = cfg_a.build(io, Raw);
+                let conn = ex.spawn(conn);
+                for _ in 0..N {
+                    tx.send(RawMessage::Message(body.clone())).await.unwrap();
+                }
+                tx.close();
+                conn.await.unwrap();
+            })))
+        });
+        let receiver = std::thread::spawn(move || {
+            let ex = smol::LocalExecutor::new();
+            smol::block_on(ex.run(within(60, async {
+                let io = smol::net::TcpStream::try_from(b).unwrap();
+                let (_tx, mut rx, conn) = cfg_b.build(io, Raw);
+                let conn = ex.spawn(conn);
+                for _ in 0..N {
+                    let m = rx.next().await.expect("stream ended early").unwrap();
+                    assert!(matches!(m, RawMessage::Message(b) if b.len() == 64 * 1024));
+                }
+                assert!(rx.next().await.is_none());
+                conn.await.unwrap();
+            })))
+        });
+        sender.join().unwrap();
+        receiver.join().unwrap();
+    }
+}
