@@ -16,6 +16,11 @@
 //! long string  = len: u16 BE, then len bytes of UTF-8
 //! ```
 //!
+//! Version 0.6 adds types 16 to 25, which a v0.5 peer skips: a negotiated
+//! [`Hello`](ChatMessage::Hello) / [`Welcome`](ChatMessage::Welcome), acked
+//! chats ([`Say`](ChatMessage::Say)), direct messages, presence, history
+//! and server notices. `docs/PROTOCOL.md` has every field, with bytes.
+//!
 //! Unknown types are skipped, so the protocol can grow without breaking old
 //! peers. Bytes after the last field of a known type are ignored for the
 //! same reason.
@@ -77,10 +82,13 @@ pub const DEFAULT_PORT: u16 = 33333;
 /// The longest short string (a nickname, a broadcast's `from`), in bytes.
 pub const SHORT_STRING_MAX: usize = u8::MAX as usize;
 
-/// The largest payload any chat message encodes to: a Broadcast with the
-/// longest `from` and the longest text (4 + 1 + 255 + 2 + 65,535 =
-/// 65,797 bytes), so the default frame limit of a chat connection is this.
-pub const MAX_PAYLOAD_LEN: usize = 4 + 1 + SHORT_STRING_MAX + 2 + LONG_STRING_MAX;
+/// The largest payload a chat message with fields of bounded size encodes
+/// to: a v0.6 Direct with the longest nickname and the longest text
+/// (4 + 16 + 1 + 255 + 2 + 65,535 = 65,813 bytes); a v0.5 Broadcast is at
+/// most 65,797. The default frame limit of a chat connection is this.
+/// Messages that carry lists (Hello, Welcome, Members) are kept under it
+/// by whoever makes them.
+pub const MAX_PAYLOAD_LEN: usize = 4 + 16 + 1 + SHORT_STRING_MAX + 2 + LONG_STRING_MAX;
 
 /// The longest long string (a chat text, a Nak's message), in bytes.
 pub const LONG_STRING_MAX: usize = u16::MAX as usize;
@@ -92,6 +100,39 @@ const KEEPALIVE: u32 = 2;
 const SET_NICKNAME: u32 = 3;
 const ACK: u32 = 4;
 const NAK: u32 = 5;
+// v0.6: 16 and up, clear of v0.5's types and of the unknown types the
+// tests send (6, 9, 0x10000, 0xffffffff).
+const HELLO: u32 = 16;
+const WELCOME: u32 = 17;
+const NOTICE: u32 = 18;
+const SAY: u32 = 19;
+const DIRECT: u32 = 20;
+const PRIVATE: u32 = 21;
+const WHO: u32 = 22;
+const MEMBERS: u32 = 23;
+const PRESENCE: u32 = 24;
+const HISTORY: u32 = 25;
+
+/// Protocol versions as they go on the wire (`major << 8 | minor`).
+pub const V0_5: u16 = 0x0005;
+/// Protocol version 0.6: Hello and Welcome, then the capabilities granted.
+pub const V0_6: u16 = 0x0006;
+
+/// The capabilities of v0.6 by name, as a Hello asks for them and a
+/// Welcome grants them. Unknown names are ignored.
+pub mod capability {
+    /// Each chat is a [`Say`](super::ChatMessage::Say) request, acked once
+    /// it is in the room or refused with a reason.
+    pub const ACK: &str = "ack";
+    /// [`Direct`](super::ChatMessage::Direct) messages to one nickname.
+    pub const DIRECT: &str = "direct";
+    /// [`Presence`](super::ChatMessage::Presence) announcements and
+    /// [`Who`](super::ChatMessage::Who).
+    pub const PRESENCE: &str = "presence";
+    /// The last room messages as [`History`](super::ChatMessage::History)
+    /// on joining.
+    pub const HISTORY: &str = "history";
+}
 
 /// The 16-byte id that pairs a request with its response (a GUID on the
 /// wire: opaque bytes, compared bytewise).
@@ -171,6 +212,127 @@ pub enum ChatMessage {
         /// Why. At most [`LONG_STRING_MAX`] bytes.
         message: String,
     },
+    /// Type 16 (v0.6), client to server, first: the versions the client
+    /// speaks and the capabilities it wants. Answered by a
+    /// [`Welcome`](ChatMessage::Welcome), or by a [`Nak`](ChatMessage::Nak)
+    /// with the reason, after which the server closes. A v0.5 server
+    /// skips it.
+    Hello {
+        /// Pairs the request with its response.
+        request_id: RequestId,
+        /// Versions spoken ([`V0_5`], [`V0_6`]); at most 255.
+        versions: Vec<u16>,
+        /// Capabilities wanted ([`capability`]); at most 255 short strings.
+        capabilities: Vec<String>,
+        /// Credentials for a login; empty for none. At most
+        /// [`LONG_STRING_MAX`] bytes.
+        credentials: String,
+    },
+    /// Type 17 (v0.6), server to client: the answer to a Hello.
+    Welcome {
+        /// The Hello's id.
+        request_id: RequestId,
+        /// The version chosen.
+        version: u16,
+        /// The capabilities granted; at most 255 short strings.
+        capabilities: Vec<String>,
+        /// Limits the client must respect.
+        limits: Limits,
+    },
+    /// Type 18 (v0.6), server to client: something the server says, for
+    /// example why it is about to close the connection.
+    Notice {
+        /// At most [`LONG_STRING_MAX`] bytes.
+        text: String,
+    },
+    /// Type 19 (v0.6, capability `ack`), client to server: a chat that is
+    /// answered with an Ack once it is in the room, or a Nak saying why not.
+    Say {
+        /// Pairs the request with its response.
+        request_id: RequestId,
+        /// At most [`LONG_STRING_MAX`] bytes.
+        text: String,
+    },
+    /// Type 20 (v0.6, capability `direct`), client to server: a message
+    /// for one member only. Ack once delivered to the room's member, Nak
+    /// if there is none by that name.
+    Direct {
+        /// Pairs the request with its response.
+        request_id: RequestId,
+        /// The recipient's nickname. At most [`SHORT_STRING_MAX`] bytes.
+        to: String,
+        /// At most [`LONG_STRING_MAX`] bytes.
+        text: String,
+    },
+    /// Type 21 (v0.6), server to client: a direct message to you.
+    Private {
+        /// Who sent it. At most [`SHORT_STRING_MAX`] bytes.
+        from: String,
+        /// At most [`LONG_STRING_MAX`] bytes.
+        text: String,
+    },
+    /// Type 22 (v0.6, capability `presence`), client to server: who is in
+    /// the room? Answered by [`Members`](ChatMessage::Members).
+    Who {
+        /// Pairs the request with its response.
+        request_id: RequestId,
+    },
+    /// Type 23 (v0.6), server to client: the answer to a Who.
+    Members {
+        /// The Who's id.
+        request_id: RequestId,
+        /// How many members the room has.
+        total: u32,
+        /// Their names, as many as fit in one frame; at most 65,535 short
+        /// strings.
+        names: Vec<String>,
+    },
+    /// Type 24 (v0.6, capability `presence`), server to client: someone
+    /// joined, left or changed their name.
+    Presence {
+        /// What happened.
+        change: PresenceChange,
+        /// Who. At most [`SHORT_STRING_MAX`] bytes.
+        nickname: String,
+        /// The new name, for [`PresenceChange::Renamed`]; empty otherwise.
+        /// At most [`SHORT_STRING_MAX`] bytes.
+        new_nickname: String,
+    },
+    /// Type 25 (v0.6, capability `history`), server to client: a room
+    /// message from before you joined, oldest first, before live traffic.
+    History {
+        /// When it was said: milliseconds since the Unix epoch.
+        at_ms: u64,
+        /// Who said it. At most [`SHORT_STRING_MAX`] bytes.
+        from: String,
+        /// At most [`LONG_STRING_MAX`] bytes.
+        text: String,
+    },
+}
+
+/// What a v0.6 client must respect, from the [`Welcome`](ChatMessage::Welcome).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Limits {
+    /// The largest payload the server accepts, in bytes.
+    pub max_frame: u32,
+    /// Messages per 1,000 seconds on average (10 per second is 10,000);
+    /// 0 for no limit. Over it, the server reads more slowly.
+    pub rate_per_1000s: u32,
+    /// Messages at once before the rate applies.
+    pub burst: u32,
+    /// The server's keepalive interval, in milliseconds.
+    pub keepalive_ms: u32,
+}
+
+/// What a [`Presence`](ChatMessage::Presence) announces.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PresenceChange {
+    /// Byte 0: joined the room (or set a first nickname).
+    Joined,
+    /// Byte 1: left the room.
+    Left,
+    /// Byte 2: changed nickname.
+    Renamed,
 }
 
 impl ChatMessage {
@@ -297,6 +459,110 @@ impl Protocol for Chat {
                 dst.put_slice(&request_id.0);
                 put_long(dst, message);
             }
+            ChatMessage::Hello {
+                request_id,
+                versions,
+                capabilities,
+                credentials,
+            } => {
+                check_count("versions", versions.len(), u8::MAX as usize)?;
+                check_list("capabilities", capabilities, u8::MAX as usize)?;
+                check("credentials", credentials, LONG_STRING_MAX)?;
+                dst.put_u32(HELLO);
+                dst.put_slice(&request_id.0);
+                dst.put_u8(versions.len() as u8);
+                versions.iter().for_each(|v| dst.put_u16(*v));
+                dst.put_u8(capabilities.len() as u8);
+                capabilities.iter().for_each(|c| put_short(dst, c));
+                put_long(dst, credentials);
+            }
+            ChatMessage::Welcome {
+                request_id,
+                version,
+                capabilities,
+                limits,
+            } => {
+                check_list("capabilities", capabilities, u8::MAX as usize)?;
+                dst.put_u32(WELCOME);
+                dst.put_slice(&request_id.0);
+                dst.put_u16(*version);
+                dst.put_u8(capabilities.len() as u8);
+                capabilities.iter().for_each(|c| put_short(dst, c));
+                dst.put_u32(limits.max_frame);
+                dst.put_u32(limits.rate_per_1000s);
+                dst.put_u32(limits.burst);
+                dst.put_u32(limits.keepalive_ms);
+            }
+            ChatMessage::Notice { text } => {
+                check("text", text, LONG_STRING_MAX)?;
+                dst.put_u32(NOTICE);
+                put_long(dst, text);
+            }
+            ChatMessage::Say { request_id, text } => {
+                check("text", text, LONG_STRING_MAX)?;
+                dst.put_u32(SAY);
+                dst.put_slice(&request_id.0);
+                put_long(dst, text);
+            }
+            ChatMessage::Direct {
+                request_id,
+                to,
+                text,
+            } => {
+                check("to", to, SHORT_STRING_MAX)?;
+                check("text", text, LONG_STRING_MAX)?;
+                dst.put_u32(DIRECT);
+                dst.put_slice(&request_id.0);
+                put_short(dst, to);
+                put_long(dst, text);
+            }
+            ChatMessage::Private { from, text } => {
+                check("from", from, SHORT_STRING_MAX)?;
+                check("text", text, LONG_STRING_MAX)?;
+                dst.put_u32(PRIVATE);
+                put_short(dst, from);
+                put_long(dst, text);
+            }
+            ChatMessage::Who { request_id } => {
+                dst.put_u32(WHO);
+                dst.put_slice(&request_id.0);
+            }
+            ChatMessage::Members {
+                request_id,
+                total,
+                names,
+            } => {
+                check_list("names", names, u16::MAX as usize)?;
+                dst.put_u32(MEMBERS);
+                dst.put_slice(&request_id.0);
+                dst.put_u32(*total);
+                dst.put_u16(names.len() as u16);
+                names.iter().for_each(|n| put_short(dst, n));
+            }
+            ChatMessage::Presence {
+                change,
+                nickname,
+                new_nickname,
+            } => {
+                check("nickname", nickname, SHORT_STRING_MAX)?;
+                check("new_nickname", new_nickname, SHORT_STRING_MAX)?;
+                dst.put_u32(PRESENCE);
+                dst.put_u8(match change {
+                    PresenceChange::Joined => 0,
+                    PresenceChange::Left => 1,
+                    PresenceChange::Renamed => 2,
+                });
+                put_short(dst, nickname);
+                put_short(dst, new_nickname);
+            }
+            ChatMessage::History { at_ms, from, text } => {
+                check("from", from, SHORT_STRING_MAX)?;
+                check("text", text, LONG_STRING_MAX)?;
+                dst.put_u32(HISTORY);
+                dst.put_u64(*at_ms);
+                put_short(dst, from);
+                put_long(dst, text);
+            }
         }
         Ok(None)
     }
@@ -323,6 +589,68 @@ impl Protocol for Chat {
                 request_id: r.request_id()?,
                 message: r.long_string("message")?,
             },
+            HELLO => ChatMessage::Hello {
+                request_id: r.request_id()?,
+                versions: {
+                    let n = r.take("versions", 1)?.get_u8();
+                    (0..n)
+                        .map(|_| Ok(r.take("versions", 2)?.get_u16()))
+                        .collect::<Result<_, ChatError>>()?
+                },
+                capabilities: r.short_strings("capabilities", false)?,
+                credentials: r.long_string("credentials")?,
+            },
+            WELCOME => ChatMessage::Welcome {
+                request_id: r.request_id()?,
+                version: r.take("version", 2)?.get_u16(),
+                capabilities: r.short_strings("capabilities", false)?,
+                limits: Limits {
+                    max_frame: r.u32("max_frame")?,
+                    rate_per_1000s: r.u32("rate_per_1000s")?,
+                    burst: r.u32("burst")?,
+                    keepalive_ms: r.u32("keepalive_ms")?,
+                },
+            },
+            NOTICE => ChatMessage::Notice {
+                text: r.long_string("text")?,
+            },
+            SAY => ChatMessage::Say {
+                request_id: r.request_id()?,
+                text: r.long_string("text")?,
+            },
+            DIRECT => ChatMessage::Direct {
+                request_id: r.request_id()?,
+                to: r.short_string("to")?,
+                text: r.long_string("text")?,
+            },
+            PRIVATE => ChatMessage::Private {
+                from: r.short_string("from")?,
+                text: r.long_string("text")?,
+            },
+            WHO => ChatMessage::Who {
+                request_id: r.request_id()?,
+            },
+            MEMBERS => ChatMessage::Members {
+                request_id: r.request_id()?,
+                total: r.u32("total")?,
+                names: r.short_strings("names", true)?,
+            },
+            PRESENCE => ChatMessage::Presence {
+                change: match r.take("change", 1)?.get_u8() {
+                    0 => PresenceChange::Joined,
+                    1 => PresenceChange::Left,
+                    2 => PresenceChange::Renamed,
+                    // A change this version does not know: skip it.
+                    _ => return Ok(None),
+                },
+                nickname: r.short_string("nickname")?,
+                new_nickname: r.short_string("new_nickname")?,
+            },
+            HISTORY => ChatMessage::History {
+                at_ms: r.u64("at_ms")?,
+                from: r.short_string("from")?,
+                text: r.long_string("text")?,
+            },
             _ => return Ok(None),
         };
         Ok(Some(msg))
@@ -337,19 +665,29 @@ impl Protocol for Chat {
         Some(RequestId::random())
     }
 
-    /// A Broadcast of the longest nickname and the longest text.
+    /// [`MAX_PAYLOAD_LEN`].
     fn max_payload_len(&self) -> Option<usize> {
         Some(MAX_PAYLOAD_LEN)
     }
 
     fn kind(&self, msg: &ChatMessage) -> Kind<RequestId> {
         match msg {
-            ChatMessage::Chat { .. } | ChatMessage::Broadcast { .. } => Kind::Message,
+            ChatMessage::Chat { .. }
+            | ChatMessage::Broadcast { .. }
+            | ChatMessage::Notice { .. }
+            | ChatMessage::Private { .. }
+            | ChatMessage::Presence { .. }
+            | ChatMessage::History { .. } => Kind::Message,
             ChatMessage::Keepalive => Kind::Keepalive,
-            ChatMessage::SetNickname { request_id, .. } => Kind::Request(*request_id),
-            ChatMessage::Ack { request_id } | ChatMessage::Nak { request_id, .. } => {
-                Kind::Response(*request_id)
-            }
+            ChatMessage::SetNickname { request_id, .. }
+            | ChatMessage::Hello { request_id, .. }
+            | ChatMessage::Say { request_id, .. }
+            | ChatMessage::Direct { request_id, .. }
+            | ChatMessage::Who { request_id } => Kind::Request(*request_id),
+            ChatMessage::Ack { request_id }
+            | ChatMessage::Nak { request_id, .. }
+            | ChatMessage::Welcome { request_id, .. }
+            | ChatMessage::Members { request_id, .. } => Kind::Response(*request_id),
         }
     }
 }
@@ -363,6 +701,20 @@ fn check(field: &'static str, s: &str, max: usize) -> Result<(), ChatError> {
         });
     }
     Ok(())
+}
+
+fn check_count(field: &'static str, n: usize, max: usize) -> Result<(), ChatError> {
+    if n > max {
+        return Err(ChatError::TooLong { field, len: n, max });
+    }
+    Ok(())
+}
+
+/// A list of short strings: the count, then each string.
+fn check_list(field: &'static str, list: &[String], max: usize) -> Result<(), ChatError> {
+    check_count(field, list.len(), max)?;
+    list.iter()
+        .try_for_each(|s| check(field, s, SHORT_STRING_MAX))
 }
 
 /// Callers check the length first.
@@ -390,6 +742,24 @@ impl Reader {
 
     fn u32(&mut self, field: &'static str) -> Result<u32, ChatError> {
         Ok(self.take(field, 4)?.get_u32())
+    }
+
+    fn u64(&mut self, field: &'static str) -> Result<u64, ChatError> {
+        Ok(self.take(field, 8)?.get_u64())
+    }
+
+    /// A count (`u16` if `wide`, else `u8`), then that many short strings.
+    fn short_strings(&mut self, field: &'static str, wide: bool) -> Result<Vec<String>, ChatError> {
+        let n = match wide {
+            true => usize::from(self.take(field, 2)?.get_u16()),
+            false => usize::from(self.take(field, 1)?.get_u8()),
+        };
+        // Each string takes at least a byte: a count the payload cannot
+        // hold fails before anything is reserved for it.
+        if n > self.0.len() {
+            return Err(ChatError::Truncated { field });
+        }
+        (0..n).map(|_| self.short_string(field)).collect()
     }
 
     fn request_id(&mut self) -> Result<RequestId, ChatError> {
@@ -445,6 +815,176 @@ mod tests {
         0x00, 0x11, 0x22, 0x33, 0x44, 0x55, 0x66, 0x77, 0x88, 0x99, 0xaa, 0xbb, 0xcc, 0xdd, 0xee,
         0xff,
     ]);
+
+    /// The v0.6 examples of docs/PROTOCOL.md, byte for byte, both ways.
+    #[test]
+    fn protocol_md_v0_6_examples() {
+        let examples: Vec<(ChatMessage, Vec<u8>)> = vec![
+            (
+                ChatMessage::Hello {
+                    request_id: ID,
+                    versions: vec![V0_5, V0_6],
+                    capabilities: vec!["ack".into(), "presence".into()],
+                    credentials: String::new(),
+                },
+                vec![
+                    0, 0, 0, 41, 0, 0, 0, 16, 0, 17, 34, 51, 68, 85, 102, 119, 136, 153, 170, 187,
+                    204, 221, 238, 255, 2, 0, 5, 0, 6, 2, 3, 97, 99, 107, 8, 112, 114, 101, 115,
+                    101, 110, 99, 101, 0, 0,
+                ],
+            ),
+            (
+                ChatMessage::Welcome {
+                    request_id: ID,
+                    version: V0_6,
+                    capabilities: vec!["ack".into()],
+                    limits: Limits {
+                        max_frame: 65_813,
+                        rate_per_1000s: 10_000,
+                        burst: 20,
+                        keepalive_ms: 5_000,
+                    },
+                },
+                vec![
+                    0, 0, 0, 43, 0, 0, 0, 17, 0, 17, 34, 51, 68, 85, 102, 119, 136, 153, 170, 187,
+                    204, 221, 238, 255, 0, 6, 1, 3, 97, 99, 107, 0, 1, 1, 21, 0, 0, 39, 16, 0, 0,
+                    0, 20, 0, 0, 19, 136,
+                ],
+            ),
+            (
+                ChatMessage::Notice { text: "bye".into() },
+                vec![0, 0, 0, 9, 0, 0, 0, 18, 0, 3, 98, 121, 101],
+            ),
+            (
+                ChatMessage::Say {
+                    request_id: ID,
+                    text: "Hi".into(),
+                },
+                vec![
+                    0, 0, 0, 24, 0, 0, 0, 19, 0, 17, 34, 51, 68, 85, 102, 119, 136, 153, 170, 187,
+                    204, 221, 238, 255, 0, 2, 72, 105,
+                ],
+            ),
+            (
+                ChatMessage::Direct {
+                    request_id: ID,
+                    to: "bo".into(),
+                    text: "psst".into(),
+                },
+                vec![
+                    0, 0, 0, 29, 0, 0, 0, 20, 0, 17, 34, 51, 68, 85, 102, 119, 136, 153, 170, 187,
+                    204, 221, 238, 255, 2, 98, 111, 0, 4, 112, 115, 115, 116,
+                ],
+            ),
+            (
+                ChatMessage::Private {
+                    from: "ana".into(),
+                    text: "psst".into(),
+                },
+                vec![
+                    0, 0, 0, 14, 0, 0, 0, 21, 3, 97, 110, 97, 0, 4, 112, 115, 115, 116,
+                ],
+            ),
+            (
+                ChatMessage::Who { request_id: ID },
+                vec![
+                    0, 0, 0, 20, 0, 0, 0, 22, 0, 17, 34, 51, 68, 85, 102, 119, 136, 153, 170, 187,
+                    204, 221, 238, 255,
+                ],
+            ),
+            (
+                ChatMessage::Members {
+                    request_id: ID,
+                    total: 2,
+                    names: vec!["ana".into(), "bo".into()],
+                },
+                vec![
+                    0, 0, 0, 33, 0, 0, 0, 23, 0, 17, 34, 51, 68, 85, 102, 119, 136, 153, 170, 187,
+                    204, 221, 238, 255, 0, 0, 0, 2, 0, 2, 3, 97, 110, 97, 2, 98, 111,
+                ],
+            ),
+            (
+                ChatMessage::Presence {
+                    change: PresenceChange::Renamed,
+                    nickname: "ana".into(),
+                    new_nickname: "anna".into(),
+                },
+                vec![
+                    0, 0, 0, 14, 0, 0, 0, 24, 2, 3, 97, 110, 97, 4, 97, 110, 110, 97,
+                ],
+            ),
+            (
+                ChatMessage::History {
+                    at_ms: 1_700_000_000_000,
+                    from: "ana".into(),
+                    text: "Hi".into(),
+                },
+                vec![
+                    0, 0, 0, 20, 0, 0, 0, 25, 0, 0, 1, 139, 207, 229, 104, 0, 3, 97, 110, 97, 0, 2,
+                    72, 105,
+                ],
+            ),
+        ];
+        for (msg, bytes) in examples {
+            assert_eq!(frame_of(&msg), bytes, "{msg:?}");
+            assert_eq!(unframe(&bytes), Ok(Some(msg)));
+        }
+    }
+
+    #[test]
+    fn v0_6_kinds_and_limits() {
+        let say = ChatMessage::Say {
+            request_id: ID,
+            text: "x".into(),
+        };
+        assert_eq!(Chat.kind(&say), Kind::Request(ID));
+        let welcome = ChatMessage::Welcome {
+            request_id: ID,
+            version: V0_6,
+            capabilities: vec![],
+            limits: Limits::default(),
+        };
+        assert_eq!(Chat.kind(&welcome), Kind::Response(ID));
+        let private = ChatMessage::Private {
+            from: "a".into(),
+            text: "b".into(),
+        };
+        assert_eq!(Chat.kind(&private), Kind::Message);
+        // The largest bounded message fits the protocol's own limit.
+        let direct = ChatMessage::Direct {
+            request_id: ID,
+            to: "n".repeat(SHORT_STRING_MAX),
+            text: "t".repeat(LONG_STRING_MAX),
+        };
+        let mut buf = BytesMut::new();
+        Chat.encode(&direct, &mut buf).unwrap();
+        assert_eq!(buf.len(), MAX_PAYLOAD_LEN);
+        // Lists are counted: 256 capabilities do not fit a u8 count.
+        let hello = ChatMessage::Hello {
+            request_id: ID,
+            versions: vec![V0_6],
+            capabilities: vec!["c".into(); 256],
+            credentials: String::new(),
+        };
+        assert!(matches!(
+            Chat.encode(&hello, &mut BytesMut::new()),
+            Err(ChatError::TooLong {
+                field: "capabilities",
+                ..
+            })
+        ));
+        // A count the payload cannot hold is refused before any allocation.
+        let mut lying = vec![0, 0, 0, 23];
+        lying.extend_from_slice(&ID.0);
+        lying.extend_from_slice(&[0, 0, 0, 1, 0xff, 0xff]);
+        assert_eq!(
+            Chat.decode(Bytes::from(lying)),
+            Err(ChatError::Truncated { field: "names" })
+        );
+        // A presence change this version does not know is skipped.
+        let future = Bytes::from_static(&[0, 0, 0, 24, 9, 1, b'a', 0]);
+        assert_eq!(Chat.decode(future), Ok(None));
+    }
 
     #[test]
     fn protocol_md_chat_example() {

@@ -374,11 +374,11 @@ fn the_largest_chat_broadcast_fits_the_default_frame_limit() {
         from: "n".repeat(255),
         text: "t".repeat(65_535),
     };
-    assert_eq!(chatpipe::chat::MAX_PAYLOAD_LEN, 65_797);
+    assert_eq!(chatpipe::chat::MAX_PAYLOAD_LEN, 65_813);
     pool.run_until(server.send(largest.clone())).unwrap();
     assert_eq!(pool.run_until(crx.next()).unwrap().unwrap(), largest);
     // One byte over the protocol's own maximum is still refused.
-    let (io, _peer) = Mock::new().read(&65_798u32.to_be_bytes()).build();
+    let (io, _peer) = Mock::new().read(&65_814u32.to_be_bytes()).build();
     let (_tx, mut rx, conn) = Builder::new().build_with_timer(io, Chat, clock.timer());
     pool.spawner()
         .spawn_local(async {
@@ -390,8 +390,8 @@ fn the_largest_chat_broadcast_fits_the_default_frame_limit() {
         matches!(
             err,
             Error::FrameTooLarge {
-                len: 65_798,
-                max: 65_797
+                len: 65_814,
+                max: 65_813
             }
         ),
         "{err}"

@@ -473,5 +473,8 @@ async fn handle(
         }
         // Keepalives and responses never reach the application.
         ChatMessage::Keepalive | ChatMessage::Ack { .. } | ChatMessage::Nak { .. } => {}
+        // The v0.6 messages: this room speaks v0.5 only, and skips them as
+        // a v0.5 peer skips unknown types.
+        _ => {}
     }
 }
