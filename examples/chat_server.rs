@@ -2,6 +2,7 @@
 //!
 //! ```text
 //! cargo run --example chat_server -- [--listen ADDR] [--rate N] [--burst N]
+//!     [--flood-unread N] [--flood-for SECS]
 //!     [--max-connections N] [--max-per-ip N]
 //! ```
 //!
@@ -32,14 +33,23 @@ struct Args {
     listen: String,
 
     /// Messages per second each client may send on average (a token
-    /// bucket); chat over it is dropped and logged, a nickname request over
-    /// it is refused. 0 turns the limit off.
+    /// bucket). Over it, the client's messages are read more slowly: they
+    /// arrive late, all of them, in order. 0 turns the limit off.
     #[arg(long, value_name = "N", default_value_t = 10.0)]
     rate: f64,
 
     /// Messages a client may send at once before the rate applies.
     #[arg(long, value_name = "N", default_value_t = 20.0)]
     burst: f64,
+
+    /// A paced client with this many messages waiting to be read, for
+    /// --flood-for seconds, is disconnected as an excess flood.
+    #[arg(long, value_name = "N", default_value_t = 1000)]
+    flood_unread: usize,
+
+    /// See --flood-unread.
+    #[arg(long, value_name = "SECS", default_value_t = 30)]
+    flood_for: u64,
 
     /// Connections at once; more are closed as soon as they are accepted.
     #[arg(long, value_name = "N", default_value_t = 10_000)]
@@ -93,6 +103,8 @@ fn main() -> ExitCode {
         });
         let config = Config {
             rate,
+            flood_unread: args.flood_unread.max(1),
+            flood_for: std::time::Duration::from_secs(args.flood_for),
             max_connections: args.max_connections,
             max_per_ip: args.max_per_ip,
             ..Config::default()

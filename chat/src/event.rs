@@ -19,20 +19,20 @@ pub enum Event {
     Refused { addr: SocketAddr, reason: Refusal },
     /// A client took a nickname.
     Nickname { addr: SocketAddr, nickname: String },
-    /// A client asked for a nickname and got a Nak (not logged when over the
-    /// rate: `RateLimited` counts those).
+    /// A client asked for a nickname and got a Nak.
     NicknameRefused {
         addr: SocketAddr,
         nickname: String,
         reason: NicknameRefusal,
     },
-    /// A client's messages over its rate were dropped: `dropped` of them
-    /// since the last report, at most one report a second per client.
-    RateLimited {
-        addr: SocketAddr,
-        dropped: u64,
-        rate: Rate,
-    },
+    /// A client went over its rate: the room reads its messages more
+    /// slowly (none is dropped), and says so at most once a second per
+    /// client.
+    Paced { addr: SocketAddr, rate: Rate },
+    /// A paced client's connection ended (or it was disconnected as a
+    /// flood) with `unread` of its messages received but never read into
+    /// the room.
+    UnreadDiscarded { addr: SocketAddr, unread: usize },
     /// A broadcast could not go to `addr` (too large for a frame, say); the
     /// next ones can.
     BroadcastNotSent {
@@ -68,6 +68,9 @@ pub enum Disconnect {
     Stalled { stall: Duration },
     /// Still open when the grace period of shutdown ran out.
     ShutdownTimeout,
+    /// While paced, `unread` or more of its messages waited to be read for
+    /// `lasting`: it sends far more than its rate, for long.
+    ExcessFlood { unread: usize, lasting: Duration },
 }
 
 /// Why a new connection was closed at once.
@@ -84,10 +87,27 @@ pub enum Refusal {
 pub enum NicknameRefusal {
     /// Another client holds it.
     Taken { nickname: String },
-    /// The request was over the client's rate.
-    RateLimited,
     /// The client is being disconnected.
     Leaving,
+}
+
+impl Event {
+    /// True for the events that mean something was discarded: a broadcast
+    /// not sent, a client's messages never read, or a client dropped with
+    /// what waited for it. In normal operation there are none.
+    pub fn is_discard(&self) -> bool {
+        match self {
+            Event::BroadcastNotSent { .. } | Event::UnreadDiscarded { .. } => true,
+            Event::Disconnected { reason, .. } => matches!(
+                reason,
+                Disconnect::TooFarBehind { .. }
+                    | Disconnect::Stalled { .. }
+                    | Disconnect::ExcessFlood { .. }
+                    | Disconnect::ShutdownTimeout
+            ),
+            _ => false,
+        }
+    }
 }
 
 impl fmt::Display for Event {
@@ -101,13 +121,15 @@ impl fmt::Display for Event {
                 nickname,
                 reason,
             } => write!(f, "{addr} refused {nickname:?}: {reason}"),
-            Event::RateLimited {
-                addr,
-                dropped,
-                rate,
-            } => write!(
+            Event::UnreadDiscarded { addr, unread } => {
+                write!(
+                    f,
+                    "{addr}: {unread} message(s) received but never read into the room"
+                )
+            }
+            Event::Paced { addr, rate } => write!(
                 f,
-                "{addr} rate-limited: dropped {dropped} message(s) over {}/s (bursts of {})",
+                "{addr} paced: over {}/s (bursts of {}), its messages are read more slowly",
                 rate.per_second, rate.burst
             ),
             Event::BroadcastNotSent { addr, error } => {
@@ -148,6 +170,10 @@ impl fmt::Display for Disconnect {
                 write!(f, "too slow: its queue stayed full for {stall:?}")
             }
             Disconnect::ShutdownTimeout => f.write_str("did not close in time at shutdown"),
+            Disconnect::ExcessFlood { unread, lasting } => write!(
+                f,
+                "excess flood: {unread} or more messages waited to be read for {lasting:?}"
+            ),
         }
     }
 }
@@ -172,7 +198,6 @@ impl fmt::Display for NicknameRefusal {
                     "nickname {nickname:?} is already taken by another client"
                 )
             }
-            NicknameRefusal::RateLimited => f.write_str("rate limited: slow down"),
             NicknameRefusal::Leaving => f.write_str("you are being disconnected"),
         }
     }

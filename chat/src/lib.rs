@@ -18,7 +18,8 @@
 //! |---|---|---|
 //! | connections in all (`max_connections`) | 10,000 | the new connection is closed at once |
 //! | connections per remote IP (`max_per_ip`) | 64 | the new connection is closed at once |
-//! | messages per client (`rate`: token bucket) | 10/s, bursts of 20 | Chat over the rate is dropped; a nickname request over it gets a Nak. Drops are reported at most once a second per client, with a count. |
+//! | messages per client (`rate`: token bucket) | 10/s, bursts of 20 | its messages are read more slowly: all arrive, late, in order, and TCP pushes back on its sends. Reported (`Paced`) at most once a second. |
+//! | a paced client far over its rate (`flood_unread`, `flood_for`) | 1,000 messages waiting to be read, for 30 s | disconnected (`ExcessFlood`) |
 //! | a client that does not read (`stall`, `backlog`) | 5 s, 4 MiB | disconnected |
 
 use std::collections::HashMap;
@@ -59,8 +60,16 @@ pub struct Config {
     /// How long shutdown waits for clients to close cleanly before
     /// dropping them.
     pub grace: Duration,
-    /// How many messages a client may send: `None` for no limit.
+    /// How many messages a client may send: `None` for no limit. Over it,
+    /// the room reads the client's messages more slowly (its socket, then
+    /// its sends, wait); it drops none.
     pub rate: Option<Rate>,
+    /// A paced client with this many messages or more waiting to be read,
+    /// for [`Config::flood_for`] without a break, is disconnected
+    /// ([`Disconnect::ExcessFlood`]). Far over any paste a person makes.
+    pub flood_unread: usize,
+    /// See [`Config::flood_unread`].
+    pub flood_for: Duration,
     /// Connections at once; more are closed as soon as they are accepted.
     pub max_connections: usize,
     /// Connections at once from one IP address; more are closed as soon as
@@ -86,6 +95,8 @@ impl Default for Config {
                 per_second: 10.0,
                 burst: 20.0,
             }),
+            flood_unread: 1000,
+            flood_for: Duration::from_secs(30),
             max_connections: 10_000,
             max_per_ip: 64,
             events: Arc::new(|event| eprintln!("{event}")),
@@ -102,6 +113,8 @@ impl fmt::Debug for Config {
             .field("backlog", &self.backlog)
             .field("grace", &self.grace)
             .field("rate", &self.rate)
+            .field("flood_unread", &self.flood_unread)
+            .field("flood_for", &self.flood_for)
             .field("max_connections", &self.max_connections)
             .field("max_per_ip", &self.max_per_ip)
             .finish_non_exhaustive()
@@ -298,6 +311,7 @@ impl Room {
         let (outbox, broadcasts) = channel::unbounded();
         let waiting = Arc::new(AtomicUsize::new(0));
         let (kick, kicked) = channel::bounded(1);
+        let kick_self = kick.clone();
         let member = Member {
             addr,
             nickname: None,
@@ -326,11 +340,25 @@ impl Room {
             };
             let stalled = forward(&room, addr, broadcasts, &waiting, &sender);
             let mut incoming = incoming;
-            let mut bucket = room.config.rate.map(|r| Bucket::new(r, room.now()));
+            let mut pace = room
+                .config
+                .rate
+                .map(|r| Pace::new(Bucket::new(r, room.now())));
             let reading = async {
                 let mut handled = 0u32;
                 while let Some(Ok(msg)) = incoming.next().await {
-                    handle(&room, id, addr, &sender, msg, bucket.as_mut()).await;
+                    if let Some(pace) = &mut pace {
+                        if let Err(reason) = pace.wait(&room, addr, &incoming).await {
+                            if let Some(reason) = reason {
+                                kick_self.try_send(reason).ok();
+                            }
+                            // Received, never read: counted, not lost silently.
+                            let unread = incoming.buffered() + 1;
+                            room.emit(Event::UnreadDiscarded { addr, unread });
+                            break;
+                        }
+                    }
+                    handle(&room, id, addr, &sender, msg).await;
                     // Messages that arrived together are all ready at once:
                     // let the other members' tasks run now and then, but not
                     // after every message, or each broadcast becomes a
@@ -353,6 +381,77 @@ impl Room {
         }
     }
 }
+
+/// Flood control: a client over its rate is read more slowly, so its
+/// messages arrive late but all of them, in order, and TCP pushes back on
+/// its sends. Only one that keeps `flood_unread` messages waiting for
+/// `flood_for` is disconnected.
+struct Pace {
+    bucket: Bucket,
+    /// When the client was last reported paced.
+    reported: Option<Instant>,
+    /// Since when `flood_unread` or more of its messages have waited.
+    flooding_since: Option<Instant>,
+}
+
+impl Pace {
+    fn new(bucket: Bucket) -> Self {
+        Pace {
+            bucket,
+            reported: None,
+            flooding_since: None,
+        }
+    }
+
+    /// Waits until the client may send one more message. `Err` says why
+    /// it is disconnected instead, or `None` if its connection ended.
+    async fn wait(
+        &mut self,
+        room: &Room,
+        addr: SocketAddr,
+        incoming: &chatpipe::Incoming<Chat>,
+    ) -> Result<(), Option<Disconnect>> {
+        let (unread, lasting) = (room.config.flood_unread, room.config.flood_for);
+        // Each round waits a little, and ends with a token, the flood
+        // limit, or the connection's end.
+        loop {
+            let now = room.now();
+            let Err(ready) = self.bucket.take(now) else {
+                if incoming.buffered() < unread {
+                    self.flooding_since = None;
+                }
+                return Ok(());
+            };
+            if incoming.close_reason().is_some() {
+                return Err(None);
+            }
+            if self
+                .reported
+                .is_none_or(|t| now.saturating_duration_since(t) >= Duration::from_secs(1))
+            {
+                self.reported = Some(now);
+                let rate = self.bucket.rate;
+                room.emit(Event::Paced { addr, rate });
+            }
+            if incoming.buffered() >= unread {
+                let since = *self.flooding_since.get_or_insert(now);
+                if now.saturating_duration_since(since) >= lasting {
+                    return Err(Some(Disconnect::ExcessFlood { unread, lasting }));
+                }
+            } else {
+                self.flooding_since = None;
+            }
+            // Short waits, so a room whose clock is not the real one (tests)
+            // notices when it moves.
+            let wait = ready.saturating_duration_since(now);
+            smol::Timer::after(wait.min(PACE_POLL)).await;
+        }
+    }
+}
+
+/// The longest one wait of a paced client lasts before the room looks at
+/// its clock again.
+const PACE_POLL: Duration = Duration::from_millis(50);
 
 /// Moves broadcasts from a member's backlog to its connection. Resolves,
 /// with the reason, only if the connection's queue stays full for `stall`;
@@ -408,38 +507,7 @@ async fn forward(
     std::future::pending().await
 }
 
-async fn handle(
-    room: &Room,
-    id: u64,
-    addr: SocketAddr,
-    sender: &Sender<Chat>,
-    msg: ChatMessage,
-    bucket: Option<&mut Bucket>,
-) {
-    if let Some(bucket) = bucket {
-        let now = room.now();
-        if !bucket.take(now) {
-            if let Some(dropped) = bucket.report(now) {
-                let rate = bucket.rate;
-                room.emit(Event::RateLimited {
-                    addr,
-                    dropped,
-                    rate,
-                });
-            }
-            // Requests deserve an answer; anything else is dropped.
-            if let ChatMessage::SetNickname { request_id, .. } = msg {
-                let message = NicknameRefusal::RateLimited.to_string();
-                let _ = sender
-                    .send(ChatMessage::Nak {
-                        request_id,
-                        message,
-                    })
-                    .await;
-            }
-            return;
-        }
-    }
+async fn handle(room: &Room, id: u64, addr: SocketAddr, sender: &Sender<Chat>, msg: ChatMessage) {
     match msg {
         ChatMessage::Chat { text } => room.broadcast(id, text),
         ChatMessage::SetNickname {
