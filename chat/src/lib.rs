@@ -39,6 +39,7 @@ use smol::stream::StreamExt;
 
 mod bucket;
 mod event;
+pub mod store;
 
 use bucket::Bucket;
 pub use bucket::Rate;
