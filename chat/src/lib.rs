@@ -365,7 +365,7 @@ impl Room {
                     // after every message, or each broadcast becomes a
                     // write of its own instead of being coalesced.
                     handled = handled.wrapping_add(1);
-                    if handled % 32 == 0 {
+                    if handled.is_multiple_of(32) {
                         smol::future::yield_now().await;
                     }
                 }
