@@ -114,7 +114,7 @@ impl fmt::Debug for Config {
 pub async fn serve(listener: TcpListener, config: Config, shutdown: impl Future<Output = ()>) {
     let room = Arc::new(Room {
         config,
-        members: Mutex::new(HashMap::new()),
+        state: Mutex::new(State::default()),
     });
     // Every client task holds a clone, to tell when they have all ended.
     let (alive, all_gone) = channel::bounded::<()>(1);
@@ -154,10 +154,10 @@ pub async fn serve(listener: TcpListener, config: Config, shutdown: impl Future<
 
     // Each member's task sends what waits for it, then closes.
     {
-        let members = room.lock();
-        let connections = members.len();
+        let state = room.lock();
+        let connections = state.members.len();
         room.emit(Event::ShuttingDown { connections });
-        for m in members.values() {
+        for m in state.members.values() {
             m.outbox.close();
         }
     }
@@ -169,7 +169,7 @@ pub async fn serve(listener: TcpListener, config: Config, shutdown: impl Future<
     };
     if all_gone.recv().or(grace).await.is_ok() {
         // Still open after the grace period: drop them.
-        for m in room.lock().values() {
+        for m in room.lock().members.values() {
             let _ = m.kick.try_send(Disconnect::ShutdownTimeout);
         }
         let _ = all_gone.recv().await;
@@ -179,7 +179,17 @@ pub async fn serve(listener: TcpListener, config: Config, shutdown: impl Future<
 
 struct Room {
     config: Config,
-    members: Mutex<HashMap<u64, Member>>,
+    state: Mutex<State>,
+}
+
+/// The room's members, behind its one lock.
+#[derive(Default)]
+struct State {
+    /// By member id, which grows with each connection: in join order.
+    members: HashMap<u64, Member>,
+    /// Who holds each nickname: `members[&nicks[n]].nickname == Some(n)`,
+    /// for every nickname held.
+    nicks: HashMap<String, u64>,
 }
 
 struct Member {
@@ -212,9 +222,10 @@ fn weight(msg: &ChatMessage) -> usize {
 }
 
 impl Room {
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Member>> {
-        // The map stays consistent even if a holder panicked.
-        self.members.lock().unwrap_or_else(|e| e.into_inner())
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        // The state stays consistent even if a holder panicked: nothing
+        // here panics between two changes that belong together.
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     fn emit(&self, event: Event) {
@@ -228,7 +239,8 @@ impl Room {
     /// Sends `text` from member `id` to every other member, without ever
     /// waiting.
     fn broadcast(&self, id: u64, text: String) {
-        let members = self.lock();
+        let state = self.lock();
+        let members = &state.members;
         let Some(from) = members.get(&id).map(Member::name) else {
             return;
         };
@@ -250,7 +262,8 @@ impl Room {
 
     /// Whether a new connection from `addr` is within the limits.
     fn admit(&self, addr: SocketAddr) -> Result<(), Refusal> {
-        let members = self.lock();
+        let state = self.lock();
+        let members = &state.members;
         let max = self.config.max_connections;
         if members.len() >= max {
             return Err(Refusal::ServerFull { max });
@@ -264,21 +277,39 @@ impl Room {
 
     /// Gives member `id` the nickname unless another member holds it.
     fn set_nickname(&self, id: u64, nickname: &str) -> Result<(), NicknameRefusal> {
-        let mut members = self.lock();
-        if members
-            .iter()
-            .any(|(&other, m)| other != id && m.nickname.as_deref() == Some(nickname))
+        let mut state = self.lock();
+        let state = &mut *state;
+        if state
+            .nicks
+            .get(nickname)
+            .is_some_and(|&holder| holder != id)
         {
             let nickname = nickname.to_owned();
             return Err(NicknameRefusal::Taken { nickname });
         }
-        match members.get_mut(&id) {
-            Some(m) => {
-                m.nickname = Some(nickname.to_owned());
-                Ok(())
+        let Some(m) = state.members.get_mut(&id) else {
+            return Err(NicknameRefusal::Leaving);
+        };
+        let old = m.nickname.replace(nickname.to_owned());
+        if old.as_deref() != Some(nickname) {
+            if let Some(old) = &old {
+                state.nicks.remove(old);
             }
-            None => Err(NicknameRefusal::Leaving),
+            state.nicks.insert(nickname.to_owned(), id);
         }
+        Ok(())
+    }
+
+    /// Takes member `id` out of the room; returns its nickname.
+    fn leave(&self, id: u64) -> Option<String> {
+        let mut state = self.lock();
+        let nickname = state.members.remove(&id)?.nickname;
+        if let Some(nick) = &nickname {
+            if state.nicks.get(nick) == Some(&id) {
+                state.nicks.remove(nick);
+            }
+        }
+        nickname
     }
 
     /// Adds a connection to the room; the returned future serves it until
@@ -305,7 +336,7 @@ impl Room {
             waiting: waiting.clone(),
             kick,
         };
-        self.lock().insert(id, member);
+        self.lock().members.insert(id, member);
         self.emit(Event::Connected { addr });
         let room = self.clone();
 
@@ -344,7 +375,7 @@ impl Room {
             let ended = driver.or(kicked).or(stalled);
             let (reason, ()) = smol::future::zip(ended, reading).await;
 
-            let nickname = room.lock().remove(&id).and_then(|m| m.nickname);
+            let nickname = room.leave(id);
             room.emit(Event::Disconnected {
                 addr,
                 nickname,
