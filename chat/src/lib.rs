@@ -19,9 +19,15 @@
 //! | connections in all (`max_connections`) | 10,000 | the new connection is closed at once |
 //! | connections per remote IP (`max_per_ip`) | 64 | the new connection is closed at once |
 //! | messages per client (`rate`: token bucket) | 10/s, bursts of 20 | Chat over the rate is dropped; a nickname request over it gets a Nak. Drops are reported at most once a second per client, with a count. |
-//! | a client that does not read (`stall`, `backlog`) | 5 s, 4 MiB | disconnected |
+//! | a client that does not read (`stall`, `backlog`) | 5 s, 4 MiB | disconnected (a v0.6 client is sent a Notice saying why, if its queue has room) |
+//!
+//! The room speaks v0.5 to every client, and v0.6 (see `docs/PROTOCOL.md`)
+//! to a client whose first message is a Hello offering it: acked chats
+//! (Say), direct messages, Who, presence announcements and the last
+//! `history` messages on joining, each only to a client granted its
+//! capability. Credentials in a Hello are accepted and ignored for now.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::fmt;
 use std::future::Future;
 use std::net::SocketAddr;
@@ -29,7 +35,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use chatpipe::chat::{Chat, ChatMessage};
+use chatpipe::chat::{Chat, ChatMessage, PresenceChange, V0_5};
 use chatpipe::{Builder, Sender, TrySendError};
 use smol::channel;
 use smol::future::FutureExt;
@@ -38,10 +44,15 @@ use smol::stream::StreamExt;
 
 mod bucket;
 mod event;
+mod v06;
 
 use bucket::Bucket;
 pub use bucket::Rate;
-pub use event::{Disconnect, Event, NicknameRefusal, Refusal};
+pub use event::{
+    Disconnect, Event, HelloRefusal, NicknameRefusal, NoticeFailure, Refusal, Request,
+    RequestRefusal,
+};
+use v06::Caps;
 
 /// How the server runs.
 #[derive(Clone)]
@@ -57,10 +68,15 @@ pub struct Config {
     /// client that cannot keep up is bounded.
     pub backlog: usize,
     /// How long shutdown waits for clients to close cleanly before
-    /// dropping them.
+    /// dropping them; and how long a v0.6 client disconnected for being too
+    /// slow has to take the Notice that says why, if it could be queued.
     pub grace: Duration,
     /// How many messages a client may send: `None` for no limit.
     pub rate: Option<Rate>,
+    /// How many of the last room messages (broadcasts) the room keeps, to
+    /// send a v0.6 client granted `history` on joining; 0 turns history
+    /// off (and the capability is not granted).
+    pub history: usize,
     /// Connections at once; more are closed as soon as they are accepted.
     pub max_connections: usize,
     /// Connections at once from one IP address; more are closed as soon as
@@ -86,6 +102,7 @@ impl Default for Config {
                 per_second: 10.0,
                 burst: 20.0,
             }),
+            history: 50,
             max_connections: 10_000,
             max_per_ip: 64,
             events: Arc::new(|event| eprintln!("{event}")),
@@ -102,6 +119,7 @@ impl fmt::Debug for Config {
             .field("backlog", &self.backlog)
             .field("grace", &self.grace)
             .field("rate", &self.rate)
+            .field("history", &self.history)
             .field("max_connections", &self.max_connections)
             .field("max_per_ip", &self.max_per_ip)
             .finish_non_exhaustive()
@@ -115,6 +133,7 @@ pub async fn serve(listener: TcpListener, config: Config, shutdown: impl Future<
     let room = Arc::new(Room {
         config,
         state: Mutex::new(State::default()),
+        history: Mutex::new(VecDeque::new()),
     });
     // Every client task holds a clone, to tell when they have all ended.
     let (alive, all_gone) = channel::bounded::<()>(1);
@@ -158,6 +177,13 @@ pub async fn serve(listener: TcpListener, config: Config, shutdown: impl Future<
         let connections = state.members.len();
         room.emit(Event::ShuttingDown { connections });
         for m in state.members.values() {
+            // A v0.6 client is told why, after what waits for it.
+            if m.version != V0_5 && !m.leaving {
+                let text = v06::SHUTDOWN_NOTICE.to_owned();
+                let msg = ChatMessage::Notice { text };
+                m.waiting.fetch_add(weight(&msg), Ordering::Relaxed);
+                let _ = m.outbox.try_send(msg);
+            }
             m.outbox.close();
         }
     }
@@ -180,6 +206,11 @@ pub async fn serve(listener: TcpListener, config: Config, shutdown: impl Future<
 struct Room {
     config: Config,
     state: Mutex<State>,
+    /// The last `config.history` broadcasts, oldest first, as `(at_ms,
+    /// from, text)`: see `Room::remember` and `Room::recent`. Locked only
+    /// while `state` is (so it never changes between a broadcast and the
+    /// history it leaves behind).
+    history: Mutex<VecDeque<(u64, String, String)>>,
 }
 
 /// The room's members, behind its one lock.
@@ -190,6 +221,9 @@ struct State {
     /// Who holds each nickname: `members[&nicks[n]].nickname == Some(n)`,
     /// for every nickname held.
     nicks: HashMap<String, u64>,
+    /// How many broadcasts the room has remembered in all: those since a
+    /// member joined are the newest of `Room::recent`, and reached it live.
+    said: u64,
 }
 
 struct Member {
@@ -201,6 +235,17 @@ struct Member {
     waiting: Arc<AtomicUsize>,
     /// Tells the member's task to drop its connection, and why.
     kick: channel::Sender<Disconnect>,
+    /// The protocol version it speaks: 0.5 until a Welcome.
+    version: u16,
+    /// What its Welcome granted (nothing before).
+    caps: Caps,
+    /// Whether it has sent a message: a Hello is valid only as the first.
+    spoke: bool,
+    /// It is being disconnected: what it sends is ignored, and it is no
+    /// longer listed or sent to.
+    leaving: bool,
+    /// `State::said` when it joined.
+    said_at_join: u64,
 }
 
 impl Member {
@@ -213,12 +258,28 @@ impl Member {
     }
 }
 
-/// What a broadcast weighs in a backlog.
+/// What a message weighs in a backlog: the bytes of its strings.
 fn weight(msg: &ChatMessage) -> usize {
     match msg {
-        ChatMessage::Broadcast { from, text } => from.len() + text.len(),
+        ChatMessage::Broadcast { from, text }
+        | ChatMessage::Private { from, text }
+        | ChatMessage::History { from, text, .. } => from.len() + text.len(),
+        ChatMessage::Presence {
+            nickname,
+            new_nickname,
+            ..
+        } => nickname.len() + new_nickname.len(),
+        ChatMessage::Notice { text } => text.len(),
         _ => 0,
     }
+}
+
+/// Why a message could not go into a member's backlog.
+enum Undelivered {
+    /// Its backlog is over the limit: it is being disconnected.
+    TooFarBehind,
+    /// Its backlog is closed: it is leaving.
+    Leaving,
 }
 
 impl Room {
@@ -236,28 +297,45 @@ impl Room {
         (self.config.clock)()
     }
 
-    /// Sends `text` from member `id` to every other member, without ever
-    /// waiting.
-    fn broadcast(&self, id: u64, text: String) {
-        let state = self.lock();
-        let members = &state.members;
-        let Some(from) = members.get(&id).map(Member::name) else {
-            return;
-        };
-        let msg = ChatMessage::Broadcast { from, text };
+    /// Queues `msg` in member `m`'s backlog, without waiting. Over the
+    /// backlog limit, tells its task to disconnect it instead.
+    fn deliver(&self, m: &Member, msg: ChatMessage) -> Result<(), Undelivered> {
         let size = weight(&msg);
-        for (_, m) in members.iter().filter(|(&other, _)| other != id) {
-            if m.waiting.fetch_add(size, Ordering::Relaxed) + size > self.config.backlog {
-                // Its task drops the connection; until then, further kicks
-                // are no-ops.
-                let backlog = self.config.backlog;
-                let _ = m.kick.try_send(Disconnect::TooFarBehind { backlog });
-            } else {
-                // Unbounded, as `waiting` bounds it; fails only when the
-                // member is leaving.
-                let _ = m.outbox.try_send(msg.clone());
+        if m.waiting.fetch_add(size, Ordering::Relaxed) + size > self.config.backlog {
+            // Its task drops the connection; until then, further kicks are
+            // no-ops.
+            let backlog = self.config.backlog;
+            let _ = m.kick.try_send(Disconnect::TooFarBehind { backlog });
+            return Err(Undelivered::TooFarBehind);
+        }
+        // Unbounded, as `waiting` bounds it; fails only when the member is
+        // leaving.
+        m.outbox.try_send(msg).map_err(|_| {
+            m.waiting.fetch_sub(size, Ordering::Relaxed);
+            Undelivered::Leaving
+        })
+    }
+
+    /// Sends `text` from member `id` to every other member, without ever
+    /// waiting, and remembers it for the history. Fails only if `id` is
+    /// leaving.
+    fn broadcast(&self, id: u64, text: String) -> Result<(), RequestRefusal> {
+        let mut state = self.lock();
+        let from = match state.members.get(&id) {
+            Some(m) if !m.leaving => m.name(),
+            _ => return Err(RequestRefusal::Leaving),
+        };
+        if self.config.history > 0 {
+            self.remember(v06::now_ms(), &from, &text);
+            state.said += 1;
+        }
+        let msg = ChatMessage::Broadcast { from, text };
+        for (_, m) in state.members.iter().filter(|(&other, _)| other != id) {
+            if !m.leaving {
+                let _ = self.deliver(m, msg.clone());
             }
         }
+        Ok(())
     }
 
     /// Whether a new connection from `addr` is within the limits.
@@ -291,12 +369,18 @@ impl Room {
             return Err(NicknameRefusal::Leaving);
         };
         let old = m.nickname.replace(nickname.to_owned());
-        if old.as_deref() != Some(nickname) {
-            if let Some(old) = &old {
-                state.nicks.remove(old);
-            }
-            state.nicks.insert(nickname.to_owned(), id);
+        if old.as_deref() == Some(nickname) {
+            return Ok(());
         }
+        if let Some(old) = &old {
+            state.nicks.remove(old);
+        }
+        state.nicks.insert(nickname.to_owned(), id);
+        let news = match old {
+            None => v06::presence(PresenceChange::Joined, nickname.to_owned(), String::new()),
+            Some(old) => v06::presence(PresenceChange::Renamed, old, nickname.to_owned()),
+        };
+        self.announce(state, id, news);
         Ok(())
     }
 
@@ -308,6 +392,8 @@ impl Room {
             if state.nicks.get(nick) == Some(&id) {
                 state.nicks.remove(nick);
             }
+            let news = v06::presence(PresenceChange::Left, nick.clone(), String::new());
+            self.announce(&state, id, news);
         }
         nickname
     }
@@ -329,14 +415,22 @@ impl Room {
         let (outbox, broadcasts) = channel::unbounded();
         let waiting = Arc::new(AtomicUsize::new(0));
         let (kick, kicked) = channel::bounded(1);
-        let member = Member {
-            addr,
-            nickname: None,
-            outbox,
-            waiting: waiting.clone(),
-            kick,
-        };
-        self.lock().members.insert(id, member);
+        {
+            let mut state = self.lock();
+            let member = Member {
+                addr,
+                nickname: None,
+                outbox,
+                waiting: waiting.clone(),
+                kick,
+                version: V0_5,
+                caps: Caps::default(),
+                spoke: false,
+                leaving: false,
+                said_at_join: state.said,
+            };
+            state.members.insert(id, member);
+        }
         self.emit(Event::Connected { addr });
         let room = self.clone();
 
@@ -372,7 +466,17 @@ impl Room {
                     }
                 }
             };
-            let ended = driver.or(kicked).or(stalled);
+            // Owns the driver: once it is over, the driver is dropped, which
+            // ends `reading` too.
+            let ended = async {
+                let mut driver = std::pin::pin!(driver);
+                let reason = driver.as_mut().or(kicked).or(stalled).await;
+                // Too slow: a v0.6 client is told why, if there is room.
+                if let Some(text) = reason.notice() {
+                    v06::farewell(&room, id, addr, &sender, text, driver).await;
+                }
+                reason
+            };
             let (reason, ()) = smol::future::zip(ended, reading).await;
 
             let nickname = room.leave(id);
@@ -401,6 +505,11 @@ async fn forward(
     let mut full_since = None;
     while let Ok(msg) = broadcasts.recv().await {
         waiting.fetch_sub(weight(&msg), Ordering::Relaxed);
+        // A Notice is the last message before a close: reported either way.
+        let notice = match &msg {
+            ChatMessage::Notice { text } => Some(text.clone()),
+            _ => None,
+        };
         let sent = match sender.try_send(msg) {
             Ok(()) => {
                 full_since = None;
@@ -419,20 +528,35 @@ async fn forward(
                 match room_made.or(give_up).await {
                     Some(Ok(permit)) => permit.send(msg).map_err(|e| e.error),
                     Some(Err(e)) => Err(e),
-                    None => return Disconnect::Stalled { stall },
+                    None => {
+                        if let Some(text) = notice {
+                            let reason = NoticeFailure::QueueFull;
+                            room.emit(Event::NoticeNotSent { addr, text, reason });
+                        }
+                        return Disconnect::Stalled { stall };
+                    }
                 }
             }
             Err(TrySendError::Failed(e)) => Err(e.error),
         };
-        match sent {
-            Ok(()) => {}
+        match (sent, notice) {
+            (Ok(()), None) => {}
+            (Ok(()), Some(text)) => room.emit(Event::NoticeSent { addr, text }),
+            (Err(error), Some(text)) => {
+                let fatal = error.is_fatal();
+                let reason = NoticeFailure::Failed(error);
+                room.emit(Event::NoticeNotSent { addr, text, reason });
+                if fatal {
+                    break;
+                }
+            }
             // This message cannot go out (too large for a frame); the next
             // ones can.
-            Err(error) if !error.is_fatal() => {
+            (Err(error), None) if !error.is_fatal() => {
                 room.emit(Event::BroadcastNotSent { addr, error });
             }
             // The connection is ending; its driver says why.
-            Err(_) => break,
+            (Err(_), None) => break,
         }
     }
     sender.close();
@@ -471,8 +595,14 @@ async fn handle(
             return;
         }
     }
+    // From a client being disconnected, nothing more is taken.
+    let Some(first) = room.first_message(id) else {
+        return;
+    };
     match msg {
-        ChatMessage::Chat { text } => room.broadcast(id, text),
+        ChatMessage::Chat { text } => {
+            let _ = room.broadcast(id, text);
+        }
         ChatMessage::SetNickname {
             request_id,
             nickname,
@@ -502,10 +632,45 @@ async fn handle(
         ChatMessage::Broadcast { .. } => {
             room.emit(Event::UnexpectedBroadcast { addr });
         }
+        ChatMessage::Hello {
+            request_id,
+            versions,
+            capabilities,
+            credentials: _,
+        } => {
+            let hello = v06::Hello {
+                request_id,
+                versions,
+                capabilities,
+                first,
+            };
+            v06::hello(room, id, addr, sender, hello).await;
+        }
+        ChatMessage::Say { request_id, text } => {
+            let reply = v06::say(room, id, addr, request_id, text);
+            let _ = sender.send(reply).await;
+        }
+        ChatMessage::Direct {
+            request_id,
+            to,
+            text,
+        } => {
+            let reply = v06::direct(room, id, addr, request_id, to, text);
+            let _ = sender.send(reply).await;
+        }
+        ChatMessage::Who { request_id } => {
+            let reply = v06::who(room, id, addr, request_id);
+            let _ = sender.send(reply).await;
+        }
         // Keepalives and responses never reach the application.
         ChatMessage::Keepalive | ChatMessage::Ack { .. } | ChatMessage::Nak { .. } => {}
-        // The v0.6 messages: this room speaks v0.5 only, and skips them as
-        // a v0.5 peer skips unknown types.
-        _ => {}
+        // Server-to-client messages of v0.6: meaningless here, skipped as a
+        // v0.5 peer skips unknown types.
+        ChatMessage::Welcome { .. }
+        | ChatMessage::Notice { .. }
+        | ChatMessage::Private { .. }
+        | ChatMessage::Members { .. }
+        | ChatMessage::Presence { .. }
+        | ChatMessage::History { .. } => {}
     }
 }
