@@ -497,24 +497,26 @@ fn history_keeps_the_configured_number_of_messages() {
         .await;
         let ana = connect(server.addr).await;
         let mut bo = connect(server.addr).await;
+        // Both in the room once answered.
+        named(&ana, "ana").await;
+        named(&bo, "bo").await;
         for text in ["one", "two", "three"] {
             ana.say(text).await;
         }
-        for _ in 0..3 {
-            bo.recv().await;
+        for text in ["one", "two", "three"] {
+            assert_eq!(bo.recv().await, broadcast("ana", text));
         }
         let (mut zed, _) = connect_v06(server.addr, &[capability::HISTORY]).await;
         bo.say("live").await;
-        let ana_name = ana.addr.to_string();
         for text in ["two", "three"] {
             match zed.recv().await {
                 ChatMessage::History { from, text: t, .. } => {
-                    assert_eq!((from.as_str(), t.as_str()), (ana_name.as_str(), text))
+                    assert_eq!((from.as_str(), t.as_str()), ("ana", text))
                 }
                 other => panic!("expected History of {text:?}, got {other:?}"),
             }
         }
-        assert_eq!(zed.recv().await, broadcast(&bo.addr.to_string(), "live"));
+        assert_eq!(zed.recv().await, broadcast("bo", "live"));
         for c in [ana, bo, zed] {
             c.close().await;
         }
