@@ -2,14 +2,15 @@
 //!
 //! ```text
 //! cargo run --example chat_server -- [--listen ADDR] [--rate N] [--burst N]
-//!     [--flood-unread N] [--flood-for SECS]
+//!     [--flood-unread N] [--flood-for SECS] [--history N]
 //!     [--max-connections N] [--max-per-ip N]
 //! ```
 //!
 //! It speaks the chat protocol of `docs/PROTOCOL.md`, so `chat_client` or
-//! any other TcpChat v0.5 client can join. The room itself is the
-//! `chatpipe-chat` crate, in `chat/`: this binary parses arguments, catches
-//! signals and prints the address, then calls its `serve`.
+//! any other TcpChat v0.5 client can join; a client that says Hello gets
+//! v0.6 too. The room itself is the `chatpipe-chat` crate, in `chat/`: this
+//! binary parses arguments, catches signals and prints the address, then
+//! calls its `serve`.
 
 use std::process::ExitCode;
 
@@ -19,7 +20,8 @@ use clap::Parser;
 use futures::StreamExt;
 use smol::net::TcpListener;
 
-/// A chat room over the TcpChat v0.5 protocol (see docs/PROTOCOL.md).
+/// A chat room over the TcpChat protocol, v0.5 and v0.6 (see
+/// docs/PROTOCOL.md).
 ///
 /// The first line on stdout is `listening on IP:PORT`, the address bound.
 /// Connections, disconnections and errors are logged on stderr. Ctrl-C or
@@ -50,6 +52,11 @@ struct Args {
     /// See --flood-unread.
     #[arg(long, value_name = "SECS", default_value_t = 30)]
     flood_for: u64,
+
+    /// How many of the last room messages a v0.6 client that asks for
+    /// history gets on joining. 0 turns history off.
+    #[arg(long, value_name = "N", default_value_t = 50)]
+    history: usize,
 
     /// Connections at once; more are closed as soon as they are accepted.
     #[arg(long, value_name = "N", default_value_t = 10_000)]
@@ -105,6 +112,7 @@ fn main() -> ExitCode {
             rate,
             flood_unread: args.flood_unread.max(1),
             flood_for: std::time::Duration::from_secs(args.flood_for),
+            history: args.history,
             max_connections: args.max_connections,
             max_per_ip: args.max_per_ip,
             ..Config::default()

@@ -20,9 +20,15 @@
 //! | connections per remote IP (`max_per_ip`) | 64 | the new connection is closed at once |
 //! | messages per client (`rate`: token bucket) | 10/s, bursts of 20 | its messages are read more slowly: all arrive, late, in order, and TCP pushes back on its sends. Reported (`Paced`) at most once a second. |
 //! | a paced client far over its rate (`flood_unread`, `flood_for`) | 1,000 messages waiting to be read, for 30 s | disconnected (`ExcessFlood`) |
-//! | a client that does not read (`stall`, `backlog`) | 5 s, 4 MiB | disconnected |
+//! | a client that does not read (`stall`, `backlog`) | 5 s, 4 MiB | disconnected (a v0.6 client is sent a Notice saying why, if its queue has room) |
+//!
+//! The room speaks v0.5 to every client, and v0.6 (see `docs/PROTOCOL.md`)
+//! to a client whose first message is a Hello offering it: acked chats
+//! (Say), direct messages, Who, presence announcements and the last
+//! `history` messages on joining, each only to a client granted its
+//! capability. Credentials in a Hello are accepted and ignored for now.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::fmt;
 use std::future::Future;
 use std::net::SocketAddr;
@@ -30,7 +36,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use chatpipe::chat::{Chat, ChatMessage};
+use chatpipe::chat::{Chat, ChatMessage, PresenceChange, V0_5};
 use chatpipe::{Builder, Sender, TrySendError};
 use smol::channel;
 use smol::future::FutureExt;
@@ -40,10 +46,15 @@ use smol::stream::StreamExt;
 mod bucket;
 mod event;
 pub mod store;
+mod v06;
 
 use bucket::Bucket;
 pub use bucket::Rate;
-pub use event::{Disconnect, Event, NicknameRefusal, Refusal};
+pub use event::{
+    Disconnect, Event, HelloRefusal, NicknameRefusal, NoticeFailure, Refusal, Request,
+    RequestRefusal,
+};
+use v06::Caps;
 
 /// How the server runs.
 #[derive(Clone)]
@@ -59,7 +70,8 @@ pub struct Config {
     /// client that cannot keep up is bounded.
     pub backlog: usize,
     /// How long shutdown waits for clients to close cleanly before
-    /// dropping them.
+    /// dropping them; and how long a v0.6 client disconnected for being too
+    /// slow has to take the Notice that says why, if it could be queued.
     pub grace: Duration,
     /// How many messages a client may send: `None` for no limit. Over it,
     /// the room reads the client's messages more slowly (its socket, then
@@ -71,6 +83,10 @@ pub struct Config {
     pub flood_unread: usize,
     /// See [`Config::flood_unread`].
     pub flood_for: Duration,
+    /// How many of the last room messages (broadcasts) the room keeps, to
+    /// send a v0.6 client granted `history` on joining; 0 turns history
+    /// off (and the capability is not granted).
+    pub history: usize,
     /// Connections at once; more are closed as soon as they are accepted.
     pub max_connections: usize,
     /// Connections at once from one IP address; more are closed as soon as
@@ -98,6 +114,7 @@ impl Default for Config {
             }),
             flood_unread: 1000,
             flood_for: Duration::from_secs(30),
+            history: 50,
             max_connections: 10_000,
             max_per_ip: 64,
             events: Arc::new(|event| eprintln!("{event}")),
@@ -116,6 +133,7 @@ impl fmt::Debug for Config {
             .field("rate", &self.rate)
             .field("flood_unread", &self.flood_unread)
             .field("flood_for", &self.flood_for)
+            .field("history", &self.history)
             .field("max_connections", &self.max_connections)
             .field("max_per_ip", &self.max_per_ip)
             .finish_non_exhaustive()
@@ -128,7 +146,8 @@ impl fmt::Debug for Config {
 pub async fn serve(listener: TcpListener, config: Config, shutdown: impl Future<Output = ()>) {
     let room = Arc::new(Room {
         config,
-        members: Mutex::new(HashMap::new()),
+        state: Mutex::new(State::default()),
+        history: Mutex::new(VecDeque::new()),
     });
     // Every client task holds a clone, to tell when they have all ended.
     let (alive, all_gone) = channel::bounded::<()>(1);
@@ -168,10 +187,17 @@ pub async fn serve(listener: TcpListener, config: Config, shutdown: impl Future<
 
     // Each member's task sends what waits for it, then closes.
     {
-        let members = room.lock();
-        let connections = members.len();
+        let state = room.lock();
+        let connections = state.members.len();
         room.emit(Event::ShuttingDown { connections });
-        for m in members.values() {
+        for m in state.members.values() {
+            // A v0.6 client is told why, after what waits for it.
+            if m.version != V0_5 && !m.leaving {
+                let text = v06::SHUTDOWN_NOTICE.to_owned();
+                let msg = ChatMessage::Notice { text };
+                m.waiting.fetch_add(weight(&msg), Ordering::Relaxed);
+                let _ = m.outbox.try_send(msg);
+            }
             m.outbox.close();
         }
     }
@@ -183,7 +209,7 @@ pub async fn serve(listener: TcpListener, config: Config, shutdown: impl Future<
     };
     if all_gone.recv().or(grace).await.is_ok() {
         // Still open after the grace period: drop them.
-        for m in room.lock().values() {
+        for m in room.lock().members.values() {
             let _ = m.kick.try_send(Disconnect::ShutdownTimeout);
         }
         let _ = all_gone.recv().await;
@@ -193,7 +219,25 @@ pub async fn serve(listener: TcpListener, config: Config, shutdown: impl Future<
 
 struct Room {
     config: Config,
-    members: Mutex<HashMap<u64, Member>>,
+    state: Mutex<State>,
+    /// The last `config.history` broadcasts, oldest first, as `(at_ms,
+    /// from, text)`: see `Room::remember` and `Room::recent`. Locked only
+    /// while `state` is (so it never changes between a broadcast and the
+    /// history it leaves behind).
+    history: Mutex<VecDeque<(u64, String, String)>>,
+}
+
+/// The room's members, behind its one lock.
+#[derive(Default)]
+struct State {
+    /// By member id, which grows with each connection: in join order.
+    members: HashMap<u64, Member>,
+    /// Who holds each nickname: `members[&nicks[n]].nickname == Some(n)`,
+    /// for every nickname held.
+    nicks: HashMap<String, u64>,
+    /// How many broadcasts the room has remembered in all: those since a
+    /// member joined are the newest of `Room::recent`, and reached it live.
+    said: u64,
 }
 
 struct Member {
@@ -205,6 +249,17 @@ struct Member {
     waiting: Arc<AtomicUsize>,
     /// Tells the member's task to drop its connection, and why.
     kick: channel::Sender<Disconnect>,
+    /// The protocol version it speaks: 0.5 until a Welcome.
+    version: u16,
+    /// What its Welcome granted (nothing before).
+    caps: Caps,
+    /// Whether it has sent a message: a Hello is valid only as the first.
+    spoke: bool,
+    /// It is being disconnected: what it sends is ignored, and it is no
+    /// longer listed or sent to.
+    leaving: bool,
+    /// `State::said` when it joined.
+    said_at_join: u64,
 }
 
 impl Member {
@@ -217,18 +272,35 @@ impl Member {
     }
 }
 
-/// What a broadcast weighs in a backlog.
+/// What a message weighs in a backlog: the bytes of its strings.
 fn weight(msg: &ChatMessage) -> usize {
     match msg {
-        ChatMessage::Broadcast { from, text } => from.len() + text.len(),
+        ChatMessage::Broadcast { from, text }
+        | ChatMessage::Private { from, text }
+        | ChatMessage::History { from, text, .. } => from.len() + text.len(),
+        ChatMessage::Presence {
+            nickname,
+            new_nickname,
+            ..
+        } => nickname.len() + new_nickname.len(),
+        ChatMessage::Notice { text } => text.len(),
         _ => 0,
     }
 }
 
+/// Why a message could not go into a member's backlog.
+enum Undelivered {
+    /// Its backlog is over the limit: it is being disconnected.
+    TooFarBehind,
+    /// Its backlog is closed: it is leaving.
+    Leaving,
+}
+
 impl Room {
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Member>> {
-        // The map stays consistent even if a holder panicked.
-        self.members.lock().unwrap_or_else(|e| e.into_inner())
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        // The state stays consistent even if a holder panicked: nothing
+        // here panics between two changes that belong together.
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     fn emit(&self, event: Event) {
@@ -239,32 +311,51 @@ impl Room {
         (self.config.clock)()
     }
 
-    /// Sends `text` from member `id` to every other member, without ever
-    /// waiting.
-    fn broadcast(&self, id: u64, text: String) {
-        let members = self.lock();
-        let Some(from) = members.get(&id).map(Member::name) else {
-            return;
-        };
-        let msg = ChatMessage::Broadcast { from, text };
+    /// Queues `msg` in member `m`'s backlog, without waiting. Over the
+    /// backlog limit, tells its task to disconnect it instead.
+    fn deliver(&self, m: &Member, msg: ChatMessage) -> Result<(), Undelivered> {
         let size = weight(&msg);
-        for (_, m) in members.iter().filter(|(&other, _)| other != id) {
-            if m.waiting.fetch_add(size, Ordering::Relaxed) + size > self.config.backlog {
-                // Its task drops the connection; until then, further kicks
-                // are no-ops.
-                let backlog = self.config.backlog;
-                let _ = m.kick.try_send(Disconnect::TooFarBehind { backlog });
-            } else {
-                // Unbounded, as `waiting` bounds it; fails only when the
-                // member is leaving.
-                let _ = m.outbox.try_send(msg.clone());
+        if m.waiting.fetch_add(size, Ordering::Relaxed) + size > self.config.backlog {
+            // Its task drops the connection; until then, further kicks are
+            // no-ops.
+            let backlog = self.config.backlog;
+            let _ = m.kick.try_send(Disconnect::TooFarBehind { backlog });
+            return Err(Undelivered::TooFarBehind);
+        }
+        // Unbounded, as `waiting` bounds it; fails only when the member is
+        // leaving.
+        m.outbox.try_send(msg).map_err(|_| {
+            m.waiting.fetch_sub(size, Ordering::Relaxed);
+            Undelivered::Leaving
+        })
+    }
+
+    /// Sends `text` from member `id` to every other member, without ever
+    /// waiting, and remembers it for the history. Fails only if `id` is
+    /// leaving.
+    fn broadcast(&self, id: u64, text: String) -> Result<(), RequestRefusal> {
+        let mut state = self.lock();
+        let from = match state.members.get(&id) {
+            Some(m) if !m.leaving => m.name(),
+            _ => return Err(RequestRefusal::Leaving),
+        };
+        if self.config.history > 0 {
+            self.remember(v06::now_ms(), &from, &text);
+            state.said += 1;
+        }
+        let msg = ChatMessage::Broadcast { from, text };
+        for (_, m) in state.members.iter().filter(|(&other, _)| other != id) {
+            if !m.leaving {
+                let _ = self.deliver(m, msg.clone());
             }
         }
+        Ok(())
     }
 
     /// Whether a new connection from `addr` is within the limits.
     fn admit(&self, addr: SocketAddr) -> Result<(), Refusal> {
-        let members = self.lock();
+        let state = self.lock();
+        let members = &state.members;
         let max = self.config.max_connections;
         if members.len() >= max {
             return Err(Refusal::ServerFull { max });
@@ -278,21 +369,47 @@ impl Room {
 
     /// Gives member `id` the nickname unless another member holds it.
     fn set_nickname(&self, id: u64, nickname: &str) -> Result<(), NicknameRefusal> {
-        let mut members = self.lock();
-        if members
-            .iter()
-            .any(|(&other, m)| other != id && m.nickname.as_deref() == Some(nickname))
+        let mut state = self.lock();
+        let state = &mut *state;
+        if state
+            .nicks
+            .get(nickname)
+            .is_some_and(|&holder| holder != id)
         {
             let nickname = nickname.to_owned();
             return Err(NicknameRefusal::Taken { nickname });
         }
-        match members.get_mut(&id) {
-            Some(m) => {
-                m.nickname = Some(nickname.to_owned());
-                Ok(())
-            }
-            None => Err(NicknameRefusal::Leaving),
+        let Some(m) = state.members.get_mut(&id) else {
+            return Err(NicknameRefusal::Leaving);
+        };
+        let old = m.nickname.replace(nickname.to_owned());
+        if old.as_deref() == Some(nickname) {
+            return Ok(());
         }
+        if let Some(old) = &old {
+            state.nicks.remove(old);
+        }
+        state.nicks.insert(nickname.to_owned(), id);
+        let news = match old {
+            None => v06::presence(PresenceChange::Joined, nickname.to_owned(), String::new()),
+            Some(old) => v06::presence(PresenceChange::Renamed, old, nickname.to_owned()),
+        };
+        self.announce(state, id, news);
+        Ok(())
+    }
+
+    /// Takes member `id` out of the room; returns its nickname.
+    fn leave(&self, id: u64) -> Option<String> {
+        let mut state = self.lock();
+        let nickname = state.members.remove(&id)?.nickname;
+        if let Some(nick) = &nickname {
+            if state.nicks.get(nick) == Some(&id) {
+                state.nicks.remove(nick);
+            }
+            let news = v06::presence(PresenceChange::Left, nick.clone(), String::new());
+            self.announce(&state, id, news);
+        }
+        nickname
     }
 
     /// Adds a connection to the room; the returned future serves it until
@@ -313,14 +430,22 @@ impl Room {
         let waiting = Arc::new(AtomicUsize::new(0));
         let (kick, kicked) = channel::bounded(1);
         let kick_self = kick.clone();
-        let member = Member {
-            addr,
-            nickname: None,
-            outbox,
-            waiting: waiting.clone(),
-            kick,
-        };
-        self.lock().insert(id, member);
+        {
+            let mut state = self.lock();
+            let member = Member {
+                addr,
+                nickname: None,
+                outbox,
+                waiting: waiting.clone(),
+                kick,
+                version: V0_5,
+                caps: Caps::default(),
+                spoke: false,
+                leaving: false,
+                said_at_join: state.said,
+            };
+            state.members.insert(id, member);
+        }
         self.emit(Event::Connected { addr });
         let room = self.clone();
 
@@ -370,10 +495,20 @@ impl Room {
                     }
                 }
             };
-            let ended = driver.or(kicked).or(stalled);
+            // Owns the driver: once it is over, the driver is dropped, which
+            // ends `reading` too.
+            let ended = async {
+                let mut driver = std::pin::pin!(driver);
+                let reason = driver.as_mut().or(kicked).or(stalled).await;
+                // Too slow: a v0.6 client is told why, if there is room.
+                if let Some(text) = reason.notice() {
+                    v06::farewell(&room, id, addr, &sender, text, driver).await;
+                }
+                reason
+            };
             let (reason, ()) = smol::future::zip(ended, reading).await;
 
-            let nickname = room.lock().remove(&id).and_then(|m| m.nickname);
+            let nickname = room.leave(id);
             room.emit(Event::Disconnected {
                 addr,
                 nickname,
@@ -470,6 +605,11 @@ async fn forward(
     let mut full_since = None;
     while let Ok(msg) = broadcasts.recv().await {
         waiting.fetch_sub(weight(&msg), Ordering::Relaxed);
+        // A Notice is the last message before a close: reported either way.
+        let notice = match &msg {
+            ChatMessage::Notice { text } => Some(text.clone()),
+            _ => None,
+        };
         let sent = match sender.try_send(msg) {
             Ok(()) => {
                 full_since = None;
@@ -488,20 +628,35 @@ async fn forward(
                 match room_made.or(give_up).await {
                     Some(Ok(permit)) => permit.send(msg).map_err(|e| e.error),
                     Some(Err(e)) => Err(e),
-                    None => return Disconnect::Stalled { stall },
+                    None => {
+                        if let Some(text) = notice {
+                            let reason = NoticeFailure::QueueFull;
+                            room.emit(Event::NoticeNotSent { addr, text, reason });
+                        }
+                        return Disconnect::Stalled { stall };
+                    }
                 }
             }
             Err(TrySendError::Failed(e)) => Err(e.error),
         };
-        match sent {
-            Ok(()) => {}
+        match (sent, notice) {
+            (Ok(()), None) => {}
+            (Ok(()), Some(text)) => room.emit(Event::NoticeSent { addr, text }),
+            (Err(error), Some(text)) => {
+                let fatal = error.is_fatal();
+                let reason = NoticeFailure::Failed(error);
+                room.emit(Event::NoticeNotSent { addr, text, reason });
+                if fatal {
+                    break;
+                }
+            }
             // This message cannot go out (too large for a frame); the next
             // ones can.
-            Err(error) if !error.is_fatal() => {
+            (Err(error), None) if !error.is_fatal() => {
                 room.emit(Event::BroadcastNotSent { addr, error });
             }
             // The connection is ending; its driver says why.
-            Err(_) => break,
+            (Err(_), None) => break,
         }
     }
     sender.close();
@@ -509,8 +664,14 @@ async fn forward(
 }
 
 async fn handle(room: &Room, id: u64, addr: SocketAddr, sender: &Sender<Chat>, msg: ChatMessage) {
+    // From a client being disconnected, nothing more is taken.
+    let Some(first) = room.first_message(id) else {
+        return;
+    };
     match msg {
-        ChatMessage::Chat { text } => room.broadcast(id, text),
+        ChatMessage::Chat { text } => {
+            let _ = room.broadcast(id, text);
+        }
         ChatMessage::SetNickname {
             request_id,
             nickname,
@@ -540,10 +701,45 @@ async fn handle(room: &Room, id: u64, addr: SocketAddr, sender: &Sender<Chat>, m
         ChatMessage::Broadcast { .. } => {
             room.emit(Event::UnexpectedBroadcast { addr });
         }
+        ChatMessage::Hello {
+            request_id,
+            versions,
+            capabilities,
+            credentials: _,
+        } => {
+            let hello = v06::Hello {
+                request_id,
+                versions,
+                capabilities,
+                first,
+            };
+            v06::hello(room, id, addr, sender, hello).await;
+        }
+        ChatMessage::Say { request_id, text } => {
+            let reply = v06::say(room, id, addr, request_id, text);
+            let _ = sender.send(reply).await;
+        }
+        ChatMessage::Direct {
+            request_id,
+            to,
+            text,
+        } => {
+            let reply = v06::direct(room, id, addr, request_id, to, text);
+            let _ = sender.send(reply).await;
+        }
+        ChatMessage::Who { request_id } => {
+            let reply = v06::who(room, id, addr, request_id);
+            let _ = sender.send(reply).await;
+        }
         // Keepalives and responses never reach the application.
         ChatMessage::Keepalive | ChatMessage::Ack { .. } | ChatMessage::Nak { .. } => {}
-        // The v0.6 messages: this room speaks v0.5 only, and skips them as
-        // a v0.5 peer skips unknown types.
-        _ => {}
+        // Server-to-client messages of v0.6: meaningless here, skipped as a
+        // v0.5 peer skips unknown types.
+        ChatMessage::Welcome { .. }
+        | ChatMessage::Notice { .. }
+        | ChatMessage::Private { .. }
+        | ChatMessage::Members { .. }
+        | ChatMessage::Presence { .. }
+        | ChatMessage::History { .. } => {}
     }
 }
