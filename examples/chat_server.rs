@@ -2,7 +2,7 @@
 //!
 //! ```text
 //! cargo run --example chat_server -- [--listen ADDR] [--rate N] [--burst N]
-//!     [--flood-unread N] [--flood-for SECS] [--history N]
+//!     [--flood-unread N] [--flood-for SECS] [--history N] [--db PATH]
 //!     [--max-connections N] [--max-per-ip N]
 //! ```
 //!
@@ -58,6 +58,11 @@ struct Args {
     #[arg(long, value_name = "N", default_value_t = 50)]
     history: usize,
 
+    /// The SQLite file the history is kept in, so it survives a restart
+    /// (created if missing); `:memory:` keeps it in memory only.
+    #[arg(long, value_name = "PATH", default_value = chatpipe_chat::store::DEFAULT_DB)]
+    db: std::path::PathBuf,
+
     /// Connections at once; more are closed as soon as they are accepted.
     #[arg(long, value_name = "N", default_value_t = 10_000)]
     max_connections: usize,
@@ -70,6 +75,33 @@ struct Args {
 
 fn main() -> ExitCode {
     let args = Args::parse();
+    // Opened before serving: opening reads the disk, which no task of the
+    // room may wait on.
+    let store = match args.history {
+        0 => None,
+        keep => match chatpipe_chat::store::Store::open(&args.db, keep) {
+            Ok(store) => Some(std::sync::Arc::new(store)),
+            Err(e) => {
+                eprintln!("cannot open the history store {}: {e}", args.db.display());
+                return ExitCode::FAILURE;
+            }
+        },
+    };
+    let code = serve_until_signal(args, store.clone());
+    // Whatever history is still queued is written before exiting.
+    if let Some(store) = store {
+        store.flush();
+        if store.unsaved() > 0 {
+            eprintln!("history: {} message(s) could not be saved", store.unsaved());
+        }
+    }
+    code
+}
+
+fn serve_until_signal(
+    args: Args,
+    store: Option<std::sync::Arc<chatpipe_chat::store::Store>>,
+) -> ExitCode {
     smol::block_on(async {
         // Signals first: once the address is printed, a signal must stop
         // the server cleanly rather than kill it.
@@ -113,6 +145,7 @@ fn main() -> ExitCode {
             flood_unread: args.flood_unread.max(1),
             flood_for: std::time::Duration::from_secs(args.flood_for),
             history: args.history,
+            store,
             max_connections: args.max_connections,
             max_per_ip: args.max_per_ip,
             ..Config::default()

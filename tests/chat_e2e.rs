@@ -220,12 +220,28 @@ fn a_client_too_far_behind_is_disconnected() {
 
 /// A client connected to `server` that never reads, with a small receive
 /// buffer so that what it does not read backs up quickly, and its address.
+/// It takes a nickname first, so it is in the room (a connection gets the
+/// room's traffic from its first message on).
 fn connect_stuck(server: SocketAddr) -> (socket2::Socket, SocketAddr) {
+    use chatpipe::Protocol;
     use socket2::{Domain, Socket, Type};
+    use std::io::{Read, Write};
     let stuck = Socket::new(Domain::IPV4, Type::STREAM, None).unwrap();
     stuck.set_recv_buffer_size(4096).unwrap();
     stuck.connect(&server.into()).unwrap();
     let addr = stuck.local_addr().unwrap().as_socket().unwrap();
+    let mut payload = bytes::BytesMut::new();
+    let nick = ChatMessage::set_nickname("stuck");
+    chatpipe::chat::Chat.encode(&nick, &mut payload).unwrap();
+    let mut frame = (payload.len() as u32).to_be_bytes().to_vec();
+    frame.extend_from_slice(&payload);
+    let mut io = std::net::TcpStream::from(stuck.try_clone().unwrap());
+    io.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    io.write_all(&frame).unwrap();
+    // Its Ack: 4 + 4 + 16 bytes.
+    let mut ack = [0u8; 24];
+    io.read_exact(&mut ack).unwrap();
+    assert_eq!(&ack[..8], &[0, 0, 0, 20, 0, 0, 0, 4], "an Ack");
     (stuck, addr)
 }
 

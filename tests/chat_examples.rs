@@ -56,7 +56,12 @@ fn lines(pipe: impl Read + Send + 'static) -> mpsc::Receiver<String> {
 }
 
 fn start(name: &str, args: &[&str]) -> Program {
-    let mut child = Command::new(example(name))
+    let mut command = Command::new(example(name));
+    if name == "chat_server" {
+        // No history file left behind in the working directory.
+        command.args(["--db", ":memory:"]);
+    }
+    let mut child = command
         .args(args)
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())

@@ -746,3 +746,155 @@ fn now_ms() -> u64 {
     let since = SystemTime::now().duration_since(UNIX_EPOCH).unwrap();
     since.as_millis() as u64
 }
+
+/// With a SQLite store, the history survives a restart of the room.
+#[test]
+fn history_survives_a_restart_with_a_store() {
+    use chatpipe_chat::store::Store;
+    use std::sync::Arc;
+    let dir = std::env::temp_dir().join(format!(
+        "chatpipe-history-{}-{}",
+        std::process::id(),
+        now_ms()
+    ));
+    std::fs::create_dir_all(&dir).unwrap();
+    let db = dir.join("chat.db");
+    run(LIMIT, async {
+        let config = |store: &Arc<Store>| Config {
+            store: Some(store.clone()),
+            ..Config::default()
+        };
+        let store = Arc::new(Store::open(&db, 50).unwrap());
+        let server = start_config(config(&store)).await;
+        let ana = connect(server.addr).await;
+        let mut bo = connect(server.addr).await;
+        named(&ana, "ana").await;
+        named(&bo, "bo").await;
+        for text in ["before", "the", "restart"] {
+            ana.say(text).await;
+            assert_eq!(bo.recv().await, broadcast("ana", text));
+        }
+        ana.close().await;
+        bo.close().await;
+        server.shutdown().await;
+        store.flush();
+        assert_eq!(store.unsaved(), 0);
+        drop(store);
+
+        // A new room on the same file.
+        let store = Arc::new(Store::open(&db, 50).unwrap());
+        let server = start_config(config(&store)).await;
+        let (mut zed, _) = connect_v06(server.addr, &[capability::HISTORY]).await;
+        for text in ["before", "the", "restart"] {
+            match zed.recv().await {
+                ChatMessage::History { from, text: t, .. } => {
+                    assert_eq!((from.as_str(), t.as_str()), ("ana", text));
+                }
+                other => panic!("expected History of {text:?}, got {other:?}"),
+            }
+        }
+        zed.close().await;
+        server.shutdown().await;
+    });
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// A v0.6 client's first frame is its Welcome, even when the room was busy
+/// between its connecting and its Hello: nothing of v0.5 reaches it
+/// before, so it can take a v0.5 message first as the sign of a v0.5
+/// server. What was said meanwhile comes as history, then live messages
+/// follow, each message once, none missing.
+#[test]
+fn the_welcome_comes_first_however_busy_the_room() {
+    const BEFORE: usize = 100;
+    const SAID: usize = 300;
+    run(LIMIT, async {
+        let server = start_config(Config {
+            rate: None,
+            history: SAID,
+            ..Config::default()
+        })
+        .await;
+        let ana = connect(server.addr).await;
+        let mut bo = connect(server.addr).await;
+        named(&ana, "ana").await;
+        named(&bo, "bo").await;
+        // Zed connects, and the room is busy before its Hello (well within
+        // the join window of 500 ms).
+        let mut zed = std::net::TcpStream::connect(server.addr).unwrap();
+        for i in 0..BEFORE {
+            ana.say(&format!("{i}")).await;
+        }
+        for i in 0..BEFORE {
+            assert_eq!(bo.recv().await, broadcast("ana", &format!("{i}")));
+        }
+        let chatter = smol::spawn(async move {
+            for i in BEFORE..SAID {
+                ana.say(&format!("{i}")).await;
+            }
+            ana
+        });
+        let frames = smol::unblock(move || {
+            use std::io::{Read, Write};
+            zed.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+            let mut payload = bytes::BytesMut::new();
+            Chat.encode(&hello(&[V0_5, V0_6], &[capability::HISTORY]), &mut payload)
+                .unwrap();
+            let mut frame = (payload.len() as u32).to_be_bytes().to_vec();
+            frame.extend_from_slice(&payload);
+            zed.write_all(&frame).unwrap();
+            // Read messages until the last one said has come, as history
+            // or live.
+            let mut decoder = chatpipe::frame::Decoder::new(chatpipe::chat::MAX_PAYLOAD_LEN);
+            let mut buf = bytes::BytesMut::new();
+            let mut got = Vec::new();
+            let last = format!("{}", SAID - 1);
+            loop {
+                while let Some(payload) = decoder.decode(&mut buf).unwrap() {
+                    if let Some(msg) = Chat.decode(payload).unwrap() {
+                        let done = matches!(&msg, ChatMessage::Broadcast { text, .. }
+                            | ChatMessage::History { text, .. } if *text == last);
+                        got.push(msg);
+                        if done {
+                            return got;
+                        }
+                    }
+                }
+                let mut chunk = [0u8; 4096];
+                let n = zed.read(&mut chunk).unwrap();
+                assert!(n > 0, "closed early after {} messages", got.len());
+                buf.extend_from_slice(&chunk[..n]);
+            }
+        })
+        .await;
+        assert!(
+            matches!(frames.first(), Some(ChatMessage::Welcome { .. })),
+            "{:?}",
+            frames.first()
+        );
+        // History (at least what was said before the Hello), then live,
+        // numbered 0.. with no gap and no repeat.
+        let mut next = 0;
+        let mut live = false;
+        for msg in &frames[1..] {
+            let text = match msg {
+                ChatMessage::History { text, .. } => {
+                    assert!(!live, "history after live traffic");
+                    text
+                }
+                ChatMessage::Broadcast { text, .. } => {
+                    live = true;
+                    text
+                }
+                ChatMessage::Keepalive => continue,
+                other => panic!("{other:?}"),
+            };
+            assert_eq!(text, &format!("{next}"));
+            next += 1;
+        }
+        assert_eq!(next, SAID);
+        chatter.await.close().await;
+        bo.close().await;
+        server.shutdown().await;
+    });
+}

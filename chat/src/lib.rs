@@ -87,6 +87,16 @@ pub struct Config {
     /// send a v0.6 client granted `history` on joining; 0 turns history
     /// off (and the capability is not granted).
     pub history: usize,
+    /// A new connection gets the room's traffic from its first message on,
+    /// or this long after connecting, whichever comes first: so a v0.6
+    /// client, whose first message is a Hello, gets its Welcome before any
+    /// v0.5 message, and can take a v0.5 message first as a sign of a v0.5
+    /// server.
+    pub join_window: Duration,
+    /// Where the history is kept: a [`store::Store`] (SQLite, so it
+    /// survives a restart), or `None` to keep it in memory only. Its own
+    /// `keep` bounds what it holds; `history` bounds what a client gets.
+    pub store: Option<Arc<store::Store>>,
     /// Connections at once; more are closed as soon as they are accepted.
     pub max_connections: usize,
     /// Connections at once from one IP address; more are closed as soon as
@@ -115,6 +125,8 @@ impl Default for Config {
             flood_unread: 1000,
             flood_for: Duration::from_secs(30),
             history: 50,
+            store: None,
+            join_window: Duration::from_millis(500),
             max_connections: 10_000,
             max_per_ip: 64,
             events: Arc::new(|event| eprintln!("{event}")),
@@ -258,8 +270,12 @@ struct Member {
     /// It is being disconnected: what it sends is ignored, and it is no
     /// longer listed or sent to.
     leaving: bool,
-    /// `State::said` when it joined.
+    /// `State::said` when it started listening.
     said_at_join: u64,
+    /// It gets the room's traffic: from its first message on (a Hello's
+    /// Welcome first), or `join_window` after connecting, so that nothing
+    /// of v0.5 reaches a v0.6 client before its Welcome.
+    listening: bool,
 }
 
 impl Member {
@@ -345,7 +361,7 @@ impl Room {
         }
         let msg = ChatMessage::Broadcast { from, text };
         for (_, m) in state.members.iter().filter(|(&other, _)| other != id) {
-            if !m.leaving {
+            if !m.leaving && m.listening {
                 let _ = self.deliver(m, msg.clone());
             }
         }
@@ -443,6 +459,7 @@ impl Room {
                 spoke: false,
                 leaving: false,
                 said_at_join: state.said,
+                listening: false,
             };
             state.members.insert(id, member);
         }
@@ -499,7 +516,12 @@ impl Room {
             // ends `reading` too.
             let ended = async {
                 let mut driver = std::pin::pin!(driver);
-                let reason = driver.as_mut().or(kicked).or(stalled).await;
+                let listen = async {
+                    smol::Timer::after(room.config.join_window).await;
+                    room.start_listening(id);
+                    std::future::pending().await
+                };
+                let reason = driver.as_mut().or(kicked).or(stalled).or(listen).await;
                 // Too slow: a v0.6 client is told why, if there is room.
                 if let Some(text) = reason.notice() {
                     v06::farewell(&room, id, addr, &sender, text, driver).await;
@@ -665,7 +687,8 @@ async fn forward(
 
 async fn handle(room: &Room, id: u64, addr: SocketAddr, sender: &Sender<Chat>, msg: ChatMessage) {
     // From a client being disconnected, nothing more is taken.
-    let Some(first) = room.first_message(id) else {
+    let is_hello = matches!(msg, ChatMessage::Hello { .. });
+    let Some(first) = room.first_message(id, is_hello) else {
         return;
     };
     match msg {

@@ -267,6 +267,17 @@ pub(crate) fn fit_names(names: impl IntoIterator<Item = String>) -> Vec<String> 
     fit
 }
 
+impl Member {
+    /// Starts getting the room's traffic; what was said before came to it
+    /// as history, if at all.
+    fn listen(&mut self, said: u64) {
+        if !self.listening {
+            self.listening = true;
+            self.said_at_join = said;
+        }
+    }
+}
+
 impl Room {
     /// Keeps a room message for the history: the newest `config.history`
     /// of them, oldest first. Called by `broadcast` only, with the state
@@ -275,6 +286,11 @@ impl Room {
         let max = self.config.history;
         if max == 0 {
             return;
+        }
+        if let Some(store) = &self.config.store {
+            // Never waits for the disk: a slow one loses writes, counted.
+            let (from, text) = (from.to_owned(), text.to_owned());
+            return store.append(crate::store::Entry { at_ms, from, text });
         }
         let mut history = self.history.lock().unwrap_or_else(|e| e.into_inner());
         while history.len() >= max {
@@ -285,16 +301,40 @@ impl Room {
 
     /// The remembered messages, oldest first, as `(at_ms, from, text)`.
     pub(crate) fn recent(&self) -> Vec<(u64, String, String)> {
+        if let Some(store) = &self.config.store {
+            let recent = store.recent();
+            let skip = recent.len().saturating_sub(self.config.history);
+            return recent
+                .into_iter()
+                .skip(skip)
+                .map(|e| (e.at_ms, e.from, e.text))
+                .collect();
+        }
         let history = self.history.lock().unwrap_or_else(|e| e.into_inner());
         history.iter().cloned().collect()
     }
 
     /// Whether this is member `id`'s first message; `None` if it is
-    /// leaving, and what it sends is ignored.
-    pub(crate) fn first_message(&self, id: u64) -> Option<bool> {
+    /// leaving, and what it sends is ignored. Any message but a Hello
+    /// starts its listening (a Hello's Welcome does that).
+    pub(crate) fn first_message(&self, id: u64, is_hello: bool) -> Option<bool> {
         let mut state = self.lock();
+        let said = state.said;
         let m = state.members.get_mut(&id).filter(|m| !m.leaving)?;
-        Some(!std::mem::replace(&mut m.spoke, true))
+        let first = !std::mem::replace(&mut m.spoke, true);
+        if !is_hello {
+            m.listen(said);
+        }
+        Some(first)
+    }
+
+    /// Member `id` gets the room's traffic from now on.
+    pub(crate) fn start_listening(&self, id: u64) {
+        let mut state = self.lock();
+        let said = state.said;
+        if let Some(m) = state.members.get_mut(&id) {
+            m.listen(said);
+        }
     }
 
     /// The capabilities of member `id`; `None` if it is leaving.
@@ -371,6 +411,7 @@ impl Room {
             };
             m.version = V0_6;
             m.caps = caps;
+            m.listen(said);
             let m = &*m;
             if self.deliver(m, welcome).is_err() {
                 // Too far behind already, or leaving: it is being
@@ -499,7 +540,7 @@ impl Room {
     /// Queues `news` for every member granted `presence` but `except`.
     pub(crate) fn announce(&self, state: &State, except: u64, news: ChatMessage) {
         for (&other, m) in &state.members {
-            if other != except && m.caps.presence && !m.leaving {
+            if other != except && m.caps.presence && !m.leaving && m.listening {
                 let _ = self.deliver(m, news.clone());
             }
         }
