@@ -402,7 +402,13 @@ fn presence_reaches_only_clients_that_asked_for_it() {
 #[test]
 fn history_on_joining_comes_before_live_traffic() {
     run(LIMIT, async {
-        let server = start().await;
+        // Every connection in the room from the start, so one can get live
+        // messages before its Hello.
+        let server = start_config(Config {
+            join_window: Duration::ZERO,
+            ..Config::default()
+        })
+        .await;
         let ana = connect(server.addr).await;
         let mut bo = connect(server.addr).await;
         named(&ana, "ana").await;
@@ -642,6 +648,8 @@ fn a_v0_6_client_too_far_behind_is_told_why() {
         // disconnected at once, with room in its queue for the Notice.
         let server = start_config(Config {
             backlog: 1024,
+            // The silent v0.5 client is in the room from the start.
+            join_window: Duration::ZERO,
             ..Config::default()
         })
         .await;

@@ -91,7 +91,8 @@ pub struct Config {
     /// or this long after connecting, whichever comes first: so a v0.6
     /// client, whose first message is a Hello, gets its Welcome before any
     /// v0.5 message, and can take a v0.5 message first as a sign of a v0.5
-    /// server.
+    /// server. Zero: from connecting on (a v0.6 client's Welcome may then
+    /// come after v0.5 messages).
     pub join_window: Duration,
     /// Where the history is kept: a [`store::Store`] (SQLite, so it
     /// survives a restart), or `None` to keep it in memory only. Its own
@@ -459,7 +460,7 @@ impl Room {
                 spoke: false,
                 leaving: false,
                 said_at_join: state.said,
-                listening: false,
+                listening: self.config.join_window.is_zero(),
             };
             state.members.insert(id, member);
         }
