@@ -37,6 +37,7 @@ use smol::net::{TcpListener, TcpStream};
 use smol::stream::StreamExt;
 
 mod bucket;
+pub mod client;
 mod event;
 
 use bucket::Bucket;
