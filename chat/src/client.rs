@@ -1,7 +1,8 @@
 //! The client side of the chat protocol, for `examples/chat_client`: the
 //! v0.6 handshake and its fallback to v0.5 ([`negotiate`]), the commands a
-//! person types ([`Command`]), how each message from the server reads as a
-//! line ([`line_for`]), and what the terminal UI shows ([`View`]). None of
+//! person types ([`Command`]) and the v0.6 requests they make ([`Say`],
+//! [`Direct`], [`Who`]), how each message from the server reads as a line
+//! ([`line_for`]), and what the terminal UI shows ([`View`]). None of
 //! it draws or reads a terminal, so all of it is tested here.
 //!
 //! ```no_run
@@ -30,7 +31,7 @@ use std::time::Duration;
 use chatpipe::chat::{
     capability, Chat, ChatMessage, Limits, PresenceChange, RequestId, V0_5, V0_6,
 };
-use chatpipe::{Error, Incoming, Sender};
+use chatpipe::{Call, Error, Incoming, Sender};
 use smol::future::FutureExt;
 use smol::stream::StreamExt;
 use smol::Timer;
@@ -203,6 +204,84 @@ pub async fn negotiate(
         Step::Arrived(None) => Err(NegotiateError::Connection(Error::Closed)),
         Step::Arrived(Some(Ok(msg))) => Ok(Negotiated::Fallback(Fallback::Arrived(msg))),
         Step::Waited => Ok(Negotiated::Fallback(Fallback::Waited)),
+    }
+}
+
+/// A v0.6 chat to the room, for [`Sender::call`]: `Ok(())` once the
+/// server acked it (it is in the room), `Err(reason)` if it refused it.
+/// Needs the `ack` capability.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Say(pub String);
+
+impl Call<Chat> for Say {
+    type Output = Result<(), String>;
+
+    fn into_request(self, request_id: RequestId) -> ChatMessage {
+        ChatMessage::Say {
+            request_id,
+            text: self.0,
+        }
+    }
+
+    fn from_response(response: ChatMessage) -> Result<Self::Output, ChatMessage> {
+        ack_or_nak(response)
+    }
+}
+
+/// A message for one member only, for [`Sender::call`]: `Ok(())` once
+/// delivered, `Err(reason)` if refused (nobody by that name, say). Needs
+/// the `direct` capability.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Direct {
+    /// The recipient's nickname.
+    pub to: String,
+    /// What to tell them.
+    pub text: String,
+}
+
+impl Call<Chat> for Direct {
+    type Output = Result<(), String>;
+
+    fn into_request(self, request_id: RequestId) -> ChatMessage {
+        ChatMessage::Direct {
+            request_id,
+            to: self.to,
+            text: self.text,
+        }
+    }
+
+    fn from_response(response: ChatMessage) -> Result<Self::Output, ChatMessage> {
+        ack_or_nak(response)
+    }
+}
+
+/// Who is in the room, for [`Sender::call`]: the total and the names that
+/// fit in one frame, or the reason for a Nak. Needs the `presence`
+/// capability.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Who;
+
+impl Call<Chat> for Who {
+    type Output = Result<(u32, Vec<String>), String>;
+
+    fn into_request(self, request_id: RequestId) -> ChatMessage {
+        ChatMessage::Who { request_id }
+    }
+
+    fn from_response(response: ChatMessage) -> Result<Self::Output, ChatMessage> {
+        match response {
+            ChatMessage::Members { total, names, .. } => Ok(Ok((total, names))),
+            ChatMessage::Nak { message, .. } => Ok(Err(message)),
+            other => Err(other),
+        }
+    }
+}
+
+fn ack_or_nak(response: ChatMessage) -> Result<Result<(), String>, ChatMessage> {
+    match response {
+        ChatMessage::Ack { .. } => Ok(Ok(())),
+        ChatMessage::Nak { message, .. } => Ok(Err(message)),
+        other => Err(other),
     }
 }
 
@@ -472,14 +551,23 @@ impl View {
     /// Marks your line acked (`Ok`) or refused with the reason. A line
     /// already forgotten is ignored.
     pub fn settle(&mut self, id: EntryId, outcome: Result<(), String>) {
+        self.mark(
+            id,
+            match outcome {
+                Ok(()) => Mark::Acked,
+                Err(reason) => Mark::Refused(reason),
+            },
+        );
+    }
+
+    /// Gives your line another mark (a line typed while connecting, sent
+    /// over v0.5 after all, has none). A line already forgotten is ignored.
+    pub fn mark(&mut self, id: EntryId, mark: Mark) {
         let Some(i) = id.0.checked_sub(self.first) else {
             return;
         };
         if let Some(entry) = self.entries.get_mut(i as usize) {
-            entry.mark = match outcome {
-                Ok(()) => Mark::Acked,
-                Err(reason) => Mark::Refused(reason),
-            };
+            entry.mark = mark;
         }
     }
 
@@ -726,6 +814,49 @@ mod tests {
                 .await
                 .unwrap_err();
             assert!(matches!(err, NegotiateError::Connection(_)), "{err:?}");
+        })
+    }
+
+    /// Say, Direct and Who as calls: Ack, Nak and Members read back.
+    #[test]
+    fn v0_6_calls() {
+        run(async {
+            let (sender, _incoming, io) = pair().await;
+            let (server, mut requests, conn) = Builder::new().build(io, Chat);
+            smol::spawn(conn).detach();
+            smol::spawn(async move {
+                while let Some(Ok(msg)) = requests.next().await {
+                    let reply = match msg {
+                        ChatMessage::Say { request_id, .. } => ChatMessage::Ack { request_id },
+                        ChatMessage::Direct { request_id, to, .. } => ChatMessage::Nak {
+                            request_id,
+                            message: format!("nobody is called {to}"),
+                        },
+                        ChatMessage::Who { request_id } => ChatMessage::Members {
+                            request_id,
+                            total: 3,
+                            names: vec!["ana".into(), "bo".into()],
+                        },
+                        other => panic!("unexpected {other:?}"),
+                    };
+                    server.send(reply).await.unwrap();
+                }
+            })
+            .detach();
+            assert_eq!(sender.call(Say("hi".into())).await.unwrap(), Ok(()));
+            let direct = Direct {
+                to: "zed".into(),
+                text: "psst".into(),
+            };
+            assert_eq!(
+                sender.call(direct).await.unwrap(),
+                Err("nobody is called zed".to_owned())
+            );
+            let (total, names) = sender.call(Who).await.unwrap().unwrap();
+            assert_eq!(
+                members_line(total, &names),
+                "* in the room (3): ana, bo, and 1 more"
+            );
         })
     }
 
