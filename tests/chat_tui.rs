@@ -40,7 +40,7 @@ fn example(name: &str) -> PathBuf {
 /// A tmux server of its own (its own socket) running one program in a
 /// 100x30 window; killed when dropped, also when a test fails.
 struct Tmux {
-    socket: String,
+    socket: PathBuf,
 }
 
 impl Tmux {
@@ -48,11 +48,11 @@ impl Tmux {
     /// ends, the pane shows `[exited N]` and stays.
     fn start(program: &Path, args: &[&str]) -> Tmux {
         static N: AtomicUsize = AtomicUsize::new(0);
-        let socket = format!(
-            "chatpipe-tui-{}-{}",
+        let socket = std::env::temp_dir().join(format!(
+            "chatpipe-tui-{}-{}.sock",
             std::process::id(),
             N.fetch_add(1, Ordering::Relaxed)
-        );
+        ));
         let quote = |s: &str| format!("'{}'", s.replace('\'', r"'\''"));
         let mut line = quote(program.to_str().unwrap());
         for arg in args {
@@ -80,7 +80,9 @@ impl Tmux {
 
     fn run(&self, args: &[&str]) -> Output {
         match Command::new("tmux")
-            .args(["-u", "-L", &self.socket])
+            .arg("-u")
+            .arg("-S")
+            .arg(&self.socket)
             .args(args)
             .stdin(Stdio::null())
             .output()
@@ -142,7 +144,14 @@ impl Tmux {
 
 impl Drop for Tmux {
     fn drop(&mut self) {
-        let _ = self.run(&["kill-server"]);
+        // Never panics: it may run while a failed test unwinds.
+        let _ = Command::new("tmux")
+            .arg("-S")
+            .arg(&self.socket)
+            .arg("kill-server")
+            .stdin(Stdio::null())
+            .output();
+        let _ = std::fs::remove_file(&self.socket);
     }
 }
 
