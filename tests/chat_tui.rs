@@ -140,6 +140,14 @@ impl Tmux {
     fn wait_for_text(&self, part: &str) -> String {
         self.wait_for(&format!("{part:?}"), |s| s.contains(part))
     }
+
+    /// Polls until the screen shows all of `parts` at once (one frame can
+    /// be caught half drawn, so what belongs together is awaited together).
+    fn wait_for_all(&self, parts: &[&str]) -> String {
+        self.wait_for(&format!("all of {parts:?}"), |s| {
+            parts.iter().all(|p| s.contains(p))
+        })
+    }
 }
 
 impl Drop for Tmux {
@@ -164,12 +172,21 @@ fn status_line<'s>(screen: &'s str, addr: &str) -> &'s str {
 }
 
 /// The input line, without the trailing blanks.
-fn input_line(screen: &str) -> &str {
+fn input_line(screen: &str) -> Option<&str> {
     screen
         .lines()
         .rfind(|l| l.starts_with('>'))
-        .unwrap_or_else(|| panic!("no input line in:\n{screen}"))
-        .trim_end()
+        .map(str::trim_end)
+}
+
+/// The names in the member list (the right-hand pane), top to bottom.
+fn members(screen: &str) -> Vec<&str> {
+    screen
+        .lines()
+        .filter_map(|l| l.rsplit("││").next()?.strip_suffix('│'))
+        .map(str::trim)
+        .filter(|n| !n.is_empty())
+        .collect()
 }
 
 /// The message pane's line containing `part`, checking that it starts
@@ -283,17 +300,21 @@ fn the_ui_in_the_room() {
 
     // Half a line typed; what arrives meanwhile leaves it alone.
     ui.type_text("half typed");
-    ui.wait_for("the half-typed line", |s| input_line(s) == "> half typed");
+    ui.wait_for("the half-typed line", |s| {
+        input_line(s) == Some("> half typed")
+    });
     bo.type_line("hi ana");
     let screen = ui.wait_for_text("bo: hi ana");
     pane_line(&screen, "bo: hi ana");
-    assert_eq!(input_line(&screen), "> half typed");
+    // Rows are drawn top to bottom: the input row below is as it stands.
+    assert_eq!(input_line(&screen), Some("> half typed"));
     // And it is sent whole.
     ui.type_text(", now sent");
     ui.press("Enter");
     assert_eq!(bo.line(), "ana: half typed, now sent");
-    let screen = ui.wait_for_text("ana: half typed, now sent");
-    assert_eq!(input_line(&screen), ">");
+    ui.wait_for("the line sent, the input line empty", |s| {
+        s.contains("ana: half typed, now sent") && input_line(s) == Some(">")
+    });
 
     // Ctrl-C quits cleanly, with the terminal given back.
     ui.press("C-c");
@@ -398,17 +419,16 @@ fn the_ui_over_v0_6() {
         total: 2,
         names: vec!["ana".into(), "bo".into()],
     });
-    let screen = ui.wait_for("the member list", |s| s.contains(" members (2) "));
+    let screen = ui.wait_for("v0.6, the nickname, the member list", |s| {
+        s.contains(" ana │ v0.6 │ ")
+            && s.contains("[history] bo: from before")
+            && s.contains("* you are now ana")
+            && members(s) == ["ana", "bo"]
+    });
     assert!(status_line(&screen, &addr).contains(" ana │ v0.6 │ "));
+    assert!(screen.contains(" members (2) "), "{screen}");
     pane_line(&screen, "[history] bo: from before");
     pane_line(&screen, "* you are now ana");
-    let members: Vec<&str> = screen
-        .lines()
-        .filter_map(|l| l.rsplit("││").next()?.strip_suffix('│'))
-        .map(str::trim)
-        .filter(|n| !n.is_empty())
-        .collect();
-    assert_eq!(members, ["ana", "bo"], "{screen}");
 
     // A line is pending until the server acks it.
     ui.type_line("hello");
@@ -438,7 +458,10 @@ fn the_ui_over_v0_6() {
         nickname: "cy".into(),
         new_nickname: String::new(),
     });
-    let screen = ui.wait_for("cy among the members", |s| s.contains(" members (3) "));
+    let screen = ui.wait_for("cy among the members", |s| {
+        s.contains("* cy joined") && members(s) == ["ana", "bo", "cy"]
+    });
+    assert!(screen.contains(" members (3) "), "{screen}");
     pane_line(&screen, "* cy joined");
     ui.type_line("/msg cy psst");
     let ChatMessage::Direct { request_id, to, .. } = server.next() else {
@@ -455,7 +478,7 @@ fn the_ui_over_v0_6() {
 
     // Half a line typed; a broadcast and a notice leave it alone.
     ui.type_text("draft");
-    ui.wait_for("the draft", |s| input_line(s) == "> draft");
+    ui.wait_for("the draft", |s| input_line(s) == Some("> draft"));
     server.send(ChatMessage::Broadcast {
         from: "bo".into(),
         text: "news".into(),
@@ -463,9 +486,10 @@ fn the_ui_over_v0_6() {
     server.send(ChatMessage::Notice {
         text: "maintenance at noon".into(),
     });
-    let screen = ui.wait_for_text("! server: maintenance at noon");
+    let screen = ui.wait_for_all(&["bo: news", "! server: maintenance at noon"]);
     pane_line(&screen, "bo: news");
-    assert_eq!(input_line(&screen), "> draft");
+    pane_line(&screen, "! server: maintenance at noon");
+    assert_eq!(input_line(&screen), Some("> draft"));
 
     // PageUp scrolls back, PageDown returns.
     for i in 0..40 {
@@ -477,9 +501,10 @@ fn the_ui_over_v0_6() {
     let screen = ui.wait_for_text("bo: line 39");
     assert!(!screen.contains("ana: hello ✓"), "{screen}");
     ui.press("PageUp");
-    let screen = ui.wait_for_text("scrolled back");
-    assert!(!screen.contains("bo: line 39"), "{screen}");
-    assert_eq!(input_line(&screen), "> draft");
+    let screen = ui.wait_for("the pane scrolled back", |s| {
+        s.contains("scrolled back") && !s.contains("bo: line 39")
+    });
+    assert_eq!(input_line(&screen), Some("> draft"));
     ui.press("PageDown");
     ui.wait_for("the newest line again", |s| {
         s.contains("bo: line 39") && !s.contains("scrolled back")
