@@ -352,10 +352,9 @@ async fn sending(
     }
 }
 
-/// What was typed before the handshake ended, sent once it has.
-enum Waiting {
-    Line(String, Option<EntryId>),
-}
+/// A line typed before the handshake ended, carried out once it has; with
+/// its entry if it is already on screen.
+struct Waiting(String, Option<EntryId>);
 
 struct App {
     view: View,
@@ -431,7 +430,7 @@ impl App {
         if self.grants(capability::PRESENCE) {
             self.send(Out::Who { quiet: true });
         }
-        for Waiting::Line(line, id) in std::mem::take(&mut self.waiting) {
+        for Waiting(line, id) in std::mem::take(&mut self.waiting) {
             self.submit(line, id);
         }
     }
@@ -447,7 +446,7 @@ impl App {
             Command::Usage(usage) => self.problem(usage),
             _ if disconnected => self.problem("! not connected: /quit to leave"),
             Command::Nick(_) | Command::Who if connecting => {
-                self.waiting.push(Waiting::Line(line, None));
+                self.waiting.push(Waiting(line, None));
             }
             Command::Nick(nick) => self.send(Out::Nick(nick.to_owned())),
             Command::Say(text) => {
@@ -468,7 +467,7 @@ impl App {
                     }
                 };
                 if connecting {
-                    self.waiting.push(Waiting::Line(line, Some(id)));
+                    self.waiting.push(Waiting(line, Some(id)));
                 } else if acked {
                     self.send(Out::Say(id, text.to_owned()));
                 } else {
@@ -495,7 +494,7 @@ impl App {
                     }
                 };
                 if connecting {
-                    self.waiting.push(Waiting::Line(line, Some(id)));
+                    self.waiting.push(Waiting(line, Some(id)));
                 } else {
                     self.send(Out::Direct(id, to.to_owned(), text.to_owned()));
                 }
@@ -532,7 +531,7 @@ impl App {
                 self.state = State::Disconnected;
                 self.lost = true;
                 self.problem(format!("! {e}"));
-                for Waiting::Line(_, id) in std::mem::take(&mut self.waiting) {
+                for Waiting(_, id) in std::mem::take(&mut self.waiting) {
                     if let Some(id) = id {
                         self.view.mark(id, Mark::Refused("not sent".into()));
                     }
