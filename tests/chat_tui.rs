@@ -319,7 +319,7 @@ fn the_ui_in_the_room() {
     // Ctrl-C quits cleanly, with the terminal given back.
     ui.press("C-c");
     let screen = ui.wait_for_text("[exited 0]");
-    assert!(!screen.contains("│ ana"), "the UI is gone:\n{screen}");
+    assert!(!screen.contains("┌ messages"), "the UI is gone:\n{screen}");
 }
 
 /// A scripted v0.6 server, driven by the test: what the client sends comes
@@ -513,5 +513,6 @@ fn the_ui_over_v0_6() {
     // /quit, once the draft is cleared.
     ui.press("C-u");
     ui.type_line("/quit");
-    ui.wait_for_text("[exited 0]");
+    let screen = ui.wait_for_text("[exited 0]");
+    assert!(!screen.contains("┌ messages"), "the UI is gone:\n{screen}");
 }
