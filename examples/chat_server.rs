@@ -2,13 +2,15 @@
 //!
 //! ```text
 //! cargo run --example chat_server -- [--listen ADDR] [--rate N] [--burst N]
+//!     [--flood-unread N] [--flood-for SECS] [--history N]
 //!     [--max-connections N] [--max-per-ip N]
 //! ```
 //!
 //! It speaks the chat protocol of `docs/PROTOCOL.md`, so `chat_client` or
-//! any other TcpChat v0.5 client can join. The room itself is the
-//! `chatpipe-chat` crate, in `chat/`: this binary parses arguments, catches
-//! signals and prints the address, then calls its `serve`.
+//! any other TcpChat v0.5 client can join; a client that says Hello gets
+//! v0.6 too. The room itself is the `chatpipe-chat` crate, in `chat/`: this
+//! binary parses arguments, catches signals and prints the address, then
+//! calls its `serve`.
 
 use std::process::ExitCode;
 
@@ -18,7 +20,8 @@ use clap::Parser;
 use futures::StreamExt;
 use smol::net::TcpListener;
 
-/// A chat room over the TcpChat v0.5 protocol (see docs/PROTOCOL.md).
+/// A chat room over the TcpChat protocol, v0.5 and v0.6 (see
+/// docs/PROTOCOL.md).
 ///
 /// The first line on stdout is `listening on IP:PORT`, the address bound.
 /// Connections, disconnections and errors are logged on stderr. Ctrl-C or
@@ -32,14 +35,28 @@ struct Args {
     listen: String,
 
     /// Messages per second each client may send on average (a token
-    /// bucket); chat over it is dropped and logged, a nickname request over
-    /// it is refused. 0 turns the limit off.
+    /// bucket). Over it, the client's messages are read more slowly: they
+    /// arrive late, all of them, in order. 0 turns the limit off.
     #[arg(long, value_name = "N", default_value_t = 10.0)]
     rate: f64,
 
     /// Messages a client may send at once before the rate applies.
     #[arg(long, value_name = "N", default_value_t = 20.0)]
     burst: f64,
+
+    /// A paced client with this many messages waiting to be read, for
+    /// --flood-for seconds, is disconnected as an excess flood.
+    #[arg(long, value_name = "N", default_value_t = 1000)]
+    flood_unread: usize,
+
+    /// See --flood-unread.
+    #[arg(long, value_name = "SECS", default_value_t = 30)]
+    flood_for: u64,
+
+    /// How many of the last room messages a v0.6 client that asks for
+    /// history gets on joining. 0 turns history off.
+    #[arg(long, value_name = "N", default_value_t = 50)]
+    history: usize,
 
     /// Connections at once; more are closed as soon as they are accepted.
     #[arg(long, value_name = "N", default_value_t = 10_000)]
@@ -93,6 +110,9 @@ fn main() -> ExitCode {
         });
         let config = Config {
             rate,
+            flood_unread: args.flood_unread.max(1),
+            flood_for: std::time::Duration::from_secs(args.flood_for),
+            history: args.history,
             max_connections: args.max_connections,
             max_per_ip: args.max_per_ip,
             ..Config::default()

@@ -56,6 +56,21 @@ impl<P: Protocol> Incoming<P> {
         }
     }
 
+    /// Messages received and not yet taken by the application: how far
+    /// behind it is. At most about twice the `receive_capacity`; beyond
+    /// that the connection stops reading, and the peer's sends wait.
+    ///
+    /// ```no_run
+    /// # fn f(incoming: chatpipe::Incoming<chatpipe::raw::Raw>) {
+    /// if incoming.buffered() > 500 {
+    ///     eprintln!("the peer sends faster than we handle");
+    /// }
+    /// # }
+    /// ```
+    pub fn buffered(&self) -> usize {
+        self.queue.len() + self.batch.len()
+    }
+
     /// The reason the connection ended: `None` while it is open.
     pub fn close_reason(&self) -> Option<Error> {
         self.shared.reason.get().cloned()

@@ -86,6 +86,11 @@ fn three_clients_nicknames_and_broadcasts() {
             )
         });
         assert_eq!(clean.count(), 3, "{events:#?}");
+        let discards: Vec<_> = events.iter().filter(|e| e.is_discard()).collect();
+        assert!(
+            discards.is_empty(),
+            "nothing discarded in normal use: {discards:?}"
+        );
     });
 }
 
@@ -157,7 +162,12 @@ fn two_hundred_clients_get_every_message_exactly_once() {
         for c in clients {
             c.close().await;
         }
-        server.shutdown().await;
+        let events = server.shutdown().await;
+        let discards: Vec<_> = events.iter().filter(|e| e.is_discard()).collect();
+        assert!(
+            discards.is_empty(),
+            "nothing discarded in normal use: {discards:?}"
+        );
     });
 }
 
@@ -377,6 +387,7 @@ fn shutdown_closes_every_connection_cleanly() {
                 .any(|e| matches!(e, Event::ShuttingDown { connections: 2 })),
             "{events:#?}"
         );
+        assert!(!events.iter().any(Event::is_discard), "{events:#?}");
         // Both ends saw a clean close, not an error.
         assert!(ana.incoming.next().await.is_none());
         ana.driver.await.unwrap();

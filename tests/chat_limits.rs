@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 
 use chatpipe::chat::{Chat, ChatMessage};
 use chatpipe::{Builder, Error};
-use chatpipe_chat::{Config, Event, NicknameRefusal, Rate, Refusal};
+use chatpipe_chat::{Config, Event, Rate, Refusal};
 use futures::StreamExt;
 use smol::future::FutureExt;
 use smol::net::{TcpListener, TcpStream};
@@ -132,8 +132,9 @@ fn a_flooding_client_is_rate_limited_while_everyone_else_gets_through() {
             .collect();
         let from_flooder = futures::future::join_all(readers).await;
         flood.await;
-        // The flood reached the room only as far as the burst allows: its
-        // nickname took one token, the first 19 Chats the rest.
+        // The flood reached the room only as far as the burst allows (its
+        // nickname took one token, the first 19 Chats the rest); the rest
+        // waits to be read, paced, while everyone else gets through.
         let most = *from_flooder.iter().max().unwrap_or(&0);
         assert!(
             most <= 19,
@@ -142,7 +143,7 @@ fn a_flooding_client_is_rate_limited_while_everyone_else_gets_through() {
         // The server may still be reading the flood: wait for its report.
         let flooder = clients[0].addr;
         let reported = |e: &Event| match e {
-            Event::RateLimited { addr, rate: r, .. } => *addr == flooder && *r == rate,
+            Event::Paced { addr, rate: r } => *addr == flooder && *r == rate,
             _ => false,
         };
         server.wait_count(reported, 1).await;
@@ -154,7 +155,7 @@ fn a_flooding_client_is_rate_limited_while_everyone_else_gets_through() {
 }
 
 #[test]
-fn over_the_rate_drops_until_the_clock_moves_on() {
+fn over_the_rate_is_paced_until_the_clock_moves_on() {
     // The room's clock stands still until the test moves it: no sleeps.
     let now = Arc::new(Mutex::new(Instant::now()));
     let clock = now.clone();
@@ -170,53 +171,84 @@ fn over_the_rate_drops_until_the_clock_moves_on() {
         let server = start(config).await;
         // Each nickname request takes a token: two are left for each.
         let mut clients = connect_named(server.addr, 2).await;
-        let c0 = &clients[0];
-        // A Nak over the rate answers the request after everything c0 sent
-        // before it: by then the room has handled all of it.
-        let over_the_rate = || async {
-            match c0.nick("x").await {
-                ChatMessage::Nak { message, .. } => {
-                    assert_eq!(message, NicknameRefusal::RateLimited.to_string());
-                }
-                other => panic!("expected a Nak, got {other:?}"),
-            }
-        };
-        let reports = || -> Vec<u64> {
-            let events = server.events.lock().unwrap();
-            let dropped = events.iter().filter_map(|e| match e {
-                Event::RateLimited { addr, dropped, .. } if *addr == c0.addr => Some(*dropped),
-                _ => None,
-            });
-            dropped.collect()
-        };
-
         for i in 0..5 {
-            c0.say(&format!("m{i}")).await;
+            clients[0].say(&format!("m{i}")).await;
         }
-        over_the_rate().await;
-        // The first drop is reported at once; the next ones (m3, m4, the
-        // nickname) wait for a second to pass.
-        assert_eq!(reports(), [1]);
-
-        // Two seconds refill two tokens.
-        *now.lock().unwrap() += Duration::from_secs(2);
-        c0.say("m5").await;
-        c0.say("m6").await;
-        c0.say("m7").await;
-        over_the_rate().await;
-        assert_eq!(reports(), [1, 4], "m3, m4, x and m7");
-        // One more second, one more token.
-        *now.lock().unwrap() += Duration::from_secs(1);
-        c0.say("m8").await;
-
-        // Only what was within the rate reached c1, in order.
+        let c0 = clients[0].addr;
+        server
+            .wait_for(|e| matches!(e, Event::Paced { addr, .. } if *addr == c0).then_some(()))
+            .await;
+        // Within the rate: m0 and m1 at once.
         let c1 = &mut clients[1];
-        for text in ["m0", "m1", "m5", "m6", "m8"] {
+        for text in ["m0", "m1"] {
+            assert_eq!(c1.next().await, ("c0".to_owned(), text.to_owned()));
+        }
+        // Paced, not dropped: each second of the room's clock lets one
+        // more through, in order. A request waits its turn too.
+        let nick = {
+            let c0 = &clients[0];
+            let advance = async {
+                for _ in 0..4 {
+                    *now.lock().unwrap() += Duration::from_secs(1);
+                    Timer::after(Duration::from_millis(20)).await;
+                }
+                std::future::pending::<ChatMessage>().await
+            };
+            c0.nick("x").or(advance).await
+        };
+        assert!(matches!(nick, ChatMessage::Ack { .. }), "{nick:?}");
+        let c1 = &mut clients[1];
+        for text in ["m2", "m3", "m4"] {
             assert_eq!(c1.next().await, ("c0".to_owned(), text.to_owned()));
         }
         for c in clients {
             c.close().await;
         }
+        let events = server.shutdown().await;
+        assert!(!events
+            .iter()
+            .any(|e| matches!(e, Event::Disconnected { reason, .. }
+            if !matches!(reason, chatpipe_chat::Disconnect::Closed))));
+    });
+}
+
+/// A client that floods far over its rate, for long, is disconnected as
+/// an excess flood, and told why by the close; everyone else is served.
+#[test]
+fn an_excess_flood_is_disconnected_with_its_reason() {
+    let now = Arc::new(Mutex::new(Instant::now()));
+    let clock = now.clone();
+    let config = Config {
+        rate: Some(Rate {
+            per_second: 1.0,
+            burst: 5.0,
+        }),
+        flood_unread: 50,
+        flood_for: Duration::from_secs(10),
+        clock: Arc::new(move || *clock.lock().unwrap()),
+        ..Config::default()
+    };
+    run(Duration::from_secs(60), async {
+        let server = start(config).await;
+        let flooder = connect(server.addr).await;
+        for i in 0..500 {
+            flooder.say(&format!("flood {i}")).await;
+        }
+        let addr = flooder.addr;
+        server
+            .wait_for(|e| matches!(e, Event::Paced { addr: a, .. } if *a == addr).then_some(()))
+            .await;
+        // Flooding, but not yet for 10 s of the room's clock.
+        *now.lock().unwrap() += Duration::from_millis(9_000);
+        Timer::after(Duration::from_millis(200)).await;
+        assert_eq!(server.count(|e| matches!(e, Event::Disconnected { .. })), 0);
+        *now.lock().unwrap() += Duration::from_millis(1_500);
+        let reason = server.disconnected(addr).await;
+        assert!(
+            matches!(reason, chatpipe_chat::Disconnect::ExcessFlood { unread: 50, lasting }
+                if lasting == Duration::from_secs(10)),
+            "{reason:?}"
+        );
         server.shutdown().await;
     });
 }
@@ -293,4 +325,90 @@ async fn bind_from(ip: &str, server: SocketAddr) -> TcpStream {
     socket.bind(&local.into()).unwrap();
     socket.connect(&server.into()).unwrap();
     TcpStream::try_from(std::net::TcpStream::from(socket)).unwrap()
+}
+
+/// What the default pacing does to a paste and to a flood, on the room's
+/// clock, which the test moves by `step` once the messages it expects by
+/// then (`expected(k)` after `k` steps) have arrived, in order: no real time
+/// is measured. Returns the events.
+async fn paced_run(
+    lines: usize,
+    step: Duration,
+    steps: usize,
+    expected: impl Fn(usize) -> usize,
+) -> Vec<Event> {
+    let start_at = Instant::now();
+    let now = Arc::new(Mutex::new(start_at));
+    let clock = now.clone();
+    let server = start(Config {
+        clock: Arc::new(move || *clock.lock().unwrap()),
+        ..Config::default()
+    })
+    .await;
+    let mut clients = connect_named(server.addr, 2).await;
+    let typist = clients[0].sender.clone();
+    let paste = smol::spawn(async move {
+        for i in 0..lines {
+            let text = format!("line {i}");
+            if typist.send(ChatMessage::Chat { text }).await.is_err() {
+                break;
+            }
+        }
+    });
+    let mut delivered = 0;
+    for k in 0..=steps {
+        if k > 0 {
+            *now.lock().unwrap() = start_at + step * k as u32;
+        }
+        while delivered < expected(k) {
+            let (from, text) = clients[1].next().await;
+            assert_eq!((from.as_str(), text), ("c0", format!("line {delivered}")));
+            delivered += 1;
+        }
+    }
+    paste.cancel().await;
+    // The typist may have been disconnected: drop it without judging.
+    let mut clients = clients.into_iter();
+    drop(clients.next());
+    for c in clients {
+        c.close().await;
+    }
+    server.shutdown().await
+}
+
+/// A paste of 50 lines at the default rate (10/s, bursts of 20): every
+/// line arrives, in order: 19 at once (the nickname took a token), then one
+/// every 100 ms, the last 3.1 s after the paste.
+#[test]
+fn a_pasted_50_lines_all_arrive_in_order() {
+    run(Duration::from_secs(60), async {
+        let step = Duration::from_millis(100);
+        let events = paced_run(50, step, 31, |k| (19 + k).min(50)).await;
+        assert!(!events.iter().any(Event::is_discard), "{events:#?}");
+    });
+}
+
+/// A flood of 20,000 at the defaults: paced at 10/s, then disconnected as
+/// an excess flood once 1,000 have waited to be read for 30 s: 319
+/// delivered (19 at once, 10 a second for 30 s), the rest never read.
+#[test]
+fn a_flood_of_20000_is_paced_then_disconnected() {
+    run(Duration::from_secs(120), async {
+        let step = Duration::from_secs(1);
+        let events = paced_run(20_000, step, 30, |k| 19 + 10 * k).await;
+        let flood = events.iter().find_map(|e| match e {
+            Event::Disconnected { reason, .. } if e.is_discard() => Some(reason.clone()),
+            _ => None,
+        });
+        assert!(
+            matches!(flood, Some(chatpipe_chat::Disconnect::ExcessFlood { unread: 1000, lasting })
+                if lasting == Duration::from_secs(30)),
+            "{flood:?}"
+        );
+        let unread = events.iter().find_map(|e| match e {
+            Event::UnreadDiscarded { unread, .. } => Some(*unread),
+            _ => None,
+        });
+        assert!(unread.is_some_and(|n| n >= 1000), "{unread:?}");
+    });
 }

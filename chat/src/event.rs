@@ -19,20 +19,20 @@ pub enum Event {
     Refused { addr: SocketAddr, reason: Refusal },
     /// A client took a nickname.
     Nickname { addr: SocketAddr, nickname: String },
-    /// A client asked for a nickname and got a Nak (not logged when over the
-    /// rate: `RateLimited` counts those).
+    /// A client asked for a nickname and got a Nak.
     NicknameRefused {
         addr: SocketAddr,
         nickname: String,
         reason: NicknameRefusal,
     },
-    /// A client's messages over its rate were dropped: `dropped` of them
-    /// since the last report, at most one report a second per client.
-    RateLimited {
-        addr: SocketAddr,
-        dropped: u64,
-        rate: Rate,
-    },
+    /// A client went over its rate: the room reads its messages more
+    /// slowly (none is dropped), and says so at most once a second per
+    /// client.
+    Paced { addr: SocketAddr, rate: Rate },
+    /// A paced client's connection ended (or it was disconnected as a
+    /// flood) with `unread` of its messages received but never read into
+    /// the room.
+    UnreadDiscarded { addr: SocketAddr, unread: usize },
     /// A broadcast could not go to `addr` (too large for a frame, say); the
     /// next ones can.
     BroadcastNotSent {
@@ -41,6 +41,47 @@ pub enum Event {
     },
     /// A client sent a Broadcast, which only the server sends; ignored.
     UnexpectedBroadcast { addr: SocketAddr },
+    /// A client said Hello and was welcomed to v0.6 with `capabilities`.
+    Welcomed {
+        addr: SocketAddr,
+        capabilities: Vec<String>,
+    },
+    /// A client's Hello got a Nak. For
+    /// [`NoCommonVersion`](HelloRefusal::NoCommonVersion) the room then
+    /// closes the connection; for [`NotFirst`](HelloRefusal::NotFirst) the
+    /// connection carries on as it was.
+    HelloRefused {
+        addr: SocketAddr,
+        reason: HelloRefusal,
+    },
+    /// A client granted `history` was sent `sent` messages of history on
+    /// joining; `skipped` older ones did not fit its backlog.
+    HistorySent {
+        addr: SocketAddr,
+        sent: usize,
+        skipped: usize,
+    },
+    /// A client's Direct went into the backlog of the member called `to`.
+    DirectDelivered { addr: SocketAddr, to: String },
+    /// A client's v0.6 request got a Nak saying why.
+    RequestRefused {
+        addr: SocketAddr,
+        request: Request,
+        reason: RequestRefusal,
+    },
+    /// A Notice went to a v0.6 client as its last message before the room
+    /// closed the connection (too slow, or shutting down). Reported once
+    /// it is queued on the connection, whose clean close writes it; when
+    /// the room drops the connection instead (too slow), once it is
+    /// written.
+    NoticeSent { addr: SocketAddr, text: String },
+    /// A Notice could not go to a v0.6 client before its connection
+    /// closed.
+    NoticeNotSent {
+        addr: SocketAddr,
+        text: String,
+        reason: NoticeFailure,
+    },
     /// A client left the room.
     Disconnected {
         addr: SocketAddr,
@@ -68,6 +109,9 @@ pub enum Disconnect {
     Stalled { stall: Duration },
     /// Still open when the grace period of shutdown ran out.
     ShutdownTimeout,
+    /// While paced, `unread` or more of its messages waited to be read for
+    /// `lasting`: it sends far more than its rate, for long.
+    ExcessFlood { unread: usize, lasting: Duration },
 }
 
 /// Why a new connection was closed at once.
@@ -79,15 +123,84 @@ pub enum Refusal {
     TooManyFromIp { ip: IpAddr, max: usize },
 }
 
+/// Why a Hello got a Nak; displayed, it is the Nak's message.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HelloRefusal {
+    /// The client does not speak 0.6 (it offered `offered`): the room
+    /// closes the connection after the Nak.
+    NoCommonVersion { offered: Vec<u16> },
+    /// The Hello was not the client's first message; the connection
+    /// carries on with what it had.
+    NotFirst,
+}
+
+/// A v0.6 request, as [`Event::RequestRefused`] names it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Request {
+    Say,
+    Direct,
+    Who,
+}
+
+/// Why a v0.6 request (Say, Direct, Who) got a Nak; displayed, it is the
+/// Nak's message.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RequestRefusal {
+    /// The request needs a capability the client was not granted (it did
+    /// not ask for it in a Hello).
+    NotGranted { capability: &'static str },
+    /// No member holds the nickname a Direct was for.
+    NoSuchMember { nickname: String },
+    /// The member called `nickname` was not granted `direct`: its client
+    /// would skip a Private.
+    CannotReceive { nickname: String },
+    /// The member called `nickname` is so far behind that it is being
+    /// disconnected: the Direct was not queued for it.
+    RecipientTooFarBehind { nickname: String },
+    /// The member called `nickname` is leaving the room.
+    RecipientLeaving { nickname: String },
+    /// The client itself is being disconnected.
+    Leaving,
+}
+
+/// Why a [`Notice`](chatpipe::chat::ChatMessage::Notice) could not go to
+/// a client before the room closed its connection.
+#[derive(Debug, Clone)]
+pub enum NoticeFailure {
+    /// Its connection's queue was full: the client was not reading.
+    QueueFull,
+    /// Queued, but not written within `waited` (the room's `grace`).
+    NotWritten { waited: Duration },
+    /// The connection failed first.
+    Failed(chatpipe::Error),
+}
+
 /// Why a nickname request got a Nak; displayed, it is the Nak's message.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum NicknameRefusal {
     /// Another client holds it.
     Taken { nickname: String },
-    /// The request was over the client's rate.
-    RateLimited,
     /// The client is being disconnected.
     Leaving,
+}
+
+impl Event {
+    /// True for the events that mean something was discarded: a broadcast
+    /// not sent, a client's messages never read, or a client dropped with
+    /// what waited for it. In normal operation there are none.
+    pub fn is_discard(&self) -> bool {
+        match self {
+            Event::BroadcastNotSent { .. } | Event::UnreadDiscarded { .. } => true,
+            Event::Disconnected { reason, .. } => matches!(
+                reason,
+                Disconnect::TooFarBehind { .. }
+                    | Disconnect::Stalled { .. }
+                    | Disconnect::ExcessFlood { .. }
+                    | Disconnect::ShutdownTimeout
+            ),
+            _ => false,
+        }
+    }
 }
 
 impl fmt::Display for Event {
@@ -101,19 +214,54 @@ impl fmt::Display for Event {
                 nickname,
                 reason,
             } => write!(f, "{addr} refused {nickname:?}: {reason}"),
-            Event::RateLimited {
-                addr,
-                dropped,
-                rate,
-            } => write!(
+            Event::UnreadDiscarded { addr, unread } => {
+                write!(
+                    f,
+                    "{addr}: {unread} message(s) received but never read into the room"
+                )
+            }
+            Event::Paced { addr, rate } => write!(
                 f,
-                "{addr} rate-limited: dropped {dropped} message(s) over {}/s (bursts of {})",
+                "{addr} paced: over {}/s (bursts of {}), its messages are read more slowly",
                 rate.per_second, rate.burst
             ),
             Event::BroadcastNotSent { addr, error } => {
                 write!(f, "broadcast to {addr} not sent: {error}")
             }
             Event::UnexpectedBroadcast { addr } => write!(f, "{addr} sent a Broadcast; ignored"),
+            Event::Welcomed { addr, capabilities } => write!(
+                f,
+                "{addr} speaks 0.6, granted [{}]",
+                capabilities.join(", ")
+            ),
+            Event::HelloRefused { addr, reason } => {
+                write!(f, "{addr} Hello refused: {reason}")
+            }
+            Event::HistorySent {
+                addr,
+                sent,
+                skipped: 0,
+            } => write!(f, "{addr} was sent {sent} message(s) of history"),
+            Event::HistorySent {
+                addr,
+                sent,
+                skipped,
+            } => write!(
+                f,
+                "{addr} was sent {sent} message(s) of history; {skipped} older one(s) did not fit its backlog"
+            ),
+            Event::DirectDelivered { addr, to } => {
+                write!(f, "{addr} sent a direct message to {to:?}")
+            }
+            Event::RequestRefused {
+                addr,
+                request,
+                reason,
+            } => write!(f, "{addr} {request:?} refused: {reason}"),
+            Event::NoticeSent { addr, text } => write!(f, "told {addr}: {text}"),
+            Event::NoticeNotSent { addr, text, reason } => {
+                write!(f, "could not tell {addr} {text:?}: {reason}")
+            }
             Event::Disconnected {
                 addr,
                 nickname: Some(nickname),
@@ -148,6 +296,10 @@ impl fmt::Display for Disconnect {
                 write!(f, "too slow: its queue stayed full for {stall:?}")
             }
             Disconnect::ShutdownTimeout => f.write_str("did not close in time at shutdown"),
+            Disconnect::ExcessFlood { unread, lasting } => write!(
+                f,
+                "excess flood: {unread} or more messages waited to be read for {lasting:?}"
+            ),
         }
     }
 }
@@ -163,6 +315,75 @@ impl fmt::Display for Refusal {
     }
 }
 
+impl Disconnect {
+    /// What the room tells a v0.6 client it disconnects for this reason,
+    /// in a Notice; `None` when it does not (the connection is gone, or
+    /// the client was told at the start of shutdown).
+    pub fn notice(&self) -> Option<String> {
+        match self {
+            Disconnect::TooFarBehind { backlog } => Some(format!(
+                "disconnecting you: you are too slow, over {backlog} bytes of messages wait for you"
+            )),
+            Disconnect::Stalled { stall } => Some(format!(
+                "disconnecting you: you are too slow, you took no message for {stall:?}"
+            )),
+            Disconnect::ExcessFlood { unread, lasting } => Some(format!(
+                "disconnecting you: excess flood, {unread} or more of your messages waited to be read for {lasting:?}"
+            )),
+            Disconnect::Closed | Disconnect::Error(_) | Disconnect::ShutdownTimeout => None,
+        }
+    }
+}
+
+impl fmt::Display for HelloRefusal {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            HelloRefusal::NoCommonVersion { .. } => {
+                f.write_str("no common protocol version (this server speaks 0.5 and 0.6)")
+            }
+            HelloRefusal::NotFirst => {
+                f.write_str("a Hello must be the first message of a connection")
+            }
+        }
+    }
+}
+
+impl fmt::Display for RequestRefusal {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            RequestRefusal::NotGranted { capability } => write!(
+                f,
+                "capability {capability:?} not granted: ask for it in your Hello"
+            ),
+            RequestRefusal::NoSuchMember { nickname } => {
+                write!(f, "no member is called {nickname}")
+            }
+            RequestRefusal::CannotReceive { nickname } => {
+                write!(f, "{nickname} cannot receive direct messages")
+            }
+            RequestRefusal::RecipientTooFarBehind { nickname } => {
+                write!(f, "{nickname} is too far behind and is being disconnected")
+            }
+            RequestRefusal::RecipientLeaving { nickname } => {
+                write!(f, "{nickname} is leaving the room")
+            }
+            RequestRefusal::Leaving => f.write_str("you are being disconnected"),
+        }
+    }
+}
+
+impl fmt::Display for NoticeFailure {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            NoticeFailure::QueueFull => f.write_str("its queue is full"),
+            NoticeFailure::NotWritten { waited } => {
+                write!(f, "not written within {waited:?}")
+            }
+            NoticeFailure::Failed(e) => write!(f, "the connection failed: {e}"),
+        }
+    }
+}
+
 impl fmt::Display for NicknameRefusal {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
@@ -172,7 +393,6 @@ impl fmt::Display for NicknameRefusal {
                     "nickname {nickname:?} is already taken by another client"
                 )
             }
-            NicknameRefusal::RateLimited => f.write_str("rate limited: slow down"),
             NicknameRefusal::Leaving => f.write_str("you are being disconnected"),
         }
     }

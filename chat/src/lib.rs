@@ -18,10 +18,17 @@
 //! |---|---|---|
 //! | connections in all (`max_connections`) | 10,000 | the new connection is closed at once |
 //! | connections per remote IP (`max_per_ip`) | 64 | the new connection is closed at once |
-//! | messages per client (`rate`: token bucket) | 10/s, bursts of 20 | Chat over the rate is dropped; a nickname request over it gets a Nak. Drops are reported at most once a second per client, with a count. |
-//! | a client that does not read (`stall`, `backlog`) | 5 s, 4 MiB | disconnected |
+//! | messages per client (`rate`: token bucket) | 10/s, bursts of 20 | its messages are read more slowly: all arrive, late, in order, and TCP pushes back on its sends. Reported (`Paced`) at most once a second. |
+//! | a paced client far over its rate (`flood_unread`, `flood_for`) | 1,000 messages waiting to be read, for 30 s | disconnected (`ExcessFlood`) |
+//! | a client that does not read (`stall`, `backlog`) | 5 s, 4 MiB | disconnected (a v0.6 client is sent a Notice saying why, if its queue has room) |
+//!
+//! The room speaks v0.5 to every client, and v0.6 (see `docs/PROTOCOL.md`)
+//! to a client whose first message is a Hello offering it: acked chats
+//! (Say), direct messages, Who, presence announcements and the last
+//! `history` messages on joining, each only to a client granted its
+//! capability. Credentials in a Hello are accepted and ignored for now.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::fmt;
 use std::future::Future;
 use std::net::SocketAddr;
@@ -29,7 +36,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use chatpipe::chat::{Chat, ChatMessage};
+use chatpipe::chat::{Chat, ChatMessage, PresenceChange, V0_5};
 use chatpipe::{Builder, Sender, TrySendError};
 use smol::channel;
 use smol::future::FutureExt;
@@ -39,10 +46,16 @@ use smol::stream::StreamExt;
 mod bucket;
 pub mod client;
 mod event;
+pub mod store;
+mod v06;
 
 use bucket::Bucket;
 pub use bucket::Rate;
-pub use event::{Disconnect, Event, NicknameRefusal, Refusal};
+pub use event::{
+    Disconnect, Event, HelloRefusal, NicknameRefusal, NoticeFailure, Refusal, Request,
+    RequestRefusal,
+};
+use v06::Caps;
 
 /// How the server runs.
 #[derive(Clone)]
@@ -58,10 +71,23 @@ pub struct Config {
     /// client that cannot keep up is bounded.
     pub backlog: usize,
     /// How long shutdown waits for clients to close cleanly before
-    /// dropping them.
+    /// dropping them; and how long a v0.6 client disconnected for being too
+    /// slow has to take the Notice that says why, if it could be queued.
     pub grace: Duration,
-    /// How many messages a client may send: `None` for no limit.
+    /// How many messages a client may send: `None` for no limit. Over it,
+    /// the room reads the client's messages more slowly (its socket, then
+    /// its sends, wait); it drops none.
     pub rate: Option<Rate>,
+    /// A paced client with this many messages or more waiting to be read,
+    /// for [`Config::flood_for`] without a break, is disconnected
+    /// ([`Disconnect::ExcessFlood`]). Far over any paste a person makes.
+    pub flood_unread: usize,
+    /// See [`Config::flood_unread`].
+    pub flood_for: Duration,
+    /// How many of the last room messages (broadcasts) the room keeps, to
+    /// send a v0.6 client granted `history` on joining; 0 turns history
+    /// off (and the capability is not granted).
+    pub history: usize,
     /// Connections at once; more are closed as soon as they are accepted.
     pub max_connections: usize,
     /// Connections at once from one IP address; more are closed as soon as
@@ -87,6 +113,9 @@ impl Default for Config {
                 per_second: 10.0,
                 burst: 20.0,
             }),
+            flood_unread: 1000,
+            flood_for: Duration::from_secs(30),
+            history: 50,
             max_connections: 10_000,
             max_per_ip: 64,
             events: Arc::new(|event| eprintln!("{event}")),
@@ -103,6 +132,9 @@ impl fmt::Debug for Config {
             .field("backlog", &self.backlog)
             .field("grace", &self.grace)
             .field("rate", &self.rate)
+            .field("flood_unread", &self.flood_unread)
+            .field("flood_for", &self.flood_for)
+            .field("history", &self.history)
             .field("max_connections", &self.max_connections)
             .field("max_per_ip", &self.max_per_ip)
             .finish_non_exhaustive()
@@ -115,7 +147,8 @@ impl fmt::Debug for Config {
 pub async fn serve(listener: TcpListener, config: Config, shutdown: impl Future<Output = ()>) {
     let room = Arc::new(Room {
         config,
-        members: Mutex::new(HashMap::new()),
+        state: Mutex::new(State::default()),
+        history: Mutex::new(VecDeque::new()),
     });
     // Every client task holds a clone, to tell when they have all ended.
     let (alive, all_gone) = channel::bounded::<()>(1);
@@ -155,10 +188,17 @@ pub async fn serve(listener: TcpListener, config: Config, shutdown: impl Future<
 
     // Each member's task sends what waits for it, then closes.
     {
-        let members = room.lock();
-        let connections = members.len();
+        let state = room.lock();
+        let connections = state.members.len();
         room.emit(Event::ShuttingDown { connections });
-        for m in members.values() {
+        for m in state.members.values() {
+            // A v0.6 client is told why, after what waits for it.
+            if m.version != V0_5 && !m.leaving {
+                let text = v06::SHUTDOWN_NOTICE.to_owned();
+                let msg = ChatMessage::Notice { text };
+                m.waiting.fetch_add(weight(&msg), Ordering::Relaxed);
+                let _ = m.outbox.try_send(msg);
+            }
             m.outbox.close();
         }
     }
@@ -170,7 +210,7 @@ pub async fn serve(listener: TcpListener, config: Config, shutdown: impl Future<
     };
     if all_gone.recv().or(grace).await.is_ok() {
         // Still open after the grace period: drop them.
-        for m in room.lock().values() {
+        for m in room.lock().members.values() {
             let _ = m.kick.try_send(Disconnect::ShutdownTimeout);
         }
         let _ = all_gone.recv().await;
@@ -180,7 +220,25 @@ pub async fn serve(listener: TcpListener, config: Config, shutdown: impl Future<
 
 struct Room {
     config: Config,
-    members: Mutex<HashMap<u64, Member>>,
+    state: Mutex<State>,
+    /// The last `config.history` broadcasts, oldest first, as `(at_ms,
+    /// from, text)`: see `Room::remember` and `Room::recent`. Locked only
+    /// while `state` is (so it never changes between a broadcast and the
+    /// history it leaves behind).
+    history: Mutex<VecDeque<(u64, String, String)>>,
+}
+
+/// The room's members, behind its one lock.
+#[derive(Default)]
+struct State {
+    /// By member id, which grows with each connection: in join order.
+    members: HashMap<u64, Member>,
+    /// Who holds each nickname: `members[&nicks[n]].nickname == Some(n)`,
+    /// for every nickname held.
+    nicks: HashMap<String, u64>,
+    /// How many broadcasts the room has remembered in all: those since a
+    /// member joined are the newest of `Room::recent`, and reached it live.
+    said: u64,
 }
 
 struct Member {
@@ -192,6 +250,17 @@ struct Member {
     waiting: Arc<AtomicUsize>,
     /// Tells the member's task to drop its connection, and why.
     kick: channel::Sender<Disconnect>,
+    /// The protocol version it speaks: 0.5 until a Welcome.
+    version: u16,
+    /// What its Welcome granted (nothing before).
+    caps: Caps,
+    /// Whether it has sent a message: a Hello is valid only as the first.
+    spoke: bool,
+    /// It is being disconnected: what it sends is ignored, and it is no
+    /// longer listed or sent to.
+    leaving: bool,
+    /// `State::said` when it joined.
+    said_at_join: u64,
 }
 
 impl Member {
@@ -204,18 +273,35 @@ impl Member {
     }
 }
 
-/// What a broadcast weighs in a backlog.
+/// What a message weighs in a backlog: the bytes of its strings.
 fn weight(msg: &ChatMessage) -> usize {
     match msg {
-        ChatMessage::Broadcast { from, text } => from.len() + text.len(),
+        ChatMessage::Broadcast { from, text }
+        | ChatMessage::Private { from, text }
+        | ChatMessage::History { from, text, .. } => from.len() + text.len(),
+        ChatMessage::Presence {
+            nickname,
+            new_nickname,
+            ..
+        } => nickname.len() + new_nickname.len(),
+        ChatMessage::Notice { text } => text.len(),
         _ => 0,
     }
 }
 
+/// Why a message could not go into a member's backlog.
+enum Undelivered {
+    /// Its backlog is over the limit: it is being disconnected.
+    TooFarBehind,
+    /// Its backlog is closed: it is leaving.
+    Leaving,
+}
+
 impl Room {
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Member>> {
-        // The map stays consistent even if a holder panicked.
-        self.members.lock().unwrap_or_else(|e| e.into_inner())
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        // The state stays consistent even if a holder panicked: nothing
+        // here panics between two changes that belong together.
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     fn emit(&self, event: Event) {
@@ -226,32 +312,51 @@ impl Room {
         (self.config.clock)()
     }
 
-    /// Sends `text` from member `id` to every other member, without ever
-    /// waiting.
-    fn broadcast(&self, id: u64, text: String) {
-        let members = self.lock();
-        let Some(from) = members.get(&id).map(Member::name) else {
-            return;
-        };
-        let msg = ChatMessage::Broadcast { from, text };
+    /// Queues `msg` in member `m`'s backlog, without waiting. Over the
+    /// backlog limit, tells its task to disconnect it instead.
+    fn deliver(&self, m: &Member, msg: ChatMessage) -> Result<(), Undelivered> {
         let size = weight(&msg);
-        for (_, m) in members.iter().filter(|(&other, _)| other != id) {
-            if m.waiting.fetch_add(size, Ordering::Relaxed) + size > self.config.backlog {
-                // Its task drops the connection; until then, further kicks
-                // are no-ops.
-                let backlog = self.config.backlog;
-                let _ = m.kick.try_send(Disconnect::TooFarBehind { backlog });
-            } else {
-                // Unbounded, as `waiting` bounds it; fails only when the
-                // member is leaving.
-                let _ = m.outbox.try_send(msg.clone());
+        if m.waiting.fetch_add(size, Ordering::Relaxed) + size > self.config.backlog {
+            // Its task drops the connection; until then, further kicks are
+            // no-ops.
+            let backlog = self.config.backlog;
+            let _ = m.kick.try_send(Disconnect::TooFarBehind { backlog });
+            return Err(Undelivered::TooFarBehind);
+        }
+        // Unbounded, as `waiting` bounds it; fails only when the member is
+        // leaving.
+        m.outbox.try_send(msg).map_err(|_| {
+            m.waiting.fetch_sub(size, Ordering::Relaxed);
+            Undelivered::Leaving
+        })
+    }
+
+    /// Sends `text` from member `id` to every other member, without ever
+    /// waiting, and remembers it for the history. Fails only if `id` is
+    /// leaving.
+    fn broadcast(&self, id: u64, text: String) -> Result<(), RequestRefusal> {
+        let mut state = self.lock();
+        let from = match state.members.get(&id) {
+            Some(m) if !m.leaving => m.name(),
+            _ => return Err(RequestRefusal::Leaving),
+        };
+        if self.config.history > 0 {
+            self.remember(v06::now_ms(), &from, &text);
+            state.said += 1;
+        }
+        let msg = ChatMessage::Broadcast { from, text };
+        for (_, m) in state.members.iter().filter(|(&other, _)| other != id) {
+            if !m.leaving {
+                let _ = self.deliver(m, msg.clone());
             }
         }
+        Ok(())
     }
 
     /// Whether a new connection from `addr` is within the limits.
     fn admit(&self, addr: SocketAddr) -> Result<(), Refusal> {
-        let members = self.lock();
+        let state = self.lock();
+        let members = &state.members;
         let max = self.config.max_connections;
         if members.len() >= max {
             return Err(Refusal::ServerFull { max });
@@ -265,21 +370,47 @@ impl Room {
 
     /// Gives member `id` the nickname unless another member holds it.
     fn set_nickname(&self, id: u64, nickname: &str) -> Result<(), NicknameRefusal> {
-        let mut members = self.lock();
-        if members
-            .iter()
-            .any(|(&other, m)| other != id && m.nickname.as_deref() == Some(nickname))
+        let mut state = self.lock();
+        let state = &mut *state;
+        if state
+            .nicks
+            .get(nickname)
+            .is_some_and(|&holder| holder != id)
         {
             let nickname = nickname.to_owned();
             return Err(NicknameRefusal::Taken { nickname });
         }
-        match members.get_mut(&id) {
-            Some(m) => {
-                m.nickname = Some(nickname.to_owned());
-                Ok(())
-            }
-            None => Err(NicknameRefusal::Leaving),
+        let Some(m) = state.members.get_mut(&id) else {
+            return Err(NicknameRefusal::Leaving);
+        };
+        let old = m.nickname.replace(nickname.to_owned());
+        if old.as_deref() == Some(nickname) {
+            return Ok(());
         }
+        if let Some(old) = &old {
+            state.nicks.remove(old);
+        }
+        state.nicks.insert(nickname.to_owned(), id);
+        let news = match old {
+            None => v06::presence(PresenceChange::Joined, nickname.to_owned(), String::new()),
+            Some(old) => v06::presence(PresenceChange::Renamed, old, nickname.to_owned()),
+        };
+        self.announce(state, id, news);
+        Ok(())
+    }
+
+    /// Takes member `id` out of the room; returns its nickname.
+    fn leave(&self, id: u64) -> Option<String> {
+        let mut state = self.lock();
+        let nickname = state.members.remove(&id)?.nickname;
+        if let Some(nick) = &nickname {
+            if state.nicks.get(nick) == Some(&id) {
+                state.nicks.remove(nick);
+            }
+            let news = v06::presence(PresenceChange::Left, nick.clone(), String::new());
+            self.announce(&state, id, news);
+        }
+        nickname
     }
 
     /// Adds a connection to the room; the returned future serves it until
@@ -299,14 +430,23 @@ impl Room {
         let (outbox, broadcasts) = channel::unbounded();
         let waiting = Arc::new(AtomicUsize::new(0));
         let (kick, kicked) = channel::bounded(1);
-        let member = Member {
-            addr,
-            nickname: None,
-            outbox,
-            waiting: waiting.clone(),
-            kick,
-        };
-        self.lock().insert(id, member);
+        let kick_self = kick.clone();
+        {
+            let mut state = self.lock();
+            let member = Member {
+                addr,
+                nickname: None,
+                outbox,
+                waiting: waiting.clone(),
+                kick,
+                version: V0_5,
+                caps: Caps::default(),
+                spoke: false,
+                leaving: false,
+                said_at_join: state.said,
+            };
+            state.members.insert(id, member);
+        }
         self.emit(Event::Connected { addr });
         let room = self.clone();
 
@@ -327,25 +467,49 @@ impl Room {
             };
             let stalled = forward(&room, addr, broadcasts, &waiting, &sender);
             let mut incoming = incoming;
-            let mut bucket = room.config.rate.map(|r| Bucket::new(r, room.now()));
+            let mut pace = room
+                .config
+                .rate
+                .map(|r| Pace::new(Bucket::new(r, room.now())));
             let reading = async {
                 let mut handled = 0u32;
                 while let Some(Ok(msg)) = incoming.next().await {
-                    handle(&room, id, addr, &sender, msg, bucket.as_mut()).await;
+                    if let Some(pace) = &mut pace {
+                        if let Err(reason) = pace.wait(&room, addr, &incoming).await {
+                            if let Some(reason) = reason {
+                                kick_self.try_send(reason).ok();
+                            }
+                            // Received, never read: counted, not lost silently.
+                            let unread = incoming.buffered() + 1;
+                            room.emit(Event::UnreadDiscarded { addr, unread });
+                            break;
+                        }
+                    }
+                    handle(&room, id, addr, &sender, msg).await;
                     // Messages that arrived together are all ready at once:
                     // let the other members' tasks run now and then, but not
                     // after every message, or each broadcast becomes a
                     // write of its own instead of being coalesced.
                     handled = handled.wrapping_add(1);
-                    if handled % 32 == 0 {
+                    if handled.is_multiple_of(32) {
                         smol::future::yield_now().await;
                     }
                 }
             };
-            let ended = driver.or(kicked).or(stalled);
+            // Owns the driver: once it is over, the driver is dropped, which
+            // ends `reading` too.
+            let ended = async {
+                let mut driver = std::pin::pin!(driver);
+                let reason = driver.as_mut().or(kicked).or(stalled).await;
+                // Too slow: a v0.6 client is told why, if there is room.
+                if let Some(text) = reason.notice() {
+                    v06::farewell(&room, id, addr, &sender, text, driver).await;
+                }
+                reason
+            };
             let (reason, ()) = smol::future::zip(ended, reading).await;
 
-            let nickname = room.lock().remove(&id).and_then(|m| m.nickname);
+            let nickname = room.leave(id);
             room.emit(Event::Disconnected {
                 addr,
                 nickname,
@@ -354,6 +518,77 @@ impl Room {
         }
     }
 }
+
+/// Flood control: a client over its rate is read more slowly, so its
+/// messages arrive late but all of them, in order, and TCP pushes back on
+/// its sends. Only one that keeps `flood_unread` messages waiting for
+/// `flood_for` is disconnected.
+struct Pace {
+    bucket: Bucket,
+    /// When the client was last reported paced.
+    reported: Option<Instant>,
+    /// Since when `flood_unread` or more of its messages have waited.
+    flooding_since: Option<Instant>,
+}
+
+impl Pace {
+    fn new(bucket: Bucket) -> Self {
+        Pace {
+            bucket,
+            reported: None,
+            flooding_since: None,
+        }
+    }
+
+    /// Waits until the client may send one more message. `Err` says why
+    /// it is disconnected instead, or `None` if its connection ended.
+    async fn wait(
+        &mut self,
+        room: &Room,
+        addr: SocketAddr,
+        incoming: &chatpipe::Incoming<Chat>,
+    ) -> Result<(), Option<Disconnect>> {
+        let (unread, lasting) = (room.config.flood_unread, room.config.flood_for);
+        // Each round waits a little, and ends with a token, the flood
+        // limit, or the connection's end.
+        loop {
+            let now = room.now();
+            let Err(ready) = self.bucket.take(now) else {
+                if incoming.buffered() < unread {
+                    self.flooding_since = None;
+                }
+                return Ok(());
+            };
+            if incoming.close_reason().is_some() {
+                return Err(None);
+            }
+            if self
+                .reported
+                .is_none_or(|t| now.saturating_duration_since(t) >= Duration::from_secs(1))
+            {
+                self.reported = Some(now);
+                let rate = self.bucket.rate;
+                room.emit(Event::Paced { addr, rate });
+            }
+            if incoming.buffered() >= unread {
+                let since = *self.flooding_since.get_or_insert(now);
+                if now.saturating_duration_since(since) >= lasting {
+                    return Err(Some(Disconnect::ExcessFlood { unread, lasting }));
+                }
+            } else {
+                self.flooding_since = None;
+            }
+            // Short waits, so a room whose clock is not the real one (tests)
+            // notices when it moves.
+            let wait = ready.saturating_duration_since(now);
+            smol::Timer::after(wait.min(PACE_POLL)).await;
+        }
+    }
+}
+
+/// The longest one wait of a paced client lasts before the room looks at
+/// its clock again.
+const PACE_POLL: Duration = Duration::from_millis(50);
 
 /// Moves broadcasts from a member's backlog to its connection. Resolves,
 /// with the reason, only if the connection's queue stays full for `stall`;
@@ -371,6 +606,11 @@ async fn forward(
     let mut full_since = None;
     while let Ok(msg) = broadcasts.recv().await {
         waiting.fetch_sub(weight(&msg), Ordering::Relaxed);
+        // A Notice is the last message before a close: reported either way.
+        let notice = match &msg {
+            ChatMessage::Notice { text } => Some(text.clone()),
+            _ => None,
+        };
         let sent = match sender.try_send(msg) {
             Ok(()) => {
                 full_since = None;
@@ -389,60 +629,50 @@ async fn forward(
                 match room_made.or(give_up).await {
                     Some(Ok(permit)) => permit.send(msg).map_err(|e| e.error),
                     Some(Err(e)) => Err(e),
-                    None => return Disconnect::Stalled { stall },
+                    None => {
+                        if let Some(text) = notice {
+                            let reason = NoticeFailure::QueueFull;
+                            room.emit(Event::NoticeNotSent { addr, text, reason });
+                        }
+                        return Disconnect::Stalled { stall };
+                    }
                 }
             }
             Err(TrySendError::Failed(e)) => Err(e.error),
         };
-        match sent {
-            Ok(()) => {}
+        match (sent, notice) {
+            (Ok(()), None) => {}
+            (Ok(()), Some(text)) => room.emit(Event::NoticeSent { addr, text }),
+            (Err(error), Some(text)) => {
+                let fatal = error.is_fatal();
+                let reason = NoticeFailure::Failed(error);
+                room.emit(Event::NoticeNotSent { addr, text, reason });
+                if fatal {
+                    break;
+                }
+            }
             // This message cannot go out (too large for a frame); the next
             // ones can.
-            Err(error) if !error.is_fatal() => {
+            (Err(error), None) if !error.is_fatal() => {
                 room.emit(Event::BroadcastNotSent { addr, error });
             }
             // The connection is ending; its driver says why.
-            Err(_) => break,
+            (Err(_), None) => break,
         }
     }
     sender.close();
     std::future::pending().await
 }
 
-async fn handle(
-    room: &Room,
-    id: u64,
-    addr: SocketAddr,
-    sender: &Sender<Chat>,
-    msg: ChatMessage,
-    bucket: Option<&mut Bucket>,
-) {
-    if let Some(bucket) = bucket {
-        let now = room.now();
-        if !bucket.take(now) {
-            if let Some(dropped) = bucket.report(now) {
-                let rate = bucket.rate;
-                room.emit(Event::RateLimited {
-                    addr,
-                    dropped,
-                    rate,
-                });
-            }
-            // Requests deserve an answer; anything else is dropped.
-            if let ChatMessage::SetNickname { request_id, .. } = msg {
-                let message = NicknameRefusal::RateLimited.to_string();
-                let _ = sender
-                    .send(ChatMessage::Nak {
-                        request_id,
-                        message,
-                    })
-                    .await;
-            }
-            return;
-        }
-    }
+async fn handle(room: &Room, id: u64, addr: SocketAddr, sender: &Sender<Chat>, msg: ChatMessage) {
+    // From a client being disconnected, nothing more is taken.
+    let Some(first) = room.first_message(id) else {
+        return;
+    };
     match msg {
-        ChatMessage::Chat { text } => room.broadcast(id, text),
+        ChatMessage::Chat { text } => {
+            let _ = room.broadcast(id, text);
+        }
         ChatMessage::SetNickname {
             request_id,
             nickname,
@@ -472,10 +702,45 @@ async fn handle(
         ChatMessage::Broadcast { .. } => {
             room.emit(Event::UnexpectedBroadcast { addr });
         }
+        ChatMessage::Hello {
+            request_id,
+            versions,
+            capabilities,
+            credentials: _,
+        } => {
+            let hello = v06::Hello {
+                request_id,
+                versions,
+                capabilities,
+                first,
+            };
+            v06::hello(room, id, addr, sender, hello).await;
+        }
+        ChatMessage::Say { request_id, text } => {
+            let reply = v06::say(room, id, addr, request_id, text);
+            let _ = sender.send(reply).await;
+        }
+        ChatMessage::Direct {
+            request_id,
+            to,
+            text,
+        } => {
+            let reply = v06::direct(room, id, addr, request_id, to, text);
+            let _ = sender.send(reply).await;
+        }
+        ChatMessage::Who { request_id } => {
+            let reply = v06::who(room, id, addr, request_id);
+            let _ = sender.send(reply).await;
+        }
         // Keepalives and responses never reach the application.
         ChatMessage::Keepalive | ChatMessage::Ack { .. } | ChatMessage::Nak { .. } => {}
-        // The v0.6 messages: this room speaks v0.5 only, and skips them as
-        // a v0.5 peer skips unknown types.
-        _ => {}
+        // Server-to-client messages of v0.6: meaningless here, skipped as a
+        // v0.5 peer skips unknown types.
+        ChatMessage::Welcome { .. }
+        | ChatMessage::Notice { .. }
+        | ChatMessage::Private { .. }
+        | ChatMessage::Members { .. }
+        | ChatMessage::Presence { .. }
+        | ChatMessage::History { .. } => {}
     }
 }

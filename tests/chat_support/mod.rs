@@ -7,7 +7,7 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use chatpipe::chat::{Chat, ChatMessage};
+use chatpipe::chat::{Chat, ChatMessage, RequestId, V0_5, V0_6};
 use chatpipe::{Builder, Error, Incoming, Sender};
 use futures::StreamExt;
 use smol::channel;
@@ -189,4 +189,42 @@ pub async fn connect_named(server: SocketAddr, n: usize) -> Vec<Client> {
         clients.push(c);
     }
     clients
+}
+
+/// A Hello offering `versions` and asking for `capabilities`, without
+/// credentials.
+pub fn hello(versions: &[u16], capabilities: &[&str]) -> ChatMessage {
+    ChatMessage::Hello {
+        request_id: RequestId::random(),
+        versions: versions.to_vec(),
+        capabilities: capabilities.iter().map(|c| c.to_string()).collect(),
+        credentials: String::new(),
+    }
+}
+
+/// Connects and says Hello (0.5 and 0.6) asking for `capabilities`;
+/// returns the client and its Welcome.
+pub async fn connect_v06(server: SocketAddr, capabilities: &[&str]) -> (Client, ChatMessage) {
+    let c = connect(server).await;
+    let welcome = c.ask(hello(&[V0_5, V0_6], capabilities)).await;
+    assert!(
+        matches!(welcome, ChatMessage::Welcome { version: V0_6, .. }),
+        "{welcome:?}"
+    );
+    (c, welcome)
+}
+
+impl Client {
+    /// Sends a request and returns its answer.
+    pub async fn ask(&self, request: ChatMessage) -> ChatMessage {
+        self.sender.request(request).await.unwrap()
+    }
+
+    /// The next message, whatever it is.
+    pub async fn recv(&mut self) -> ChatMessage {
+        match self.incoming.next().await {
+            Some(Ok(msg)) => msg,
+            other => panic!("expected a message, got {other:?}"),
+        }
+    }
 }

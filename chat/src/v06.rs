@@ -1,0 +1,573 @@
+//! The room's side of v0.6 (`docs/PROTOCOL.md`, "Version 0.6"): the
+//! handshake, Say, Direct, Who, presence, history on joining, and the
+//! Notice before the room closes a connection.
+//!
+//! Everything a member is sent besides the answers to its own requests
+//! (the Welcome included) goes through its backlog, in order: the Welcome,
+//! then its history, then live traffic.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::atomic::Ordering;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use chatpipe::chat::{
+    capability, Chat, ChatMessage, Limits, PresenceChange, RequestId, MAX_PAYLOAD_LEN, V0_6,
+};
+use chatpipe::{Sender, TrySendError};
+use smol::future::FutureExt;
+
+use crate::{
+    Config, Disconnect, Event, HelloRefusal, Member, NoticeFailure, Request, RequestRefusal, Room,
+    State, Undelivered,
+};
+
+/// What a v0.6 client is told when the server shuts down.
+pub(crate) const SHUTDOWN_NOTICE: &str = "the server is shutting down";
+
+/// Bytes of a Members payload before its names: type, request id, total,
+/// and the names' count.
+const MEMBERS_HEADER: usize = 4 + 16 + 4 + 2;
+
+/// The capabilities a member was granted.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(crate) struct Caps {
+    pub ack: bool,
+    pub direct: bool,
+    pub presence: bool,
+    pub history: bool,
+}
+
+impl Caps {
+    /// What the room grants of the capabilities `wanted`: those it knows
+    /// (others are ignored), and `history` only if it keeps any.
+    pub fn grant(wanted: &[String], history: bool) -> Caps {
+        let asked = |name: &str| wanted.iter().any(|w| w == name);
+        Caps {
+            ack: asked(capability::ACK),
+            direct: asked(capability::DIRECT),
+            presence: asked(capability::PRESENCE),
+            history: history && asked(capability::HISTORY),
+        }
+    }
+
+    /// The names granted, in the order of `docs/PROTOCOL.md`.
+    pub fn names(self) -> Vec<String> {
+        [
+            (self.ack, capability::ACK),
+            (self.direct, capability::DIRECT),
+            (self.presence, capability::PRESENCE),
+            (self.history, capability::HISTORY),
+        ]
+        .into_iter()
+        .filter(|&(granted, _)| granted)
+        .map(|(_, name)| name.to_owned())
+        .collect()
+    }
+}
+
+/// A Hello, as the room handles it.
+pub(crate) struct Hello {
+    pub request_id: RequestId,
+    pub versions: Vec<u16>,
+    pub capabilities: Vec<String>,
+    /// Whether it is the member's first message.
+    pub first: bool,
+}
+
+/// Answers a Hello: a Welcome (through the backlog, then the history), or
+/// a Nak, after which the connection closes if the client does not speak
+/// 0.6.
+pub(crate) async fn hello(
+    room: &Room,
+    id: u64,
+    addr: SocketAddr,
+    sender: &Sender<Chat>,
+    hello: Hello,
+) {
+    let Hello {
+        request_id,
+        versions,
+        capabilities,
+        first,
+    } = hello;
+    let reason = if !first {
+        HelloRefusal::NotFirst
+    } else if !versions.contains(&V0_6) {
+        HelloRefusal::NoCommonVersion { offered: versions }
+    } else {
+        room.welcome(id, addr, request_id, &capabilities);
+        return;
+    };
+    let close = matches!(reason, HelloRefusal::NoCommonVersion { .. });
+    if close {
+        // Nothing more for it, and nothing more from it.
+        room.set_leaving(id);
+    }
+    let message = reason.to_string();
+    room.emit(Event::HelloRefused { addr, reason });
+    let _ = sender
+        .send(ChatMessage::Nak {
+            request_id,
+            message,
+        })
+        .await;
+    if close {
+        // The Nak is on the wire before the close begins (the close alone
+        // would write it too); the driver then shuts our half and ends
+        // once the client closes its own.
+        let _ = sender.flush().await;
+        sender.close();
+    }
+}
+
+/// Answers a Say: the text goes to the room as a Broadcast, then an Ack;
+/// or a Nak.
+pub(crate) fn say(
+    room: &Room,
+    id: u64,
+    addr: SocketAddr,
+    request_id: RequestId,
+    text: String,
+) -> ChatMessage {
+    let result = match room.caps(id) {
+        None => Err(RequestRefusal::Leaving),
+        Some(caps) if !caps.ack => Err(RequestRefusal::NotGranted {
+            capability: capability::ACK,
+        }),
+        Some(_) => room.broadcast(id, text),
+    };
+    room.answer(addr, Request::Say, request_id, result)
+}
+
+/// Answers a Direct: a Private for the member called `to`, then an Ack;
+/// or a Nak.
+pub(crate) fn direct(
+    room: &Room,
+    id: u64,
+    addr: SocketAddr,
+    request_id: RequestId,
+    to: String,
+    text: String,
+) -> ChatMessage {
+    let result = room.direct(id, &to, text);
+    if result.is_ok() {
+        room.emit(Event::DirectDelivered { addr, to });
+    }
+    room.answer(addr, Request::Direct, request_id, result)
+}
+
+/// Answers a Who with Members, or a Nak.
+pub(crate) fn who(room: &Room, id: u64, addr: SocketAddr, request_id: RequestId) -> ChatMessage {
+    match room.members_list(id) {
+        Ok((total, names)) => ChatMessage::Members {
+            request_id,
+            total,
+            names,
+        },
+        Err(reason) => room.answer(addr, Request::Who, request_id, Err(reason)),
+    }
+}
+
+/// Before the room drops a v0.6 client for being too slow: tells it why
+/// with a Notice if its connection's queue has room (never waiting for
+/// room), then gives the connection up to `grace` to write it. Reported
+/// either way. A v0.5 client is dropped at once, as before.
+pub(crate) async fn farewell<F: Future<Output = Disconnect>>(
+    room: &Room,
+    id: u64,
+    addr: SocketAddr,
+    sender: &Sender<Chat>,
+    text: String,
+    driver: Pin<&mut F>,
+) {
+    if !room.leaving_v06(id) {
+        return;
+    }
+    let notice = ChatMessage::Notice { text: text.clone() };
+    let failure = match sender.try_send(notice) {
+        Err(TrySendError::Full(_)) => Some(NoticeFailure::QueueFull),
+        Err(TrySendError::Failed(e)) => Some(NoticeFailure::Failed(e.error)),
+        Ok(()) => {
+            // Dropping the connection would drop the Notice: let the driver
+            // write what is queued, the Notice last, then shut our half.
+            sender.close();
+            let flushed = || async { sender.flush().await.err().map(NoticeFailure::Failed) };
+            let written = flushed();
+            let driven = async {
+                // The driver ended: the flush now says whether it got there.
+                let _ = driver.await;
+                flushed().await
+            };
+            let waited = room.config.grace;
+            let give_up = async {
+                smol::Timer::after(waited).await;
+                Some(NoticeFailure::NotWritten { waited })
+            };
+            written.or(driven).or(give_up).await
+        }
+    };
+    room.emit(match failure {
+        None => Event::NoticeSent { addr, text },
+        Some(reason) => Event::NoticeNotSent { addr, text, reason },
+    });
+}
+
+/// A Presence announcement.
+pub(crate) fn presence(
+    change: PresenceChange,
+    nickname: String,
+    new_nickname: String,
+) -> ChatMessage {
+    ChatMessage::Presence {
+        change,
+        nickname,
+        new_nickname,
+    }
+}
+
+/// Milliseconds since the Unix epoch, as History carries them (0 for a
+/// clock set before 1970).
+pub(crate) fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
+/// The limits a Welcome gives, from the room's configuration.
+pub(crate) fn limits(config: &Config) -> Limits {
+    // `as` saturates (and takes NaN to 0). A rate that rounds to 0 would
+    // read as "no limit": it is at least 1 per 1,000 s.
+    let (rate_per_1000s, burst) = config.rate.map_or((0, 0), |r| {
+        let per_1000s = (r.per_second * 1000.0).round().max(1.0) as u32;
+        // The bucket lets out whole messages: a burst of 20.5 is 20.
+        (per_1000s, r.burst.floor() as u32)
+    });
+    Limits {
+        max_frame: u32::try_from(MAX_PAYLOAD_LEN).unwrap_or(u32::MAX),
+        rate_per_1000s,
+        burst,
+        keepalive_ms: u32::try_from(config.keepalive.as_millis()).unwrap_or(u32::MAX),
+    }
+}
+
+/// The first of `names` that fit in one Members frame, in order.
+pub(crate) fn fit_names(names: impl IntoIterator<Item = String>) -> Vec<String> {
+    let mut left = MAX_PAYLOAD_LEN - MEMBERS_HEADER;
+    let mut fit = Vec::new();
+    for name in names {
+        let cost = 1 + name.len();
+        if cost > left || fit.len() == usize::from(u16::MAX) {
+            break;
+        }
+        left -= cost;
+        fit.push(name);
+    }
+    fit
+}
+
+impl Room {
+    /// Keeps a room message for the history: the newest `config.history`
+    /// of them, oldest first. Called by `broadcast` only, with the state
+    /// locked. The history store can back this and [`Room::recent`].
+    pub(crate) fn remember(&self, at_ms: u64, from: &str, text: &str) {
+        let max = self.config.history;
+        if max == 0 {
+            return;
+        }
+        let mut history = self.history.lock().unwrap_or_else(|e| e.into_inner());
+        while history.len() >= max {
+            history.pop_front();
+        }
+        history.push_back((at_ms, from.to_owned(), text.to_owned()));
+    }
+
+    /// The remembered messages, oldest first, as `(at_ms, from, text)`.
+    pub(crate) fn recent(&self) -> Vec<(u64, String, String)> {
+        let history = self.history.lock().unwrap_or_else(|e| e.into_inner());
+        history.iter().cloned().collect()
+    }
+
+    /// Whether this is member `id`'s first message; `None` if it is
+    /// leaving, and what it sends is ignored.
+    pub(crate) fn first_message(&self, id: u64) -> Option<bool> {
+        let mut state = self.lock();
+        let m = state.members.get_mut(&id).filter(|m| !m.leaving)?;
+        Some(!std::mem::replace(&mut m.spoke, true))
+    }
+
+    /// The capabilities of member `id`; `None` if it is leaving.
+    fn caps(&self, id: u64) -> Option<Caps> {
+        let state = self.lock();
+        state
+            .members
+            .get(&id)
+            .filter(|m| !m.leaving)
+            .map(|m| m.caps)
+    }
+
+    /// Marks member `id` as leaving: no longer listed, sent to or heard.
+    fn set_leaving(&self, id: u64) {
+        if let Some(m) = self.lock().members.get_mut(&id) {
+            m.leaving = true;
+        }
+    }
+
+    /// Marks member `id` as leaving if it speaks v0.6; tells whether it
+    /// does.
+    fn leaving_v06(&self, id: u64) -> bool {
+        match self.lock().members.get_mut(&id) {
+            Some(m) if m.version == V0_6 => {
+                m.leaving = true;
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// An Ack, or a Nak saying why (reported as an event).
+    fn answer(
+        &self,
+        addr: SocketAddr,
+        request: Request,
+        request_id: RequestId,
+        result: Result<(), RequestRefusal>,
+    ) -> ChatMessage {
+        match result {
+            Ok(()) => ChatMessage::Ack { request_id },
+            Err(reason) => {
+                let message = reason.to_string();
+                self.emit(Event::RequestRefused {
+                    addr,
+                    request,
+                    reason,
+                });
+                ChatMessage::Nak {
+                    request_id,
+                    message,
+                }
+            }
+        }
+    }
+
+    /// Welcomes member `id` to v0.6: queues the Welcome, then (if granted)
+    /// the history from before it joined, in its backlog, all under the
+    /// lock so that no live message comes between them.
+    fn welcome(&self, id: u64, addr: SocketAddr, request_id: RequestId, wanted: &[String]) {
+        let caps = Caps::grant(wanted, self.config.history > 0);
+        let capabilities = caps.names();
+        let welcome = ChatMessage::Welcome {
+            request_id,
+            version: V0_6,
+            capabilities: capabilities.clone(),
+            limits: limits(&self.config),
+        };
+        let history = {
+            let mut state = self.lock();
+            let said = state.said;
+            let Some(m) = state.members.get_mut(&id) else {
+                return;
+            };
+            m.version = V0_6;
+            m.caps = caps;
+            let m = &*m;
+            if self.deliver(m, welcome).is_err() {
+                // Too far behind already, or leaving: it is being
+                // disconnected, which is reported.
+                return;
+            }
+            // The newest `said - said_at_join` reached it live, as
+            // Broadcasts, since it joined.
+            let live = usize::try_from(said - m.said_at_join).unwrap_or(usize::MAX);
+            caps.history.then(|| self.send_history(m, live))
+        };
+        self.emit(Event::Welcomed { addr, capabilities });
+        if let Some((sent, skipped)) = history {
+            self.emit(Event::HistorySent {
+                addr,
+                sent,
+                skipped,
+            });
+        }
+    }
+
+    /// Queues the history, but for its `live` newest messages, as History
+    /// in `m`'s backlog: the newest that fit under the backlog limit.
+    /// Returns how many were sent and how many were not.
+    fn send_history(&self, m: &Member, live: usize) -> (usize, usize) {
+        let mut old = self.recent();
+        old.truncate(old.len().saturating_sub(live));
+        let mut room_left = self
+            .config
+            .backlog
+            .saturating_sub(m.waiting.load(Ordering::Relaxed));
+        let mut fit = 0;
+        for (_, from, text) in old.iter().rev() {
+            let size = from.len() + text.len();
+            if size > room_left {
+                break;
+            }
+            room_left -= size;
+            fit += 1;
+        }
+        let total = old.len();
+        let mut sent = 0;
+        for (at_ms, from, text) in old.into_iter().skip(total - fit) {
+            if self
+                .deliver(m, ChatMessage::History { at_ms, from, text })
+                .is_err()
+            {
+                break;
+            }
+            sent += 1;
+        }
+        (sent, total - sent)
+    }
+
+    /// Queues a Private from member `id` for the member called `to`.
+    fn direct(&self, id: u64, to: &str, text: String) -> Result<(), RequestRefusal> {
+        let state = self.lock();
+        let from = match state.members.get(&id) {
+            Some(m) if !m.leaving => m,
+            _ => return Err(RequestRefusal::Leaving),
+        };
+        if !from.caps.direct {
+            return Err(RequestRefusal::NotGranted {
+                capability: capability::DIRECT,
+            });
+        }
+        let nickname = || to.to_owned();
+        let target = state
+            .nicks
+            .get(to)
+            .and_then(|t| state.members.get(t))
+            .ok_or_else(|| RequestRefusal::NoSuchMember {
+                nickname: nickname(),
+            })?;
+        if target.leaving {
+            return Err(RequestRefusal::RecipientLeaving {
+                nickname: nickname(),
+            });
+        }
+        if !target.caps.direct {
+            return Err(RequestRefusal::CannotReceive {
+                nickname: nickname(),
+            });
+        }
+        let msg = ChatMessage::Private {
+            from: from.name(),
+            text,
+        };
+        self.deliver(target, msg).map_err(|e| match e {
+            Undelivered::TooFarBehind => RequestRefusal::RecipientTooFarBehind {
+                nickname: nickname(),
+            },
+            Undelivered::Leaving => RequestRefusal::RecipientLeaving {
+                nickname: nickname(),
+            },
+        })
+    }
+
+    /// Who is in the room, for member `id`: how many, and the names of
+    /// the first (in join order) that fit in one frame.
+    fn members_list(&self, id: u64) -> Result<(u32, Vec<String>), RequestRefusal> {
+        let mut present: Vec<(u64, String)> = {
+            let state = self.lock();
+            match state.members.get(&id) {
+                Some(m) if m.leaving => return Err(RequestRefusal::Leaving),
+                None => return Err(RequestRefusal::Leaving),
+                Some(m) if !m.caps.presence => {
+                    return Err(RequestRefusal::NotGranted {
+                        capability: capability::PRESENCE,
+                    })
+                }
+                Some(_) => {}
+            }
+            state
+                .members
+                .iter()
+                .filter(|(_, m)| !m.leaving)
+                .map(|(&id, m)| (id, m.name()))
+                .collect()
+        };
+        present.sort_unstable_by_key(|&(id, _)| id);
+        let total = u32::try_from(present.len()).unwrap_or(u32::MAX);
+        Ok((total, fit_names(present.into_iter().map(|(_, name)| name))))
+    }
+
+    /// Queues `news` for every member granted `presence` but `except`.
+    pub(crate) fn announce(&self, state: &State, except: u64, news: ChatMessage) {
+        for (&other, m) in &state.members {
+            if other != except && m.caps.presence && !m.leaving {
+                let _ = self.deliver(m, news.clone());
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn grants_the_known_capabilities_only() {
+        let wanted: Vec<String> = ["history", "bogus", "ack", "presence", "ack"]
+            .map(String::from)
+            .into();
+        let caps = Caps::grant(&wanted, true);
+        assert_eq!(caps.names(), ["ack", "presence", "history"]);
+        assert_eq!(Caps::grant(&wanted, false).names(), ["ack", "presence"]);
+        assert!(Caps::grant(&[], true).names().is_empty());
+    }
+
+    #[test]
+    fn limits_follow_the_config() {
+        let limits = limits(&Config::default());
+        assert_eq!(
+            limits,
+            Limits {
+                max_frame: 65_813,
+                rate_per_1000s: 10_000,
+                burst: 20,
+                keepalive_ms: 5_000,
+            }
+        );
+        let none = Config {
+            rate: None,
+            ..Config::default()
+        };
+        assert_eq!(super::limits(&none).rate_per_1000s, 0);
+        assert_eq!(super::limits(&none).burst, 0);
+        let slow = Config {
+            rate: Some(crate::Rate {
+                per_second: 0.0001,
+                burst: 1.5,
+            }),
+            ..Config::default()
+        };
+        let slow = super::limits(&slow);
+        assert_eq!((slow.rate_per_1000s, slow.burst), (1, 1), "never 0 = none");
+    }
+
+    #[test]
+    fn members_fit_in_one_frame() {
+        // A Members payload is type (4), request id (16), total (4), count
+        // (2), then each name's length (1) and bytes.
+        let payload = |names: &[String]| 26 + names.iter().map(|n| 1 + n.len()).sum::<usize>();
+        // 300 names of 255 bytes: 256 fit in 65,813 bytes.
+        let names: Vec<String> = (0..300).map(|i| format!("{i:0>255}")).collect();
+        let fit = fit_names(names.clone());
+        assert_eq!(fit.len(), 256);
+        assert_eq!(fit[..], names[..256], "the first, in order");
+        assert!(payload(&fit) <= MAX_PAYLOAD_LEN);
+        assert!(
+            payload(&names[..257]) > MAX_PAYLOAD_LEN,
+            "one more would not fit"
+        );
+        // Short names: the count's limit (a u16) comes first.
+        let many = fit_names((0..70_000).map(|_| String::new()));
+        assert_eq!(many.len(), usize::from(u16::MAX));
+        assert!(fit_names(Vec::new()).is_empty());
+    }
+}
