@@ -275,28 +275,33 @@ fn the_ui_in_the_room() {
         &example("chat_client"),
         &["--connect", &addr, "--nick", "ana"],
     );
-    // The status line: the nickname and how the connection went. The room
-    // of this branch speaks v0.5 and skips the Hello, so the UI falls back
-    // after its wait; a v0.6 room welcomes it.
-    let screen = ui.wait_for("the nickname and a settled connection", |s| {
-        s.lines().any(|l| {
-            l.contains(" ana │ ") && (l.contains("│ v0.6 │") || l.contains("│ v0.5 fallback │"))
-        })
+    // The room speaks v0.6: the status line shows it with the nickname,
+    // and the member list comes from Who.
+    let screen = ui.wait_for("v0.6, the nickname, both members", |s| {
+        s.contains(" ana │ v0.6 │ ")
+            && s.contains("* you are now ana")
+            && members(s) == ["ana", "bo"]
     });
-    let v0_6 = status_line(&screen, &addr).contains("│ v0.6 │");
-    ui.wait_for_text("* you are now ana");
+    assert!(status_line(&screen, &addr).starts_with(" ana │ v0.6 │ "));
+    pane_line(&screen, "* you are now ana");
 
+    // A line is acked by the room (a line-mode v0.5 client gets it as a
+    // Broadcast).
     ui.type_line("hello room");
     assert_eq!(bo.line(), "ana: hello room");
-    if v0_6 {
-        // Acked by the room.
-        ui.wait_for_text("ana: hello room ✓");
-    } else {
-        // v0.5 acks nothing: the line is shown without a mark.
-        let screen = ui.wait_for_text("ana: hello room");
-        let line = pane_line(&screen, "ana: hello room");
-        assert!(!line.contains('…') && !line.contains('✓'), "{line:?}");
-    }
+    let screen = ui.wait_for_text("ana: hello room ✓");
+    pane_line(&screen, "ana: hello room ✓");
+
+    // Someone joins: announced, and in the member list.
+    let cy = LineClient::start(&addr, "cy");
+    assert_eq!(cy.line(), "* you are now cy");
+    ui.wait_for("cy among the members", |s| {
+        s.contains("* cy joined") && members(s) == ["ana", "bo", "cy"]
+    });
+    drop(cy);
+    ui.wait_for("cy gone", |s| {
+        s.contains("* cy left") && members(s) == ["ana", "bo"]
+    });
 
     // Half a line typed; what arrives meanwhile leaves it alone.
     ui.type_text("half typed");
@@ -515,4 +520,45 @@ fn the_ui_over_v0_6() {
     ui.type_line("/quit");
     let screen = ui.wait_for_text("[exited 0]");
     assert!(!screen.contains("┌ messages"), "the UI is gone:\n{screen}");
+}
+
+/// A v0.5 server (scripted) skips the Hello; its first message, here a
+/// Broadcast, turns the UI to v0.5 at once.
+#[test]
+fn the_ui_falls_back_to_v0_5() {
+    let server = Script::start();
+    let addr = server.addr.clone();
+    let ui = Tmux::start(
+        &example("chat_client"),
+        &["--connect", &addr, "--nick", "ana"],
+    );
+    let ChatMessage::Hello { .. } = server.next() else {
+        panic!("expected a Hello");
+    };
+    server.send(ChatMessage::Broadcast {
+        from: "bo".into(),
+        text: "v0.5 here".into(),
+    });
+    let ChatMessage::SetNickname { request_id, .. } = server.next() else {
+        panic!("expected a nickname request");
+    };
+    server.send(ChatMessage::Ack { request_id });
+    let screen = ui.wait_for("the v0.5 fallback", |s| {
+        s.contains(" ana │ v0.5 fallback │ ")
+            && s.contains("bo: v0.5 here")
+            && s.contains("(needs v0.6)")
+    });
+    pane_line(&screen, "bo: v0.5 here");
+
+    // A line is a plain Chat, shown without a mark: v0.5 acks nothing.
+    ui.type_line("hi");
+    assert_eq!(server.next(), ChatMessage::Chat { text: "hi".into() });
+    let screen = ui.wait_for_text("ana: hi");
+    let line = pane_line(&screen, "ana: hi");
+    assert!(!line.contains('…') && !line.contains('✓'), "{line:?}");
+    // /who needs v0.6; nothing is sent.
+    ui.type_line("/who");
+    ui.wait_for_text("! /who needs a v0.6 server");
+    ui.press("C-c");
+    ui.wait_for_text("[exited 0]");
 }
