@@ -44,6 +44,7 @@ use smol::net::{TcpListener, TcpStream};
 use smol::stream::StreamExt;
 
 mod bucket;
+pub mod client;
 mod event;
 pub mod store;
 mod v06;

@@ -1,0 +1,164 @@
+//! A chat client: lines typed go to the room, what others say is shown.
+//!
+//! ```text
+//! cargo run --example chat_client -- [--connect ADDR] [--nick NAME] [--keepalive SECS] [--v05 | --v06] [--line]
+//! ```
+//!
+//! It speaks the chat protocol of `docs/PROTOCOL.md`, to `chat_server` or
+//! any other TcpChat server, v0.5 or v0.6. Two modes:
+//!
+//! - **Terminal UI** ([`tui`]), when stdin and stdout are both a terminal:
+//!   a scrolling message pane with timestamps, a member list, a status
+//!   line (connection state and nickname) and an input line that arriving
+//!   messages never disturb. It negotiates v0.6 unless `--v05`.
+//! - **Line mode** ([`line`]), otherwise (scripts, tests, pipes) or with
+//!   `--line`: one line of stdin is one line said, one line of stdout is
+//!   one message; exactly today's v0.5 client unless `--v06`.
+//!
+//! The protocol logic both modes share (the handshake and its fallback,
+//! commands, how messages read) is `chatpipe_chat::client`.
+
+use std::io::IsTerminal;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use chatpipe::chat::Chat;
+use chatpipe::{Builder, Error, Incoming, Sender};
+use chatpipe_chat::client::{Negotiated, DEFAULT_WAIT};
+use clap::Parser;
+use smol::net::TcpStream;
+use smol::Task;
+
+mod line;
+mod tui;
+
+/// A chat client for the TcpChat protocol, v0.5 and v0.6 (see
+/// docs/PROTOCOL.md).
+///
+/// When stdin and stdout are both a terminal, it opens a terminal UI:
+/// messages with their time, a member list, a status line with the
+/// connection state and your nickname, and an input line. Your own lines
+/// are marked `…` until the server acks them, then `✓` (or `✗ REASON` if
+/// refused). Enter sends, PageUp/PageDown scroll, Ctrl-C or /quit quits.
+///
+/// Otherwise (a pipe, a script) it runs in line mode: each line of stdin is
+/// sent to the room (empty lines are skipped), what others say is printed
+/// as `FROM: TEXT` as soon as it arrives, and the end of stdin or /quit
+/// sends what is queued, closes the connection and exits 0. A lost
+/// connection is reported on stderr and exits 1.
+///
+/// Commands: `/nick NAME` asks for a nickname (`* you are now NAME`, or
+/// `! nickname refused: REASON`); `/msg NICK TEXT` tells NICK alone (v0.6);
+/// `/who` lists who is in the room (v0.6): `* in the room (N): a, b, c`;
+/// `/quit`. Over v0.5, /msg and /who send nothing (said to the room, a
+/// /msg would not be private).
+///
+/// v0.6: the client first sends a Hello and waits for the server's
+/// Welcome. A v0.5 server skips the Hello: the client falls back to v0.5
+/// as soon as a v0.5 message arrives, or after 2 s without a Welcome. A
+/// Nak to the Hello exits 1 with the server's reason. The terminal UI
+/// negotiates unless --v05; line mode speaks plain v0.5, byte for byte as
+/// before v0.6, unless --v06. Over v0.6 line mode also prints:
+/// `[private] FROM: TEXT` (a /msg to you), `[history] FROM: TEXT` (said
+/// before you came), `* ana joined`, `* ana left`, `* ana is now anna`,
+/// `! server: TEXT` (the server's notice), `! not delivered: REASON` (a
+/// line the server refused) and `! /msg NICK: REASON`.
+#[derive(Debug, Parser)]
+#[command(version)]
+struct Args {
+    /// The server's address.
+    #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:33333")]
+    connect: String,
+    /// Ask for this nickname right after connecting.
+    #[arg(long, value_name = "NAME")]
+    nick: Option<String>,
+    /// Send a keepalive after this many seconds without sending anything.
+    /// The server drops clients silent for three of its own intervals
+    /// (15 s for chat_server), so keep this well below that.
+    #[arg(long, value_name = "SECS", default_value = "5", value_parser = parse_secs)]
+    keepalive: Duration,
+    /// Speak v0.5 only: never send a Hello (also in the terminal UI).
+    #[arg(long, conflicts_with = "v06")]
+    v05: bool,
+    /// In line mode too, offer v0.6: a Hello first, then the Welcome's
+    /// capabilities (or v0.5 after the fallback).
+    #[arg(long)]
+    v06: bool,
+    /// Line mode even on a terminal.
+    #[arg(long)]
+    line: bool,
+}
+
+fn parse_secs(s: &str) -> Result<Duration, String> {
+    match s.parse::<f64>() {
+        Ok(secs) if secs > 0.0 && secs <= 86_400.0 => Ok(Duration::from_secs_f64(secs)),
+        _ => Err("expected a number of seconds, more than 0 and at most 86400".into()),
+    }
+}
+
+/// The keepalive interval of a v0.5 server (ours and others), which we cannot know
+/// better: the idle timeout allows for three of the slower of the two.
+const SERVER_KEEPALIVE: Duration = Duration::from_secs(5);
+
+/// A connection, as both modes take it.
+struct Connection {
+    sender: Sender<Chat>,
+    incoming: Incoming<Chat>,
+    driver: Task<Result<(), Error>>,
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    let terminal = std::io::stdin().is_terminal() && std::io::stdout().is_terminal();
+    smol::block_on(async {
+        let stream = match TcpStream::connect(&args.connect).await {
+            Ok(s) => s,
+            Err(e) => {
+                eprintln!("cannot connect to {}: {e}", args.connect);
+                return ExitCode::FAILURE;
+            }
+        };
+        let _ = stream.set_nodelay(true);
+        eprintln!("connected to {}", args.connect);
+        let (sender, incoming, conn) = Builder::new()
+            .keepalive_interval(Some(args.keepalive))
+            .idle_timeout(Some(3 * args.keepalive.max(SERVER_KEEPALIVE)))
+            .build(stream, Chat);
+        let conn = Connection {
+            sender,
+            incoming,
+            driver: smol::spawn(conn),
+        };
+        if terminal && !args.line {
+            tui::run(args, conn).await
+        } else {
+            line::run(args, conn).await
+        }
+    })
+}
+
+/// How the handshake went, in a few words (stderr in line mode, the pane
+/// in the terminal UI).
+fn describe(negotiated: &Negotiated) -> String {
+    match negotiated {
+        Negotiated::Welcomed {
+            version,
+            capabilities,
+            ..
+        } => format!(
+            "speaking v{}.{} (granted: {})",
+            version >> 8,
+            version & 0xff,
+            if capabilities.is_empty() {
+                "nothing".to_owned()
+            } else {
+                capabilities.join(", ")
+            }
+        ),
+        Negotiated::Fallback(chatpipe_chat::client::Fallback::Waited) => format!(
+            "no Welcome within {} s: speaking v0.5",
+            DEFAULT_WAIT.as_secs()
+        ),
+        Negotiated::Fallback(_) => "the server speaks v0.5: speaking v0.5".to_owned(),
+    }
+}
