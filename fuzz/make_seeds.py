@@ -87,5 +87,41 @@ def connection():
     seed(t, "backpressure", b"".join(msg(bytes([i])) for i in range(40)) + answers, config=0xe4, sizes=b"\x03")
 
 
+def chat_decoder_v06():
+    """One payload of each v0.6 message (docs/PROTOCOL.md's examples)."""
+    guid = bytes(range(0, 256, 17))
+
+    def short(s):
+        return bytes([len(s)]) + s
+
+    def long(s):
+        return struct.pack(">H", len(s)) + s
+
+    def u32(n):
+        return struct.pack(">I", n)
+
+    payloads = {
+        "hello": u32(16) + guid + b"\x02\x00\x05\x00\x06\x02" + short(b"ack")
+        + short(b"presence") + long(b""),
+        "welcome": u32(17) + guid + b"\x00\x06\x01" + short(b"ack")
+        + u32(65813) + u32(10000) + u32(20) + u32(5000),
+        "notice": u32(18) + long(b"bye"),
+        "say": u32(19) + guid + long(b"Hi"),
+        "direct": u32(20) + guid + short(b"bo") + long(b"psst"),
+        "private": u32(21) + short(b"ana") + long(b"psst"),
+        "who": u32(22) + guid,
+        "members": u32(23) + guid + u32(2) + struct.pack(">H", 2) + short(b"ana") + short(b"bo"),
+        "presence": u32(24) + b"\x02" + short(b"ana") + short(b"anna"),
+        "history": u32(25) + struct.pack(">Q", 1700000000000) + short(b"ana") + long(b"Hi"),
+        "members-lying-count": u32(23) + guid + u32(1) + b"\xff\xff",
+    }
+    d = os.path.join(ROOT, "corpus", "chat_decoder")
+    os.makedirs(d, exist_ok=True)
+    for name, payload in payloads.items():
+        with open(os.path.join(d, "seed-v06-" + name), "wb") as f:
+            f.write(payload)
+
+
 frame_decoder()
 connection()
+chat_decoder_v06()

@@ -174,10 +174,14 @@ fn two_hundred_clients_get_every_message_exactly_once() {
 #[test]
 fn a_client_that_never_reads_does_not_stall_the_room() {
     // The stuck client's queue stays full for 2 s (5 s by default).
-    // Clients here send 1,000 messages back to back: no rate limit.
+    // Clients here send 1,000 messages back to back: no rate limit. The
+    // stuck client sends nothing either, not even keepalives: a long
+    // keepalive keeps the idle timeout (3 of them) out of the way however
+    // slow the machine.
     let config = Config {
         stall: Duration::from_secs(2),
         rate: None,
+        keepalive: Duration::from_secs(60),
         ..Config::default()
     };
     let reason = run(Duration::from_secs(60), stuck_client(config));
@@ -196,6 +200,7 @@ fn a_client_too_far_behind_is_disconnected() {
         backlog: 64 * 1024,
         stall: Duration::from_secs(600),
         rate: None,
+        keepalive: Duration::from_secs(60),
         ..Config::default()
     };
     run(Duration::from_secs(60), async {
