@@ -31,7 +31,7 @@
 use std::collections::{HashMap, VecDeque};
 use std::fmt;
 use std::future::Future;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -249,9 +249,45 @@ struct State {
     /// Who holds each nickname: `members[&nicks[n]].nickname == Some(n)`,
     /// for every nickname held.
     nicks: HashMap<String, u64>,
+    /// How many members each remote IP address has: the count `admit`
+    /// checks, kept on joining and leaving so that checking it does not
+    /// walk the members. No entry for an address without members.
+    per_ip: HashMap<IpAddr, usize>,
     /// How many broadcasts the room has remembered in all: those since a
     /// member joined are the newest of `Room::recent`, and reached it live.
     said: u64,
+}
+
+impl State {
+    /// Adds a member, counting it for its address.
+    fn add(&mut self, id: u64, member: Member) {
+        *self.per_ip.entry(member.addr.ip()).or_insert(0) += 1;
+        if let Some(old) = self.members.insert(id, member) {
+            // Ids are never reused; were one, the count stays right.
+            self.uncount(old.addr.ip());
+        }
+    }
+
+    /// Takes a member out, and out of its address's count.
+    fn remove(&mut self, id: u64) -> Option<Member> {
+        let member = self.members.remove(&id)?;
+        self.uncount(member.addr.ip());
+        Some(member)
+    }
+
+    fn uncount(&mut self, ip: IpAddr) {
+        if let Some(n) = self.per_ip.get_mut(&ip) {
+            *n -= 1;
+            if *n == 0 {
+                self.per_ip.remove(&ip);
+            }
+        }
+    }
+
+    /// How many members `ip` has.
+    fn members_from(&self, ip: IpAddr) -> usize {
+        self.per_ip.get(&ip).copied().unwrap_or(0)
+    }
 }
 
 struct Member {
@@ -373,13 +409,12 @@ impl Room {
     /// Whether a new connection from `addr` is within the limits.
     fn admit(&self, addr: SocketAddr) -> Result<(), Refusal> {
         let state = self.lock();
-        let members = &state.members;
         let max = self.config.max_connections;
-        if members.len() >= max {
+        if state.members.len() >= max {
             return Err(Refusal::ServerFull { max });
         }
         let (ip, max) = (addr.ip(), self.config.max_per_ip);
-        if members.values().filter(|m| m.addr.ip() == ip).count() >= max {
+        if state.members_from(ip) >= max {
             return Err(Refusal::TooManyFromIp { ip, max });
         }
         Ok(())
@@ -419,7 +454,7 @@ impl Room {
     /// Takes member `id` out of the room; returns its nickname.
     fn leave(&self, id: u64) -> Option<String> {
         let mut state = self.lock();
-        let nickname = state.members.remove(&id)?.nickname;
+        let nickname = state.remove(id)?.nickname;
         if let Some(nick) = &nickname {
             if state.nicks.get(nick) == Some(&id) {
                 state.nicks.remove(nick);
@@ -463,7 +498,7 @@ impl Room {
                 said_at_join: state.said,
                 listening: self.config.join_window.is_zero(),
             };
-            state.members.insert(id, member);
+            state.add(id, member);
         }
         self.emit(Event::Connected { addr });
         let room = self.clone();
@@ -766,5 +801,120 @@ async fn handle(room: &Room, id: u64, addr: SocketAddr, sender: &Sender<Chat>, m
         | ChatMessage::Members { .. }
         | ChatMessage::Presence { .. }
         | ChatMessage::History { .. } => {}
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A member from `addr`, without a connection: its backlog and kick
+    /// channels' receiving ends come with it.
+    fn member(addr: &str) -> (Member, Receivers) {
+        let (outbox, backlog) = channel::unbounded();
+        let (kick, kicked) = channel::bounded(1);
+        let m = Member {
+            addr: addr.parse().unwrap(),
+            nickname: None,
+            outbox,
+            waiting: Arc::default(),
+            kick,
+            version: V0_5,
+            caps: Caps::default(),
+            spoke: false,
+            leaving: false,
+            said_at_join: 0,
+            listening: true,
+        };
+        (m, (backlog, kicked))
+    }
+
+    /// Kept only so that the member's channels stay open.
+    type Receivers = (
+        channel::Receiver<ChatMessage>,
+        channel::Receiver<Disconnect>,
+    );
+
+    fn room(config: Config) -> Room {
+        Room {
+            config: Config {
+                events: Arc::new(|_| {}),
+                ..config
+            },
+            state: Mutex::new(State::default()),
+            history: Mutex::new(VecDeque::new()),
+        }
+    }
+
+    /// `per_ip` as counted from scratch.
+    fn recount(state: &State) -> HashMap<IpAddr, usize> {
+        let mut counts = HashMap::new();
+        for m in state.members.values() {
+            *counts.entry(m.addr.ip()).or_insert(0) += 1;
+        }
+        counts
+    }
+
+    #[test]
+    fn per_ip_counts_follow_joins_and_leaves() {
+        let mut state = State::default();
+        let ips = ["10.0.0.1", "10.0.0.2", "[::1]", "192.168.1.9"];
+        let mut ids = Vec::new();
+        let mut kept = Vec::new();
+        // A fixed pseudo-random walk of joins and leaves.
+        let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+        for id in 1..=2_000u64 {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            let ip = ips[(x % 4) as usize];
+            if x.is_multiple_of(3) && !ids.is_empty() {
+                let gone: u64 = ids.swap_remove((x / 3) as usize % ids.len());
+                assert!(state.remove(gone).is_some());
+                assert!(state.remove(gone).is_none(), "removed twice");
+            } else {
+                let (m, r) = member(&format!("{ip}:{}", 1000 + id % 60_000));
+                state.add(id, m);
+                ids.push(id);
+                kept.push(r);
+            }
+            assert_eq!(state.per_ip, recount(&state), "after step {id}");
+        }
+        assert!(state.per_ip.values().all(|&n| n > 0), "no empty entries");
+        for id in ids {
+            state.remove(id);
+        }
+        assert!(state.per_ip.is_empty());
+        assert_eq!(state.members_from("10.0.0.1".parse().unwrap()), 0);
+    }
+
+    #[test]
+    fn admit_counts_per_ip_without_walking_the_members() {
+        let room = room(Config {
+            max_per_ip: 2,
+            max_connections: 3,
+            ..Config::default()
+        });
+        let a: SocketAddr = "10.0.0.1:1".parse().unwrap();
+        let b: SocketAddr = "10.0.0.2:1".parse().unwrap();
+        let mut kept = Vec::new();
+        for (id, addr) in [(1, a), (2, a)] {
+            assert!(room.admit(addr).is_ok());
+            let (m, r) = member(&addr.to_string());
+            room.lock().add(id, m);
+            kept.push(r);
+        }
+        let ip = a.ip();
+        assert_eq!(room.admit(a), Err(Refusal::TooManyFromIp { ip, max: 2 }));
+        assert!(room.admit(b).is_ok());
+        assert!(room.leave(1).is_none(), "no nickname");
+        assert!(room.admit(a).is_ok(), "room again once one left");
+        let (m, r) = member("10.0.0.2:2");
+        room.lock().add(3, m);
+        kept.push(r);
+        let (m, r) = member("10.0.0.1:2");
+        room.lock().add(4, m);
+        kept.push(r);
+        assert_eq!(room.admit(b), Err(Refusal::ServerFull { max: 3 }));
     }
 }
