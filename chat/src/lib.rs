@@ -7,9 +7,19 @@
 //! Each client has a task that drives its connection, handles what it
 //! sends, and feeds it the broadcasts waiting in its backlog. Broadcasting
 //! never waits for anyone: a message goes into each other client's backlog
-//! at once. A client that stops taking messages (its connection's queue
-//! stays full for `stall`) or falls too far behind (its backlog grows over
-//! `backlog` bytes) is disconnected, never silently skipped.
+//! at once (one copy, shared by the backlogs). A client that stops taking
+//! messages (its connection's queue stays full for `stall`) or falls too
+//! far behind (its backlog grows over `backlog` bytes) is disconnected,
+//! never silently skipped. What waits on all the clients together is
+//! bounded too (`max_memory`): when it is reached, the client with the most
+//! waiting is disconnected, the slow-consumer rule, so memory stays bounded
+//! however many clients lag.
+//!
+//! Joining, leaving, taking or changing a nickname and the per-IP check
+//! cost the same whatever the number of members (maps kept up to date);
+//! only what must reach many members walks them: a broadcast, presence
+//! announcements, Who, shutdown, and picking the slowest member once the
+//! budget is reached.
 //!
 //! Limits on what clients may do, and what an offender gets (each an
 //! [`Event`]):
@@ -21,6 +31,7 @@
 //! | messages per client (`rate`: token bucket) | 10/s, bursts of 20 | its messages are read more slowly: all arrive, late, in order, and TCP pushes back on its sends. Reported (`Paced`) at most once a second. |
 //! | a paced client far over its rate (`flood_unread`, `flood_for`) | 1,000 messages waiting to be read, for 30 s | disconnected (`ExcessFlood`) |
 //! | a client that does not read (`stall`, `backlog`) | 5 s, 4 MiB | disconnected (a v0.6 client is sent a Notice saying why, if its queue has room) |
+//! | what waits on all clients together (`max_memory`) | a quarter of the machine's memory; 1 GiB if unknown | the client with the most waiting is disconnected (`SlowConsumer`; a v0.6 client is sent a Notice saying why, if its queue has room), again until the message fits; what waited for it is dropped |
 //!
 //! The room speaks v0.5 to every client, and v0.6 (see `docs/PROTOCOL.md`)
 //! to a client whose first message is a Hello offering it: acked chats
@@ -32,11 +43,11 @@ use std::collections::{HashMap, VecDeque};
 use std::fmt;
 use std::future::Future;
 use std::net::{IpAddr, SocketAddr};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use chatpipe::chat::{Chat, ChatMessage, PresenceChange, V0_5};
+use chatpipe::chat::{Chat, ChatMessage, PresenceChange, MAX_PAYLOAD_LEN, V0_5};
 use chatpipe::{Builder, Sender, TrySendError};
 use smol::channel;
 use smol::future::FutureExt;
@@ -46,6 +57,7 @@ use smol::stream::StreamExt;
 mod bucket;
 pub mod client;
 mod event;
+pub mod memory;
 pub mod store;
 mod v06;
 
@@ -55,6 +67,8 @@ pub use event::{
     Disconnect, Event, HelloRefusal, NicknameRefusal, NoticeFailure, Refusal, Request,
     RequestRefusal,
 };
+pub use memory::Usage;
+use memory::MESSAGE_OVERHEAD;
 use v06::Caps;
 
 /// How the server runs.
@@ -68,7 +82,8 @@ pub struct Config {
     pub stall: Duration,
     /// A client with more than this many bytes of broadcasts waiting for
     /// it, beyond its connection's own queue, is disconnected: memory for a
-    /// client that cannot keep up is bounded.
+    /// client that cannot keep up is bounded. ([`Config::max_memory`]
+    /// bounds what waits on all of them.)
     pub backlog: usize,
     /// How long shutdown waits for clients to close cleanly before
     /// dropping them; and how long a v0.6 client disconnected for being too
@@ -104,6 +119,29 @@ pub struct Config {
     /// Connections at once from one IP address; more are closed as soon as
     /// they are accepted.
     pub max_per_ip: usize,
+    /// The budget for what waits on slow members, all together, in bytes
+    /// (as [`Usage`] counts them): what is queued for a member, in its
+    /// backlog and in its connection's queue, until it is written to its
+    /// socket. Each member's own share is bounded by `backlog`; this bounds
+    /// their sum, whatever the number of members.
+    ///
+    /// When a message would take the sum over it, the room applies the
+    /// slow-consumer rule: it disconnects the member with the most waiting
+    /// ([`Disconnect::SlowConsumer`]; a v0.6 client is sent a Notice saying
+    /// why, if its queue has room), again until the message fits, and
+    /// drops what waited for it. Nobody waits: the others carry on. The
+    /// member with the most waiting, rather than whom the message is for:
+    /// that one may well keep up (a member that reads has little waiting),
+    /// and freeing the largest share disconnects the fewest members. Only
+    /// then does the room look through its members for it.
+    ///
+    /// Default: [`memory::default_max_memory`], a quarter of the machine's
+    /// memory (or of its cgroup's limit), 1 GiB where that cannot be read.
+    /// Never less than one largest message.
+    pub max_memory: usize,
+    /// Where the room counts what waits on its members against
+    /// `max_memory`: keep a clone to watch it. One per room.
+    pub usage: Arc<Usage>,
     /// Where connections, disconnections, refusals and errors are
     /// reported; by default each is printed on stderr.
     pub events: Arc<dyn Fn(Event) + Send + Sync>,
@@ -131,6 +169,8 @@ impl Default for Config {
             join_window: Duration::from_millis(500),
             max_connections: 10_000,
             max_per_ip: 64,
+            max_memory: memory::default_max_memory(),
+            usage: Arc::default(),
             events: Arc::new(|event| eprintln!("{event}")),
             clock: Arc::new(Instant::now),
         }
@@ -150,6 +190,8 @@ impl fmt::Debug for Config {
             .field("history", &self.history)
             .field("max_connections", &self.max_connections)
             .field("max_per_ip", &self.max_per_ip)
+            .field("max_memory", &self.max_memory)
+            .field("usage", &self.usage)
             .finish_non_exhaustive()
     }
 }
@@ -207,10 +249,9 @@ pub async fn serve(listener: TcpListener, config: Config, shutdown: impl Future<
         for m in state.members.values() {
             // A v0.6 client is told why, after what waits for it.
             if m.version != V0_5 && !m.leaving {
+                // Past the limits: a few bytes per member, once.
                 let text = v06::SHUTDOWN_NOTICE.to_owned();
-                let msg = ChatMessage::Notice { text };
-                m.waiting.fetch_add(weight(&msg), Ordering::Relaxed);
-                let _ = m.outbox.try_send(msg);
+                let _ = room.queue(m, Arc::new(ChatMessage::Notice { text }));
             }
             m.outbox.close();
         }
@@ -293,10 +334,14 @@ impl State {
 struct Member {
     addr: SocketAddr,
     nickname: Option<String>,
-    /// Broadcasts on their way to this member's connection.
-    outbox: channel::Sender<ChatMessage>,
-    /// Bytes of text in `outbox`.
-    waiting: Arc<AtomicUsize>,
+    /// Broadcasts on their way to this member's connection: one copy of
+    /// each, shared by every member it is for.
+    outbox: channel::Sender<Arc<ChatMessage>>,
+    /// How much waits for it.
+    queued: Arc<Queued>,
+    /// It is being disconnected for being too slow: nothing more is
+    /// queued for it, and what waited for it no longer counts.
+    evicted: AtomicBool,
     /// Tells the member's task to drop its connection, and why.
     kick: channel::Sender<Disconnect>,
     /// The protocol version it speaks: 0.5 until a Welcome.
@@ -326,6 +371,19 @@ impl Member {
     }
 }
 
+/// What waits for a member, counted by the room (on queueing) and its task
+/// (as messages move on and are written).
+#[derive(Debug, Default)]
+struct Queued {
+    /// Bytes of text in its backlog (`outbox`), which `Config::backlog`
+    /// bounds.
+    text: AtomicUsize,
+    /// What waits for it as the budget counts it (`Usage`): messages in its
+    /// backlog, and in its connection's queue until written, each its
+    /// weight plus `MESSAGE_OVERHEAD`.
+    cost: AtomicUsize,
+}
+
 /// What a message weighs in a backlog: the bytes of its strings.
 fn weight(msg: &ChatMessage) -> usize {
     match msg {
@@ -344,8 +402,9 @@ fn weight(msg: &ChatMessage) -> usize {
 
 /// Why a message could not go into a member's backlog.
 enum Undelivered {
-    /// Its backlog is over the limit: it is being disconnected.
-    TooFarBehind,
+    /// It is too slow (its backlog is over the limit, or it has the most
+    /// waiting when the budget is full): it is being disconnected.
+    TooSlow,
     /// Its backlog is closed: it is leaving.
     Leaving,
 }
@@ -365,23 +424,112 @@ impl Room {
         (self.config.clock)()
     }
 
-    /// Queues `msg` in member `m`'s backlog, without waiting. Over the
-    /// backlog limit, tells its task to disconnect it instead.
-    fn deliver(&self, m: &Member, msg: ChatMessage) -> Result<(), Undelivered> {
-        let size = weight(&msg);
-        if m.waiting.fetch_add(size, Ordering::Relaxed) + size > self.config.backlog {
-            // Its task drops the connection; until then, further kicks are
-            // no-ops.
-            let backlog = self.config.backlog;
-            let _ = m.kick.try_send(Disconnect::TooFarBehind { backlog });
-            return Err(Undelivered::TooFarBehind);
+    fn usage(&self) -> &Usage {
+        &self.config.usage
+    }
+
+    /// The budget for what waits on members: `max_memory`, but room for
+    /// one largest message at least.
+    fn budget(&self) -> usize {
+        self.config
+            .max_memory
+            .max(MAX_PAYLOAD_LEN + MESSAGE_OVERHEAD)
+    }
+
+    /// Queues `msg` in member `m`'s backlog, without waiting, within its
+    /// backlog limit and the room's budget. Over its backlog limit, it is
+    /// disconnected instead; over the budget, the members with the most
+    /// waiting are (the slow-consumer rule), it too if it is one of them.
+    /// Called with the state locked (`state`), as everything that queues
+    /// for members is: so the budget holds (the count only falls
+    /// meanwhile).
+    fn deliver(&self, state: &State, m: &Member, msg: Arc<ChatMessage>) -> Result<(), Undelivered> {
+        if m.evicted.load(Ordering::Relaxed) {
+            return Err(Undelivered::TooSlow);
         }
-        // Unbounded, as `waiting` bounds it; fails only when the member is
-        // leaving.
+        let size = weight(&msg);
+        let backlog = self.config.backlog;
+        if m.queued.text.load(Ordering::Relaxed) + size > backlog {
+            self.evict(m, |_| Disconnect::TooFarBehind { backlog });
+            return Err(Undelivered::TooSlow);
+        }
+        if !self.make_room(state, m, size + MESSAGE_OVERHEAD) {
+            return Err(Undelivered::TooSlow);
+        }
+        self.queue(m, msg)
+    }
+
+    /// Makes room under the budget for `cost` more bytes: while it does not
+    /// fit, disconnects the member with the most waiting (one that reads
+    /// too slowly: a member that keeps up has little waiting), which frees
+    /// its share at once. Returns false if that was `m`, whom the message
+    /// is for. Each round disconnects one more member, so it ends.
+    fn make_room(&self, state: &State, m: &Member, cost: usize) -> bool {
+        let budget = self.budget();
+        while self.usage().waiting() + cost > budget {
+            let most = state
+                .members
+                .values()
+                .filter(|v| !v.evicted.load(Ordering::Relaxed))
+                .max_by_key(|v| v.queued.cost.load(Ordering::Relaxed));
+            // Nobody else holds anything (only if the count went wrong):
+            // the message does not fit, and whom it is for goes.
+            let slowest = match most {
+                Some(v) if v.queued.cost.load(Ordering::Relaxed) > 0 => v,
+                _ => m,
+            };
+            self.evict(slowest, |waiting| Disconnect::SlowConsumer {
+                budget,
+                waiting,
+            });
+            if std::ptr::eq(slowest, m) {
+                return false;
+            }
+        }
+        true
+    }
+
+    /// Queues `msg` in member `m`'s backlog and counts it, past any limit
+    /// (`deliver` checks them). Fails only when the member is leaving.
+    fn queue(&self, m: &Member, msg: Arc<ChatMessage>) -> Result<(), Undelivered> {
+        let size = weight(&msg);
+        let cost = size + MESSAGE_OVERHEAD;
+        m.queued.text.fetch_add(size, Ordering::Relaxed);
+        m.queued.cost.fetch_add(cost, Ordering::Relaxed);
+        self.usage().add(cost);
+        // Unbounded, as the counts bound it.
         m.outbox.try_send(msg).map_err(|_| {
-            m.waiting.fetch_sub(size, Ordering::Relaxed);
+            m.queued.text.fetch_sub(size, Ordering::Relaxed);
+            self.release(&m.queued, cost);
             Undelivered::Leaving
         })
+    }
+
+    /// Counts `cost` less waiting for a member (`queued`) and in the room:
+    /// no more than it has, as an eviction wrote off what it had.
+    fn release(&self, queued: &Queued, cost: usize) {
+        let had = queued
+            .cost
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |c| {
+                Some(c.saturating_sub(cost))
+            })
+            .unwrap_or_else(|c| c);
+        self.usage().sub(had.min(cost));
+    }
+
+    /// Disconnects member `m` for being too slow, for the reason `why`
+    /// gives from what waited for it: its task drops the connection and
+    /// what waits for it, moments later. From now on nothing more is
+    /// queued for it, and what waited for it no longer counts against the
+    /// budget. A second call does nothing.
+    fn evict(&self, m: &Member, why: impl FnOnce(usize) -> Disconnect) {
+        if m.evicted.swap(true, Ordering::Relaxed) {
+            return;
+        }
+        let waiting = m.queued.cost.swap(0, Ordering::Relaxed);
+        self.usage().sub(waiting);
+        // A full kick channel: it is being disconnected already.
+        let _ = m.kick.try_send(why(waiting));
     }
 
     /// Sends `text` from member `id` to every other member, without ever
@@ -397,10 +545,10 @@ impl Room {
             self.remember(v06::now_ms(), &from, &text);
             state.said += 1;
         }
-        let msg = ChatMessage::Broadcast { from, text };
+        let msg = Arc::new(ChatMessage::Broadcast { from, text });
         for (_, m) in state.members.iter().filter(|(&other, _)| other != id) {
             if !m.leaving && m.listening {
-                let _ = self.deliver(m, msg.clone());
+                let _ = self.deliver(&state, m, msg.clone());
             }
         }
         Ok(())
@@ -454,7 +602,10 @@ impl Room {
     /// Takes member `id` out of the room; returns its nickname.
     fn leave(&self, id: u64) -> Option<String> {
         let mut state = self.lock();
-        let nickname = state.remove(id)?.nickname;
+        let member = state.remove(id)?;
+        // What still waited for it goes with it.
+        self.release(&member.queued, usize::MAX);
+        let nickname = member.nickname;
         if let Some(nick) = &nickname {
             if state.nicks.get(nick) == Some(&id) {
                 state.nicks.remove(nick);
@@ -480,7 +631,7 @@ impl Room {
             .keepalive_interval(Some(self.config.keepalive))
             .build(stream, Chat);
         let (outbox, broadcasts) = channel::unbounded();
-        let waiting = Arc::new(AtomicUsize::new(0));
+        let queued = Arc::new(Queued::default());
         let (kick, kicked) = channel::bounded(1);
         let kick_self = kick.clone();
         {
@@ -489,7 +640,8 @@ impl Room {
                 addr,
                 nickname: None,
                 outbox,
-                waiting: waiting.clone(),
+                queued: queued.clone(),
+                evicted: AtomicBool::new(false),
                 kick,
                 version: V0_5,
                 caps: Caps::default(),
@@ -518,7 +670,7 @@ impl Room {
                     Err(_) => std::future::pending().await,
                 }
             };
-            let stalled = forward(&room, addr, broadcasts, &waiting, &sender);
+            let stalled = forward(&room, addr, broadcasts, &queued, &sender);
             let mut incoming = incoming;
             let mut pace = room
                 .config
@@ -651,75 +803,113 @@ const PACE_POLL: Duration = Duration::from_millis(50);
 /// Moves broadcasts from a member's backlog to its connection. Resolves,
 /// with the reason, only if the connection's queue stays full for `stall`;
 /// once the backlog is closed and empty (at shutdown), closes the
-/// connection.
+/// connection. What it moves still counts against the budget until the
+/// connection has written it.
 async fn forward(
     room: &Room,
     addr: SocketAddr,
-    broadcasts: channel::Receiver<ChatMessage>,
-    waiting: &AtomicUsize,
+    broadcasts: channel::Receiver<Arc<ChatMessage>>,
+    queued: &Queued,
     sender: &Sender<Chat>,
 ) -> Disconnect {
-    let stall = room.config.stall;
-    // When the queue was first found full, since it last had room.
-    let mut full_since = None;
-    while let Ok(msg) = broadcasts.recv().await {
-        waiting.fetch_sub(weight(&msg), Ordering::Relaxed);
-        // A Notice is the last message before a close: reported either way.
-        let notice = match &msg {
-            ChatMessage::Notice { text } => Some(text.clone()),
-            _ => None,
-        };
-        let sent = match sender.try_send(msg) {
-            Ok(()) => {
-                full_since = None;
-                Ok(())
-            }
-            Err(TrySendError::Full(msg)) => {
-                // Wait for room, but only until the queue has been full for
-                // `stall`: a slot freed now and then is not catching up.
-                let since = *full_since.get_or_insert_with(|| room.now());
-                let left = stall.saturating_sub(room.now().saturating_duration_since(since));
-                let room_made = async { Some(sender.reserve().await) };
-                let give_up = async {
-                    smol::Timer::after(left).await;
-                    None
-                };
-                match room_made.or(give_up).await {
-                    Some(Ok(permit)) => permit.send(msg).map_err(|e| e.error),
-                    Some(Err(e)) => Err(e),
-                    None => {
-                        if let Some(text) = notice {
-                            let reason = NoticeFailure::QueueFull;
-                            room.emit(Event::NoticeNotSent { addr, text, reason });
+    // The cost of what was moved to the connection and may not be written
+    // yet; rung after each move.
+    let moved = AtomicUsize::new(0);
+    let (ring, rung) = channel::bounded::<()>(1);
+    let moving = async {
+        let stall = room.config.stall;
+        // When the queue was first found full, since it last had room.
+        let mut full_since = None;
+        while let Ok(shared) = broadcasts.recv().await {
+            let size = weight(&shared);
+            queued.text.fetch_sub(size, Ordering::Relaxed);
+            let cost = size + MESSAGE_OVERHEAD;
+            // The last member it is for takes it; the others copy it (the
+            // connection encodes it into its own queue at once anyway).
+            let msg = Arc::unwrap_or_clone(shared);
+            // A Notice is the last message before a close: reported either way.
+            let notice = match &msg {
+                ChatMessage::Notice { text } => Some(text.clone()),
+                _ => None,
+            };
+            let sent = match sender.try_send(msg) {
+                Ok(()) => {
+                    full_since = None;
+                    Ok(())
+                }
+                Err(TrySendError::Full(msg)) => {
+                    // Wait for room, but only until the queue has been full for
+                    // `stall`: a slot freed now and then is not catching up.
+                    let since = *full_since.get_or_insert_with(|| room.now());
+                    let left = stall.saturating_sub(room.now().saturating_duration_since(since));
+                    let room_made = async { Some(sender.reserve().await) };
+                    let give_up = async {
+                        smol::Timer::after(left).await;
+                        None
+                    };
+                    match room_made.or(give_up).await {
+                        Some(Ok(permit)) => permit.send(msg).map_err(|e| e.error),
+                        Some(Err(e)) => Err(e),
+                        None => {
+                            if let Some(text) = notice {
+                                let reason = NoticeFailure::QueueFull;
+                                room.emit(Event::NoticeNotSent { addr, text, reason });
+                            }
+                            return Disconnect::Stalled { stall };
                         }
-                        return Disconnect::Stalled { stall };
                     }
                 }
+                Err(TrySendError::Failed(e)) => Err(e.error),
+            };
+            if sent.is_ok() {
+                moved.fetch_add(cost, Ordering::Relaxed);
+                let _ = ring.try_send(());
+            } else {
+                room.release(queued, cost);
             }
-            Err(TrySendError::Failed(e)) => Err(e.error),
-        };
-        match (sent, notice) {
-            (Ok(()), None) => {}
-            (Ok(()), Some(text)) => room.emit(Event::NoticeSent { addr, text }),
-            (Err(error), Some(text)) => {
-                let fatal = error.is_fatal();
-                let reason = NoticeFailure::Failed(error);
-                room.emit(Event::NoticeNotSent { addr, text, reason });
-                if fatal {
-                    break;
+            match (sent, notice) {
+                (Ok(()), None) => {}
+                (Ok(()), Some(text)) => room.emit(Event::NoticeSent { addr, text }),
+                (Err(error), Some(text)) => {
+                    let fatal = error.is_fatal();
+                    let reason = NoticeFailure::Failed(error);
+                    room.emit(Event::NoticeNotSent { addr, text, reason });
+                    if fatal {
+                        break;
+                    }
                 }
+                // This message cannot go out (too large for a frame); the next
+                // ones can.
+                (Err(error), None) if !error.is_fatal() => {
+                    room.emit(Event::BroadcastNotSent { addr, error });
+                }
+                // The connection is ending; its driver says why.
+                (Err(_), None) => break,
             }
-            // This message cannot go out (too large for a frame); the next
-            // ones can.
-            (Err(error), None) if !error.is_fatal() => {
-                room.emit(Event::BroadcastNotSent { addr, error });
-            }
-            // The connection is ending; its driver says why.
-            (Err(_), None) => break,
         }
-    }
-    sender.close();
-    std::future::pending().await
+        sender.close();
+        std::future::pending().await
+    };
+    // Counts what was moved as gone once the connection has written it.
+    let written = async {
+        while rung.recv().await.is_ok() {
+            let cost = moved.load(Ordering::Relaxed);
+            if cost == 0 {
+                continue;
+            }
+            // Everything the connection took so far, that included: read in
+            // the same poll as `cost`, so nothing moves in between.
+            if sender.flush().await.is_err() {
+                // It is ending: the room counts the rest as gone when it
+                // leaves.
+                break;
+            }
+            moved.fetch_sub(cost, Ordering::Relaxed);
+            room.release(queued, cost);
+        }
+        std::future::pending().await
+    };
+    moving.or(written).await
 }
 
 async fn handle(room: &Room, id: u64, addr: SocketAddr, sender: &Sender<Chat>, msg: ChatMessage) {
@@ -817,7 +1007,8 @@ mod tests {
             addr: addr.parse().unwrap(),
             nickname: None,
             outbox,
-            waiting: Arc::default(),
+            queued: Arc::default(),
+            evicted: AtomicBool::new(false),
             kick,
             version: V0_5,
             caps: Caps::default(),
@@ -826,14 +1017,13 @@ mod tests {
             said_at_join: 0,
             listening: true,
         };
-        (m, (backlog, kicked))
+        (m, Receivers { backlog, kicked })
     }
 
-    /// Kept only so that the member's channels stay open.
-    type Receivers = (
-        channel::Receiver<ChatMessage>,
-        channel::Receiver<Disconnect>,
-    );
+    struct Receivers {
+        backlog: channel::Receiver<Arc<ChatMessage>>,
+        kicked: channel::Receiver<Disconnect>,
+    }
 
     fn room(config: Config) -> Room {
         Room {
@@ -916,5 +1106,146 @@ mod tests {
         room.lock().add(4, m);
         kept.push(r);
         assert_eq!(room.admit(b), Err(Refusal::ServerFull { max: 3 }));
+    }
+
+    fn text(n: usize) -> Arc<ChatMessage> {
+        Arc::new(ChatMessage::Broadcast {
+            from: "x".into(),
+            text: "y".repeat(n - 1),
+        })
+    }
+
+    /// What waits for each member adds up to the room's count.
+    fn assert_counts_add_up(room: &Room) {
+        let state = room.lock();
+        let sum: usize = state
+            .members
+            .values()
+            .map(|m| m.queued.cost.load(Ordering::Relaxed))
+            .sum();
+        assert_eq!(sum, room.usage().waiting());
+    }
+
+    #[test]
+    fn over_the_budget_the_member_with_most_waiting_is_disconnected() {
+        const SIZE: usize = 1000;
+        const COST: usize = SIZE + MESSAGE_OVERHEAD;
+        let budget = 100 * COST;
+        let room = room(Config {
+            max_memory: budget,
+            backlog: 1 << 20,
+            ..Config::default()
+        });
+        let mut rx = HashMap::new();
+        for id in 1..=3 {
+            let (m, r) = member(&format!("10.0.0.{id}:5"));
+            room.lock().add(id, m);
+            rx.insert(id, r);
+        }
+        let deliver = |id: u64| {
+            let state = room.lock();
+            room.deliver(&state, &state.members[&id], text(SIZE))
+        };
+        // 2 has 60 waiting, 3 has 30, 1 has 10: the budget is full.
+        for (id, n) in [(2, 60), (3, 30), (1, 10)] {
+            for _ in 0..n {
+                assert!(deliver(id).is_ok());
+            }
+        }
+        assert_eq!(room.usage().waiting(), budget);
+        assert_counts_add_up(&room);
+        // One more for 1: 2, with the most, goes; what it had is freed.
+        assert!(deliver(1).is_ok());
+        let why = rx[&2].kicked.try_recv().unwrap();
+        assert!(
+            matches!(why, Disconnect::SlowConsumer { budget: b, waiting } if b == budget && waiting == 60 * COST),
+            "{why:?}"
+        );
+        assert_eq!(room.usage().waiting(), 41 * COST);
+        assert_eq!(room.usage().peak_waiting(), budget);
+        assert_counts_add_up(&room);
+        assert!(rx[&1].kicked.is_empty() && rx[&3].kicked.is_empty());
+        // Nothing more is queued for it, and its task taking what its
+        // backlog held changes no count.
+        assert!(matches!(deliver(2), Err(Undelivered::TooSlow)));
+        while let Ok(msg) = rx[&2].backlog.try_recv() {
+            room.release(
+                &room.lock().members[&2].queued,
+                weight(&msg) + MESSAGE_OVERHEAD,
+            );
+        }
+        assert_eq!(room.usage().waiting(), 41 * COST);
+        assert!(room.leave(2).is_none());
+        assert_eq!(room.usage().waiting(), 41 * COST);
+        assert_counts_add_up(&room);
+
+        // 3 fills the budget itself: then it is the one to go, and its
+        // message is not queued.
+        for _ in 0..59 {
+            assert!(deliver(3).is_ok());
+        }
+        assert!(matches!(deliver(3), Err(Undelivered::TooSlow)));
+        let why = rx[&3].kicked.try_recv().unwrap();
+        assert!(
+            matches!(why, Disconnect::SlowConsumer { waiting, .. } if waiting == 89 * COST),
+            "{why:?}"
+        );
+        assert_eq!(room.usage().waiting(), 11 * COST);
+        assert!(room.usage().peak_waiting() <= budget);
+        assert_counts_add_up(&room);
+
+        // What member 1's connection writes counts as gone; and leaving
+        // takes the rest off.
+        room.release(&room.lock().members[&1].queued, COST);
+        assert_eq!(room.usage().waiting(), 10 * COST);
+        room.leave(1);
+        room.leave(3);
+        assert_eq!(room.usage().waiting(), 0);
+        assert!(room.usage().peak_waiting() <= budget);
+    }
+
+    #[test]
+    fn over_its_backlog_a_member_is_disconnected_and_its_share_freed() {
+        let room = room(Config {
+            backlog: 4000,
+            ..Config::default()
+        });
+        let (m, rx) = member("10.0.0.1:5");
+        room.lock().add(1, m);
+        let deliver = || {
+            let state = room.lock();
+            room.deliver(&state, &state.members[&1], text(1000))
+        };
+        for _ in 0..4 {
+            assert!(deliver().is_ok());
+        }
+        assert!(matches!(deliver(), Err(Undelivered::TooSlow)));
+        assert!(matches!(
+            rx.kicked.try_recv(),
+            Ok(Disconnect::TooFarBehind { backlog: 4000 })
+        ));
+        assert_eq!(room.usage().waiting(), 0, "written off");
+        assert!(matches!(deliver(), Err(Undelivered::TooSlow)));
+        assert!(rx.kicked.is_empty(), "kicked once");
+        assert_counts_add_up(&room);
+    }
+
+    #[test]
+    fn the_budget_always_fits_one_largest_message() {
+        let room = room(Config {
+            max_memory: 0,
+            ..Config::default()
+        });
+        let (m, rx) = member("10.0.0.1:5");
+        room.lock().add(1, m);
+        let state = room.lock();
+        let m = &state.members[&1];
+        assert!(room.deliver(&state, m, text(60_000)).is_ok());
+        // A second does not fit: it has the most, so it goes.
+        assert!(room.deliver(&state, m, text(60_000)).is_err());
+        assert!(matches!(
+            rx.kicked.try_recv(),
+            Ok(Disconnect::SlowConsumer { budget, .. }) if budget == MAX_PAYLOAD_LEN + MESSAGE_OVERHEAD
+        ));
     }
 }
