@@ -73,9 +73,9 @@ struct Args {
     max_per_ip: usize,
 
     /// The memory for messages waiting on slow clients, all together, in
-    /// bytes (K, M, G suffixes: 512M, 2G). When it is full, the client with
-    /// the most waiting is disconnected as a slow consumer (a v0.6 client
-    /// is told why). Default: a quarter of the machine's memory, 1G if
+    /// bytes (K, M, G suffixes: 512M, 2G). When it is full, the client
+    /// furthest behind is disconnected as a slow consumer (a v0.6 client is
+    /// told why). Default: a quarter of the machine's memory, 1G if
     /// unknown.
     #[arg(long, value_name = "BYTES", value_parser = chatpipe_chat::memory::parse_size)]
     max_memory: Option<usize>,

@@ -106,9 +106,10 @@ pub enum Disconnect {
     /// Over `backlog` bytes of broadcasts waited for it.
     TooFarBehind { backlog: usize },
     /// A slow consumer: what waits on all the members together reached the
-    /// room's `budget` (`Config::max_memory`), and this one had the most
-    /// waiting for it, `waiting` bytes as the budget counts them. What
-    /// waited for it was dropped.
+    /// room's `budget` (`Config::max_memory`), and this one had been
+    /// behind the longest (its connection held the oldest message not yet
+    /// written), with `waiting` bytes waiting for it as the budget counts
+    /// them. What waited for it was dropped.
     SlowConsumer { budget: usize, waiting: usize },
     /// Its connection's queue stayed full for `stall`.
     Stalled { stall: Duration },
@@ -301,7 +302,7 @@ impl fmt::Display for Disconnect {
             Disconnect::SlowConsumer { budget, waiting } => write!(
                 f,
                 "slow consumer: what waits on clients reached the budget of {budget} bytes, \
-                 and the most of it, {waiting} bytes, waited for this one"
+                 and this one, with {waiting} bytes waiting, was the furthest behind"
             ),
             Disconnect::Stalled { stall } => {
                 write!(f, "too slow: its queue stayed full for {stall:?}")
@@ -337,7 +338,7 @@ impl Disconnect {
             )),
             Disconnect::SlowConsumer { waiting, .. } => Some(format!(
                 "disconnecting you: you are too slow, the server's memory for messages waiting \
-                 on clients is full, and you have the most waiting ({waiting} bytes)"
+                 on clients is full, and you are the furthest behind ({waiting} bytes wait for you)"
             )),
             Disconnect::Stalled { stall } => Some(format!(
                 "disconnecting you: you are too slow, you took no message for {stall:?}"

@@ -11,8 +11,8 @@
 //! messages (its connection's queue stays full for `stall`) or falls too
 //! far behind (its backlog grows over `backlog` bytes) is disconnected,
 //! never silently skipped. What waits on all the clients together is
-//! bounded too (`max_memory`): when it is reached, the client with the most
-//! waiting is disconnected, the slow-consumer rule, so memory stays bounded
+//! bounded too (`max_memory`): when it is reached, the client furthest
+//! behind is disconnected, the slow-consumer rule, so memory stays bounded
 //! however many clients lag.
 //!
 //! Joining, leaving, taking or changing a nickname and the per-IP check
@@ -31,7 +31,7 @@
 //! | messages per client (`rate`: token bucket) | 10/s, bursts of 20 | its messages are read more slowly: all arrive, late, in order, and TCP pushes back on its sends. Reported (`Paced`) at most once a second. |
 //! | a paced client far over its rate (`flood_unread`, `flood_for`) | 1,000 messages waiting to be read, for 30 s | disconnected (`ExcessFlood`) |
 //! | a client that does not read (`stall`, `backlog`) | 5 s, 4 MiB | disconnected (a v0.6 client is sent a Notice saying why, if its queue has room) |
-//! | what waits on all clients together (`max_memory`) | a quarter of the machine's memory; 1 GiB if unknown | the client with the most waiting is disconnected (`SlowConsumer`; a v0.6 client is sent a Notice saying why, if its queue has room), again until the message fits; what waited for it is dropped |
+//! | what waits on all clients together (`max_memory`) | a quarter of the machine's memory; 1 GiB if unknown | the client furthest behind (whose connection has held a message unwritten the longest) is disconnected (`SlowConsumer`; a v0.6 client is sent a Notice saying why, if its queue has room), again until the message fits; what waited for it is dropped |
 //!
 //! The room speaks v0.5 to every client, and v0.6 (see `docs/PROTOCOL.md`)
 //! to a client whose first message is a Hello offering it: acked chats
@@ -43,7 +43,7 @@ use std::collections::{HashMap, VecDeque};
 use std::fmt;
 use std::future::Future;
 use std::net::{IpAddr, SocketAddr};
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -126,14 +126,19 @@ pub struct Config {
     /// their sum, whatever the number of members.
     ///
     /// When a message would take the sum over it, the room applies the
-    /// slow-consumer rule: it disconnects the member with the most waiting
+    /// slow-consumer rule: it disconnects the member furthest behind, the
+    /// one whose connection has held a message unwritten the longest
     /// ([`Disconnect::SlowConsumer`]; a v0.6 client is sent a Notice saying
     /// why, if its queue has room), again until the message fits, and
-    /// drops what waited for it. Nobody waits: the others carry on. The
-    /// member with the most waiting, rather than whom the message is for:
-    /// that one may well keep up (a member that reads has little waiting),
-    /// and freeing the largest share disconnects the fewest members. Only
-    /// then does the room look through its members for it.
+    /// drops what waited for it. Nobody waits: the others carry on.
+    ///
+    /// The member furthest behind, rather than whom the message is for or
+    /// whoever has the most waiting: a member that reads keeps nothing
+    /// waiting for long, however much arrives for it at once, so only a
+    /// slow consumer is picked, as long as the budget has room for what
+    /// every member may have in flight (each member's share, `max_memory`
+    /// divided by the members, well above a burst of broadcasts). Only
+    /// when the budget is reached does the room look through its members.
     ///
     /// Default: [`memory::default_max_memory`], a quarter of the machine's
     /// memory (or of its cgroup's limit), 1 GiB where that cannot be read.
@@ -203,6 +208,7 @@ pub async fn serve(listener: TcpListener, config: Config, shutdown: impl Future<
     let room = Arc::new(Room {
         config,
         state: Mutex::new(State::default()),
+        stamps: AtomicU64::new(0),
         history: Mutex::new(VecDeque::new()),
     });
     // Every client task holds a clone, to tell when they have all ended.
@@ -275,6 +281,8 @@ pub async fn serve(listener: TcpListener, config: Config, shutdown: impl Future<
 struct Room {
     config: Config,
     state: Mutex<State>,
+    /// The next message's stamp: how many the room has queued for members.
+    stamps: AtomicU64,
     /// The last `config.history` broadcasts, oldest first, as `(at_ms,
     /// from, text)`: see `Room::remember` and `Room::recent`. Locked only
     /// while `state` is (so it never changes between a broadcast and the
@@ -335,8 +343,8 @@ struct Member {
     addr: SocketAddr,
     nickname: Option<String>,
     /// Broadcasts on their way to this member's connection: one copy of
-    /// each, shared by every member it is for.
-    outbox: channel::Sender<Arc<ChatMessage>>,
+    /// each, shared by every member it is for, with its stamp.
+    outbox: channel::Sender<Stamped>,
     /// How much waits for it.
     queued: Arc<Queued>,
     /// It is being disconnected for being too slow: nothing more is
@@ -371,9 +379,16 @@ impl Member {
     }
 }
 
+/// A message queued for a member, with its stamp (`Room::stamps`): the
+/// order in which the room queued it.
+type Stamped = (Arc<ChatMessage>, u64);
+
+/// No stamp: nothing old waits.
+const NO_STAMP: u64 = u64::MAX;
+
 /// What waits for a member, counted by the room (on queueing) and its task
 /// (as messages move on and are written).
-#[derive(Debug, Default)]
+#[derive(Debug)]
 struct Queued {
     /// Bytes of text in its backlog (`outbox`), which `Config::backlog`
     /// bounds.
@@ -382,6 +397,20 @@ struct Queued {
     /// backlog, and in its connection's queue until written, each its
     /// weight plus `MESSAGE_OVERHEAD`.
     cost: AtomicUsize,
+    /// The stamp of the oldest message its connection took and has not
+    /// written yet (`NO_STAMP` for none): the smaller, the longer this
+    /// member has been behind. A member that keeps up has none for long.
+    oldest: AtomicU64,
+}
+
+impl Default for Queued {
+    fn default() -> Self {
+        Queued {
+            text: AtomicUsize::new(0),
+            cost: AtomicUsize::new(0),
+            oldest: AtomicU64::new(NO_STAMP),
+        }
+    }
 }
 
 /// What a message weighs in a backlog: the bytes of its strings.
@@ -402,8 +431,8 @@ fn weight(msg: &ChatMessage) -> usize {
 
 /// Why a message could not go into a member's backlog.
 enum Undelivered {
-    /// It is too slow (its backlog is over the limit, or it has the most
-    /// waiting when the budget is full): it is being disconnected.
+    /// It is too slow (its backlog is over the limit, or it is the furthest
+    /// behind when the budget is full): it is being disconnected.
     TooSlow,
     /// Its backlog is closed: it is leaving.
     Leaving,
@@ -438,8 +467,8 @@ impl Room {
 
     /// Queues `msg` in member `m`'s backlog, without waiting, within its
     /// backlog limit and the room's budget. Over its backlog limit, it is
-    /// disconnected instead; over the budget, the members with the most
-    /// waiting are (the slow-consumer rule), it too if it is one of them.
+    /// disconnected instead; over the budget, the members furthest behind
+    /// are (the slow-consumer rule), it too if it is one of them.
     /// Called with the state locked (`state`), as everything that queues
     /// for members is: so the budget holds (the count only falls
     /// meanwhile).
@@ -460,24 +489,31 @@ impl Room {
     }
 
     /// Makes room under the budget for `cost` more bytes: while it does not
-    /// fit, disconnects the member with the most waiting (one that reads
-    /// too slowly: a member that keeps up has little waiting), which frees
-    /// its share at once. Returns false if that was `m`, whom the message
-    /// is for. Each round disconnects one more member, so it ends.
+    /// fit, disconnects the slowest consumer, which frees its share at
+    /// once. Returns false if that was `m`, whom the message is for. Each
+    /// round disconnects one more member, so it ends.
+    ///
+    /// The slowest consumer is the member whose connection has held a
+    /// message unwritten the longest (the oldest stamp); among members with
+    /// none held (their connections write all they take), the one with the
+    /// most waiting. A member that keeps up has nothing old waiting,
+    /// however much arrives for it at once.
     fn make_room(&self, state: &State, m: &Member, cost: usize) -> bool {
         let budget = self.budget();
         while self.usage().waiting() + cost > budget {
-            let most = state
+            let slowest = state
                 .members
                 .values()
                 .filter(|v| !v.evicted.load(Ordering::Relaxed))
-                .max_by_key(|v| v.queued.cost.load(Ordering::Relaxed));
+                .filter(|v| v.queued.cost.load(Ordering::Relaxed) > 0)
+                .min_by_key(|v| {
+                    let oldest = v.queued.oldest.load(Ordering::Relaxed);
+                    let cost = v.queued.cost.load(Ordering::Relaxed);
+                    (oldest, std::cmp::Reverse(cost))
+                });
             // Nobody else holds anything (only if the count went wrong):
             // the message does not fit, and whom it is for goes.
-            let slowest = match most {
-                Some(v) if v.queued.cost.load(Ordering::Relaxed) > 0 => v,
-                _ => m,
-            };
+            let slowest = slowest.unwrap_or(m);
             self.evict(slowest, |waiting| Disconnect::SlowConsumer {
                 budget,
                 waiting,
@@ -497,8 +533,9 @@ impl Room {
         m.queued.text.fetch_add(size, Ordering::Relaxed);
         m.queued.cost.fetch_add(cost, Ordering::Relaxed);
         self.usage().add(cost);
+        let stamp = self.stamps.fetch_add(1, Ordering::Relaxed);
         // Unbounded, as the counts bound it.
-        m.outbox.try_send(msg).map_err(|_| {
+        m.outbox.try_send((msg, stamp)).map_err(|_| {
             m.queued.text.fetch_sub(size, Ordering::Relaxed);
             self.release(&m.queued, cost);
             Undelivered::Leaving
@@ -677,7 +714,9 @@ impl Room {
                 .rate
                 .map(|r| Pace::new(Bucket::new(r, room.now())));
             let reading = async {
-                let mut handled = 0u32;
+                // Since the task last let the others run: messages handled,
+                // and messages queued for members (stamps taken).
+                let (mut handled, mut queued) = (0u64, 0u64);
                 while let Some(Ok(msg)) = incoming.next().await {
                     if let Some(pace) = &mut pace {
                         if let Err(reason) = pace.wait(&room, addr, &incoming).await {
@@ -690,13 +729,18 @@ impl Room {
                             break;
                         }
                     }
+                    let stamps = room.stamps.load(Ordering::Relaxed);
                     handle(&room, id, addr, &sender, msg).await;
                     // Messages that arrived together are all ready at once:
                     // let the other members' tasks run now and then, but not
                     // after every message, or each broadcast becomes a
-                    // write of its own instead of being coalesced.
-                    handled = handled.wrapping_add(1);
-                    if handled.is_multiple_of(32) {
+                    // write of its own instead of being coalesced. In a
+                    // large room, after a few broadcasts already: what a
+                    // member that keeps up has in flight stays small.
+                    handled += 1;
+                    queued += room.stamps.load(Ordering::Relaxed).wrapping_sub(stamps);
+                    if handled >= YIELD_MESSAGES || queued >= YIELD_QUEUED {
+                        (handled, queued) = (0, 0);
                         smol::future::yield_now().await;
                     }
                 }
@@ -796,6 +840,14 @@ impl Pace {
     }
 }
 
+/// A member's task lets the others run after handling this many of its
+/// messages...
+const YIELD_MESSAGES: u64 = 32;
+/// ...or fewer, once they queued this many messages for members (a
+/// broadcast queues one per member; others' tasks, running meanwhile on
+/// other threads, may add theirs, which only makes it yield sooner).
+const YIELD_QUEUED: u64 = 4096;
+
 /// The longest one wait of a paced client lasts before the room looks at
 /// its clock again.
 const PACE_POLL: Duration = Duration::from_millis(50);
@@ -808,7 +860,7 @@ const PACE_POLL: Duration = Duration::from_millis(50);
 async fn forward(
     room: &Room,
     addr: SocketAddr,
-    broadcasts: channel::Receiver<Arc<ChatMessage>>,
+    broadcasts: channel::Receiver<Stamped>,
     queued: &Queued,
     sender: &Sender<Chat>,
 ) -> Disconnect {
@@ -816,11 +868,20 @@ async fn forward(
     // yet; rung after each move.
     let moved = AtomicUsize::new(0);
     let (ring, rung) = channel::bounded::<()>(1);
+    // The stamps of the first message moved since the last flush began,
+    // and of the first one the flush under way covers: `queued.oldest` is
+    // the older.
+    let (unflushed, flushing) = (AtomicU64::new(NO_STAMP), AtomicU64::new(NO_STAMP));
+    let oldest = || {
+        let (a, b) = (&flushing, &unflushed);
+        let oldest = a.load(Ordering::Relaxed).min(b.load(Ordering::Relaxed));
+        queued.oldest.store(oldest, Ordering::Relaxed);
+    };
     let moving = async {
         let stall = room.config.stall;
         // When the queue was first found full, since it last had room.
         let mut full_since = None;
-        while let Ok(shared) = broadcasts.recv().await {
+        while let Ok((shared, stamp)) = broadcasts.recv().await {
             let size = weight(&shared);
             queued.text.fetch_sub(size, Ordering::Relaxed);
             let cost = size + MESSAGE_OVERHEAD;
@@ -863,6 +924,10 @@ async fn forward(
             };
             if sent.is_ok() {
                 moved.fetch_add(cost, Ordering::Relaxed);
+                if unflushed.load(Ordering::Relaxed) == NO_STAMP {
+                    unflushed.store(stamp, Ordering::Relaxed);
+                    oldest();
+                }
                 let _ = ring.try_send(());
             } else {
                 room.release(queued, cost);
@@ -897,6 +962,8 @@ async fn forward(
             if cost == 0 {
                 continue;
             }
+            let first = unflushed.swap(NO_STAMP, Ordering::Relaxed);
+            flushing.store(first, Ordering::Relaxed);
             // Everything the connection took so far, that included: read in
             // the same poll as `cost`, so nothing moves in between.
             if sender.flush().await.is_err() {
@@ -905,6 +972,8 @@ async fn forward(
                 break;
             }
             moved.fetch_sub(cost, Ordering::Relaxed);
+            flushing.store(NO_STAMP, Ordering::Relaxed);
+            oldest();
             room.release(queued, cost);
         }
         std::future::pending().await
@@ -1021,7 +1090,7 @@ mod tests {
     }
 
     struct Receivers {
-        backlog: channel::Receiver<Arc<ChatMessage>>,
+        backlog: channel::Receiver<Stamped>,
         kicked: channel::Receiver<Disconnect>,
     }
 
@@ -1032,6 +1101,7 @@ mod tests {
                 ..config
             },
             state: Mutex::new(State::default()),
+            stamps: AtomicU64::new(0),
             history: Mutex::new(VecDeque::new()),
         }
     }
@@ -1127,7 +1197,7 @@ mod tests {
     }
 
     #[test]
-    fn over_the_budget_the_member_with_most_waiting_is_disconnected() {
+    fn over_the_budget_the_member_furthest_behind_is_disconnected() {
         const SIZE: usize = 1000;
         const COST: usize = SIZE + MESSAGE_OVERHEAD;
         let budget = 100 * COST;
@@ -1137,7 +1207,7 @@ mod tests {
             ..Config::default()
         });
         let mut rx = HashMap::new();
-        for id in 1..=3 {
+        for id in 1..=4 {
             let (m, r) = member(&format!("10.0.0.{id}:5"));
             room.lock().add(id, m);
             rx.insert(id, r);
@@ -1146,60 +1216,88 @@ mod tests {
             let state = room.lock();
             room.deliver(&state, &state.members[&id], text(SIZE))
         };
-        // 2 has 60 waiting, 3 has 30, 1 has 10: the budget is full.
+        // What each member's connection holds unwritten since (a stamp),
+        // as its task would say.
+        let behind_since = |id: u64, stamp: u64| {
+            let state = room.lock();
+            state.members[&id]
+                .queued
+                .oldest
+                .store(stamp, Ordering::Relaxed);
+        };
+        let kicked = |id: u64| rx[&id].kicked.try_recv().ok();
+        // 2 has 60 waiting, all taken just now; 3 has 30, its connection
+        // stuck on an old one; 1 has 10. The budget is full.
         for (id, n) in [(2, 60), (3, 30), (1, 10)] {
             for _ in 0..n {
                 assert!(deliver(id).is_ok());
             }
         }
+        behind_since(2, NO_STAMP);
+        behind_since(3, 5);
+        behind_since(1, 95);
         assert_eq!(room.usage().waiting(), budget);
         assert_counts_add_up(&room);
-        // One more for 1: 2, with the most, goes; what it had is freed.
+        // One more for 1: 3, the furthest behind, goes, though 2 has more
+        // waiting; what 3 had is freed.
         assert!(deliver(1).is_ok());
-        let why = rx[&2].kicked.try_recv().unwrap();
+        let why = kicked(3).unwrap();
         assert!(
-            matches!(why, Disconnect::SlowConsumer { budget: b, waiting } if b == budget && waiting == 60 * COST),
+            matches!(why, Disconnect::SlowConsumer { budget: b, waiting } if b == budget && waiting == 30 * COST),
             "{why:?}"
         );
-        assert_eq!(room.usage().waiting(), 41 * COST);
+        assert_eq!(room.usage().waiting(), 71 * COST);
         assert_eq!(room.usage().peak_waiting(), budget);
         assert_counts_add_up(&room);
-        assert!(rx[&1].kicked.is_empty() && rx[&3].kicked.is_empty());
+        assert!(kicked(1).is_none() && kicked(2).is_none());
         // Nothing more is queued for it, and its task taking what its
-        // backlog held changes no count.
-        assert!(matches!(deliver(2), Err(Undelivered::TooSlow)));
-        while let Ok(msg) = rx[&2].backlog.try_recv() {
-            room.release(
-                &room.lock().members[&2].queued,
-                weight(&msg) + MESSAGE_OVERHEAD,
-            );
+        // backlog held, or leaving, changes no count.
+        assert!(matches!(deliver(3), Err(Undelivered::TooSlow)));
+        while let Ok((msg, _)) = rx[&3].backlog.try_recv() {
+            let cost = weight(&msg) + MESSAGE_OVERHEAD;
+            room.release(&room.lock().members[&3].queued, cost);
         }
-        assert_eq!(room.usage().waiting(), 41 * COST);
-        assert!(room.leave(2).is_none());
-        assert_eq!(room.usage().waiting(), 41 * COST);
+        assert_eq!(room.usage().waiting(), 71 * COST);
+        assert!(room.leave(3).is_none());
+        assert_eq!(room.usage().waiting(), 71 * COST);
         assert_counts_add_up(&room);
 
-        // 3 fills the budget itself: then it is the one to go, and its
-        // message is not queued.
-        for _ in 0..59 {
-            assert!(deliver(3).is_ok());
+        // 1 fills the budget itself: then, behind since 95, it is the one
+        // to go (2 keeps up), and its message is not queued.
+        for _ in 0..29 {
+            assert!(deliver(1).is_ok());
         }
-        assert!(matches!(deliver(3), Err(Undelivered::TooSlow)));
-        let why = rx[&3].kicked.try_recv().unwrap();
+        assert!(matches!(deliver(1), Err(Undelivered::TooSlow)));
+        let why = kicked(1).unwrap();
         assert!(
-            matches!(why, Disconnect::SlowConsumer { waiting, .. } if waiting == 89 * COST),
+            matches!(why, Disconnect::SlowConsumer { waiting, .. } if waiting == 40 * COST),
             "{why:?}"
         );
-        assert_eq!(room.usage().waiting(), 11 * COST);
-        assert!(room.usage().peak_waiting() <= budget);
+        assert_eq!(room.usage().waiting(), 60 * COST);
         assert_counts_add_up(&room);
 
-        // What member 1's connection writes counts as gone; and leaving
-        // takes the rest off.
-        room.release(&room.lock().members[&1].queued, COST);
-        assert_eq!(room.usage().waiting(), 10 * COST);
-        room.leave(1);
-        room.leave(3);
+        // Nobody's connection holds anything old: the one with the most
+        // waiting goes.
+        for _ in 0..39 {
+            assert!(deliver(4).is_ok());
+        }
+        assert_eq!(room.usage().waiting(), 99 * COST);
+        assert!(deliver(4).is_ok());
+        assert!(deliver(4).is_ok());
+        assert!(
+            matches!(kicked(2), Some(Disconnect::SlowConsumer { waiting, .. }) if waiting == 60 * COST)
+        );
+        assert!(kicked(4).is_none());
+        assert_eq!(room.usage().waiting(), 41 * COST);
+        assert!(room.usage().peak_waiting() <= budget);
+
+        // What a connection writes counts as gone; and leaving takes the
+        // rest off.
+        room.release(&room.lock().members[&4].queued, COST);
+        assert_eq!(room.usage().waiting(), 40 * COST);
+        for id in [1, 2, 4] {
+            room.leave(id);
+        }
         assert_eq!(room.usage().waiting(), 0);
         assert!(room.usage().peak_waiting() <= budget);
     }
