@@ -29,14 +29,14 @@ const SLOW: usize = 2_000;
 /// their connections take them, while reading each other's.
 const SENDERS: usize = 2;
 const EACH: usize = 1_000;
-const TEXT: usize = 200;
+const TEXT: usize = 1000;
 /// Clients that read everything as it comes.
 const READERS: usize = 2;
 /// The room's budget for what waits on its members.
 const BUDGET: usize = 32 << 20;
 /// Broadcasts everyone gets first (the slow clients' sockets hold them),
 /// to measure what a connection that carries traffic holds.
-const WARM: usize = 40;
+const WARM: usize = 8;
 /// The whole test, at most.
 const LIMIT: Duration = Duration::from_secs(120);
 

@@ -135,10 +135,12 @@ pub struct Config {
     /// The member furthest behind, rather than whom the message is for or
     /// whoever has the most waiting: a member that reads keeps nothing
     /// waiting for long, however much arrives for it at once, so only a
-    /// slow consumer is picked, as long as the budget has room for what
-    /// every member may have in flight (each member's share, `max_memory`
-    /// divided by the members, well above a burst of broadcasts). Only
-    /// when the budget is reached does the room look through its members.
+    /// slow consumer is picked. What members that keep up have in flight
+    /// (queued, not yet taken by their tasks) stays a small part of the
+    /// budget: a member's task lets the others run once the messages it
+    /// handled have queued 1/1024 of it. Only when the budget is reached
+    /// does the room look through its members. A budget too small for the
+    /// room (below about 16 KiB per member) can pick members that keep up.
     ///
     /// Default: [`memory::default_max_memory`], a quarter of the machine's
     /// memory (or of its cgroup's limit), 1 GiB where that cannot be read.
@@ -209,6 +211,7 @@ pub async fn serve(listener: TcpListener, config: Config, shutdown: impl Future<
         config,
         state: Mutex::new(State::default()),
         stamps: AtomicU64::new(0),
+        queued_bytes: AtomicU64::new(0),
         history: Mutex::new(VecDeque::new()),
     });
     // Every client task holds a clone, to tell when they have all ended.
@@ -283,6 +286,8 @@ struct Room {
     state: Mutex<State>,
     /// The next message's stamp: how many the room has queued for members.
     stamps: AtomicU64,
+    /// The bytes it has queued for members, as the budget counts them.
+    queued_bytes: AtomicU64,
     /// The last `config.history` broadcasts, oldest first, as `(at_ms,
     /// from, text)`: see `Room::remember` and `Room::recent`. Locked only
     /// while `state` is (so it never changes between a broadcast and the
@@ -534,6 +539,7 @@ impl Room {
         m.queued.cost.fetch_add(cost, Ordering::Relaxed);
         self.usage().add(cost);
         let stamp = self.stamps.fetch_add(1, Ordering::Relaxed);
+        self.queued_bytes.fetch_add(cost as u64, Ordering::Relaxed);
         // Unbounded, as the counts bound it.
         m.outbox.try_send((msg, stamp)).map_err(|_| {
             m.queued.text.fetch_sub(size, Ordering::Relaxed);
@@ -715,8 +721,9 @@ impl Room {
                 .map(|r| Pace::new(Bucket::new(r, room.now())));
             let reading = async {
                 // Since the task last let the others run: messages handled,
-                // and messages queued for members (stamps taken).
+                // and bytes they queued for members.
                 let (mut handled, mut queued) = (0u64, 0u64);
+                let yield_bytes = room.budget() as u64 / YIELD_SHARE;
                 while let Some(Ok(msg)) = incoming.next().await {
                     if let Some(pace) = &mut pace {
                         if let Err(reason) = pace.wait(&room, addr, &incoming).await {
@@ -729,17 +736,22 @@ impl Room {
                             break;
                         }
                     }
-                    let stamps = room.stamps.load(Ordering::Relaxed);
+                    let before = room.queued_bytes.load(Ordering::Relaxed);
                     handle(&room, id, addr, &sender, msg).await;
                     // Messages that arrived together are all ready at once:
                     // let the other members' tasks run now and then, but not
                     // after every message, or each broadcast becomes a
                     // write of its own instead of being coalesced. In a
-                    // large room, after a few broadcasts already: what a
-                    // member that keeps up has in flight stays small.
+                    // large room, after a few broadcasts already, so that
+                    // what members that keep up have in flight (queued, not
+                    // yet taken by their tasks) stays a small part of the
+                    // budget.
                     handled += 1;
-                    queued += room.stamps.load(Ordering::Relaxed).wrapping_sub(stamps);
-                    if handled >= YIELD_MESSAGES || queued >= YIELD_QUEUED {
+                    queued += room
+                        .queued_bytes
+                        .load(Ordering::Relaxed)
+                        .wrapping_sub(before);
+                    if handled >= YIELD_MESSAGES || queued >= yield_bytes {
                         (handled, queued) = (0, 0);
                         smol::future::yield_now().await;
                     }
@@ -843,10 +855,11 @@ impl Pace {
 /// A member's task lets the others run after handling this many of its
 /// messages...
 const YIELD_MESSAGES: u64 = 32;
-/// ...or fewer, once they queued this many messages for members (a
-/// broadcast queues one per member; others' tasks, running meanwhile on
-/// other threads, may add theirs, which only makes it yield sooner).
-const YIELD_QUEUED: u64 = 4096;
+/// ...or fewer, once they queued this share of the budget for members (a
+/// broadcast queues a copy's worth for each member; others' tasks, running
+/// meanwhile on other threads, may add theirs, which only makes it yield
+/// sooner).
+const YIELD_SHARE: u64 = 1024;
 
 /// The longest one wait of a paced client lasts before the room looks at
 /// its clock again.
@@ -1102,6 +1115,7 @@ mod tests {
             },
             state: Mutex::new(State::default()),
             stamps: AtomicU64::new(0),
+            queued_bytes: AtomicU64::new(0),
             history: Mutex::new(VecDeque::new()),
         }
     }
