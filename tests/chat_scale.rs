@@ -18,6 +18,7 @@ use chatpipe::chat::{Chat, ChatMessage};
 use chatpipe::Protocol;
 use chatpipe_chat::memory::MESSAGE_OVERHEAD;
 use chatpipe_chat::{Config, Disconnect, Event, Usage};
+use futures::StreamExt;
 
 mod chat_support;
 use chat_support::*;
@@ -457,4 +458,69 @@ fn slow_clients_by_the_thousand_stay_within_the_memory_budget() {
 
 fn mib(bytes: usize) -> f64 {
     bytes as f64 / f64::from(1 << 20)
+}
+
+#[test]
+fn a_v0_6_client_disconnected_for_the_budget_is_told_why() {
+    // The smallest budget: one largest message. One broadcast of 40,000
+    // bytes fits it once, not twice: whichever of the two v0.6 clients it
+    // reaches first is the one with something waiting when it comes to the
+    // second, so it goes, with a Notice saying why, and the other gets it.
+    let config = Config {
+        max_memory: 0,
+        join_window: Duration::ZERO,
+        ..Config::default()
+    };
+    run(Duration::from_secs(60), async {
+        let listener = smol::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let server = start_with(listener, config);
+        let (mut ana, _) = connect_v06(server.addr, &[]).await;
+        let (mut bo, _) = connect_v06(server.addr, &[]).await;
+        let cy = connect(server.addr).await;
+        assert!(matches!(cy.nick("cy").await, ChatMessage::Ack { .. }));
+        let text = "x".repeat(40_000);
+        cy.say(&text).await;
+
+        let (gone, stayed) = match server
+            .wait_for(|e| match e {
+                Event::Disconnected {
+                    addr,
+                    reason: reason @ Disconnect::SlowConsumer { .. },
+                    ..
+                } => Some((*addr, reason.clone())),
+                _ => None,
+            })
+            .await
+        {
+            (addr, reason) if addr == ana.addr => ((&mut ana, reason), &mut bo),
+            (addr, reason) if addr == bo.addr => ((&mut bo, reason), &mut ana),
+            other => panic!("{other:?}"),
+        };
+        let (gone, reason) = gone;
+        let budget = chatpipe::chat::MAX_PAYLOAD_LEN + MESSAGE_OVERHEAD;
+        let waiting = 40_000 + "cy".len() + MESSAGE_OVERHEAD;
+        assert!(
+            matches!(reason, Disconnect::SlowConsumer { budget: b, waiting: w } if b == budget && w == waiting),
+            "{reason:?}"
+        );
+        let notice = reason.notice().unwrap();
+        assert!(notice.contains("too slow"), "{notice}");
+        // What waited for it was dropped: the Notice, then the close.
+        assert_eq!(gone.recv().await, ChatMessage::Notice { text: notice });
+        assert!(matches!(gone.incoming.next().await, None | Some(Err(_))));
+        assert_eq!(
+            stayed.recv().await,
+            ChatMessage::Broadcast {
+                from: "cy".into(),
+                text
+            }
+        );
+        let events = server.shutdown().await;
+        let discards: Vec<_> = events.iter().filter(|e| e.is_discard()).collect();
+        assert_eq!(discards.len(), 1, "{discards:?}");
+        let told = events
+            .iter()
+            .filter(|e| matches!(e, Event::NoticeSent { text, .. } if text.contains("too slow")));
+        assert_eq!(told.count(), 1, "{events:#?}");
+    });
 }
