@@ -3,7 +3,7 @@
 //! ```text
 //! cargo run --example chat_server -- [--listen ADDR] [--rate N] [--burst N]
 //!     [--flood-unread N] [--flood-for SECS] [--history N] [--db PATH]
-//!     [--max-connections N] [--max-per-ip N]
+//!     [--max-connections N] [--max-per-ip N] [--max-memory BYTES]
 //! ```
 //!
 //! It speaks the chat protocol of `docs/PROTOCOL.md`, so `chat_client` or
@@ -71,6 +71,14 @@ struct Args {
     /// they are accepted.
     #[arg(long, value_name = "N", default_value_t = 64)]
     max_per_ip: usize,
+
+    /// The memory for messages waiting on slow clients, all together, in
+    /// bytes (K, M, G suffixes: 512M, 2G). When it is full, the client
+    /// furthest behind is disconnected as a slow consumer (a v0.6 client is
+    /// told why). Default: a quarter of the machine's memory, 1G if
+    /// unknown.
+    #[arg(long, value_name = "BYTES", value_parser = chatpipe_chat::memory::parse_size)]
+    max_memory: Option<usize>,
 }
 
 fn main() -> ExitCode {
@@ -140,7 +148,7 @@ fn serve_until_signal(
             per_second: args.rate,
             burst: args.burst.max(1.0),
         });
-        let config = Config {
+        let mut config = Config {
             rate,
             flood_unread: args.flood_unread.max(1),
             flood_for: std::time::Duration::from_secs(args.flood_for),
@@ -150,6 +158,9 @@ fn serve_until_signal(
             max_per_ip: args.max_per_ip,
             ..Config::default()
         };
+        if let Some(max_memory) = args.max_memory {
+            config.max_memory = max_memory;
+        }
         serve(listener, config, shutdown).await;
         ExitCode::SUCCESS
     })

@@ -12,7 +12,8 @@
 //!   `try_send`, `request()`.
 //!
 //! Scenarios: oneway, rtt, fanin, chat (fan-out through the example chat
-//! server), memory, allocs.
+//! server), chat-scale (the same with 100 and 10,000 clients in a child
+//! process), memory, allocs.
 //! Run `cargo bench` for all of them, `cargo bench -- oneway rtt` for some.
 //!
 //! Outputs: the markdown goes to stdout, and into files that stay under
@@ -28,7 +29,8 @@
 //!   shows. The results section of docs/BENCHMARKS.md is not written by the
 //!   bench: paste it from `target/bench/results.md`.
 //!
-//! The profiling modes (`--one`, `--child-idle`) write no files.
+//! The profiling and child modes (`--one`, `--child-idle`, `--child-chat`)
+//! write no files.
 //!
 //! Environment:
 //! - `CHATPIPE_BENCH_QUICK=1`: a fast smoke run (small N, 2 repetitions);
@@ -60,6 +62,7 @@ use harness::percentile;
 use report::{machine_info, si, targets, write_outputs, Report};
 use scenarios::allocs::scenario_allocs;
 use scenarios::chat::{chat_cpu_line, chat_fanout, scenario_chat_fanout};
+use scenarios::chat_scale::{child_chat, scenario_chat_scale};
 use scenarios::fanin::{fanin_chatpipe, fanin_tokio, scenario_fanin};
 use scenarios::memory::{child_idle, scenario_memory};
 use scenarios::oneway::scenario_oneway;
@@ -88,6 +91,9 @@ struct Cfg {
     chat_paced_secs: f64,
     /// Chat fan-out: also a saturated run with a single sender.
     chat_single: bool,
+    /// Chat at scale, clients in a child process: (clients, messages per
+    /// sender) for each run; `chat_senders` send.
+    chat_scale: Vec<(usize, u64)>,
     idle_pairs: usize,
     idle_settle: Duration,
     idle_cpu_window: Duration,
@@ -123,6 +129,7 @@ impl Cfg {
                 chat_reps: 2,
                 chat_paced_secs: 0.3,
                 chat_single: true,
+                chat_scale: vec![(100, 100), (10_000, 10)],
                 idle_pairs: 1_000,
                 idle_settle: Duration::from_millis(500),
                 idle_cpu_window: Duration::from_secs(5),
@@ -144,6 +151,7 @@ impl Cfg {
                 chat_reps: 3,
                 chat_paced_secs: 0.75,
                 chat_single: true,
+                chat_scale: vec![(100, 200), (10_000, 50)],
                 idle_pairs: 10_000,
                 idle_settle: Duration::from_secs(1),
                 idle_cpu_window: Duration::from_secs(10),
@@ -172,6 +180,13 @@ fn main() {
             Duration::from_millis(num(4)),
             Duration::from_millis(num(5)),
         );
+        return;
+    }
+    if args.get(1).map(String::as_str) == Some("--child-chat") {
+        // `--child-chat ADDR CLIENTS SENDERS MSGS`: chat at scale's clients.
+        let num = |i: usize| args.get(i).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+        let addr = args.get(2).map_or("", String::as_str);
+        child_chat(addr, num(3) as usize, num(4) as usize, num(5));
         return;
     }
     if args.get(1).map(String::as_str) == Some("--one") {
@@ -242,11 +257,12 @@ fn main() {
     rep.md.push('\n');
 
     type Scenario = fn(&Cfg, &mut Report);
-    let scenarios: [(&str, Scenario); 6] = [
+    let scenarios: [(&str, Scenario); 7] = [
         ("oneway", scenario_oneway),
         ("rtt", scenario_rtt),
         ("fanin", scenario_fanin),
         ("chat", scenario_chat_fanout),
+        ("chat-scale", scenario_chat_scale),
         ("memory", scenario_memory),
         ("allocs", scenario_allocs),
     ];

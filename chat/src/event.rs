@@ -105,6 +105,12 @@ pub enum Disconnect {
     Error(chatpipe::Error),
     /// Over `backlog` bytes of broadcasts waited for it.
     TooFarBehind { backlog: usize },
+    /// A slow consumer: what waits on all the members together reached the
+    /// room's `budget` (`Config::max_memory`), and this one had been
+    /// behind the longest (its connection held the oldest message not yet
+    /// written), with `waiting` bytes waiting for it as the budget counts
+    /// them. What waited for it was dropped.
+    SlowConsumer { budget: usize, waiting: usize },
     /// Its connection's queue stayed full for `stall`.
     Stalled { stall: Duration },
     /// Still open when the grace period of shutdown ran out.
@@ -194,6 +200,7 @@ impl Event {
             Event::Disconnected { reason, .. } => matches!(
                 reason,
                 Disconnect::TooFarBehind { .. }
+                    | Disconnect::SlowConsumer { .. }
                     | Disconnect::Stalled { .. }
                     | Disconnect::ExcessFlood { .. }
                     | Disconnect::ShutdownTimeout
@@ -292,6 +299,11 @@ impl fmt::Display for Disconnect {
                     "too slow: over {backlog} bytes of broadcasts wait for it"
                 )
             }
+            Disconnect::SlowConsumer { budget, waiting } => write!(
+                f,
+                "slow consumer: what waits on clients reached the budget of {budget} bytes, \
+                 and this one, with {waiting} bytes waiting, was the furthest behind"
+            ),
             Disconnect::Stalled { stall } => {
                 write!(f, "too slow: its queue stayed full for {stall:?}")
             }
@@ -323,6 +335,10 @@ impl Disconnect {
         match self {
             Disconnect::TooFarBehind { backlog } => Some(format!(
                 "disconnecting you: you are too slow, over {backlog} bytes of messages wait for you"
+            )),
+            Disconnect::SlowConsumer { waiting, .. } => Some(format!(
+                "disconnecting you: you are too slow, the server's memory for messages waiting \
+                 on clients is full, and you are the furthest behind ({waiting} bytes wait for you)"
             )),
             Disconnect::Stalled { stall } => Some(format!(
                 "disconnecting you: you are too slow, you took no message for {stall:?}"

@@ -7,9 +7,19 @@
 //! Each client has a task that drives its connection, handles what it
 //! sends, and feeds it the broadcasts waiting in its backlog. Broadcasting
 //! never waits for anyone: a message goes into each other client's backlog
-//! at once. A client that stops taking messages (its connection's queue
-//! stays full for `stall`) or falls too far behind (its backlog grows over
-//! `backlog` bytes) is disconnected, never silently skipped.
+//! at once (one copy, shared by the backlogs). A client that stops taking
+//! messages (its connection's queue stays full for `stall`) or falls too
+//! far behind (its backlog grows over `backlog` bytes) is disconnected,
+//! never silently skipped. What waits on all the clients together is
+//! bounded too (`max_memory`): when it is reached, the client furthest
+//! behind is disconnected, the slow-consumer rule, so memory stays bounded
+//! however many clients lag.
+//!
+//! Joining, leaving, taking or changing a nickname and the per-IP check
+//! cost the same whatever the number of members (maps kept up to date);
+//! only what must reach many members walks them: a broadcast, presence
+//! announcements, Who, shutdown, and picking the slowest member once the
+//! budget is reached.
 //!
 //! Limits on what clients may do, and what an offender gets (each an
 //! [`Event`]):
@@ -21,6 +31,7 @@
 //! | messages per client (`rate`: token bucket) | 10/s, bursts of 20 | its messages are read more slowly: all arrive, late, in order, and TCP pushes back on its sends. Reported (`Paced`) at most once a second. |
 //! | a paced client far over its rate (`flood_unread`, `flood_for`) | 1,000 messages waiting to be read, for 30 s | disconnected (`ExcessFlood`) |
 //! | a client that does not read (`stall`, `backlog`) | 5 s, 4 MiB | disconnected (a v0.6 client is sent a Notice saying why, if its queue has room) |
+//! | what waits on all clients together (`max_memory`) | a quarter of the machine's memory; 1 GiB if unknown | the client furthest behind (whose connection has held a message unwritten the longest) is disconnected (`SlowConsumer`; a v0.6 client is sent a Notice saying why, if its queue has room), again until the message fits; what waited for it is dropped |
 //!
 //! The room speaks v0.5 to every client, and v0.6 (see `docs/PROTOCOL.md`)
 //! to a client whose first message is a Hello offering it: acked chats
@@ -31,12 +42,12 @@
 use std::collections::{HashMap, VecDeque};
 use std::fmt;
 use std::future::Future;
-use std::net::SocketAddr;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use chatpipe::chat::{Chat, ChatMessage, PresenceChange, V0_5};
+use chatpipe::chat::{Chat, ChatMessage, PresenceChange, MAX_PAYLOAD_LEN, V0_5};
 use chatpipe::{Builder, Sender, TrySendError};
 use smol::channel;
 use smol::future::FutureExt;
@@ -46,6 +57,7 @@ use smol::stream::StreamExt;
 mod bucket;
 pub mod client;
 mod event;
+pub mod memory;
 pub mod store;
 mod v06;
 
@@ -55,6 +67,8 @@ pub use event::{
     Disconnect, Event, HelloRefusal, NicknameRefusal, NoticeFailure, Refusal, Request,
     RequestRefusal,
 };
+pub use memory::Usage;
+use memory::MESSAGE_OVERHEAD;
 use v06::Caps;
 
 /// How the server runs.
@@ -68,7 +82,8 @@ pub struct Config {
     pub stall: Duration,
     /// A client with more than this many bytes of broadcasts waiting for
     /// it, beyond its connection's own queue, is disconnected: memory for a
-    /// client that cannot keep up is bounded.
+    /// client that cannot keep up is bounded. ([`Config::max_memory`]
+    /// bounds what waits on all of them.)
     pub backlog: usize,
     /// How long shutdown waits for clients to close cleanly before
     /// dropping them; and how long a v0.6 client disconnected for being too
@@ -104,6 +119,36 @@ pub struct Config {
     /// Connections at once from one IP address; more are closed as soon as
     /// they are accepted.
     pub max_per_ip: usize,
+    /// The budget for what waits on slow members, all together, in bytes
+    /// (as [`Usage`] counts them): what is queued for a member, in its
+    /// backlog and in its connection's queue, until it is written to its
+    /// socket. Each member's own share is bounded by `backlog`; this bounds
+    /// their sum, whatever the number of members.
+    ///
+    /// When a message would take the sum over it, the room applies the
+    /// slow-consumer rule: it disconnects the member furthest behind, the
+    /// one whose connection has held a message unwritten the longest
+    /// ([`Disconnect::SlowConsumer`]; a v0.6 client is sent a Notice saying
+    /// why, if its queue has room), again until the message fits, and
+    /// drops what waited for it. Nobody waits: the others carry on.
+    ///
+    /// The member furthest behind, rather than whom the message is for or
+    /// whoever has the most waiting: a member that reads keeps nothing
+    /// waiting for long, however much arrives for it at once, so only a
+    /// slow consumer is picked. What members that keep up have in flight
+    /// (queued, not yet taken by their tasks) stays a small part of the
+    /// budget: a member's task lets the others run once the messages it
+    /// handled have queued 1/1024 of it. Only when the budget is reached
+    /// does the room look through its members. A budget too small for the
+    /// room (below about 16 KiB per member) can pick members that keep up.
+    ///
+    /// Default: [`memory::default_max_memory`], a quarter of the machine's
+    /// memory (or of its cgroup's limit), 1 GiB where that cannot be read.
+    /// Never less than one largest message.
+    pub max_memory: usize,
+    /// Where the room counts what waits on its members against
+    /// `max_memory`: keep a clone to watch it. One per room.
+    pub usage: Arc<Usage>,
     /// Where connections, disconnections, refusals and errors are
     /// reported; by default each is printed on stderr.
     pub events: Arc<dyn Fn(Event) + Send + Sync>,
@@ -131,6 +176,8 @@ impl Default for Config {
             join_window: Duration::from_millis(500),
             max_connections: 10_000,
             max_per_ip: 64,
+            max_memory: memory::default_max_memory(),
+            usage: Arc::default(),
             events: Arc::new(|event| eprintln!("{event}")),
             clock: Arc::new(Instant::now),
         }
@@ -150,6 +197,8 @@ impl fmt::Debug for Config {
             .field("history", &self.history)
             .field("max_connections", &self.max_connections)
             .field("max_per_ip", &self.max_per_ip)
+            .field("max_memory", &self.max_memory)
+            .field("usage", &self.usage)
             .finish_non_exhaustive()
     }
 }
@@ -161,6 +210,8 @@ pub async fn serve(listener: TcpListener, config: Config, shutdown: impl Future<
     let room = Arc::new(Room {
         config,
         state: Mutex::new(State::default()),
+        stamps: AtomicU64::new(0),
+        queued_bytes: AtomicU64::new(0),
         history: Mutex::new(VecDeque::new()),
     });
     // Every client task holds a clone, to tell when they have all ended.
@@ -207,10 +258,9 @@ pub async fn serve(listener: TcpListener, config: Config, shutdown: impl Future<
         for m in state.members.values() {
             // A v0.6 client is told why, after what waits for it.
             if m.version != V0_5 && !m.leaving {
+                // Past the limits: a few bytes per member, once.
                 let text = v06::SHUTDOWN_NOTICE.to_owned();
-                let msg = ChatMessage::Notice { text };
-                m.waiting.fetch_add(weight(&msg), Ordering::Relaxed);
-                let _ = m.outbox.try_send(msg);
+                let _ = room.queue(m, Arc::new(ChatMessage::Notice { text }));
             }
             m.outbox.close();
         }
@@ -234,6 +284,10 @@ pub async fn serve(listener: TcpListener, config: Config, shutdown: impl Future<
 struct Room {
     config: Config,
     state: Mutex<State>,
+    /// The next message's stamp: how many the room has queued for members.
+    stamps: AtomicU64,
+    /// The bytes it has queued for members, as the budget counts them.
+    queued_bytes: AtomicU64,
     /// The last `config.history` broadcasts, oldest first, as `(at_ms,
     /// from, text)`: see `Room::remember` and `Room::recent`. Locked only
     /// while `state` is (so it never changes between a broadcast and the
@@ -249,18 +303,58 @@ struct State {
     /// Who holds each nickname: `members[&nicks[n]].nickname == Some(n)`,
     /// for every nickname held.
     nicks: HashMap<String, u64>,
+    /// How many members each remote IP address has: the count `admit`
+    /// checks, kept on joining and leaving so that checking it does not
+    /// walk the members. No entry for an address without members.
+    per_ip: HashMap<IpAddr, usize>,
     /// How many broadcasts the room has remembered in all: those since a
     /// member joined are the newest of `Room::recent`, and reached it live.
     said: u64,
 }
 
+impl State {
+    /// Adds a member, counting it for its address.
+    fn add(&mut self, id: u64, member: Member) {
+        *self.per_ip.entry(member.addr.ip()).or_insert(0) += 1;
+        if let Some(old) = self.members.insert(id, member) {
+            // Ids are never reused; were one, the count stays right.
+            self.uncount(old.addr.ip());
+        }
+    }
+
+    /// Takes a member out, and out of its address's count.
+    fn remove(&mut self, id: u64) -> Option<Member> {
+        let member = self.members.remove(&id)?;
+        self.uncount(member.addr.ip());
+        Some(member)
+    }
+
+    fn uncount(&mut self, ip: IpAddr) {
+        if let Some(n) = self.per_ip.get_mut(&ip) {
+            *n -= 1;
+            if *n == 0 {
+                self.per_ip.remove(&ip);
+            }
+        }
+    }
+
+    /// How many members `ip` has.
+    fn members_from(&self, ip: IpAddr) -> usize {
+        self.per_ip.get(&ip).copied().unwrap_or(0)
+    }
+}
+
 struct Member {
     addr: SocketAddr,
     nickname: Option<String>,
-    /// Broadcasts on their way to this member's connection.
-    outbox: channel::Sender<ChatMessage>,
-    /// Bytes of text in `outbox`.
-    waiting: Arc<AtomicUsize>,
+    /// Broadcasts on their way to this member's connection: one copy of
+    /// each, shared by every member it is for, with its stamp.
+    outbox: channel::Sender<Stamped>,
+    /// How much waits for it.
+    queued: Arc<Queued>,
+    /// It is being disconnected for being too slow: nothing more is
+    /// queued for it, and what waited for it no longer counts.
+    evicted: AtomicBool,
     /// Tells the member's task to drop its connection, and why.
     kick: channel::Sender<Disconnect>,
     /// The protocol version it speaks: 0.5 until a Welcome.
@@ -290,6 +384,40 @@ impl Member {
     }
 }
 
+/// A message queued for a member, with its stamp (`Room::stamps`): the
+/// order in which the room queued it.
+type Stamped = (Arc<ChatMessage>, u64);
+
+/// No stamp: nothing old waits.
+const NO_STAMP: u64 = u64::MAX;
+
+/// What waits for a member, counted by the room (on queueing) and its task
+/// (as messages move on and are written).
+#[derive(Debug)]
+struct Queued {
+    /// Bytes of text in its backlog (`outbox`), which `Config::backlog`
+    /// bounds.
+    text: AtomicUsize,
+    /// What waits for it as the budget counts it (`Usage`): messages in its
+    /// backlog, and in its connection's queue until written, each its
+    /// weight plus `MESSAGE_OVERHEAD`.
+    cost: AtomicUsize,
+    /// The stamp of the oldest message its connection took and has not
+    /// written yet (`NO_STAMP` for none): the smaller, the longer this
+    /// member has been behind. A member that keeps up has none for long.
+    oldest: AtomicU64,
+}
+
+impl Default for Queued {
+    fn default() -> Self {
+        Queued {
+            text: AtomicUsize::new(0),
+            cost: AtomicUsize::new(0),
+            oldest: AtomicU64::new(NO_STAMP),
+        }
+    }
+}
+
 /// What a message weighs in a backlog: the bytes of its strings.
 fn weight(msg: &ChatMessage) -> usize {
     match msg {
@@ -308,8 +436,9 @@ fn weight(msg: &ChatMessage) -> usize {
 
 /// Why a message could not go into a member's backlog.
 enum Undelivered {
-    /// Its backlog is over the limit: it is being disconnected.
-    TooFarBehind,
+    /// It is too slow (its backlog is over the limit, or it is the furthest
+    /// behind when the budget is full): it is being disconnected.
+    TooSlow,
     /// Its backlog is closed: it is leaving.
     Leaving,
 }
@@ -329,23 +458,121 @@ impl Room {
         (self.config.clock)()
     }
 
-    /// Queues `msg` in member `m`'s backlog, without waiting. Over the
-    /// backlog limit, tells its task to disconnect it instead.
-    fn deliver(&self, m: &Member, msg: ChatMessage) -> Result<(), Undelivered> {
-        let size = weight(&msg);
-        if m.waiting.fetch_add(size, Ordering::Relaxed) + size > self.config.backlog {
-            // Its task drops the connection; until then, further kicks are
-            // no-ops.
-            let backlog = self.config.backlog;
-            let _ = m.kick.try_send(Disconnect::TooFarBehind { backlog });
-            return Err(Undelivered::TooFarBehind);
+    fn usage(&self) -> &Usage {
+        &self.config.usage
+    }
+
+    /// The budget for what waits on members: `max_memory`, but room for
+    /// one largest message at least.
+    fn budget(&self) -> usize {
+        self.config
+            .max_memory
+            .max(MAX_PAYLOAD_LEN + MESSAGE_OVERHEAD)
+    }
+
+    /// Queues `msg` in member `m`'s backlog, without waiting, within its
+    /// backlog limit and the room's budget. Over its backlog limit, it is
+    /// disconnected instead; over the budget, the members furthest behind
+    /// are (the slow-consumer rule), it too if it is one of them.
+    /// Called with the state locked (`state`), as everything that queues
+    /// for members is: so the budget holds (the count only falls
+    /// meanwhile).
+    fn deliver(&self, state: &State, m: &Member, msg: Arc<ChatMessage>) -> Result<(), Undelivered> {
+        if m.evicted.load(Ordering::Relaxed) {
+            return Err(Undelivered::TooSlow);
         }
-        // Unbounded, as `waiting` bounds it; fails only when the member is
-        // leaving.
-        m.outbox.try_send(msg).map_err(|_| {
-            m.waiting.fetch_sub(size, Ordering::Relaxed);
+        let size = weight(&msg);
+        let backlog = self.config.backlog;
+        if m.queued.text.load(Ordering::Relaxed) + size > backlog {
+            self.evict(m, |_| Disconnect::TooFarBehind { backlog });
+            return Err(Undelivered::TooSlow);
+        }
+        if !self.make_room(state, m, size + MESSAGE_OVERHEAD) {
+            return Err(Undelivered::TooSlow);
+        }
+        self.queue(m, msg)
+    }
+
+    /// Makes room under the budget for `cost` more bytes: while it does not
+    /// fit, disconnects the slowest consumer, which frees its share at
+    /// once. Returns false if that was `m`, whom the message is for. Each
+    /// round disconnects one more member, so it ends.
+    ///
+    /// The slowest consumer is the member whose connection has held a
+    /// message unwritten the longest (the oldest stamp); among members with
+    /// none held (their connections write all they take), the one with the
+    /// most waiting. A member that keeps up has nothing old waiting,
+    /// however much arrives for it at once.
+    fn make_room(&self, state: &State, m: &Member, cost: usize) -> bool {
+        let budget = self.budget();
+        while self.usage().waiting() + cost > budget {
+            let slowest = state
+                .members
+                .values()
+                .filter(|v| !v.evicted.load(Ordering::Relaxed))
+                .filter(|v| v.queued.cost.load(Ordering::Relaxed) > 0)
+                .min_by_key(|v| {
+                    let oldest = v.queued.oldest.load(Ordering::Relaxed);
+                    let cost = v.queued.cost.load(Ordering::Relaxed);
+                    (oldest, std::cmp::Reverse(cost))
+                });
+            // Nobody else holds anything (only if the count went wrong):
+            // the message does not fit, and whom it is for goes.
+            let slowest = slowest.unwrap_or(m);
+            self.evict(slowest, |waiting| Disconnect::SlowConsumer {
+                budget,
+                waiting,
+            });
+            if std::ptr::eq(slowest, m) {
+                return false;
+            }
+        }
+        true
+    }
+
+    /// Queues `msg` in member `m`'s backlog and counts it, past any limit
+    /// (`deliver` checks them). Fails only when the member is leaving.
+    fn queue(&self, m: &Member, msg: Arc<ChatMessage>) -> Result<(), Undelivered> {
+        let size = weight(&msg);
+        let cost = size + MESSAGE_OVERHEAD;
+        m.queued.text.fetch_add(size, Ordering::Relaxed);
+        m.queued.cost.fetch_add(cost, Ordering::Relaxed);
+        self.usage().add(cost);
+        let stamp = self.stamps.fetch_add(1, Ordering::Relaxed);
+        self.queued_bytes.fetch_add(cost as u64, Ordering::Relaxed);
+        // Unbounded, as the counts bound it.
+        m.outbox.try_send((msg, stamp)).map_err(|_| {
+            m.queued.text.fetch_sub(size, Ordering::Relaxed);
+            self.release(&m.queued, cost);
             Undelivered::Leaving
         })
+    }
+
+    /// Counts `cost` less waiting for a member (`queued`) and in the room:
+    /// no more than it has, as an eviction wrote off what it had.
+    fn release(&self, queued: &Queued, cost: usize) {
+        let had = queued
+            .cost
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |c| {
+                Some(c.saturating_sub(cost))
+            })
+            .unwrap_or_else(|c| c);
+        self.usage().sub(had.min(cost));
+    }
+
+    /// Disconnects member `m` for being too slow, for the reason `why`
+    /// gives from what waited for it: its task drops the connection and
+    /// what waits for it, moments later. From now on nothing more is
+    /// queued for it, and what waited for it no longer counts against the
+    /// budget. A second call does nothing.
+    fn evict(&self, m: &Member, why: impl FnOnce(usize) -> Disconnect) {
+        if m.evicted.swap(true, Ordering::Relaxed) {
+            return;
+        }
+        let waiting = m.queued.cost.swap(0, Ordering::Relaxed);
+        self.usage().sub(waiting);
+        // A full kick channel: it is being disconnected already.
+        let _ = m.kick.try_send(why(waiting));
     }
 
     /// Sends `text` from member `id` to every other member, without ever
@@ -361,10 +588,10 @@ impl Room {
             self.remember(v06::now_ms(), &from, &text);
             state.said += 1;
         }
-        let msg = ChatMessage::Broadcast { from, text };
+        let msg = Arc::new(ChatMessage::Broadcast { from, text });
         for (_, m) in state.members.iter().filter(|(&other, _)| other != id) {
             if !m.leaving && m.listening {
-                let _ = self.deliver(m, msg.clone());
+                let _ = self.deliver(&state, m, msg.clone());
             }
         }
         Ok(())
@@ -373,13 +600,12 @@ impl Room {
     /// Whether a new connection from `addr` is within the limits.
     fn admit(&self, addr: SocketAddr) -> Result<(), Refusal> {
         let state = self.lock();
-        let members = &state.members;
         let max = self.config.max_connections;
-        if members.len() >= max {
+        if state.members.len() >= max {
             return Err(Refusal::ServerFull { max });
         }
         let (ip, max) = (addr.ip(), self.config.max_per_ip);
-        if members.values().filter(|m| m.addr.ip() == ip).count() >= max {
+        if state.members_from(ip) >= max {
             return Err(Refusal::TooManyFromIp { ip, max });
         }
         Ok(())
@@ -419,7 +645,10 @@ impl Room {
     /// Takes member `id` out of the room; returns its nickname.
     fn leave(&self, id: u64) -> Option<String> {
         let mut state = self.lock();
-        let nickname = state.members.remove(&id)?.nickname;
+        let member = state.remove(id)?;
+        // What still waited for it goes with it.
+        self.release(&member.queued, usize::MAX);
+        let nickname = member.nickname;
         if let Some(nick) = &nickname {
             if state.nicks.get(nick) == Some(&id) {
                 state.nicks.remove(nick);
@@ -445,7 +674,7 @@ impl Room {
             .keepalive_interval(Some(self.config.keepalive))
             .build(stream, Chat);
         let (outbox, broadcasts) = channel::unbounded();
-        let waiting = Arc::new(AtomicUsize::new(0));
+        let queued = Arc::new(Queued::default());
         let (kick, kicked) = channel::bounded(1);
         let kick_self = kick.clone();
         {
@@ -454,7 +683,8 @@ impl Room {
                 addr,
                 nickname: None,
                 outbox,
-                waiting: waiting.clone(),
+                queued: queued.clone(),
+                evicted: AtomicBool::new(false),
                 kick,
                 version: V0_5,
                 caps: Caps::default(),
@@ -463,7 +693,7 @@ impl Room {
                 said_at_join: state.said,
                 listening: self.config.join_window.is_zero(),
             };
-            state.members.insert(id, member);
+            state.add(id, member);
         }
         self.emit(Event::Connected { addr });
         let room = self.clone();
@@ -483,14 +713,17 @@ impl Room {
                     Err(_) => std::future::pending().await,
                 }
             };
-            let stalled = forward(&room, addr, broadcasts, &waiting, &sender);
+            let stalled = forward(&room, addr, broadcasts, &queued, &sender);
             let mut incoming = incoming;
             let mut pace = room
                 .config
                 .rate
                 .map(|r| Pace::new(Bucket::new(r, room.now())));
             let reading = async {
-                let mut handled = 0u32;
+                // Since the task last let the others run: messages handled,
+                // and bytes they queued for members.
+                let (mut handled, mut queued) = (0u64, 0u64);
+                let yield_bytes = room.budget() as u64 / YIELD_SHARE;
                 while let Some(Ok(msg)) = incoming.next().await {
                     if let Some(pace) = &mut pace {
                         if let Err(reason) = pace.wait(&room, addr, &incoming).await {
@@ -503,13 +736,23 @@ impl Room {
                             break;
                         }
                     }
+                    let before = room.queued_bytes.load(Ordering::Relaxed);
                     handle(&room, id, addr, &sender, msg).await;
                     // Messages that arrived together are all ready at once:
                     // let the other members' tasks run now and then, but not
                     // after every message, or each broadcast becomes a
-                    // write of its own instead of being coalesced.
-                    handled = handled.wrapping_add(1);
-                    if handled.is_multiple_of(32) {
+                    // write of its own instead of being coalesced. In a
+                    // large room, after a few broadcasts already, so that
+                    // what members that keep up have in flight (queued, not
+                    // yet taken by their tasks) stays a small part of the
+                    // budget.
+                    handled += 1;
+                    queued += room
+                        .queued_bytes
+                        .load(Ordering::Relaxed)
+                        .wrapping_sub(before);
+                    if handled >= YIELD_MESSAGES || queued >= yield_bytes {
+                        (handled, queued) = (0, 0);
                         smol::future::yield_now().await;
                     }
                 }
@@ -609,6 +852,15 @@ impl Pace {
     }
 }
 
+/// A member's task lets the others run after handling this many of its
+/// messages...
+const YIELD_MESSAGES: u64 = 32;
+/// ...or fewer, once they queued this share of the budget for members (a
+/// broadcast queues a copy's worth for each member; others' tasks, running
+/// meanwhile on other threads, may add theirs, which only makes it yield
+/// sooner).
+const YIELD_SHARE: u64 = 1024;
+
 /// The longest one wait of a paced client lasts before the room looks at
 /// its clock again.
 const PACE_POLL: Duration = Duration::from_millis(50);
@@ -616,75 +868,130 @@ const PACE_POLL: Duration = Duration::from_millis(50);
 /// Moves broadcasts from a member's backlog to its connection. Resolves,
 /// with the reason, only if the connection's queue stays full for `stall`;
 /// once the backlog is closed and empty (at shutdown), closes the
-/// connection.
+/// connection. What it moves still counts against the budget until the
+/// connection has written it.
 async fn forward(
     room: &Room,
     addr: SocketAddr,
-    broadcasts: channel::Receiver<ChatMessage>,
-    waiting: &AtomicUsize,
+    broadcasts: channel::Receiver<Stamped>,
+    queued: &Queued,
     sender: &Sender<Chat>,
 ) -> Disconnect {
-    let stall = room.config.stall;
-    // When the queue was first found full, since it last had room.
-    let mut full_since = None;
-    while let Ok(msg) = broadcasts.recv().await {
-        waiting.fetch_sub(weight(&msg), Ordering::Relaxed);
-        // A Notice is the last message before a close: reported either way.
-        let notice = match &msg {
-            ChatMessage::Notice { text } => Some(text.clone()),
-            _ => None,
-        };
-        let sent = match sender.try_send(msg) {
-            Ok(()) => {
-                full_since = None;
-                Ok(())
-            }
-            Err(TrySendError::Full(msg)) => {
-                // Wait for room, but only until the queue has been full for
-                // `stall`: a slot freed now and then is not catching up.
-                let since = *full_since.get_or_insert_with(|| room.now());
-                let left = stall.saturating_sub(room.now().saturating_duration_since(since));
-                let room_made = async { Some(sender.reserve().await) };
-                let give_up = async {
-                    smol::Timer::after(left).await;
-                    None
-                };
-                match room_made.or(give_up).await {
-                    Some(Ok(permit)) => permit.send(msg).map_err(|e| e.error),
-                    Some(Err(e)) => Err(e),
-                    None => {
-                        if let Some(text) = notice {
-                            let reason = NoticeFailure::QueueFull;
-                            room.emit(Event::NoticeNotSent { addr, text, reason });
+    // The cost of what was moved to the connection and may not be written
+    // yet; rung after each move.
+    let moved = AtomicUsize::new(0);
+    let (ring, rung) = channel::bounded::<()>(1);
+    // The stamps of the first message moved since the last flush began,
+    // and of the first one the flush under way covers: `queued.oldest` is
+    // the older.
+    let (unflushed, flushing) = (AtomicU64::new(NO_STAMP), AtomicU64::new(NO_STAMP));
+    let oldest = || {
+        let (a, b) = (&flushing, &unflushed);
+        let oldest = a.load(Ordering::Relaxed).min(b.load(Ordering::Relaxed));
+        queued.oldest.store(oldest, Ordering::Relaxed);
+    };
+    let moving = async {
+        let stall = room.config.stall;
+        // When the queue was first found full, since it last had room.
+        let mut full_since = None;
+        while let Ok((shared, stamp)) = broadcasts.recv().await {
+            let size = weight(&shared);
+            queued.text.fetch_sub(size, Ordering::Relaxed);
+            let cost = size + MESSAGE_OVERHEAD;
+            // The last member it is for takes it; the others copy it (the
+            // connection encodes it into its own queue at once anyway).
+            let msg = Arc::unwrap_or_clone(shared);
+            // A Notice is the last message before a close: reported either way.
+            let notice = match &msg {
+                ChatMessage::Notice { text } => Some(text.clone()),
+                _ => None,
+            };
+            let sent = match sender.try_send(msg) {
+                Ok(()) => {
+                    full_since = None;
+                    Ok(())
+                }
+                Err(TrySendError::Full(msg)) => {
+                    // Wait for room, but only until the queue has been full for
+                    // `stall`: a slot freed now and then is not catching up.
+                    let since = *full_since.get_or_insert_with(|| room.now());
+                    let left = stall.saturating_sub(room.now().saturating_duration_since(since));
+                    let room_made = async { Some(sender.reserve().await) };
+                    let give_up = async {
+                        smol::Timer::after(left).await;
+                        None
+                    };
+                    match room_made.or(give_up).await {
+                        Some(Ok(permit)) => permit.send(msg).map_err(|e| e.error),
+                        Some(Err(e)) => Err(e),
+                        None => {
+                            if let Some(text) = notice {
+                                let reason = NoticeFailure::QueueFull;
+                                room.emit(Event::NoticeNotSent { addr, text, reason });
+                            }
+                            return Disconnect::Stalled { stall };
                         }
-                        return Disconnect::Stalled { stall };
                     }
                 }
-            }
-            Err(TrySendError::Failed(e)) => Err(e.error),
-        };
-        match (sent, notice) {
-            (Ok(()), None) => {}
-            (Ok(()), Some(text)) => room.emit(Event::NoticeSent { addr, text }),
-            (Err(error), Some(text)) => {
-                let fatal = error.is_fatal();
-                let reason = NoticeFailure::Failed(error);
-                room.emit(Event::NoticeNotSent { addr, text, reason });
-                if fatal {
-                    break;
+                Err(TrySendError::Failed(e)) => Err(e.error),
+            };
+            if sent.is_ok() {
+                moved.fetch_add(cost, Ordering::Relaxed);
+                if unflushed.load(Ordering::Relaxed) == NO_STAMP {
+                    unflushed.store(stamp, Ordering::Relaxed);
+                    oldest();
                 }
+                let _ = ring.try_send(());
+            } else {
+                room.release(queued, cost);
             }
-            // This message cannot go out (too large for a frame); the next
-            // ones can.
-            (Err(error), None) if !error.is_fatal() => {
-                room.emit(Event::BroadcastNotSent { addr, error });
+            match (sent, notice) {
+                (Ok(()), None) => {}
+                (Ok(()), Some(text)) => room.emit(Event::NoticeSent { addr, text }),
+                (Err(error), Some(text)) => {
+                    let fatal = error.is_fatal();
+                    let reason = NoticeFailure::Failed(error);
+                    room.emit(Event::NoticeNotSent { addr, text, reason });
+                    if fatal {
+                        break;
+                    }
+                }
+                // This message cannot go out (too large for a frame); the next
+                // ones can.
+                (Err(error), None) if !error.is_fatal() => {
+                    room.emit(Event::BroadcastNotSent { addr, error });
+                }
+                // The connection is ending; its driver says why.
+                (Err(_), None) => break,
             }
-            // The connection is ending; its driver says why.
-            (Err(_), None) => break,
         }
-    }
-    sender.close();
-    std::future::pending().await
+        sender.close();
+        std::future::pending().await
+    };
+    // Counts what was moved as gone once the connection has written it.
+    let written = async {
+        while rung.recv().await.is_ok() {
+            let cost = moved.load(Ordering::Relaxed);
+            if cost == 0 {
+                continue;
+            }
+            let first = unflushed.swap(NO_STAMP, Ordering::Relaxed);
+            flushing.store(first, Ordering::Relaxed);
+            // Everything the connection took so far, that included: read in
+            // the same poll as `cost`, so nothing moves in between.
+            if sender.flush().await.is_err() {
+                // It is ending: the room counts the rest as gone when it
+                // leaves.
+                break;
+            }
+            moved.fetch_sub(cost, Ordering::Relaxed);
+            flushing.store(NO_STAMP, Ordering::Relaxed);
+            oldest();
+            room.release(queued, cost);
+        }
+        std::future::pending().await
+    };
+    moving.or(written).await
 }
 
 async fn handle(room: &Room, id: u64, addr: SocketAddr, sender: &Sender<Chat>, msg: ChatMessage) {
@@ -766,5 +1073,291 @@ async fn handle(room: &Room, id: u64, addr: SocketAddr, sender: &Sender<Chat>, m
         | ChatMessage::Members { .. }
         | ChatMessage::Presence { .. }
         | ChatMessage::History { .. } => {}
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A member from `addr`, without a connection: its backlog and kick
+    /// channels' receiving ends come with it.
+    fn member(addr: &str) -> (Member, Receivers) {
+        let (outbox, backlog) = channel::unbounded();
+        let (kick, kicked) = channel::bounded(1);
+        let m = Member {
+            addr: addr.parse().unwrap(),
+            nickname: None,
+            outbox,
+            queued: Arc::default(),
+            evicted: AtomicBool::new(false),
+            kick,
+            version: V0_5,
+            caps: Caps::default(),
+            spoke: false,
+            leaving: false,
+            said_at_join: 0,
+            listening: true,
+        };
+        (m, Receivers { backlog, kicked })
+    }
+
+    struct Receivers {
+        backlog: channel::Receiver<Stamped>,
+        kicked: channel::Receiver<Disconnect>,
+    }
+
+    fn room(config: Config) -> Room {
+        Room {
+            config: Config {
+                events: Arc::new(|_| {}),
+                ..config
+            },
+            state: Mutex::new(State::default()),
+            stamps: AtomicU64::new(0),
+            queued_bytes: AtomicU64::new(0),
+            history: Mutex::new(VecDeque::new()),
+        }
+    }
+
+    /// `per_ip` as counted from scratch.
+    fn recount(state: &State) -> HashMap<IpAddr, usize> {
+        let mut counts = HashMap::new();
+        for m in state.members.values() {
+            *counts.entry(m.addr.ip()).or_insert(0) += 1;
+        }
+        counts
+    }
+
+    #[test]
+    fn per_ip_counts_follow_joins_and_leaves() {
+        let mut state = State::default();
+        let ips = ["10.0.0.1", "10.0.0.2", "[::1]", "192.168.1.9"];
+        let mut ids = Vec::new();
+        let mut kept = Vec::new();
+        // A fixed pseudo-random walk of joins and leaves.
+        let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+        for id in 1..=2_000u64 {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            let ip = ips[(x % 4) as usize];
+            if x.is_multiple_of(3) && !ids.is_empty() {
+                let gone: u64 = ids.swap_remove((x / 3) as usize % ids.len());
+                assert!(state.remove(gone).is_some());
+                assert!(state.remove(gone).is_none(), "removed twice");
+            } else {
+                let (m, r) = member(&format!("{ip}:{}", 1000 + id % 60_000));
+                state.add(id, m);
+                ids.push(id);
+                kept.push(r);
+            }
+            assert_eq!(state.per_ip, recount(&state), "after step {id}");
+        }
+        assert!(state.per_ip.values().all(|&n| n > 0), "no empty entries");
+        for id in ids {
+            state.remove(id);
+        }
+        assert!(state.per_ip.is_empty());
+        assert_eq!(state.members_from("10.0.0.1".parse().unwrap()), 0);
+    }
+
+    #[test]
+    fn admit_counts_per_ip_without_walking_the_members() {
+        let room = room(Config {
+            max_per_ip: 2,
+            max_connections: 3,
+            ..Config::default()
+        });
+        let a: SocketAddr = "10.0.0.1:1".parse().unwrap();
+        let b: SocketAddr = "10.0.0.2:1".parse().unwrap();
+        let mut kept = Vec::new();
+        for (id, addr) in [(1, a), (2, a)] {
+            assert!(room.admit(addr).is_ok());
+            let (m, r) = member(&addr.to_string());
+            room.lock().add(id, m);
+            kept.push(r);
+        }
+        let ip = a.ip();
+        assert_eq!(room.admit(a), Err(Refusal::TooManyFromIp { ip, max: 2 }));
+        assert!(room.admit(b).is_ok());
+        assert!(room.leave(1).is_none(), "no nickname");
+        assert!(room.admit(a).is_ok(), "room again once one left");
+        let (m, r) = member("10.0.0.2:2");
+        room.lock().add(3, m);
+        kept.push(r);
+        let (m, r) = member("10.0.0.1:2");
+        room.lock().add(4, m);
+        kept.push(r);
+        assert_eq!(room.admit(b), Err(Refusal::ServerFull { max: 3 }));
+    }
+
+    fn text(n: usize) -> Arc<ChatMessage> {
+        Arc::new(ChatMessage::Broadcast {
+            from: "x".into(),
+            text: "y".repeat(n - 1),
+        })
+    }
+
+    /// What waits for each member adds up to the room's count.
+    fn assert_counts_add_up(room: &Room) {
+        let state = room.lock();
+        let sum: usize = state
+            .members
+            .values()
+            .map(|m| m.queued.cost.load(Ordering::Relaxed))
+            .sum();
+        assert_eq!(sum, room.usage().waiting());
+    }
+
+    #[test]
+    fn over_the_budget_the_member_furthest_behind_is_disconnected() {
+        const SIZE: usize = 1000;
+        const COST: usize = SIZE + MESSAGE_OVERHEAD;
+        let budget = 100 * COST;
+        let room = room(Config {
+            max_memory: budget,
+            backlog: 1 << 20,
+            ..Config::default()
+        });
+        let mut rx = HashMap::new();
+        for id in 1..=4 {
+            let (m, r) = member(&format!("10.0.0.{id}:5"));
+            room.lock().add(id, m);
+            rx.insert(id, r);
+        }
+        let deliver = |id: u64| {
+            let state = room.lock();
+            room.deliver(&state, &state.members[&id], text(SIZE))
+        };
+        // What each member's connection holds unwritten since (a stamp),
+        // as its task would say.
+        let behind_since = |id: u64, stamp: u64| {
+            let state = room.lock();
+            state.members[&id]
+                .queued
+                .oldest
+                .store(stamp, Ordering::Relaxed);
+        };
+        let kicked = |id: u64| rx[&id].kicked.try_recv().ok();
+        // 2 has 60 waiting, all taken just now; 3 has 30, its connection
+        // stuck on an old one; 1 has 10. The budget is full.
+        for (id, n) in [(2, 60), (3, 30), (1, 10)] {
+            for _ in 0..n {
+                assert!(deliver(id).is_ok());
+            }
+        }
+        behind_since(2, NO_STAMP);
+        behind_since(3, 5);
+        behind_since(1, 95);
+        assert_eq!(room.usage().waiting(), budget);
+        assert_counts_add_up(&room);
+        // One more for 1: 3, the furthest behind, goes, though 2 has more
+        // waiting; what 3 had is freed.
+        assert!(deliver(1).is_ok());
+        let why = kicked(3).unwrap();
+        assert!(
+            matches!(why, Disconnect::SlowConsumer { budget: b, waiting } if b == budget && waiting == 30 * COST),
+            "{why:?}"
+        );
+        assert_eq!(room.usage().waiting(), 71 * COST);
+        assert_eq!(room.usage().peak_waiting(), budget);
+        assert_counts_add_up(&room);
+        assert!(kicked(1).is_none() && kicked(2).is_none());
+        // Nothing more is queued for it, and its task taking what its
+        // backlog held, or leaving, changes no count.
+        assert!(matches!(deliver(3), Err(Undelivered::TooSlow)));
+        while let Ok((msg, _)) = rx[&3].backlog.try_recv() {
+            let cost = weight(&msg) + MESSAGE_OVERHEAD;
+            room.release(&room.lock().members[&3].queued, cost);
+        }
+        assert_eq!(room.usage().waiting(), 71 * COST);
+        assert!(room.leave(3).is_none());
+        assert_eq!(room.usage().waiting(), 71 * COST);
+        assert_counts_add_up(&room);
+
+        // 1 fills the budget itself: then, behind since 95, it is the one
+        // to go (2 keeps up), and its message is not queued.
+        for _ in 0..29 {
+            assert!(deliver(1).is_ok());
+        }
+        assert!(matches!(deliver(1), Err(Undelivered::TooSlow)));
+        let why = kicked(1).unwrap();
+        assert!(
+            matches!(why, Disconnect::SlowConsumer { waiting, .. } if waiting == 40 * COST),
+            "{why:?}"
+        );
+        assert_eq!(room.usage().waiting(), 60 * COST);
+        assert_counts_add_up(&room);
+
+        // Nobody's connection holds anything old: the one with the most
+        // waiting goes.
+        for _ in 0..39 {
+            assert!(deliver(4).is_ok());
+        }
+        assert_eq!(room.usage().waiting(), 99 * COST);
+        assert!(deliver(4).is_ok());
+        assert!(deliver(4).is_ok());
+        assert!(
+            matches!(kicked(2), Some(Disconnect::SlowConsumer { waiting, .. }) if waiting == 60 * COST)
+        );
+        assert!(kicked(4).is_none());
+        assert_eq!(room.usage().waiting(), 41 * COST);
+        assert!(room.usage().peak_waiting() <= budget);
+
+        // What a connection writes counts as gone; and leaving takes the
+        // rest off.
+        room.release(&room.lock().members[&4].queued, COST);
+        assert_eq!(room.usage().waiting(), 40 * COST);
+        for id in [1, 2, 4] {
+            room.leave(id);
+        }
+        assert_eq!(room.usage().waiting(), 0);
+        assert!(room.usage().peak_waiting() <= budget);
+    }
+
+    #[test]
+    fn over_its_backlog_a_member_is_disconnected_and_its_share_freed() {
+        let room = room(Config {
+            backlog: 4000,
+            ..Config::default()
+        });
+        let (m, rx) = member("10.0.0.1:5");
+        room.lock().add(1, m);
+        let deliver = || {
+            let state = room.lock();
+            room.deliver(&state, &state.members[&1], text(1000))
+        };
+        for _ in 0..4 {
+            assert!(deliver().is_ok());
+        }
+        assert!(matches!(deliver(), Err(Undelivered::TooSlow)));
+        assert!(matches!(
+            rx.kicked.try_recv(),
+            Ok(Disconnect::TooFarBehind { backlog: 4000 })
+        ));
+        assert_eq!(room.usage().waiting(), 0, "written off");
+        assert!(matches!(deliver(), Err(Undelivered::TooSlow)));
+        assert!(rx.kicked.is_empty(), "kicked once");
+        assert_counts_add_up(&room);
+    }
+
+    #[test]
+    fn the_budget_always_fits_one_largest_message() {
+        let room = room(Config {
+            max_memory: 0,
+            ..Config::default()
+        });
+        let (m, rx) = member("10.0.0.1:5");
+        room.lock().add(1, m);
+        let state = room.lock();
+        let m = &state.members[&1];
+        assert!(room.deliver(&state, m, text(60_000)).is_ok());
+        // A second does not fit: it has the most, so it goes.
+        assert!(room.deliver(&state, m, text(60_000)).is_err());
+        assert!(matches!(
+            rx.kicked.try_recv(),
+            Ok(Disconnect::SlowConsumer { budget, .. }) if budget == MAX_PAYLOAD_LEN + MESSAGE_OVERHEAD
+        ));
     }
 }

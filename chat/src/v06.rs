@@ -10,6 +10,7 @@ use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::atomic::Ordering;
+use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use chatpipe::chat::{
@@ -412,8 +413,11 @@ impl Room {
             m.version = V0_6;
             m.caps = caps;
             m.listen(said);
-            let m = &*m;
-            if self.deliver(m, welcome).is_err() {
+            let state = &*state;
+            let Some(m) = state.members.get(&id) else {
+                return;
+            };
+            if self.deliver(state, m, Arc::new(welcome)).is_err() {
                 // Too far behind already, or leaving: it is being
                 // disconnected, which is reported.
                 return;
@@ -421,7 +425,7 @@ impl Room {
             // The newest `said - said_at_join` reached it live, as
             // Broadcasts, since it joined.
             let live = usize::try_from(said - m.said_at_join).unwrap_or(usize::MAX);
-            caps.history.then(|| self.send_history(m, live))
+            caps.history.then(|| self.send_history(state, m, live))
         };
         self.emit(Event::Welcomed { addr, capabilities });
         if let Some((sent, skipped)) = history {
@@ -436,13 +440,13 @@ impl Room {
     /// Queues the history, but for its `live` newest messages, as History
     /// in `m`'s backlog: the newest that fit under the backlog limit.
     /// Returns how many were sent and how many were not.
-    fn send_history(&self, m: &Member, live: usize) -> (usize, usize) {
+    fn send_history(&self, state: &State, m: &Member, live: usize) -> (usize, usize) {
         let mut old = self.recent();
         old.truncate(old.len().saturating_sub(live));
         let mut room_left = self
             .config
             .backlog
-            .saturating_sub(m.waiting.load(Ordering::Relaxed));
+            .saturating_sub(m.queued.text.load(Ordering::Relaxed));
         let mut fit = 0;
         for (_, from, text) in old.iter().rev() {
             let size = from.len() + text.len();
@@ -455,10 +459,8 @@ impl Room {
         let total = old.len();
         let mut sent = 0;
         for (at_ms, from, text) in old.into_iter().skip(total - fit) {
-            if self
-                .deliver(m, ChatMessage::History { at_ms, from, text })
-                .is_err()
-            {
+            let history = Arc::new(ChatMessage::History { at_ms, from, text });
+            if self.deliver(state, m, history).is_err() {
                 break;
             }
             sent += 1;
@@ -500,14 +502,15 @@ impl Room {
             from: from.name(),
             text,
         };
-        self.deliver(target, msg).map_err(|e| match e {
-            Undelivered::TooFarBehind => RequestRefusal::RecipientTooFarBehind {
-                nickname: nickname(),
-            },
-            Undelivered::Leaving => RequestRefusal::RecipientLeaving {
-                nickname: nickname(),
-            },
-        })
+        self.deliver(&state, target, Arc::new(msg))
+            .map_err(|e| match e {
+                Undelivered::TooSlow => RequestRefusal::RecipientTooFarBehind {
+                    nickname: nickname(),
+                },
+                Undelivered::Leaving => RequestRefusal::RecipientLeaving {
+                    nickname: nickname(),
+                },
+            })
     }
 
     /// Who is in the room, for member `id`: how many, and the names of
@@ -539,9 +542,10 @@ impl Room {
 
     /// Queues `news` for every member granted `presence` but `except`.
     pub(crate) fn announce(&self, state: &State, except: u64, news: ChatMessage) {
+        let news = Arc::new(news);
         for (&other, m) in &state.members {
             if other != except && m.caps.presence && !m.leaving && m.listening {
-                let _ = self.deliver(m, news.clone());
+                let _ = self.deliver(state, m, news.clone());
             }
         }
     }

@@ -64,13 +64,61 @@ pub fn start_with(listener: TcpListener, config: Config) -> TestServer {
 /// (accepted sockets inherit it), so that what a peer does not read backs
 /// up into the server quickly instead of into megabytes of kernel buffer.
 pub fn small_buffered_listener() -> TcpListener {
+    listener_with(16 * 1024, 128)
+}
+
+/// A loopback listener whose accepted connections have a send buffer of
+/// `send_buffer` bytes (the kernel doubles it), with room for `backlog`
+/// connections not yet accepted.
+pub fn listener_with(send_buffer: usize, backlog: i32) -> TcpListener {
     use socket2::{Domain, Socket, Type};
     let s = Socket::new(Domain::IPV4, Type::STREAM, None).unwrap();
-    s.set_send_buffer_size(16 * 1024).unwrap();
+    s.set_send_buffer_size(send_buffer).unwrap();
     s.bind(&SocketAddr::from(([127, 0, 0, 1], 0)).into())
         .unwrap();
-    s.listen(128).unwrap();
+    s.listen(backlog).unwrap();
     TcpListener::try_from(std::net::TcpListener::from(s)).unwrap()
+}
+
+/// This process's resident set size, in bytes (`/proc/self/statm`).
+pub fn rss_bytes() -> usize {
+    let statm = std::fs::read_to_string("/proc/self/statm").expect("/proc/self/statm");
+    let pages: usize = statm.split_whitespace().nth(1).unwrap().parse().unwrap();
+    // SAFETY: sysconf has no memory-safety preconditions.
+    let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+    pages * usize::try_from(page).unwrap_or(4096)
+}
+
+/// Gives freed heap memory back to the system (glibc), so that RSS counts
+/// what is in use.
+pub fn malloc_trim() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: malloc_trim only walks glibc's own heap.
+    unsafe {
+        libc::malloc_trim(0);
+    }
+}
+
+/// Raises the soft open-file limit to at least `want` if the hard limit
+/// allows; returns the soft limit then in force.
+pub fn raise_nofile(want: u64) -> u64 {
+    // SAFETY: a zeroed rlimit is valid; the calls read or write just it.
+    unsafe {
+        let mut lim: libc::rlimit = std::mem::zeroed();
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) != 0 {
+            return 1024;
+        }
+        if lim.rlim_cur < want {
+            let raised = libc::rlimit {
+                rlim_cur: want.min(lim.rlim_max),
+                rlim_max: lim.rlim_max,
+            };
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &raised) == 0 {
+                lim.rlim_cur = raised.rlim_cur;
+            }
+        }
+        lim.rlim_cur
+    }
 }
 
 impl TestServer {

@@ -25,7 +25,7 @@ use chatpipe_chat::{self as chat_server, Disconnect, Event};
 
 /// Bytes of every Chat text: a send timestamp, the sender and a sequence
 /// number, padded.
-const CHAT_TEXT: usize = 64;
+pub(crate) const CHAT_TEXT: usize = 64;
 
 /// A Chat text carrying `sent`, nanoseconds since the run's base `Instant`.
 fn chat_text(sent: u64, sender: usize, seq: u64) -> String {
@@ -44,10 +44,40 @@ fn chat_sent(text: &str) -> u64 {
 }
 
 /// One chat client of the bench, on the client thread.
-struct ChatClient {
-    tx: chatpipe::Sender<Chat>,
-    incoming: Option<chatpipe::Incoming<Chat>>,
-    driver: smol::Task<Result<(), chatpipe::Error>>,
+pub(crate) struct ChatClient {
+    pub(crate) tx: chatpipe::Sender<Chat>,
+    pub(crate) incoming: Option<chatpipe::Incoming<Chat>>,
+    pub(crate) driver: smol::Task<Result<(), chatpipe::Error>>,
+}
+
+/// Connects `n` chat clients to the room at `addr`, one after another,
+/// each with a nickname: once each is answered, the room has it.
+pub(crate) async fn connect_clients(
+    ex: &Rc<LocalExecutor<'static>>,
+    addr: std::net::SocketAddr,
+    n: usize,
+) -> Vec<ChatClient> {
+    let mut cs = Vec::with_capacity(n);
+    for i in 0..n {
+        let s = smol::net::TcpStream::connect(addr).await.expect("connect");
+        let _ = s.set_nodelay(true);
+        let (tx, incoming, conn) = Builder::new().build(s, Chat);
+        let driver = ex.spawn(conn);
+        // Answered once the server has this client in its room.
+        match tx
+            .request(ChatMessage::set_nickname(format!("c{i:03}")))
+            .await
+        {
+            Ok(ChatMessage::Ack { .. }) => {}
+            other => panic!("chat client {i}: nickname refused: {other:?}"),
+        }
+        cs.push(ChatClient {
+            tx,
+            incoming: Some(incoming),
+            driver,
+        });
+    }
+    cs
 }
 
 /// What one run measured.
@@ -66,7 +96,7 @@ pub(crate) struct ChatRun {
 /// messages, as fast as `send().await` takes them or, with `pace`, at that
 /// many messages/s each; every client takes every broadcast meant for it
 /// (all but its own).
-async fn chat_run(
+pub(crate) async fn chat_run(
     ex: &Rc<LocalExecutor<'static>>,
     clients: &mut [ChatClient],
     senders: usize,
@@ -236,26 +266,7 @@ pub(crate) fn chat_fanout(cfg: &Cfg) -> ChatResults {
             let ex2 = ex.clone();
             smol::block_on(ex.run(async move {
                 let ex = ex2;
-                let mut cs = Vec::with_capacity(clients);
-                for i in 0..clients {
-                    let s = smol::net::TcpStream::connect(addr).await.expect("connect");
-                    let _ = s.set_nodelay(true);
-                    let (tx, incoming, conn) = Builder::new().build(s, Chat);
-                    let driver = ex.spawn(conn);
-                    // Answered once the server has this client in its room.
-                    match tx
-                        .request(ChatMessage::set_nickname(format!("c{i:03}")))
-                        .await
-                    {
-                        Ok(ChatMessage::Ack { .. }) => {}
-                        other => panic!("chat client {i}: nickname refused: {other:?}"),
-                    }
-                    cs.push(ChatClient {
-                        tx,
-                        incoming: Some(incoming),
-                        driver,
-                    });
-                }
+                let mut cs = connect_clients(&ex, addr, clients).await;
                 for _ in 0..warmup {
                     chat_run(&ex, &mut cs, senders, msgs, None).await;
                 }

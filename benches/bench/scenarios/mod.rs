@@ -1,7 +1,9 @@
-//! The six scenarios, one module each; `main` runs the ones asked for.
+//! The scenarios, one module each (chat and chat_scale share the chat
+//! clients); `main` runs the ones asked for.
 
 pub(crate) mod allocs;
 pub(crate) mod chat;
+pub(crate) mod chat_scale;
 pub(crate) mod fanin;
 pub(crate) mod memory;
 pub(crate) mod oneway;
