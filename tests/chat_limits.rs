@@ -60,7 +60,10 @@ fn a_thousand_connect_disconnect_cycles_leak_nothing() {
         // Every server task has ended: each reports its disconnection last.
         server.wait_count(left, 1001).await;
         assert_eq!(server.count(|e| matches!(e, Event::Connected { .. })), 1001);
-        assert_eq!(open_fds(), fds, "file descriptors leaked");
+        // No more than before: the warm-up's own socket may still have been
+        // closing when they were counted.
+        let now = open_fds();
+        assert!(now <= fds, "file descriptors leaked: {now} open, {fds} before");
         // A nickname is free again once its holder left.
         let c = connect(server.addr).await;
         assert!(matches!(c.nick("n999").await, ChatMessage::Ack { .. }));
