@@ -63,7 +63,10 @@ fn a_thousand_connect_disconnect_cycles_leak_nothing() {
         // No more than before: the warm-up's own socket may still have been
         // closing when they were counted.
         let now = open_fds();
-        assert!(now <= fds, "file descriptors leaked: {now} open, {fds} before");
+        assert!(
+            now <= fds,
+            "file descriptors leaked: {now} open, {fds} before"
+        );
         // A nickname is free again once its holder left.
         let c = connect(server.addr).await;
         assert!(matches!(c.nick("n999").await, ChatMessage::Ack { .. }));
