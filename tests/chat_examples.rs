@@ -7,7 +7,6 @@
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{TcpListener, TcpStream};
-use std::path::PathBuf;
 use std::process::{Child, ChildStdin, Command, ExitStatus, Stdio};
 use std::sync::mpsc;
 use std::thread;
@@ -17,21 +16,10 @@ use bytes::BytesMut;
 use chatpipe::chat::{Chat, ChatMessage};
 use chatpipe::Protocol;
 
-const TIMEOUT: Duration = Duration::from_secs(10);
+mod chat_support;
+use chat_support::example;
 
-/// The path of a built example, next to this test's own binary.
-fn example(name: &str) -> PathBuf {
-    let exe = std::env::current_exe().unwrap();
-    // target/<profile>/deps/<this test> -> target/<profile>/examples/<name>
-    let dir = exe.parent().unwrap().parent().unwrap().join("examples");
-    let path = dir.join(format!("{name}{}", std::env::consts::EXE_SUFFIX));
-    assert!(
-        path.exists(),
-        "{} is not built: run `cargo build --examples` (a plain `cargo test` does)",
-        path.display()
-    );
-    path
-}
+const TIMEOUT: Duration = Duration::from_secs(10);
 
 /// A running example: its stdout and stderr lines arrive on channels, and
 /// it is killed if the test ends first.

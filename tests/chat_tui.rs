@@ -20,22 +20,10 @@ use futures::StreamExt;
 use smol::net::TcpListener;
 
 mod chat_support;
+use chat_support::example;
 
 /// How long a screen may take to show what is expected.
 const HANG_GUARD: Duration = Duration::from_secs(20);
-
-/// The path of a built example, next to this test's own binary.
-fn example(name: &str) -> PathBuf {
-    let exe = std::env::current_exe().unwrap();
-    let dir = exe.parent().unwrap().parent().unwrap().join("examples");
-    let path = dir.join(format!("{name}{}", std::env::consts::EXE_SUFFIX));
-    assert!(
-        path.exists(),
-        "{} is not built: run `cargo build --examples` (a plain `cargo test` does)",
-        path.display()
-    );
-    path
-}
 
 /// A tmux server of its own (its own socket) running one program in a
 /// 100x30 window; killed when dropped, also when a test fails.

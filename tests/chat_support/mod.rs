@@ -277,3 +277,17 @@ impl Client {
         }
     }
 }
+
+/// The path of a built example, next to this test's own binary.
+pub fn example(name: &str) -> std::path::PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    // target/<profile>/deps/<this test> -> target/<profile>/examples/<name>
+    let dir = exe.parent().unwrap().parent().unwrap().join("examples");
+    let path = dir.join(format!("{name}{}", std::env::consts::EXE_SUFFIX));
+    assert!(
+        path.exists(),
+        "{} is not built: run `cargo build --examples` (a plain `cargo test` does)",
+        path.display()
+    );
+    path
+}
