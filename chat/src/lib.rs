@@ -51,7 +51,8 @@ use chatpipe::chat::{Chat, ChatMessage, PresenceChange, MAX_PAYLOAD_LEN, V0_5};
 use chatpipe::{Builder, Sender, TrySendError};
 use smol::channel;
 use smol::future::FutureExt;
-use smol::net::{TcpListener, TcpStream};
+use smol::io::{AsyncRead, AsyncWrite};
+use smol::net::TcpListener;
 use smol::stream::StreamExt;
 
 mod bucket;
@@ -228,9 +229,12 @@ pub async fn serve(listener: TcpListener, config: Config, shutdown: impl Future<
                         continue;
                     }
                     next_id += 1;
+                    // Chat lines are small and latency matters more than
+                    // packet count; the connection coalesces writes anyway.
+                    let _ = stream.set_nodelay(true);
                     // Joined here, not in the task, so that shutdown sees
                     // every connection it must close.
-                    let task = room.join(next_id, stream, addr);
+                    let task = room.join(next_id, stream, addr, false);
                     let alive = alive.clone();
                     smol::spawn(async move {
                         task.await;
@@ -372,6 +376,8 @@ struct Member {
     /// Welcome first), or `join_window` after connecting, so that nothing
     /// of v0.5 reaches a v0.6 client before its Welcome.
     listening: bool,
+    /// Its stream is encrypted (TLS): credentials may travel on it.
+    secure: bool,
 }
 
 impl Member {
@@ -661,15 +667,17 @@ impl Room {
 
     /// Adds a connection to the room; the returned future serves it until
     /// it ends, then takes it out.
-    fn join(
+    /// `secure`: the stream is encrypted (TLS), so credentials may travel on it.
+    fn join<S>(
         self: &Arc<Self>,
         id: u64,
-        stream: TcpStream,
+        stream: S,
         addr: SocketAddr,
-    ) -> impl Future<Output = ()> + Send + 'static {
-        // Chat lines are small and latency matters more than packet count;
-        // the connection coalesces writes anyway.
-        let _ = stream.set_nodelay(true);
+        secure: bool,
+    ) -> impl Future<Output = ()> + Send + 'static
+    where
+        S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
         let (sender, incoming, conn) = Builder::new()
             .keepalive_interval(Some(self.config.keepalive))
             .build(stream, Chat);
@@ -692,6 +700,7 @@ impl Room {
                 leaving: false,
                 said_at_join: state.said,
                 listening: self.config.join_window.is_zero(),
+                secure,
             };
             state.add(id, member);
         }
@@ -1098,6 +1107,7 @@ mod tests {
             leaving: false,
             said_at_join: 0,
             listening: true,
+            secure: false,
         };
         (m, Receivers { backlog, kicked })
     }
