@@ -16,7 +16,7 @@
 //! long string  = len: u16 BE, then len bytes of UTF-8
 //! ```
 //!
-//! Version 0.6 adds types 16 to 25, which a v0.5 peer skips: a negotiated
+//! Version 0.6 adds types 16 to 26, which a v0.5 peer skips: a negotiated
 //! [`Hello`](ChatMessage::Hello) / [`Welcome`](ChatMessage::Welcome), acked
 //! chats ([`Say`](ChatMessage::Say)), direct messages, presence, history
 //! and server notices. `docs/PROTOCOL.md` has every field, with bytes.
@@ -112,6 +112,7 @@ const WHO: u32 = 22;
 const MEMBERS: u32 = 23;
 const PRESENCE: u32 = 24;
 const HISTORY: u32 = 25;
+const LOGIN: u32 = 26;
 
 /// Protocol versions as they go on the wire (`major << 8 | minor`).
 pub const V0_5: u16 = 0x0005;
@@ -132,6 +133,10 @@ pub mod capability {
     /// The last room messages as [`History`](super::ChatMessage::History)
     /// on joining.
     pub const HISTORY: &str = "history";
+    /// Accounts: [`Credentials`](super::Credentials) in a Hello or a
+    /// [`Login`](super::ChatMessage::Login). Granted by a server that keeps
+    /// accounts.
+    pub const ACCOUNT: &str = "account";
 }
 
 /// The 16-byte id that pairs a request with its response (a GUID on the
@@ -308,6 +313,139 @@ pub enum ChatMessage {
         /// At most [`LONG_STRING_MAX`] bytes.
         text: String,
     },
+    /// Type 26 (v0.6, capability `account`), client to server: log in to
+    /// an account, or register one, after the handshake. Answered by an
+    /// Ack, or a Nak saying why.
+    Login {
+        /// Pairs the request with its response.
+        request_id: RequestId,
+        /// [`Credentials::encode`]d. At most [`LONG_STRING_MAX`] bytes.
+        credentials: String,
+    },
+}
+
+/// What a client proves or asks for with a password, in a
+/// [`Hello`](ChatMessage::Hello)'s `credentials` or a
+/// [`Login`](ChatMessage::Login). On the wire, a long string of three
+/// fields separated by NUL bytes: the scheme (`login` or `register`), the
+/// nickname, the password.
+///
+/// ```text
+/// l o g i n 00 a n a 00 s e c r e t     log in to ana's account
+/// ```
+///
+/// `Debug` does not show the password.
+#[derive(Clone, PartialEq, Eq)]
+pub enum Credentials {
+    /// Log in to the account that owns `nickname`, and take the nickname.
+    Login {
+        /// 1 to [`SHORT_STRING_MAX`] bytes, no NUL.
+        nickname: String,
+        /// 1 to [`Credentials::MAX_PASSWORD`] bytes, no NUL.
+        password: String,
+    },
+    /// Make `nickname` an account with `password`, then log in to it. The
+    /// nickname must be free, or held by whoever registers it.
+    Register {
+        /// 1 to [`SHORT_STRING_MAX`] bytes, no NUL.
+        nickname: String,
+        /// 1 to [`Credentials::MAX_PASSWORD`] bytes, no NUL.
+        password: String,
+    },
+}
+
+/// Why a credentials string is not [`Credentials`].
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum CredentialsError {
+    /// Not `scheme NUL nickname NUL password`, or an unknown scheme.
+    #[error("credentials are not `login` or `register`, a nickname and a password")]
+    Malformed,
+    /// The nickname is empty or longer than a short string.
+    #[error("the nickname must be 1 to 255 bytes")]
+    Nickname,
+    /// The password is empty, too long, or has a NUL byte.
+    #[error("the password must be 1 to 1,024 bytes, without NUL")]
+    Password,
+}
+
+impl Credentials {
+    /// The longest password, in bytes.
+    pub const MAX_PASSWORD: usize = 1024;
+
+    /// The nickname they are for.
+    pub fn nickname(&self) -> &str {
+        match self {
+            Credentials::Login { nickname, .. } | Credentials::Register { nickname, .. } => {
+                nickname
+            }
+        }
+    }
+
+    /// The password.
+    pub fn password(&self) -> &str {
+        match self {
+            Credentials::Login { password, .. } | Credentials::Register { password, .. } => {
+                password
+            }
+        }
+    }
+
+    /// Checks the fields' limits: what [`parse`](Credentials::parse) would
+    /// refuse.
+    pub fn validate(&self) -> Result<(), CredentialsError> {
+        let (nickname, password) = (self.nickname(), self.password());
+        if nickname.is_empty() || nickname.len() > SHORT_STRING_MAX || nickname.contains('\0') {
+            return Err(CredentialsError::Nickname);
+        }
+        if password.is_empty() || password.len() > Self::MAX_PASSWORD || password.contains('\0') {
+            return Err(CredentialsError::Password);
+        }
+        Ok(())
+    }
+
+    /// The string that goes in a Hello's or a Login's `credentials`.
+    pub fn encode(&self) -> String {
+        let scheme = match self {
+            Credentials::Login { .. } => "login",
+            Credentials::Register { .. } => "register",
+        };
+        format!("{scheme}\0{}\0{}", self.nickname(), self.password())
+    }
+
+    /// Reads a `credentials` string: `Ok(None)` for the empty one (a guest).
+    pub fn parse(s: &str) -> Result<Option<Credentials>, CredentialsError> {
+        if s.is_empty() {
+            return Ok(None);
+        }
+        let mut fields = s.splitn(3, '\0');
+        let (Some(scheme), Some(nickname), Some(password)) =
+            (fields.next(), fields.next(), fields.next())
+        else {
+            return Err(CredentialsError::Malformed);
+        };
+        let (nickname, password) = (nickname.to_owned(), password.to_owned());
+        let credentials = match scheme {
+            "login" => Credentials::Login { nickname, password },
+            "register" => Credentials::Register { nickname, password },
+            _ => return Err(CredentialsError::Malformed),
+        };
+        credentials.validate()?;
+        Ok(Some(credentials))
+    }
+}
+
+impl fmt::Debug for Credentials {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let scheme = match self {
+            Credentials::Login { .. } => "Login",
+            Credentials::Register { .. } => "Register",
+        };
+        f.debug_struct(scheme)
+            .field("nickname", &self.nickname())
+            .field("password", &"<hidden>")
+            .finish()
+    }
 }
 
 /// What a v0.6 client must respect, from the [`Welcome`](ChatMessage::Welcome).
@@ -412,6 +550,28 @@ impl Call<Chat> for Nickname {
             ChatMessage::Nak { message, .. } => Ok(Err(message)),
             other => Err(other),
         }
+    }
+}
+
+/// Logs in or registers after the handshake with
+/// [`Sender::call`](crate::Sender::call) (a server that granted
+/// [`capability::ACCOUNT`]): `Ok(())` on an Ack, `Err(reason)` with a
+/// Nak's message.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Login(pub Credentials);
+
+impl Call<Chat> for Login {
+    type Output = Result<(), String>;
+
+    fn into_request(self, request_id: RequestId) -> ChatMessage {
+        ChatMessage::Login {
+            request_id,
+            credentials: self.0.encode(),
+        }
+    }
+
+    fn from_response(response: ChatMessage) -> Result<Self::Output, ChatMessage> {
+        Nickname::from_response(response)
     }
 }
 
@@ -563,6 +723,15 @@ impl Protocol for Chat {
                 put_short(dst, from);
                 put_long(dst, text);
             }
+            ChatMessage::Login {
+                request_id,
+                credentials,
+            } => {
+                check("credentials", credentials, LONG_STRING_MAX)?;
+                dst.put_u32(LOGIN);
+                dst.put_slice(&request_id.0);
+                put_long(dst, credentials);
+            }
         }
         Ok(None)
     }
@@ -651,6 +820,10 @@ impl Protocol for Chat {
                 from: r.short_string("from")?,
                 text: r.long_string("text")?,
             },
+            LOGIN => ChatMessage::Login {
+                request_id: r.request_id()?,
+                credentials: r.long_string("credentials")?,
+            },
             _ => return Ok(None),
         };
         Ok(Some(msg))
@@ -683,7 +856,8 @@ impl Protocol for Chat {
             | ChatMessage::Hello { request_id, .. }
             | ChatMessage::Say { request_id, .. }
             | ChatMessage::Direct { request_id, .. }
-            | ChatMessage::Who { request_id } => Kind::Request(*request_id),
+            | ChatMessage::Who { request_id }
+            | ChatMessage::Login { request_id, .. } => Kind::Request(*request_id),
             ChatMessage::Ack { request_id }
             | ChatMessage::Nak { request_id, .. }
             | ChatMessage::Welcome { request_id, .. }
@@ -924,11 +1098,58 @@ mod tests {
                     72, 105,
                 ],
             ),
+            (
+                ChatMessage::Login {
+                    request_id: ID,
+                    credentials: "login\0ana\0pw".into(),
+                },
+                vec![
+                    0, 0, 0, 34, 0, 0, 0, 26, 0, 17, 34, 51, 68, 85, 102, 119, 136, 153, 170, 187,
+                    204, 221, 238, 255, 0, 12, 108, 111, 103, 105, 110, 0, 97, 110, 97, 0, 112,
+                    119,
+                ],
+            ),
         ];
         for (msg, bytes) in examples {
             assert_eq!(frame_of(&msg), bytes, "{msg:?}");
             assert_eq!(unframe(&bytes), Ok(Some(msg)));
         }
+    }
+
+    #[test]
+    fn credentials_round_trip_and_refuse_what_is_malformed() {
+        let login = Credentials::Login {
+            nickname: "ana".into(),
+            password: "pw with spaces\n".into(),
+        };
+        assert_eq!(login.encode(), "login\0ana\0pw with spaces\n");
+        assert_eq!(Credentials::parse(&login.encode()), Ok(Some(login.clone())));
+        let register = Credentials::Register {
+            nickname: "bo".into(),
+            password: "p".into(),
+        };
+        assert_eq!(Credentials::parse("register\0bo\0p"), Ok(Some(register)));
+        assert_eq!(Credentials::parse(""), Ok(None));
+        for (s, error) in [
+            ("login", CredentialsError::Malformed),
+            ("login\0ana", CredentialsError::Malformed),
+            ("token\0ana\0pw", CredentialsError::Malformed),
+            ("login\0\0pw", CredentialsError::Nickname),
+            ("login\0ana\0", CredentialsError::Password),
+            ("login\0ana\0a\0b", CredentialsError::Password),
+        ] {
+            assert_eq!(Credentials::parse(s), Err(error), "{s:?}");
+        }
+        let long = format!("login\0{}\0pw", "n".repeat(SHORT_STRING_MAX + 1));
+        assert_eq!(Credentials::parse(&long), Err(CredentialsError::Nickname));
+        let long = format!("login\0ana\0{}", "p".repeat(Credentials::MAX_PASSWORD + 1));
+        assert_eq!(Credentials::parse(&long), Err(CredentialsError::Password));
+        // Never in a log line.
+        let shown = format!("{login:?}");
+        assert!(
+            shown.contains("ana") && !shown.contains("spaces"),
+            "{shown}"
+        );
     }
 
     #[test]

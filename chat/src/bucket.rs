@@ -12,6 +12,7 @@ pub struct Rate {
 }
 
 /// One client's bucket.
+#[derive(Debug)]
 pub(crate) struct Bucket {
     pub rate: Rate,
     tokens: f64,
@@ -31,15 +32,36 @@ impl Bucket {
     /// Takes a token if there is one at `now`; otherwise says when there
     /// will be one (and takes nothing).
     pub fn take(&mut self, now: Instant) -> Result<(), Instant> {
+        let ready = self.ready(now);
+        if ready > now {
+            return Err(ready);
+        }
+        self.tokens -= 1.0;
+        Ok(())
+    }
+
+    /// When there is a token: `now` or earlier if there is one already.
+    /// Takes nothing.
+    pub fn ready(&mut self, now: Instant) -> Instant {
         let refill = now.saturating_duration_since(self.last).as_secs_f64() * self.rate.per_second;
         self.tokens = (self.tokens + refill).min(self.rate.burst);
         self.last = self.last.max(now);
         if self.tokens >= 1.0 {
-            self.tokens -= 1.0;
-            return Ok(());
+            return now;
         }
         let wait = (1.0 - self.tokens) / self.rate.per_second.max(f64::MIN_POSITIVE);
-        Err(self.last + Duration::try_from_secs_f64(wait).unwrap_or(Duration::MAX / 2))
+        self.last + Duration::try_from_secs_f64(wait).unwrap_or(Duration::MAX / 2)
+    }
+
+    /// Puts back a token taken (never over `burst`).
+    pub fn give_back(&mut self) {
+        self.tokens = (self.tokens + 1.0).min(self.rate.burst);
+    }
+
+    /// Whether the bucket is full again at `now`: one not used for a while.
+    pub fn is_full(&mut self, now: Instant) -> bool {
+        self.ready(now);
+        self.tokens >= self.rate.burst
     }
 }
 

@@ -7,6 +7,9 @@ use std::io;
 use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
+use chatpipe::chat::CredentialsError;
+
+use crate::accounts::AccountError;
 use crate::Rate;
 
 /// Something the room did, given to [`Config::events`](crate::Config::events).
@@ -94,6 +97,44 @@ pub enum Event {
     Stopped,
     /// Accepting a connection failed; the room tries again shortly.
     AcceptFailed(io::Error),
+    /// A client registered `nickname` and is logged in to it.
+    Registered { addr: SocketAddr, nickname: String },
+    /// A client logged in to the account of `nickname`.
+    LoggedIn { addr: SocketAddr, nickname: String },
+    /// A client's login or registration (in a Hello or a Login) failed:
+    /// the address is logged with each failure, for whoever watches for
+    /// guessing.
+    LoginFailed {
+        addr: SocketAddr,
+        /// The nickname it was for (empty if the credentials were
+        /// unreadable).
+        nickname: String,
+        reason: LoginRefusal,
+    },
+}
+
+/// Why a login or registration failed; displayed, it is the Nak's message.
+#[derive(Debug, Clone)]
+pub enum LoginRefusal {
+    /// The credentials are not `login`/`register`, a nickname, a password.
+    Malformed(CredentialsError),
+    /// They came over a connection that is not encrypted, and the server
+    /// does not take passwords in plaintext.
+    Plaintext,
+    /// The server keeps no accounts.
+    NoAccounts,
+    /// Too many attempts from this address or for this account.
+    RateLimited { retry_in: Duration },
+    /// Wrong password, no such account, already registered, or the store
+    /// failed.
+    Account(AccountError),
+    /// Registering: another client holds the nickname (only its holder
+    /// may register it).
+    InUse { nickname: String },
+    /// Registering: another client is registering it right now.
+    BeingRegistered { nickname: String },
+    /// The client is being disconnected.
+    Leaving,
 }
 
 /// Why a client left the room.
@@ -118,6 +159,13 @@ pub enum Disconnect {
     /// While paced, `unread` or more of its messages waited to be read for
     /// `lasting`: it sends far more than its rate, for long.
     ExcessFlood { unread: usize, lasting: Duration },
+    /// The server requires a login (`Config::require_login`) and the
+    /// client did not log in: it spoke v0.5, or not at all within the join
+    /// window.
+    LoginRequired,
+    /// Another connection logged in to the account of its nickname (the
+    /// same person reconnecting, say) and took the nickname over.
+    LoggedInElsewhere,
 }
 
 /// Why a new connection was closed at once.
@@ -130,7 +178,7 @@ pub enum Refusal {
 }
 
 /// Why a Hello got a Nak; displayed, it is the Nak's message.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 pub enum HelloRefusal {
     /// The client does not speak 0.6 (it offered `offered`): the room
     /// closes the connection after the Nak.
@@ -138,6 +186,12 @@ pub enum HelloRefusal {
     /// The Hello was not the client's first message; the connection
     /// carries on with what it had.
     NotFirst,
+    /// The server requires a login and the Hello carried no credentials:
+    /// the room closes the connection after the Nak.
+    LoginRequired,
+    /// Its credentials were refused: the room closes the connection after
+    /// the Nak.
+    Login(LoginRefusal),
 }
 
 /// A v0.6 request, as [`Event::RequestRefused`] names it.
@@ -146,6 +200,7 @@ pub enum Request {
     Say,
     Direct,
     Who,
+    Login,
 }
 
 /// Why a v0.6 request (Say, Direct, Who) got a Nak; displayed, it is the
@@ -186,6 +241,10 @@ pub enum NoticeFailure {
 pub enum NicknameRefusal {
     /// Another client holds it.
     Taken { nickname: String },
+    /// It has an account, and the client is not logged in to it.
+    Registered { nickname: String },
+    /// The server requires a login, and the client has none.
+    LoginRequired,
     /// The client is being disconnected.
     Leaving,
 }
@@ -284,6 +343,15 @@ impl fmt::Display for Event {
             }
             Event::Stopped => f.write_str("stopped"),
             Event::AcceptFailed(e) => write!(f, "accept failed: {e}"),
+            Event::Registered { addr, nickname } => {
+                write!(f, "{addr} registered {nickname:?}")
+            }
+            Event::LoggedIn { addr, nickname } => write!(f, "{addr} logged in as {nickname:?}"),
+            Event::LoginFailed {
+                addr,
+                nickname,
+                reason,
+            } => write!(f, "{addr} login as {nickname:?} failed: {reason}"),
         }
     }
 }
@@ -312,6 +380,10 @@ impl fmt::Display for Disconnect {
                 f,
                 "excess flood: {unread} or more messages waited to be read for {lasting:?}"
             ),
+            Disconnect::LoginRequired => f.write_str("not logged in, and the server requires it"),
+            Disconnect::LoggedInElsewhere => {
+                f.write_str("its account logged in on another connection")
+            }
         }
     }
 }
@@ -346,7 +418,13 @@ impl Disconnect {
             Disconnect::ExcessFlood { unread, lasting } => Some(format!(
                 "disconnecting you: excess flood, {unread} or more of your messages waited to be read for {lasting:?}"
             )),
-            Disconnect::Closed | Disconnect::Error(_) | Disconnect::ShutdownTimeout => None,
+            Disconnect::LoggedInElsewhere => Some(
+                "disconnecting you: your account logged in on another connection".to_owned(),
+            ),
+            Disconnect::LoginRequired
+            | Disconnect::Closed
+            | Disconnect::Error(_)
+            | Disconnect::ShutdownTimeout => None,
         }
     }
 }
@@ -360,6 +438,8 @@ impl fmt::Display for HelloRefusal {
             HelloRefusal::NotFirst => {
                 f.write_str("a Hello must be the first message of a connection")
             }
+            HelloRefusal::LoginRequired => f.write_str(LOGIN_REQUIRED),
+            HelloRefusal::Login(reason) => reason.fmt(f),
         }
     }
 }
@@ -409,7 +489,41 @@ impl fmt::Display for NicknameRefusal {
                     "nickname {nickname:?} is already taken by another client"
                 )
             }
+            NicknameRefusal::Registered { nickname } => {
+                write!(f, "nickname {nickname:?} is registered: log in to use it")
+            }
+            NicknameRefusal::LoginRequired => f.write_str(LOGIN_REQUIRED),
             NicknameRefusal::Leaving => f.write_str("you are being disconnected"),
+        }
+    }
+}
+
+/// What a client that must log in and did not is told.
+const LOGIN_REQUIRED: &str =
+    "this server requires a login: log in or register with a v0.6 client over TLS";
+
+impl fmt::Display for LoginRefusal {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            LoginRefusal::Malformed(e) => write!(f, "credentials refused: {e}"),
+            LoginRefusal::Plaintext => f.write_str(
+                "credentials refused: this connection is not encrypted, and a password sent \
+                 over it can be read on the way; connect with TLS",
+            ),
+            LoginRefusal::NoAccounts => f.write_str("this server keeps no accounts"),
+            LoginRefusal::RateLimited { retry_in } => write!(
+                f,
+                "too many login attempts: try again in {} s",
+                retry_in.as_secs().max(1)
+            ),
+            LoginRefusal::Account(e) => e.fmt(f),
+            LoginRefusal::InUse { nickname } => {
+                write!(f, "{nickname} is in use by another client")
+            }
+            LoginRefusal::BeingRegistered { nickname } => {
+                write!(f, "{nickname} is being registered by another client")
+            }
+            LoginRefusal::Leaving => f.write_str("you are being disconnected"),
         }
     }
 }

@@ -39,7 +39,7 @@
 //! `history` messages on joining, each only to a client granted its
 //! capability. Credentials in a Hello are accepted and ignored for now.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::fmt;
 use std::future::Future;
 use std::net::{IpAddr, SocketAddr};
@@ -55,6 +55,7 @@ use smol::io::{AsyncRead, AsyncWrite};
 use smol::net::TcpListener;
 use smol::stream::StreamExt;
 
+pub mod accounts;
 mod bucket;
 pub mod client;
 mod event;
@@ -65,8 +66,8 @@ mod v06;
 use bucket::Bucket;
 pub use bucket::Rate;
 pub use event::{
-    Disconnect, Event, HelloRefusal, NicknameRefusal, NoticeFailure, Refusal, Request,
-    RequestRefusal,
+    Disconnect, Event, HelloRefusal, LoginRefusal, NicknameRefusal, NoticeFailure, Refusal,
+    Request, RequestRefusal,
 };
 pub use memory::Usage;
 use memory::MESSAGE_OVERHEAD;
@@ -157,6 +158,23 @@ pub struct Config {
     /// rate limit, and how long a client's queue has stayed full. Waits are
     /// real timers.
     pub clock: Arc<dyn Fn() -> Instant + Send + Sync>,
+    /// Registered nicknames and their passwords ([`accounts`]): a
+    /// registered nickname is refused to anyone not logged in to it. `None`
+    /// (the default): no accounts; credentials are refused and the
+    /// `account` capability is not granted.
+    pub accounts: Option<Arc<accounts::Accounts>>,
+    /// Refuse guests: a client must log in (or register) in its Hello, or
+    /// it is closed; v0.5 clients, which cannot, are closed at their first
+    /// message or at the end of the join window. Default: off, so v0.5
+    /// clients and guests chat under any unregistered nickname.
+    pub require_login: bool,
+    /// Take credentials over connections that are not encrypted. Default:
+    /// off, since a password sent in plaintext is readable by anyone on
+    /// the path: they are refused, saying why, except over TLS.
+    pub plaintext_credentials: bool,
+    /// Login and registration attempts allowed per IP address and per
+    /// account; see [`accounts::LoginRate`] for the defaults.
+    pub login_rate: accounts::LoginRate,
 }
 
 impl Default for Config {
@@ -181,6 +199,10 @@ impl Default for Config {
             usage: Arc::default(),
             events: Arc::new(|event| eprintln!("{event}")),
             clock: Arc::new(Instant::now),
+            accounts: None,
+            require_login: false,
+            plaintext_credentials: false,
+            login_rate: accounts::LoginRate::default(),
         }
     }
 }
@@ -200,6 +222,10 @@ impl fmt::Debug for Config {
             .field("max_per_ip", &self.max_per_ip)
             .field("max_memory", &self.max_memory)
             .field("usage", &self.usage)
+            .field("accounts", &self.accounts)
+            .field("require_login", &self.require_login)
+            .field("plaintext_credentials", &self.plaintext_credentials)
+            .field("login_rate", &self.login_rate)
             .finish_non_exhaustive()
     }
 }
@@ -209,6 +235,7 @@ impl fmt::Debug for Config {
 /// all gone (or `grace` has passed and the rest were dropped).
 pub async fn serve(listener: TcpListener, config: Config, shutdown: impl Future<Output = ()>) {
     let room = Arc::new(Room {
+        attempts: Mutex::new(accounts::Attempts::new(config.login_rate)),
         config,
         state: Mutex::new(State::default()),
         stamps: AtomicU64::new(0),
@@ -297,6 +324,8 @@ struct Room {
     /// while `state` is (so it never changes between a broadcast and the
     /// history it leaves behind).
     history: Mutex<VecDeque<(u64, String, String)>>,
+    /// Login attempts, for their rate limit.
+    attempts: Mutex<accounts::Attempts>,
 }
 
 /// The room's members, behind its one lock.
@@ -314,6 +343,9 @@ struct State {
     /// How many broadcasts the room has remembered in all: those since a
     /// member joined are the newest of `Room::recent`, and reached it live.
     said: u64,
+    /// Nicknames being registered right now (hashing takes a while): no
+    /// one else takes or registers them meanwhile.
+    registering: HashSet<String>,
 }
 
 impl State {
@@ -378,6 +410,11 @@ struct Member {
     listening: bool,
     /// Its stream is encrypted (TLS): credentials may travel on it.
     secure: bool,
+    /// The account it logged in to (or registered), if any.
+    account: Option<String>,
+    /// Why the room is closing its connection, cleanly: reported instead
+    /// of [`Disconnect::Closed`].
+    closing: Option<Disconnect>,
 }
 
 impl Member {
@@ -617,10 +654,28 @@ impl Room {
         Ok(())
     }
 
-    /// Gives member `id` the nickname unless another member holds it.
+    /// Gives member `id` the nickname unless another member holds it, it
+    /// is registered to an account the member is not logged in to, or
+    /// being registered.
     fn set_nickname(&self, id: u64, nickname: &str) -> Result<(), NicknameRefusal> {
         let mut state = self.lock();
         let state = &mut *state;
+        let Some(m) = state.members.get(&id) else {
+            return Err(NicknameRefusal::Leaving);
+        };
+        let owned = m.account.as_deref() == Some(nickname);
+        if self.config.require_login && m.account.is_none() {
+            return Err(NicknameRefusal::LoginRequired);
+        }
+        let registered = self
+            .config
+            .accounts
+            .as_ref()
+            .is_some_and(|a| a.is_registered(nickname));
+        if !owned && (registered || state.registering.contains(nickname)) {
+            let nickname = nickname.to_owned();
+            return Err(NicknameRefusal::Registered { nickname });
+        }
         if state
             .nicks
             .get(nickname)
@@ -629,12 +684,18 @@ impl Room {
             let nickname = nickname.to_owned();
             return Err(NicknameRefusal::Taken { nickname });
         }
+        self.take_nickname(state, id, nickname);
+        Ok(())
+    }
+
+    /// Gives member `id` the nickname, announcing it, once it may have it.
+    fn take_nickname(&self, state: &mut State, id: u64, nickname: &str) {
         let Some(m) = state.members.get_mut(&id) else {
-            return Err(NicknameRefusal::Leaving);
+            return;
         };
         let old = m.nickname.replace(nickname.to_owned());
         if old.as_deref() == Some(nickname) {
-            return Ok(());
+            return;
         }
         if let Some(old) = &old {
             state.nicks.remove(old);
@@ -645,13 +706,46 @@ impl Room {
             Some(old) => v06::presence(PresenceChange::Renamed, old, nickname.to_owned()),
         };
         self.announce(state, id, news);
+    }
+
+    /// Member `id` logged in to (or registered) the account of `nickname`:
+    /// it takes the nickname, from whoever holds it (another connection of
+    /// the same account's: a client reconnecting before its old connection
+    /// timed out), who is disconnected.
+    fn log_in(&self, id: u64, nickname: &str) -> Result<(), LoginRefusal> {
+        let mut state = self.lock();
+        let state = &mut *state;
+        match state.members.get_mut(&id) {
+            Some(m) if !m.leaving => m.account = Some(nickname.to_owned()),
+            _ => return Err(LoginRefusal::Leaving),
+        }
+        if let Some(&holder) = state.nicks.get(nickname).filter(|&&h| h != id) {
+            state.nicks.remove(nickname);
+            if let Some(old) = state.members.get_mut(&holder) {
+                // It leaves without announcing a nickname that stays.
+                old.nickname = None;
+                let _ = old.kick.try_send(Disconnect::LoggedInElsewhere);
+            }
+            // Others saw no one leave: the newcomer takes the name quietly.
+            if let Some(m) = state.members.get_mut(&id) {
+                if m.nickname.is_none() {
+                    m.nickname = Some(nickname.to_owned());
+                    state.nicks.insert(nickname.to_owned(), id);
+                    return Ok(());
+                }
+            }
+        }
+        self.take_nickname(state, id, nickname);
         Ok(())
     }
 
-    /// Takes member `id` out of the room; returns its nickname.
-    fn leave(&self, id: u64) -> Option<String> {
+    /// Takes member `id` out of the room; returns its nickname, and why
+    /// the room was closing it if it was.
+    fn leave(&self, id: u64) -> (Option<String>, Option<Disconnect>) {
         let mut state = self.lock();
-        let member = state.remove(id)?;
+        let Some(member) = state.remove(id) else {
+            return (None, None);
+        };
         // What still waited for it goes with it.
         self.release(&member.queued, usize::MAX);
         let nickname = member.nickname;
@@ -662,12 +756,11 @@ impl Room {
             let news = v06::presence(PresenceChange::Left, nick.clone(), String::new());
             self.announce(&state, id, news);
         }
-        nickname
+        (nickname, member.closing)
     }
 
     /// Adds a connection to the room; the returned future serves it until
-    /// it ends, then takes it out.
-    /// `secure`: the stream is encrypted (TLS), so credentials may travel on it.
+    /// it ends, then takes it out. `secure`: the stream is encrypted (TLS), so credentials may travel on it.
     fn join<S>(
         self: &Arc<Self>,
         id: u64,
@@ -699,8 +792,10 @@ impl Room {
                 spoke: false,
                 leaving: false,
                 said_at_join: state.said,
-                listening: self.config.join_window.is_zero(),
+                listening: self.config.join_window.is_zero() && !self.config.require_login,
                 secure,
+                account: None,
+                closing: None,
             };
             state.add(id, member);
         }
@@ -772,8 +867,11 @@ impl Room {
                 let mut driver = std::pin::pin!(driver);
                 let listen = async {
                     smol::Timer::after(room.config.join_window).await;
-                    room.start_listening(id);
-                    std::future::pending().await
+                    if room.start_listening(id) {
+                        std::future::pending::<()>().await;
+                    }
+                    // Silent, where guests are refused.
+                    Disconnect::LoginRequired
                 };
                 let reason = driver.as_mut().or(kicked).or(stalled).or(listen).await;
                 // Too slow: a v0.6 client is told why, if there is room.
@@ -784,7 +882,11 @@ impl Room {
             };
             let (reason, ()) = smol::future::zip(ended, reading).await;
 
-            let nickname = room.leave(id);
+            let (nickname, closing) = room.leave(id);
+            let reason = match (reason, closing) {
+                (Disconnect::Closed, Some(why)) => why,
+                (reason, _) => reason,
+            };
             room.emit(Event::Disconnected {
                 addr,
                 nickname,
@@ -1009,6 +1111,33 @@ async fn handle(room: &Room, id: u64, addr: SocketAddr, sender: &Sender<Chat>, m
     let Some(first) = room.first_message(id, is_hello) else {
         return;
     };
+    if !is_hello && room.must_log_in(id) {
+        // A guest where guests are refused: it said no Hello, so it cannot
+        // log in. A v0.5 nickname request is told why; then it goes.
+        if let ChatMessage::SetNickname {
+            request_id,
+            nickname,
+        } = msg
+        {
+            let reason = NicknameRefusal::LoginRequired;
+            let message = reason.to_string();
+            room.emit(Event::NicknameRefused {
+                addr,
+                nickname,
+                reason,
+            });
+            let _ = sender
+                .send(ChatMessage::Nak {
+                    request_id,
+                    message,
+                })
+                .await;
+        }
+        room.close_for(id, Disconnect::LoginRequired);
+        let _ = sender.flush().await;
+        sender.close();
+        return;
+    }
     match msg {
         ChatMessage::Chat { text } => {
             let _ = room.broadcast(id, text);
@@ -1046,12 +1175,13 @@ async fn handle(room: &Room, id: u64, addr: SocketAddr, sender: &Sender<Chat>, m
             request_id,
             versions,
             capabilities,
-            credentials: _,
+            credentials,
         } => {
             let hello = v06::Hello {
                 request_id,
                 versions,
                 capabilities,
+                credentials,
                 first,
             };
             v06::hello(room, id, addr, sender, hello).await;
@@ -1070,6 +1200,13 @@ async fn handle(room: &Room, id: u64, addr: SocketAddr, sender: &Sender<Chat>, m
         }
         ChatMessage::Who { request_id } => {
             let reply = v06::who(room, id, addr, request_id);
+            let _ = sender.send(reply).await;
+        }
+        ChatMessage::Login {
+            request_id,
+            credentials,
+        } => {
+            let reply = v06::login(room, id, addr, request_id, &credentials).await;
             let _ = sender.send(reply).await;
         }
         // Keepalives and responses never reach the application.
@@ -1108,6 +1245,8 @@ mod tests {
             said_at_join: 0,
             listening: true,
             secure: false,
+            account: None,
+            closing: None,
         };
         (m, Receivers { backlog, kicked })
     }
@@ -1127,6 +1266,7 @@ mod tests {
             stamps: AtomicU64::new(0),
             queued_bytes: AtomicU64::new(0),
             history: Mutex::new(VecDeque::new()),
+            attempts: Mutex::new(accounts::Attempts::new(Default::default())),
         }
     }
 
@@ -1191,7 +1331,7 @@ mod tests {
         let ip = a.ip();
         assert_eq!(room.admit(a), Err(Refusal::TooManyFromIp { ip, max: 2 }));
         assert!(room.admit(b).is_ok());
-        assert!(room.leave(1).is_none(), "no nickname");
+        assert!(room.leave(1).0.is_none(), "no nickname");
         assert!(room.admit(a).is_ok(), "room again once one left");
         let (m, r) = member("10.0.0.2:2");
         room.lock().add(3, m);
@@ -1282,7 +1422,7 @@ mod tests {
             room.release(&room.lock().members[&3].queued, cost);
         }
         assert_eq!(room.usage().waiting(), 71 * COST);
-        assert!(room.leave(3).is_none());
+        assert!(room.leave(3).0.is_none());
         assert_eq!(room.usage().waiting(), 71 * COST);
         assert_counts_add_up(&room);
 

@@ -93,6 +93,13 @@ const MIGRATIONS: &[&str] = &[
          sender TEXT NOT NULL,
          text TEXT NOT NULL
      );",
+    // 2: accounts (src/accounts.rs): a nickname, its owner's password as
+    // an argon2 PHC string, and when it was registered.
+    "CREATE TABLE accounts (
+         nickname TEXT PRIMARY KEY,
+         hash TEXT NOT NULL,
+         created_ms INTEGER NOT NULL
+     );",
 ];
 
 /// One room message.
@@ -242,27 +249,7 @@ impl Store {
             let path = path.clone();
             move |e| sqlite_error(&path, doing, e)
         };
-        let in_memory = path.as_os_str() == IN_MEMORY;
-        let mut conn = if in_memory {
-            Connection::open_in_memory()
-        } else {
-            Connection::open(&path)
-        }
-        .map_err(fail("open the database"))?;
-        conn.busy_timeout(BUSY_TIMEOUT)
-            .map_err(fail("set the busy timeout"))?;
-        if !in_memory {
-            let mode: String = conn
-                .query_row("PRAGMA journal_mode = WAL", [], |row| row.get(0))
-                .map_err(fail("set the journal mode"))?;
-            if !mode.eq_ignore_ascii_case("wal") {
-                return Err(StoreError::NotWal { path, mode });
-            }
-            // With a write-ahead log, NORMAL loses at most the last
-            // commits on a power cut, never the file's consistency.
-            conn.pragma_update(None, "synchronous", "NORMAL")
-                .map_err(fail("set synchronous mode"))?;
-        }
+        let mut conn = connect(&path)?;
         migrate(&mut conn, &path)?;
         trim(&conn, options.retain).map_err(fail("trim old messages"))?;
         let (ring, unreadable) = load(&conn, keep).map_err(fail("read history"))?;
@@ -503,9 +490,41 @@ impl Drop for Stopped {
     }
 }
 
+/// Opens the database at `path` (or in memory, for [`IN_MEMORY`]) as the
+/// store and the accounts both use it: waiting for other writers, with a
+/// write-ahead log. The schema is `migrate`'s business.
+pub(crate) fn connect(path: &Path) -> Result<Connection, StoreError> {
+    let fail = |doing| move |e| sqlite_error(path, doing, e);
+    let in_memory = path.as_os_str() == IN_MEMORY;
+    let conn = if in_memory {
+        Connection::open_in_memory()
+    } else {
+        Connection::open(&path)
+    }
+    .map_err(fail("open the database"))?;
+    conn.busy_timeout(BUSY_TIMEOUT)
+        .map_err(fail("set the busy timeout"))?;
+    if !in_memory {
+        let mode: String = conn
+            .query_row("PRAGMA journal_mode = WAL", [], |row| row.get(0))
+            .map_err(fail("set the journal mode"))?;
+        if !mode.eq_ignore_ascii_case("wal") {
+            return Err(StoreError::NotWal {
+                path: path.to_path_buf(),
+                mode,
+            });
+        }
+        // With a write-ahead log, NORMAL loses at most the last
+        // commits on a power cut, never the file's consistency.
+        conn.pragma_update(None, "synchronous", "NORMAL")
+            .map_err(fail("set synchronous mode"))?;
+    }
+    Ok(conn)
+}
+
 /// Brings the schema up to date, in one transaction that holds the write
 /// lock, so two processes opening the file at once do not both migrate.
-fn migrate(conn: &mut Connection, path: &Path) -> Result<(), StoreError> {
+pub(crate) fn migrate(conn: &mut Connection, path: &Path) -> Result<(), StoreError> {
     let fail = |e| sqlite_error(path, "update the schema", e);
     let tx = conn
         .transaction_with_behavior(TransactionBehavior::Immediate)
@@ -607,7 +626,11 @@ fn entry_size(entry: &Entry) -> usize {
     std::mem::size_of::<Entry>() + entry.from.len() + entry.text.len()
 }
 
-fn sqlite_error(path: &Path, doing: &'static str, source: rusqlite::Error) -> StoreError {
+pub(crate) fn sqlite_error(
+    path: &Path,
+    doing: &'static str,
+    source: rusqlite::Error,
+) -> StoreError {
     StoreError::Sqlite {
         path: path.to_path_buf(),
         doing,
@@ -617,7 +640,7 @@ fn sqlite_error(path: &Path, doing: &'static str, source: rusqlite::Error) -> St
 
 /// Locks, ignoring poisoning: no code here panics under a lock, and the
 /// data stays consistent if some did.
-fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+pub(crate) fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
     mutex.lock().unwrap_or_else(PoisonError::into_inner)
 }
 

@@ -14,14 +14,15 @@ use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use chatpipe::chat::{
-    capability, Chat, ChatMessage, Limits, PresenceChange, RequestId, MAX_PAYLOAD_LEN, V0_6,
+    capability, Chat, ChatMessage, Credentials, CredentialsError, Limits, PresenceChange,
+    RequestId, MAX_PAYLOAD_LEN, V0_6,
 };
 use chatpipe::{Sender, TrySendError};
 use smol::future::FutureExt;
 
 use crate::{
-    Config, Disconnect, Event, HelloRefusal, Member, NoticeFailure, Request, RequestRefusal, Room,
-    State, Undelivered,
+    Config, Disconnect, Event, HelloRefusal, LoginRefusal, Member, NoticeFailure, Request,
+    RequestRefusal, Room, State, Undelivered,
 };
 
 /// What a v0.6 client is told when the server shuts down.
@@ -38,18 +39,21 @@ pub(crate) struct Caps {
     pub direct: bool,
     pub presence: bool,
     pub history: bool,
+    pub account: bool,
 }
 
 impl Caps {
     /// What the room grants of the capabilities `wanted`: those it knows
-    /// (others are ignored), and `history` only if it keeps any.
-    pub fn grant(wanted: &[String], history: bool) -> Caps {
+    /// (others are ignored), and `history` or `account` only if it keeps
+    /// any.
+    pub fn grant(wanted: &[String], history: bool, accounts: bool) -> Caps {
         let asked = |name: &str| wanted.iter().any(|w| w == name);
         Caps {
             ack: asked(capability::ACK),
             direct: asked(capability::DIRECT),
             presence: asked(capability::PRESENCE),
             history: history && asked(capability::HISTORY),
+            account: accounts && asked(capability::ACCOUNT),
         }
     }
 
@@ -60,6 +64,7 @@ impl Caps {
             (self.direct, capability::DIRECT),
             (self.presence, capability::PRESENCE),
             (self.history, capability::HISTORY),
+            (self.account, capability::ACCOUNT),
         ]
         .into_iter()
         .filter(|&(granted, _)| granted)
@@ -73,6 +78,8 @@ pub(crate) struct Hello {
     pub request_id: RequestId,
     pub versions: Vec<u16>,
     pub capabilities: Vec<String>,
+    /// Empty, or [`Credentials`] encoded.
+    pub credentials: String,
     /// Whether it is the member's first message.
     pub first: bool,
 }
@@ -91,6 +98,7 @@ pub(crate) async fn hello(
         request_id,
         versions,
         capabilities,
+        credentials,
         first,
     } = hello;
     let reason = if !first {
@@ -98,10 +106,16 @@ pub(crate) async fn hello(
     } else if !versions.contains(&V0_6) {
         HelloRefusal::NoCommonVersion { offered: versions }
     } else {
-        room.welcome(id, addr, request_id, &capabilities);
-        return;
+        match authenticate(room, id, addr, &credentials).await {
+            Ok(None) if room.config.require_login => HelloRefusal::LoginRequired,
+            Ok(_) => {
+                room.welcome(id, addr, request_id, &capabilities);
+                return;
+            }
+            Err(reason) => HelloRefusal::Login(reason),
+        }
     };
-    let close = matches!(reason, HelloRefusal::NoCommonVersion { .. });
+    let close = !matches!(reason, HelloRefusal::NotFirst);
     if close {
         // Nothing more for it, and nothing more from it.
         room.set_leaving(id);
@@ -120,6 +134,120 @@ pub(crate) async fn hello(
         // once the client closes its own.
         let _ = sender.flush().await;
         sender.close();
+    }
+}
+
+/// Checks credentials (a Hello's or a Login's) and logs member `id` in:
+/// `Ok(Some(nickname))` once it holds the nickname of its account,
+/// `Ok(None)` for none (a guest). Each failure is reported with the
+/// address.
+async fn authenticate(
+    room: &Room,
+    id: u64,
+    addr: SocketAddr,
+    credentials: &str,
+) -> Result<Option<String>, LoginRefusal> {
+    let parsed = Credentials::parse(credentials);
+    let nickname = match &parsed {
+        Ok(Some(c)) => c.nickname().to_owned(),
+        Ok(None) => return Ok(None),
+        // Whatever the nickname field held, for the log.
+        Err(_) => credentials.split('\0').nth(1).unwrap_or("").to_owned(),
+    };
+    let result = log_in(room, id, addr, parsed).await;
+    match &result {
+        Ok(registered) => {
+            let nickname = nickname.clone();
+            room.emit(if *registered {
+                Event::Registered { addr, nickname }
+            } else {
+                Event::LoggedIn { addr, nickname }
+            });
+        }
+        Err(reason) => room.emit(Event::LoginFailed {
+            addr,
+            nickname: nickname.clone(),
+            reason: reason.clone(),
+        }),
+    }
+    result.map(|_| Some(nickname))
+}
+
+/// The steps of [`authenticate`]: `Ok(true)` for a registration.
+async fn log_in(
+    room: &Room,
+    id: u64,
+    addr: SocketAddr,
+    parsed: Result<Option<Credentials>, CredentialsError>,
+) -> Result<bool, LoginRefusal> {
+    let credentials = match parsed {
+        Ok(Some(c)) => c,
+        Ok(None) => return Err(LoginRefusal::Malformed(CredentialsError::Malformed)),
+        Err(e) => return Err(LoginRefusal::Malformed(e)),
+    };
+    let secure = room.lock().members.get(&id).is_some_and(|m| m.secure);
+    if !secure && !room.config.plaintext_credentials {
+        return Err(LoginRefusal::Plaintext);
+    }
+    let Some(accounts) = &room.config.accounts else {
+        return Err(LoginRefusal::NoAccounts);
+    };
+    let (ip, nickname) = (addr.ip(), credentials.nickname());
+    let now = room.now();
+    let attempt = room.attempts().take(ip, nickname, now);
+    attempt.map_err(|retry_in| LoginRefusal::RateLimited { retry_in })?;
+    let registering = matches!(credentials, Credentials::Register { .. });
+    if registering {
+        let _registering = room.start_registering(id, nickname)?;
+        let registered = accounts.register(nickname, credentials.password()).await;
+        registered.map_err(LoginRefusal::Account)?;
+    } else {
+        let verified = accounts.verify(nickname, credentials.password()).await;
+        verified.map_err(LoginRefusal::Account)?;
+    }
+    room.attempts().succeeded(ip, nickname);
+    room.log_in(id, nickname)?;
+    Ok(registering)
+}
+
+/// A registration under way: the nickname is free for others again when
+/// it is over, however it ends.
+pub(crate) struct Registering<'a> {
+    room: &'a Room,
+    nickname: String,
+}
+
+impl Drop for Registering<'_> {
+    fn drop(&mut self) {
+        self.room.lock().registering.remove(&self.nickname);
+    }
+}
+
+/// Answers a Login: an Ack once logged in (or registered), or a Nak.
+pub(crate) async fn login(
+    room: &Room,
+    id: u64,
+    addr: SocketAddr,
+    request_id: RequestId,
+    credentials: &str,
+) -> ChatMessage {
+    let granted = room.caps(id).map(|c| c.account);
+    let result = match granted {
+        None => Err(LoginRefusal::Leaving),
+        Some(false) => {
+            let reason = RequestRefusal::NotGranted {
+                capability: capability::ACCOUNT,
+            };
+            return room.answer(addr, Request::Login, request_id, Err(reason));
+        }
+        Some(true) => authenticate(room, id, addr, credentials).await,
+    };
+    match result {
+        Ok(_) => ChatMessage::Ack { request_id },
+        Err(reason) => ChatMessage::Nak {
+            request_id,
+            message: reason.to_string(),
+        },
     }
 }
 
@@ -323,18 +451,79 @@ impl Room {
         let said = state.said;
         let m = state.members.get_mut(&id).filter(|m| !m.leaving)?;
         let first = !std::mem::replace(&mut m.spoke, true);
-        if !is_hello {
+        // A guest where guests are refused never listens.
+        let guest = self.config.require_login && m.account.is_none();
+        if !is_hello && !guest {
             m.listen(said);
         }
         Some(first)
     }
 
-    /// Member `id` gets the room's traffic from now on.
-    pub(crate) fn start_listening(&self, id: u64) {
+    /// The join window is over: member `id` gets the room's traffic from
+    /// now on. False if it must go instead: guests are refused and it has
+    /// not said a word (a client that spoke is logging in, or was refused).
+    pub(crate) fn start_listening(&self, id: u64) -> bool {
         let mut state = self.lock();
         let said = state.said;
-        if let Some(m) = state.members.get_mut(&id) {
-            m.listen(said);
+        let require_login = self.config.require_login;
+        match state.members.get_mut(&id) {
+            Some(m) if require_login && m.account.is_none() => m.spoke,
+            Some(m) => {
+                m.listen(said);
+                true
+            }
+            None => true,
+        }
+    }
+
+    /// The login attempts, locked.
+    pub(crate) fn attempts(&self) -> std::sync::MutexGuard<'_, crate::accounts::Attempts> {
+        self.attempts.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Member `id` starts registering `nickname`: no one else may take or
+    /// register it until it is done. Only a nickname that is free, or its
+    /// own, can be registered.
+    pub(crate) fn start_registering(
+        &self,
+        id: u64,
+        nickname: &str,
+    ) -> Result<Registering<'_>, LoginRefusal> {
+        let mut state = self.lock();
+        let nickname = nickname.to_owned();
+        if state
+            .nicks
+            .get(&nickname)
+            .is_some_and(|&holder| holder != id)
+        {
+            return Err(LoginRefusal::InUse { nickname });
+        }
+        if !state.registering.insert(nickname.clone()) {
+            return Err(LoginRefusal::BeingRegistered { nickname });
+        }
+        Ok(Registering {
+            room: self,
+            nickname,
+        })
+    }
+
+    /// Whether member `id` is a guest where guests are refused.
+    pub(crate) fn must_log_in(&self, id: u64) -> bool {
+        self.config.require_login
+            && self
+                .lock()
+                .members
+                .get(&id)
+                .is_some_and(|m| m.account.is_none())
+    }
+
+    /// Member `id` is leaving for `reason`: nothing more is sent to it or
+    /// taken from it, and when its connection has closed cleanly (its
+    /// task closes it after what it has sent) the reason is reported.
+    pub(crate) fn close_for(&self, id: u64, reason: Disconnect) {
+        if let Some(m) = self.lock().members.get_mut(&id) {
+            m.leaving = true;
+            m.closing = Some(reason);
         }
     }
 
@@ -396,7 +585,8 @@ impl Room {
     /// the history from before it joined, in its backlog, all under the
     /// lock so that no live message comes between them.
     fn welcome(&self, id: u64, addr: SocketAddr, request_id: RequestId, wanted: &[String]) {
-        let caps = Caps::grant(wanted, self.config.history > 0);
+        let accounts = self.config.accounts.is_some();
+        let caps = Caps::grant(wanted, self.config.history > 0, accounts);
         let capabilities = caps.names();
         let welcome = ChatMessage::Welcome {
             request_id,
@@ -557,13 +747,14 @@ mod tests {
 
     #[test]
     fn grants_the_known_capabilities_only() {
-        let wanted: Vec<String> = ["history", "bogus", "ack", "presence", "ack"]
+        let wanted: Vec<String> = ["history", "bogus", "account", "ack", "presence", "ack"]
             .map(String::from)
             .into();
-        let caps = Caps::grant(&wanted, true);
-        assert_eq!(caps.names(), ["ack", "presence", "history"]);
-        assert_eq!(Caps::grant(&wanted, false).names(), ["ack", "presence"]);
-        assert!(Caps::grant(&[], true).names().is_empty());
+        let caps = Caps::grant(&wanted, true, true);
+        assert_eq!(caps.names(), ["ack", "presence", "history", "account"]);
+        let caps = Caps::grant(&wanted, false, false);
+        assert_eq!(caps.names(), ["ack", "presence"]);
+        assert!(Caps::grant(&[], true, true).names().is_empty());
     }
 
     #[test]
