@@ -4,6 +4,7 @@
 //! cargo run --example chat_server -- [--listen ADDR] [--rate N] [--burst N]
 //!     [--flood-unread N] [--flood-for SECS] [--history N] [--db PATH]
 //!     [--max-connections N] [--max-per-ip N] [--max-memory BYTES]
+//!     [--require-login] [--allow-plaintext-credentials]
 //! ```
 //!
 //! It speaks the chat protocol of `docs/PROTOCOL.md`, so `chat_client` or
@@ -58,8 +59,9 @@ struct Args {
     #[arg(long, value_name = "N", default_value_t = 50)]
     history: usize,
 
-    /// The SQLite file the history is kept in, so it survives a restart
-    /// (created if missing); `:memory:` keeps it in memory only.
+    /// The SQLite file the history and the accounts are kept in, so they
+    /// survive a restart (created if missing); `:memory:` keeps them in
+    /// memory only.
     #[arg(long, value_name = "PATH", default_value = chatpipe_chat::store::DEFAULT_DB)]
     db: std::path::PathBuf,
 
@@ -79,6 +81,17 @@ struct Args {
     /// unknown.
     #[arg(long, value_name = "BYTES", value_parser = chatpipe_chat::memory::parse_size)]
     max_memory: Option<usize>,
+
+    /// Refuse guests: every client must log in or register (v0.6, with a
+    /// password). v0.5 clients, which cannot, are closed.
+    #[arg(long)]
+    require_login: bool,
+
+    /// Take passwords over connections that are not encrypted. Anyone on
+    /// the path can read them: for tests on loopback only. Without it,
+    /// credentials are refused except over TLS, and the refusal says why.
+    #[arg(long)]
+    allow_plaintext_credentials: bool,
 }
 
 fn main() -> ExitCode {
@@ -95,7 +108,14 @@ fn main() -> ExitCode {
             }
         },
     };
-    let code = serve_until_signal(args, store.clone());
+    let accounts = match chatpipe_chat::accounts::Accounts::open(&args.db) {
+        Ok(accounts) => std::sync::Arc::new(accounts),
+        Err(e) => {
+            eprintln!("cannot open the accounts in {}: {e}", args.db.display());
+            return ExitCode::FAILURE;
+        }
+    };
+    let code = serve_until_signal(args, store.clone(), accounts);
     // Whatever history is still queued is written before exiting.
     if let Some(store) = store {
         store.flush();
@@ -109,6 +129,7 @@ fn main() -> ExitCode {
 fn serve_until_signal(
     args: Args,
     store: Option<std::sync::Arc<chatpipe_chat::store::Store>>,
+    accounts: std::sync::Arc<chatpipe_chat::accounts::Accounts>,
 ) -> ExitCode {
     smol::block_on(async {
         // Signals first: once the address is printed, a signal must stop
@@ -156,6 +177,9 @@ fn serve_until_signal(
             store,
             max_connections: args.max_connections,
             max_per_ip: args.max_per_ip,
+            accounts: Some(accounts),
+            require_login: args.require_login,
+            plaintext_credentials: args.allow_plaintext_credentials,
             ..Config::default()
         };
         if let Some(max_memory) = args.max_memory {

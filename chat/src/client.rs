@@ -29,7 +29,7 @@ use std::fmt;
 use std::time::Duration;
 
 use chatpipe::chat::{
-    capability, Chat, ChatMessage, Limits, PresenceChange, RequestId, V0_5, V0_6,
+    capability, Chat, ChatMessage, Credentials, Limits, PresenceChange, RequestId, V0_5, V0_6,
 };
 use chatpipe::{Call, Error, Incoming, Sender};
 use smol::future::FutureExt;
@@ -46,6 +46,7 @@ pub const WANTED: &[&str] = &[
     capability::DIRECT,
     capability::PRESENCE,
     capability::HISTORY,
+    capability::ACCOUNT,
 ];
 
 /// What the handshake settled on.
@@ -120,6 +121,9 @@ pub enum NegotiateError {
     Connection(Error),
     /// The server answered the Hello with neither a Welcome nor a Nak.
     Unexpected(ChatMessage),
+    /// Credentials were given, and the server speaks v0.5: it has no
+    /// accounts.
+    NoAccounts,
 }
 
 impl fmt::Display for NegotiateError {
@@ -131,6 +135,9 @@ impl fmt::Display for NegotiateError {
             }
             NegotiateError::Connection(e) => write!(f, "connection lost: {e}"),
             NegotiateError::Unexpected(msg) => write!(f, "unexpected answer to Hello: {msg:?}"),
+            NegotiateError::NoAccounts => {
+                f.write_str("cannot log in: the server speaks v0.5, which has no accounts")
+            }
         }
     }
 }
@@ -146,7 +153,7 @@ impl std::error::Error for NegotiateError {
 
 /// Opens a connection as a v0.6 client: sends a Hello (versions 0.5 and
 /// 0.6, the capabilities in `wants`, no credentials) as a request, and
-/// waits for the Welcome.
+/// waits for the Welcome. [`negotiate_as`] logs in as well.
 ///
 /// A v0.5 server skips the Hello. So the client falls back to v0.5 at once
 /// when anything but the Welcome arrives first (that message is handed
@@ -168,6 +175,37 @@ pub async fn negotiate(
     wants: &[&str],
     wait: Duration,
 ) -> Result<Negotiated, NegotiateError> {
+    negotiate_as(sender, incoming, wants, None, wait).await
+}
+
+/// [`negotiate`], with `credentials` in the Hello: the Welcome then means
+/// the client is logged in (or registered) and holds the account's
+/// nickname; a refused login is a Nak ([`NegotiateError::Refused`], with
+/// the server's reason). Send credentials over an encrypted connection
+/// only: a server refuses them otherwise, but by then they have crossed
+/// the network. A v0.5 server skips the Hello and has no accounts:
+/// [`NegotiateError::NoAccounts`] instead of a fallback.
+pub async fn negotiate_as(
+    sender: &Sender<Chat>,
+    incoming: &mut Incoming<Chat>,
+    wants: &[&str],
+    credentials: Option<&Credentials>,
+    wait: Duration,
+) -> Result<Negotiated, NegotiateError> {
+    let negotiated = hello(sender, incoming, wants, credentials, wait).await?;
+    if credentials.is_some() && matches!(negotiated, Negotiated::Fallback(_)) {
+        return Err(NegotiateError::NoAccounts);
+    }
+    Ok(negotiated)
+}
+
+async fn hello(
+    sender: &Sender<Chat>,
+    incoming: &mut Incoming<Chat>,
+    wants: &[&str],
+    credentials: Option<&Credentials>,
+    wait: Duration,
+) -> Result<Negotiated, NegotiateError> {
     enum Step {
         Answer(Result<ChatMessage, Error>),
         Arrived(Option<Result<ChatMessage, Error>>),
@@ -177,7 +215,7 @@ pub async fn negotiate(
         request_id: RequestId::random(),
         versions: vec![V0_5, V0_6],
         capabilities: wants.iter().map(|c| c.to_string()).collect(),
-        credentials: String::new(),
+        credentials: credentials.map(Credentials::encode).unwrap_or_default(),
     };
     // The answer is polled first: a Welcome that came in with the messages
     // after it wins over them.
@@ -301,6 +339,12 @@ pub enum Command<'a> {
     },
     /// `/who`: who is in the room.
     Who,
+    /// `/register`: make the current nickname an account (the password is
+    /// asked for next).
+    Register,
+    /// `/login NAME`: log in to the account of NAME (the password is asked
+    /// for next).
+    Login(&'a str),
     /// `/quit`.
     Quit,
     /// A command without what it needs; the usage to show.
@@ -311,8 +355,8 @@ pub enum Command<'a> {
 
 impl<'a> Command<'a> {
     /// Reads one line (without its line break). The commands are `/nick
-    /// NAME`, `/msg NICK TEXT`, `/who` and `/quit`; every other line,
-    /// slashes and all, is said to the room.
+    /// NAME`, `/msg NICK TEXT`, `/who`, `/register`, `/login NAME` and
+    /// `/quit`; every other line, slashes and all, is said to the room.
     pub fn parse(line: &'a str) -> Self {
         /// `line` is `/name` alone or followed by a space: what follows.
         fn command<'a>(line: &'a str, name: &str) -> Option<&'a str> {
@@ -343,6 +387,13 @@ impl<'a> Command<'a> {
             }
         } else if line.trim_end() == "/who" {
             Command::Who
+        } else if line.trim_end() == "/register" {
+            Command::Register
+        } else if let Some(rest) = command(line, "/login") {
+            match rest.trim() {
+                "" => Command::Usage("usage: /login NAME (the password is asked for next)"),
+                nick => Command::Login(nick),
+            }
         } else {
             Command::Say(line)
         }
@@ -894,6 +945,13 @@ mod tests {
             ("/who ", Who),
             ("/whom", Say("/whom")),
             ("/me waves", Say("/me waves")),
+            ("/register", Register),
+            ("/registered", Say("/registered")),
+            ("/login ana", Login("ana")),
+            (
+                "/login",
+                Usage("usage: /login NAME (the password is asked for next)"),
+            ),
         ];
         for (line, command) in cases {
             assert_eq!(Command::parse(line), command, "{line:?}");

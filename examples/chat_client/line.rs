@@ -9,28 +9,46 @@ use std::process::ExitCode;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
-use chatpipe::chat::{capability, Chat, ChatMessage, Nickname};
+use chatpipe::chat::{capability, Chat, ChatMessage, Credentials, Login, Nickname};
 use chatpipe::{Error, Incoming, Sender};
 use chatpipe_chat::client::{
-    line_for, members_line, negotiate, one_line, Command, Direct, NegotiateError, Say, Who,
+    line_for, members_line, negotiate_as, one_line, Command, Direct, NegotiateError, Say, Who,
     DEFAULT_WAIT, WANTED,
 };
 use futures::StreamExt;
 use smol::io::{AsyncBufReadExt, BufReader};
 
-use crate::{describe, Args, Connection};
+use crate::{describe, may_send_password, prompt_password, Args, Connection};
 
-pub async fn run(args: Args, conn: Connection) -> ExitCode {
+pub async fn run(args: Args, conn: Connection, credentials: Option<Credentials>) -> ExitCode {
     let Connection {
         sender,
         mut incoming,
         driver,
+        secure,
     } = conn;
     let mut negotiated = None;
-    if args.v06 {
-        match negotiate(&sender, &mut incoming, WANTED, DEFAULT_WAIT).await {
+    // The nickname held, for /register.
+    let mut nickname = None;
+    if args.v06 || credentials.is_some() {
+        let hello = negotiate_as(
+            &sender,
+            &mut incoming,
+            WANTED,
+            credentials.as_ref(),
+            DEFAULT_WAIT,
+        );
+        match hello.await {
             Ok(mut n) => {
                 eprintln!("{}", describe(&n));
+                if let Some(c) = &credentials {
+                    let done = match c {
+                        Credentials::Register { .. } => "registered",
+                        Credentials::Login { .. } => "logged in as",
+                    };
+                    println!("* {done} {}", one_line(c.nickname()));
+                    nickname = Some(c.nickname().to_owned());
+                }
                 if let Some(first) = n.take_arrived() {
                     print_message(&first);
                 }
@@ -49,8 +67,15 @@ pub async fn run(args: Args, conn: Connection) -> ExitCode {
     // what arrives.
     let printer = smol::spawn(print_incoming(incoming, quitting.clone()));
 
-    if let Some(nick) = args.nick {
-        set_nickname(&sender, nick).await;
+    match args.nick {
+        // Logged in: the account's nickname is ours already.
+        Some(_) if credentials.is_some() => {}
+        Some(nick) => {
+            if set_nickname(&sender, nick.clone()).await {
+                nickname = Some(nick);
+            }
+        }
+        None => {}
     }
     let mut stdin = BufReader::new(smol::Unblock::new(std::io::stdin()));
     let mut line = Vec::new();
@@ -70,7 +95,68 @@ pub async fn run(args: Args, conn: Connection) -> ExitCode {
             Command::Quit => break,
             Command::Empty => {}
             Command::Usage(usage) => eprintln!("{usage}"),
-            Command::Nick(nick) => set_nickname(&sender, nick.to_owned()).await,
+            Command::Nick(nick) => {
+                if set_nickname(&sender, nick.to_owned()).await {
+                    nickname = Some(nick.to_owned());
+                }
+            }
+            Command::Register | Command::Login(_) if !grants(capability::ACCOUNT) => {
+                eprintln!("! accounts need a v0.6 server that grants `account` (--v06)");
+            }
+            Command::Register if nickname.is_none() => {
+                eprintln!("! /register: take a nickname first (/nick NAME)");
+            }
+            command @ (Command::Register | Command::Login(_)) => {
+                let (what, nick) = match command {
+                    Command::Login(nick) => ("/login", nick.to_owned()),
+                    _ => ("/register", nickname.clone().unwrap_or_default()),
+                };
+                if let Err(e) = may_send_password(args.allow_plaintext_credentials, secure) {
+                    eprintln!("! {what}: {e}");
+                    continue;
+                }
+                let password = match prompt_password(&format!("password for {nick}: ")) {
+                    Some(Ok(p)) => p,
+                    Some(Err(e)) => {
+                        eprintln!("! {what}: cannot read the password: {e}");
+                        continue;
+                    }
+                    None => {
+                        // Not a terminal: the next line is the password.
+                        let mut line = Vec::new();
+                        if stdin.read_until(b'\n', &mut line).await.is_err() {
+                            break;
+                        }
+                        let line = String::from_utf8_lossy(&line);
+                        line.trim_end_matches(['\n', '\r']).to_owned()
+                    }
+                };
+                let (nickname_, password_) = (nick.clone(), password);
+                let credentials = match command {
+                    Command::Login(_) => Credentials::Login {
+                        nickname: nickname_,
+                        password: password_,
+                    },
+                    _ => Credentials::Register {
+                        nickname: nickname_,
+                        password: password_,
+                    },
+                };
+                if let Err(e) = credentials.validate() {
+                    eprintln!("! {what}: {e}");
+                    continue;
+                }
+                match sender.call(Login(credentials)).await {
+                    Ok(Ok(())) if what == "/login" => {
+                        println!("* logged in as {}", one_line(&nick));
+                        nickname = Some(nick);
+                    }
+                    Ok(Ok(())) => println!("* registered {}", one_line(&nick)),
+                    Ok(Err(reason)) => println!("! {what}: {}", one_line(&reason)),
+                    Err(e) if !e.is_fatal() => eprintln!("! {what} failed: {e}"),
+                    Err(e) => lost(&e),
+                }
+            }
             Command::Say(text) if grants(capability::ACK) => {
                 match sender.call(Say(text.into())).await {
                     Ok(Ok(())) => {}
@@ -145,13 +231,18 @@ async fn print_incoming(mut incoming: Incoming<Chat>, quitting: Arc<AtomicBool>)
     }
 }
 
-async fn set_nickname(sender: &Sender<Chat>, nick: String) {
+/// Asks for `nick`; true if the server granted it.
+async fn set_nickname(sender: &Sender<Chat>, nick: String) -> bool {
     match sender.call(Nickname(nick.clone())).await {
-        Ok(Ok(())) => println!("* you are now {}", one_line(&nick)),
+        Ok(Ok(())) => {
+            println!("* you are now {}", one_line(&nick));
+            return true;
+        }
         Ok(Err(reason)) => println!("! nickname refused: {}", one_line(&reason)),
         Err(e) if !e.is_fatal() => eprintln!("! /nick {nick} failed: {e}"),
         Err(e) => lost(&e),
     }
+    false
 }
 
 fn lost(e: &Error) -> ! {

@@ -22,7 +22,7 @@ use std::io::IsTerminal;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use chatpipe::chat::Chat;
+use chatpipe::chat::{Chat, Credentials};
 use chatpipe::{Builder, Error, Incoming, Sender};
 use chatpipe_chat::client::{Negotiated, DEFAULT_WAIT};
 use clap::Parser;
@@ -50,6 +50,13 @@ mod tui;
 /// Commands: `/nick NAME` asks for a nickname (`* you are now NAME`, or
 /// `! nickname refused: REASON`); `/msg NICK TEXT` tells NICK alone (v0.6);
 /// `/who` lists who is in the room (v0.6): `* in the room (N): a, b, c`;
+/// `/register` makes your current nickname an account with a password,
+/// and `/login NAME` logs in to one (v0.6; the password is read without
+/// echo on a terminal, else as the next line of stdin): `* registered
+/// NAME`, `* logged in as NAME`, or `! /login: REASON`. A registered
+/// nickname is refused to anyone not logged in to it; `--nick NAME
+/// --password-file FILE` logs in on connecting. Passwords go only over
+/// TLS unless --allow-plaintext-credentials.
 /// `/quit`. Over v0.5, /msg and /who send nothing (said to the room, a
 /// /msg would not be private).
 ///
@@ -87,6 +94,58 @@ struct Args {
     /// Line mode even on a terminal.
     #[arg(long)]
     line: bool,
+    /// Log in as --nick with the password in FILE (its first line), in the
+    /// v0.6 Hello (in line mode too). A wrong password exits 1.
+    #[arg(long, value_name = "FILE", requires = "nick", conflicts_with = "v05")]
+    password_file: Option<std::path::PathBuf>,
+    /// With --password-file: register --nick with that password instead
+    /// of logging in.
+    #[arg(long, requires = "password_file")]
+    register: bool,
+    /// Send passwords over a connection that is not encrypted. Anyone on
+    /// the path can read them: for tests on loopback only.
+    #[arg(long)]
+    allow_plaintext_credentials: bool,
+}
+
+impl Args {
+    /// `--password-file` read, as the Hello's credentials.
+    fn credentials(&self) -> Result<Option<Credentials>, String> {
+        let (Some(nick), Some(path)) = (&self.nick, &self.password_file) else {
+            return Ok(None);
+        };
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+        let password = text.lines().next().unwrap_or("").to_owned();
+        let (nickname, password) = (nick.clone(), password);
+        let credentials = if self.register {
+            Credentials::Register { nickname, password }
+        } else {
+            Credentials::Login { nickname, password }
+        };
+        credentials
+            .validate()
+            .map_err(|e| format!("{}: {e}", path.display()))?;
+        Ok(Some(credentials))
+    }
+}
+
+/// Whether a password may go over `conn`; if not, why not.
+fn may_send_password(allow_plaintext: bool, secure: bool) -> Result<(), &'static str> {
+    if secure || allow_plaintext {
+        Ok(())
+    } else {
+        Err("not sending a password over a connection that is not encrypted: \
+             connect with TLS (or, on loopback for tests, --allow-plaintext-credentials)")
+    }
+}
+
+/// Reads a password: from the terminal without echo when stdin is one,
+/// else `None` (the caller reads the next line of stdin).
+fn prompt_password(prompt: &str) -> Option<std::io::Result<String>> {
+    std::io::stdin()
+        .is_terminal()
+        .then(|| rpassword::prompt_password(prompt))
 }
 
 fn parse_secs(s: &str) -> Result<Duration, String> {
@@ -105,10 +164,20 @@ struct Connection {
     sender: Sender<Chat>,
     incoming: Incoming<Chat>,
     driver: Task<Result<(), Error>>,
+    /// Encrypted (TLS): passwords may go over it.
+    secure: bool,
 }
 
 fn main() -> ExitCode {
     let args = Args::parse();
+    // Before connecting: a bad file is found at once.
+    let credentials = match args.credentials() {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("{e}");
+            return ExitCode::FAILURE;
+        }
+    };
     let terminal = std::io::stdin().is_terminal() && std::io::stdout().is_terminal();
     smol::block_on(async {
         let stream = match TcpStream::connect(&args.connect).await {
@@ -128,11 +197,18 @@ fn main() -> ExitCode {
             sender,
             incoming,
             driver: smol::spawn(conn),
+            secure: false,
         };
+        if credentials.is_some() {
+            if let Err(e) = may_send_password(args.allow_plaintext_credentials, conn.secure) {
+                eprintln!("{e}");
+                return ExitCode::FAILURE;
+            }
+        }
         if terminal && !args.line {
-            tui::run(args, conn).await
+            tui::run(args, conn, credentials).await
         } else {
-            line::run(args, conn).await
+            line::run(args, conn, credentials).await
         }
     })
 }

@@ -23,10 +23,10 @@ use std::process::ExitCode;
 use std::task::Poll;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use chatpipe::chat::{capability, Chat, ChatMessage, Nickname, V0_6};
+use chatpipe::chat::{capability, Chat, ChatMessage, Credentials, Login, Nickname, V0_6};
 use chatpipe::{Error, Incoming, Sender};
 use chatpipe_chat::client::{
-    members_line, negotiate, one_line, Command, Direct, EntryId, EntryKind, Mark, NegotiateError,
+    members_line, negotiate_as, one_line, Command, Direct, EntryId, EntryKind, Mark, NegotiateError,
     Negotiated, Say, View, Who, DEFAULT_WAIT, WANTED,
 };
 use futures::future::BoxFuture;
@@ -41,7 +41,7 @@ use ratatui::Frame;
 use smol::channel;
 use smol::future::FutureExt as _;
 
-use crate::{describe, Args, Connection};
+use crate::{describe, may_send_password, Args, Connection};
 
 /// What the UI task handles.
 enum Ev {
@@ -74,6 +74,8 @@ enum Out {
         quiet: bool,
     },
     Nick(String),
+    /// v0.6: a Login (or registration).
+    Login(Credentials),
 }
 
 /// How something sent turned out.
@@ -87,6 +89,16 @@ enum Done {
         answer: Result<Result<(u32, Vec<String>), String>, Error>,
     },
     Nick(String, Result<Result<(), String>, Error>),
+    /// A Login's answer: registered (or logged in), the nickname.
+    Login(bool, String, Result<Result<(), String>, Error>),
+}
+
+/// What the input line is asking for instead of a line to say.
+enum Prompt {
+    /// The password to register this nickname with.
+    Register(String),
+    /// The password of this nickname's account.
+    Login(String),
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -121,11 +133,12 @@ impl Drop for Restore {
     }
 }
 
-pub async fn run(args: Args, conn: Connection) -> ExitCode {
+pub async fn run(args: Args, conn: Connection, credentials: Option<Credentials>) -> ExitCode {
     let Connection {
         sender,
         incoming,
         driver,
+        secure,
     } = conn;
     let mut terminal = match ratatui::try_init() {
         Ok(t) => t,
@@ -142,16 +155,26 @@ pub async fn run(args: Args, conn: Connection) -> ExitCode {
     read_keys(events.clone());
     catch_signals(&events);
     let offer = !args.v05;
-    smol::spawn(network(sender.clone(), incoming, offer, events.clone())).detach();
+    // Logged in by the Hello: the account's nickname is ours.
+    let logged_in = credentials.as_ref().map(|c| c.nickname().to_owned());
+    let hello = network(sender.clone(), incoming, offer, credentials, events.clone());
+    smol::spawn(hello).detach();
     smol::spawn(sending(sender.clone(), outbox, events)).detach();
 
     let mut app = App {
         view: View::new(),
         input: Input::default(),
         state: if offer { State::Connecting } else { State::V05 },
-        nickname: None,
+        nickname: logged_in.clone(),
         addr: args.connect.clone(),
-        wanted_nick: args.nick.clone(),
+        wanted_nick: if logged_in.is_some() {
+            None
+        } else {
+            args.nick.clone()
+        },
+        prompt: None,
+        secure,
+        allow_plaintext: args.allow_plaintext_credentials,
         negotiated: None,
         waiting: Vec::new(),
         from_bottom: 0,
@@ -250,10 +273,13 @@ async fn network(
     sender: Sender<Chat>,
     mut incoming: Incoming<Chat>,
     offer: bool,
+    credentials: Option<Credentials>,
     events: channel::Sender<Ev>,
 ) {
     if offer {
-        let negotiated = negotiate(&sender, &mut incoming, WANTED, DEFAULT_WAIT).await;
+        let credentials = credentials.as_ref();
+        let negotiated = negotiate_as(&sender, &mut incoming, WANTED, credentials, DEFAULT_WAIT);
+        let negotiated = negotiated.await;
         // After a Nak the server closes: its reason is the news, not that.
         let failed = negotiated.is_err();
         let _ = events.send(Ev::Negotiated(negotiated)).await;
@@ -335,6 +361,16 @@ async fn sending(
                 }
                 .boxed()
             }
+            Out::Login(credentials) => {
+                let s = sender.clone();
+                let register = matches!(credentials, Credentials::Register { .. });
+                let nick = credentials.nickname().to_owned();
+                async move {
+                    let answer = s.call(Login(credentials)).await;
+                    Done::Login(register, nick, answer)
+                }
+                .boxed()
+            }
         };
         // Wait for room first: then the request's first poll queues it
         // (only this task sends), so requests go out in the order typed
@@ -364,6 +400,12 @@ struct App {
     addr: String,
     /// `--nick`, asked for once connected.
     wanted_nick: Option<String>,
+    /// Asking for a password (/register, /login).
+    prompt: Option<Prompt>,
+    /// The connection is encrypted: passwords may go over it.
+    secure: bool,
+    /// `--allow-plaintext-credentials`.
+    allow_plaintext: bool,
     /// `None` while connecting, and with `--v05`.
     negotiated: Option<Negotiated>,
     waiting: Vec<Waiting>,
@@ -503,6 +545,38 @@ impl App {
                 self.problem("! /who needs a v0.6 server that grants `presence`");
             }
             Command::Who => self.send(Out::Who { quiet: false }),
+            Command::Register | Command::Login(_) if !self.grants(capability::ACCOUNT) => {
+                self.problem("! accounts need a v0.6 server that grants `account`");
+            }
+            Command::Register => match self.nickname.clone() {
+                None => self.problem("! /register: take a nickname first (/nick NAME)"),
+                Some(nick) => self.ask_password(Prompt::Register(nick)),
+            },
+            Command::Login(nick) => self.ask_password(Prompt::Login(nick.to_owned())),
+        }
+    }
+
+    /// The input line asks for a password next (shown as `*`s; Esc gives
+    /// up), unless passwords may not go over this connection.
+    fn ask_password(&mut self, prompt: Prompt) {
+        match may_send_password(self.allow_plaintext, self.secure) {
+            Ok(()) => {
+                self.info("* type the password, then Enter (Esc to cancel)");
+                self.prompt = Some(prompt);
+            }
+            Err(e) => self.problem(format!("! {e}")),
+        }
+    }
+
+    /// The password typed at the prompt.
+    fn password(&mut self, prompt: Prompt, password: String) {
+        let credentials = match prompt {
+            Prompt::Register(nickname) => Credentials::Register { nickname, password },
+            Prompt::Login(nickname) => Credentials::Login { nickname, password },
+        };
+        match credentials.validate() {
+            Ok(()) => self.send(Out::Login(credentials)),
+            Err(e) => self.problem(format!("! {e}")),
         }
     }
 
@@ -583,6 +657,21 @@ impl App {
                 }
                 Err(e) => self.problem(format!("! /nick {} failed: {e}", one_line(&nick))),
             },
+            Done::Login(register, nick, answer) => {
+                let what = if register { "/register" } else { "/login" };
+                match answer {
+                    Ok(Ok(())) if register => self.info(format!("* registered {}", one_line(&nick))),
+                    Ok(Ok(())) => {
+                        if self.grants(capability::PRESENCE) {
+                            self.view.renamed(self.nickname.as_deref(), &nick);
+                        }
+                        self.info(format!("* logged in as {}", one_line(&nick)));
+                        self.nickname = Some(nick);
+                    }
+                    Ok(Err(reason)) => self.problem(format!("! {what}: {}", one_line(&reason))),
+                    Err(e) => self.problem(format!("! {what} failed: {e}")),
+                }
+            }
         }
     }
 
@@ -597,10 +686,18 @@ impl App {
             KeyCode::Char('u') if ctrl => self.input.clear(),
             KeyCode::Char(_) if ctrl || key.modifiers.contains(KeyModifiers::ALT) => {}
             KeyCode::Char(c) => self.input.insert(c),
+            KeyCode::Esc if self.prompt.is_some() => {
+                self.prompt = None;
+                self.input.clear();
+                self.info("* cancelled");
+            }
             KeyCode::Enter => {
                 let line = self.input.take();
                 self.from_bottom = 0;
-                self.submit(line, None);
+                match self.prompt.take() {
+                    Some(prompt) => self.password(prompt, line),
+                    None => self.submit(line, None),
+                }
             }
             KeyCode::Backspace => self.input.backspace(),
             KeyCode::Delete => self.input.delete(),
@@ -682,12 +779,23 @@ impl App {
         };
         f.render_widget(Paragraph::new(line).style(style), status);
 
-        // Input: "> " and as much of the text as fits, the cursor in view.
-        let width = usize::from(input.width.saturating_sub(2)).max(1);
+        // Input: "> " and as much of the text as fits, the cursor in view;
+        // a password as `*`s.
+        let label = match &self.prompt {
+            None => "> ".to_owned(),
+            Some(Prompt::Register(nick) | Prompt::Login(nick)) => {
+                format!("password for {}: ", one_line(nick))
+            }
+        };
+        let label_width = u16::try_from(label.chars().count()).unwrap_or(u16::MAX);
+        let width = usize::from(input.width.saturating_sub(label_width)).max(1);
         let start = (self.input.cursor + 1).saturating_sub(width);
-        let visible: String = self.input.chars[start..].iter().take(width).collect();
-        f.render_widget(Paragraph::new(format!("> {visible}")), input);
-        let x = input.x + 2 + u16::try_from(self.input.cursor - start).unwrap_or(0);
+        let visible: String = match self.prompt {
+            None => self.input.chars[start..].iter().take(width).collect(),
+            Some(_) => "*".repeat((self.input.chars.len() - start).min(width)),
+        };
+        f.render_widget(Paragraph::new(format!("{label}{visible}")), input);
+        let x = input.x + label_width + u16::try_from(self.input.cursor - start).unwrap_or(0);
         f.set_cursor_position(Position::new(x, input.y));
     }
 }
