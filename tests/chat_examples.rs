@@ -5,11 +5,9 @@
 //! `cargo test --test chat_examples` alone does not, so run
 //! `cargo build --examples` first in that case.
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
-use std::process::{Child, ChildStdin, Command, ExitStatus, Stdio};
-use std::sync::mpsc;
-use std::thread;
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
@@ -17,121 +15,7 @@ use chatpipe::chat::{Chat, ChatMessage};
 use chatpipe::Protocol;
 
 mod chat_support;
-use chat_support::example;
-
-const TIMEOUT: Duration = Duration::from_secs(10);
-
-/// A running example: its stdout and stderr lines arrive on channels, and
-/// it is killed if the test ends first.
-struct Program {
-    child: Child,
-    stdin: Option<ChildStdin>,
-    stdout: mpsc::Receiver<String>,
-    stderr: mpsc::Receiver<String>,
-}
-
-fn lines(pipe: impl Read + Send + 'static) -> mpsc::Receiver<String> {
-    let (tx, rx) = mpsc::channel();
-    thread::spawn(move || {
-        for line in BufReader::new(pipe).lines() {
-            let Ok(line) = line else { break };
-            if tx.send(line).is_err() {
-                break;
-            }
-        }
-    });
-    rx
-}
-
-fn start(name: &str, args: &[&str]) -> Program {
-    let mut command = Command::new(example(name));
-    if name == "chat_server" {
-        // No history file left behind in the working directory.
-        command.args(["--db", ":memory:"]);
-    }
-    let mut child = command
-        .args(args)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    Program {
-        stdin: child.stdin.take(),
-        stdout: lines(child.stdout.take().unwrap()),
-        stderr: lines(child.stderr.take().unwrap()),
-        child,
-    }
-}
-
-impl Program {
-    /// The next line on stdout.
-    fn line(&self) -> String {
-        self.stdout
-            .recv_timeout(TIMEOUT)
-            .expect("a line on stdout in time")
-    }
-
-    /// Waits for a stderr line containing `part`.
-    fn stderr_line(&self, part: &str) -> String {
-        let deadline = Instant::now() + TIMEOUT;
-        loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            match self.stderr.recv_timeout(left) {
-                Ok(line) if line.contains(part) => return line,
-                Ok(_) => {}
-                Err(e) => panic!("no stderr line with {part:?}: {e}"),
-            }
-        }
-    }
-
-    fn type_line(&mut self, line: &str) {
-        let stdin = self.stdin.as_mut().expect("stdin open");
-        writeln!(stdin, "{line}").unwrap();
-        stdin.flush().unwrap();
-    }
-
-    /// Closes stdin: the end of input.
-    fn close_stdin(&mut self) {
-        self.stdin = None;
-    }
-
-    fn wait(&mut self) -> ExitStatus {
-        let deadline = Instant::now() + TIMEOUT;
-        loop {
-            if let Some(status) = self.child.try_wait().unwrap() {
-                return status;
-            }
-            assert!(Instant::now() < deadline, "the program did not exit");
-            thread::sleep(Duration::from_millis(10));
-        }
-    }
-
-    #[cfg(unix)]
-    fn signal(&self, sig: &str) {
-        let pid = self.child.id().to_string();
-        let status = Command::new("kill").args([sig, &pid]).status().unwrap();
-        assert!(status.success());
-    }
-}
-
-impl Drop for Program {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// Starts the server on a free port and returns it with its address.
-fn server() -> (Program, String) {
-    let server = start("chat_server", &["--listen", "127.0.0.1:0"]);
-    let first = server.line();
-    let addr = first
-        .strip_prefix("listening on ")
-        .unwrap_or_else(|| panic!("first line: {first:?}"))
-        .to_owned();
-    (server, addr)
-}
+use chat_support::{example, run_example as start, server, Program, TIMEOUT};
 
 #[test]
 fn both_programs_have_help() {

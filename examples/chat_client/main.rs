@@ -135,8 +135,10 @@ fn may_send_password(allow_plaintext: bool, secure: bool) -> Result<(), &'static
     if secure || allow_plaintext {
         Ok(())
     } else {
-        Err("not sending a password over a connection that is not encrypted: \
-             connect with TLS (or, on loopback for tests, --allow-plaintext-credentials)")
+        Err(
+            "not sending a password over a connection that is not encrypted: \
+             connect with TLS (or, on loopback for tests, --allow-plaintext-credentials)",
+        )
     }
 }
 

@@ -26,8 +26,8 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use chatpipe::chat::{capability, Chat, ChatMessage, Credentials, Login, Nickname, V0_6};
 use chatpipe::{Error, Incoming, Sender};
 use chatpipe_chat::client::{
-    members_line, negotiate_as, one_line, Command, Direct, EntryId, EntryKind, Mark, NegotiateError,
-    Negotiated, Say, View, Who, DEFAULT_WAIT, WANTED,
+    members_line, negotiate_as, one_line, Command, Direct, EntryId, EntryKind, Mark,
+    NegotiateError, Negotiated, Say, View, Who, DEFAULT_WAIT, WANTED,
 };
 use futures::future::BoxFuture;
 use futures::stream::FuturesUnordered;
@@ -660,7 +660,9 @@ impl App {
             Done::Login(register, nick, answer) => {
                 let what = if register { "/register" } else { "/login" };
                 match answer {
-                    Ok(Ok(())) if register => self.info(format!("* registered {}", one_line(&nick))),
+                    Ok(Ok(())) if register => {
+                        self.info(format!("* registered {}", one_line(&nick)))
+                    }
                     Ok(Ok(())) => {
                         if self.grants(capability::PRESENCE) {
                             self.view.renamed(self.nickname.as_deref(), &nick);

@@ -3,8 +3,12 @@
 #![allow(dead_code)]
 
 use std::future::Future;
+use std::io::{BufRead, BufReader, Read, Write};
 use std::net::SocketAddr;
+use std::process::{Child, ChildStdin, Command, ExitStatus, Stdio};
+use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
+use std::thread;
 use std::time::{Duration, Instant};
 
 use chatpipe::chat::{Chat, ChatMessage, RequestId, V0_5, V0_6};
@@ -290,4 +294,120 @@ pub fn example(name: &str) -> std::path::PathBuf {
         path.display()
     );
     path
+}
+
+// The built examples, run as programs.
+
+pub const TIMEOUT: Duration = Duration::from_secs(10);
+
+/// A running example: its stdout and stderr lines arrive on channels, and
+/// it is killed if the test ends first.
+pub struct Program {
+    pub child: Child,
+    pub stdin: Option<ChildStdin>,
+    pub stdout: mpsc::Receiver<String>,
+    pub stderr: mpsc::Receiver<String>,
+}
+
+fn lines(pipe: impl Read + Send + 'static) -> mpsc::Receiver<String> {
+    let (tx, rx) = mpsc::channel();
+    thread::spawn(move || {
+        for line in BufReader::new(pipe).lines() {
+            let Ok(line) = line else { break };
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    rx
+}
+
+pub fn run_example(name: &str, args: &[&str]) -> Program {
+    let mut command = Command::new(example(name));
+    if name == "chat_server" {
+        // No history file left behind in the working directory.
+        command.args(["--db", ":memory:"]);
+    }
+    let mut child = command
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    Program {
+        stdin: child.stdin.take(),
+        stdout: lines(child.stdout.take().unwrap()),
+        stderr: lines(child.stderr.take().unwrap()),
+        child,
+    }
+}
+
+impl Program {
+    /// The next line on stdout.
+    pub fn line(&self) -> String {
+        self.stdout
+            .recv_timeout(TIMEOUT)
+            .expect("a line on stdout in time")
+    }
+
+    /// Waits for a stderr line containing `part`.
+    pub fn stderr_line(&self, part: &str) -> String {
+        let deadline = Instant::now() + TIMEOUT;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.stderr.recv_timeout(left) {
+                Ok(line) if line.contains(part) => return line,
+                Ok(_) => {}
+                Err(e) => panic!("no stderr line with {part:?}: {e}"),
+            }
+        }
+    }
+
+    pub fn type_line(&mut self, line: &str) {
+        let stdin = self.stdin.as_mut().expect("stdin open");
+        writeln!(stdin, "{line}").unwrap();
+        stdin.flush().unwrap();
+    }
+
+    /// Closes stdin: the end of input.
+    pub fn close_stdin(&mut self) {
+        self.stdin = None;
+    }
+
+    pub fn wait(&mut self) -> ExitStatus {
+        let deadline = Instant::now() + TIMEOUT;
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status;
+            }
+            assert!(Instant::now() < deadline, "the program did not exit");
+            thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    #[cfg(unix)]
+    pub fn signal(&self, sig: &str) {
+        let pid = self.child.id().to_string();
+        let status = Command::new("kill").args([sig, &pid]).status().unwrap();
+        assert!(status.success());
+    }
+}
+
+impl Drop for Program {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Starts the server on a free port and returns it with its address.
+pub fn server() -> (Program, String) {
+    let server = run_example("chat_server", &["--listen", "127.0.0.1:0"]);
+    let first = server.line();
+    let addr = first
+        .strip_prefix("listening on ")
+        .unwrap_or_else(|| panic!("first line: {first:?}"))
+        .to_owned();
+    (server, addr)
 }
