@@ -114,6 +114,9 @@ def chat_decoder_v06():
         "presence": u32(24) + b"\x02" + short(b"ana") + short(b"anna"),
         "history": u32(25) + struct.pack(">Q", 1700000000000) + short(b"ana") + long(b"Hi"),
         "members-lying-count": u32(23) + guid + u32(1) + b"\xff\xff",
+        "login": u32(26) + guid + long(b"login\0ana\0pw"),
+        "hello-register": u32(16) + guid + b"\x01\x00\x06\x01" + short(b"account")
+        + long(b"register\0ana\0pw"),
     }
     d = os.path.join(ROOT, "corpus", "chat_decoder")
     os.makedirs(d, exist_ok=True)

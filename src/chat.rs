@@ -1109,6 +1109,19 @@ mod tests {
                     119,
                 ],
             ),
+            (
+                ChatMessage::Nak {
+                    request_id: ID,
+                    message: "wrong nickname or password".into(),
+                },
+                [
+                    &[0, 0, 0, 0x30, 0, 0, 0, 5][..],
+                    &ID.0,
+                    &[0, 26],
+                    b"wrong nickname or password",
+                ]
+                .concat(),
+            ),
         ];
         for (msg, bytes) in examples {
             assert_eq!(frame_of(&msg), bytes, "{msg:?}");

@@ -533,3 +533,162 @@ fn accounts_survive_a_restart() {
     });
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// The built chat_server, taking passwords over plaintext (loopback).
+fn server_program() -> (chat_support::Program, String) {
+    let server = chat_support::run_example(
+        "chat_server",
+        &["--listen", "127.0.0.1:0", "--allow-plaintext-credentials"],
+    );
+    let first = server.line();
+    let addr = first.strip_prefix("listening on ").unwrap().to_owned();
+    (server, addr)
+}
+
+/// A file holding `password`, removed when dropped.
+struct PasswordFile(std::path::PathBuf);
+
+impl PasswordFile {
+    fn new(name: &str, password: &str) -> Self {
+        let path =
+            std::env::temp_dir().join(format!("chatpipe-password-{name}-{}", std::process::id()));
+        std::fs::write(&path, format!("{password}\n")).unwrap();
+        PasswordFile(path)
+    }
+
+    fn path(&self) -> &str {
+        self.0.to_str().unwrap()
+    }
+}
+
+impl Drop for PasswordFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+#[test]
+fn chat_client_registers_and_logs_in_with_a_password_file() {
+    let (_server, addr) = server_program();
+    let right = PasswordFile::new("right", "correct horse");
+    let wrong = PasswordFile::new("wrong", "battery staple");
+    let client = |extra: &[&str]| {
+        let mut args = vec!["--connect", &addr, "--line"];
+        args.extend_from_slice(extra);
+        chat_support::run_example("chat_client", &args)
+    };
+    let plain = "--allow-plaintext-credentials";
+
+    let mut ana = client(&[
+        "--nick",
+        "ana",
+        "--password-file",
+        right.path(),
+        "--register",
+        plain,
+    ]);
+    assert_eq!(ana.line(), "* registered ana");
+    // Someone else asking for it is refused, saying why.
+    let mut other = client(&["--v06", "--nick", "ana"]);
+    assert_eq!(
+        other.line(),
+        "! nickname refused: nickname \"ana\" is registered: log in to use it"
+    );
+    // Ana's lines come from ana.
+    ana.type_line("it is me");
+    assert_eq!(other.line(), "ana: it is me");
+    ana.close_stdin();
+    assert!(ana.wait().success());
+
+    // A wrong password: exit 1, saying so.
+    let mut bad = client(&["--nick", "ana", "--password-file", wrong.path(), plain]);
+    bad.stderr_line("wrong nickname or password");
+    assert_eq!(bad.wait().code(), Some(1));
+    // No password over plaintext without the flag: nothing is sent.
+    let mut careful = client(&["--nick", "ana", "--password-file", right.path()]);
+    careful.stderr_line("not encrypted");
+    assert_eq!(careful.wait().code(), Some(1));
+    // The right one.
+    let mut ana = client(&["--nick", "ana", "--password-file", right.path(), plain]);
+    assert_eq!(ana.line(), "* logged in as ana");
+    ana.type_line("back");
+    // After `* ana left` and `* ana joined`.
+    let said = (0..3)
+        .map(|_| other.line())
+        .find(|l| !l.starts_with("* ana "));
+    assert_eq!(said.as_deref(), Some("ana: back"));
+    ana.close_stdin();
+    assert!(ana.wait().success());
+    other.close_stdin();
+    assert!(other.wait().success());
+}
+
+#[test]
+fn chat_client_register_and_login_commands_read_the_password_next() {
+    let (_server, addr) = server_program();
+    let client = |extra: &[&str]| {
+        let mut args = vec!["--connect", &addr, "--line", "--v06"];
+        args.extend_from_slice(extra);
+        chat_support::run_example("chat_client", &args)
+    };
+    let mut bo = client(&["--allow-plaintext-credentials"]);
+    bo.type_line("/register");
+    bo.stderr_line("/register: take a nickname first");
+    bo.type_line("/nick bo");
+    assert_eq!(bo.line(), "* you are now bo");
+    // stdin is not a terminal: the next line is the password.
+    bo.type_line("/register");
+    bo.type_line("pw of bo");
+    assert_eq!(bo.line(), "* registered bo");
+    bo.close_stdin();
+    assert!(bo.wait().success());
+
+    let mut again = client(&["--allow-plaintext-credentials"]);
+    again.type_line("/login bo");
+    again.type_line("not it");
+    assert_eq!(again.line(), "! /login: wrong nickname or password");
+    again.type_line("/login bo");
+    again.type_line("pw of bo");
+    assert_eq!(again.line(), "* logged in as bo");
+    // Without the flag, the password is not even asked for.
+    let mut careful = client(&[]);
+    careful.type_line("/login bo");
+    careful.stderr_line("not encrypted");
+    careful.type_line("/who");
+    assert!(careful.line().starts_with("* in the room (2): "));
+    for mut c in [again, careful] {
+        c.close_stdin();
+        assert!(c.wait().success());
+    }
+}
+
+#[test]
+fn protocol_md_words_the_refusals_as_the_room_does() {
+    use chatpipe_chat::accounts::AccountError;
+    use chatpipe_chat::{HelloRefusal, NicknameRefusal};
+    let doc =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/docs/PROTOCOL.md")).unwrap();
+    // docs/PROTOCOL.md writes the variable parts as NICK and N.
+    let nick = || "NICK".to_owned();
+    let refusals = [
+        LoginRefusal::Account(AccountError::WrongPassword).to_string(),
+        LoginRefusal::Plaintext.to_string(),
+        LoginRefusal::NoAccounts.to_string(),
+        LoginRefusal::Account(AccountError::Taken { nickname: nick() }).to_string(),
+        LoginRefusal::InUse { nickname: nick() }.to_string(),
+        NicknameRefusal::Registered { nickname: nick() }.to_string(),
+        HelloRefusal::LoginRequired.to_string(),
+        NicknameRefusal::LoginRequired.to_string(),
+        LoginRefusal::RateLimited {
+            retry_in: Duration::from_secs(7),
+        }
+        .to_string()
+        .replace('7', "N"),
+    ];
+    for refusal in refusals {
+        assert!(
+            doc.contains(&format!("`{refusal}`")),
+            "not in PROTOCOL.md: {refusal}"
+        );
+    }
+}

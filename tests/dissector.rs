@@ -27,7 +27,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use bytes::BytesMut;
 use chatpipe::chat::{
-    Chat, ChatMessage, Limits, PresenceChange, RequestId, MAX_PAYLOAD_LEN, V0_5, V0_6,
+    Chat, ChatMessage, Credentials, Limits, PresenceChange, RequestId, MAX_PAYLOAD_LEN, V0_5, V0_6,
 };
 use chatpipe::{frame, Protocol};
 
@@ -138,6 +138,21 @@ fn string(out: &mut Vec<Field>, name: &str, s: &str) {
     out.push(field("chatpipe.string_len", s.len()));
 }
 
+/// Credentials as the dissector shows them: the scheme and the nickname,
+/// never the password.
+fn credentials_field(out: &mut Vec<Field>, credentials: &str) {
+    let shown = match Credentials::parse(credentials) {
+        Ok(Some(c)) => format!(
+            "{} {}",
+            credentials.split('\0').next().unwrap(),
+            c.nickname()
+        ),
+        _ => String::new(),
+    };
+    out.push(field("chatpipe.credentials", shown));
+    out.push(field("chatpipe.string_len", credentials.len()));
+}
+
 /// How tshark shows a request id (a byte field).
 fn id(r: &RequestId) -> String {
     r.0.iter()
@@ -205,7 +220,14 @@ fn expected(msg: &ChatMessage, info: &str) -> Expected {
                 "chatpipe.capability",
                 capabilities,
             );
-            string(&mut f, "chatpipe.credentials", credentials);
+            credentials_field(&mut f, credentials);
+        }
+        ChatMessage::Login {
+            request_id,
+            credentials,
+        } => {
+            f.push(field("chatpipe.request_id", id(request_id)));
+            credentials_field(&mut f, credentials);
         }
         ChatMessage::Welcome {
             request_id,
@@ -334,6 +356,28 @@ fn script() -> Script {
             new_nickname: String::new(),
         },
         "Presence bo joined",
+    );
+
+    // A login after the handshake: the password is never shown.
+    let login_id = RequestId::random();
+    s.send(
+        C,
+        ChatMessage::Login {
+            request_id: login_id,
+            credentials: Credentials::Login {
+                nickname: "ana".into(),
+                password: "hunter2".into(),
+            }
+            .encode(),
+        },
+        "Login login ana",
+    );
+    s.send(
+        S,
+        ChatMessage::Ack {
+            request_id: login_id,
+        },
+        &short(&login_id),
     );
 
     // v0.5 requests and their answers.
@@ -1054,7 +1098,7 @@ fn dissector_decodes_every_message_type() {
         .filter_map(|d| d.fields.iter().find(|(n, _)| n == "chatpipe.type"))
         .map(|(_, v)| v.parse().unwrap())
         .collect();
-    let all_types: std::collections::BTreeSet<u32> = (0..=5).chain(16..=25).collect();
+    let all_types: std::collections::BTreeSet<u32> = (0..=5).chain(16..=26).collect();
     assert_eq!(clean_types, all_types, "every message type decoded cleanly");
 
     // The frames split across writes (and the largest, across segments)

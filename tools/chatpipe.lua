@@ -39,6 +39,7 @@ local type_names = {
     [23] = "Members",
     [24] = "Presence",
     [25] = "History",
+    [26] = "Login",
 }
 
 local change_names = { [0] = "joined", [1] = "left", [2] = "renamed" }
@@ -223,6 +224,20 @@ function Reader:request_id()
 end
 
 -- A string: a length of `width` bytes (1: short, 2: long), then UTF-8.
+-- Credentials (docs/PROTOCOL.md, "Accounts"): `scheme NUL nickname NUL
+-- password`. Shown as the scheme and the nickname, never the password;
+-- returns that, or nil if the string is truncated or not UTF-8.
+function Reader:credentials()
+    local value = self:string(f.credentials, "credentials", 2)
+    if not value then return nil end
+    local item = self.items[#self.items - 1]
+    local raw = item.range:raw(2)
+    local scheme, nick = raw:match("^([^\0]*)\0([^\0]*)\0")
+    local shown = scheme and (scheme .. " " .. nick) or (raw == "" and "" or "malformed")
+    item.value = shown
+    return shown
+end
+
 function Reader:string(field, name, width, parent)
     if self.err then return nil end
     local start = self.off
@@ -314,7 +329,7 @@ decoders[16] = function(r) -- Hello
     local caps = r:list(f.capabilities_count, "capabilities", 1, 1, function(parent)
         return r:string(f.capability, "capabilities", 1, parent)
     end)
-    local credentials = r:string(f.credentials, "credentials", 2)
+    local credentials = r:credentials()
     return credentials and ("versions " .. clip(table.concat(versions, ", "))
         .. " [" .. clip(table.concat(caps, ", "), 80) .. "]")
 end
@@ -393,6 +408,12 @@ decoders[25] = function(r) -- History
     local from = r:string(f.from, "from", 1)
     local text = r:string(f.text, "text", 2)
     return text and (clip(from) .. ": " .. quoted(text))
+end
+
+decoders[26] = function(r) -- Login
+    r:request_id()
+    local credentials = r:credentials()
+    return credentials and (credentials == "" and "guest" or credentials)
 end
 
 -- Decodes one payload: { type, name, items, summary, err, note, known }.

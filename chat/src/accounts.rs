@@ -65,6 +65,19 @@ pub enum AccountError {
     Store(#[source] StoreError),
 }
 
+/// Errors are equal when they mean the same (store errors: when they say
+/// the same).
+impl PartialEq for AccountError {
+    fn eq(&self, other: &Self) -> bool {
+        match (self, other) {
+            (AccountError::WrongPassword, AccountError::WrongPassword) => true,
+            (AccountError::Taken { nickname: a }, AccountError::Taken { nickname: b }) => a == b,
+            (AccountError::Store(a), AccountError::Store(b)) => a.to_string() == b.to_string(),
+            _ => false,
+        }
+    }
+}
+
 impl Accounts {
     /// Opens the accounts in the database at `path` (the history's file;
     /// [`store::IN_MEMORY`] for accounts lost at exit), creating the table

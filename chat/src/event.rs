@@ -114,7 +114,7 @@ pub enum Event {
 }
 
 /// Why a login or registration failed; displayed, it is the Nak's message.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub enum LoginRefusal {
     /// The credentials are not `login`/`register`, a nickname, a password.
     Malformed(CredentialsError),
@@ -178,7 +178,7 @@ pub enum Refusal {
 }
 
 /// Why a Hello got a Nak; displayed, it is the Nak's message.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub enum HelloRefusal {
     /// The client does not speak 0.6 (it offered `offered`): the room
     /// closes the connection after the Nak.

@@ -499,7 +499,7 @@ pub(crate) fn connect(path: &Path) -> Result<Connection, StoreError> {
     let conn = if in_memory {
         Connection::open_in_memory()
     } else {
-        Connection::open(&path)
+        Connection::open(path)
     }
     .map_err(fail("open the database"))?;
     conn.busy_timeout(BUSY_TIMEOUT)

@@ -70,12 +70,8 @@ pub async fn run(args: Args, conn: Connection, credentials: Option<Credentials>)
     match args.nick {
         // Logged in: the account's nickname is ours already.
         Some(_) if credentials.is_some() => {}
-        Some(nick) => {
-            if set_nickname(&sender, nick.clone()).await {
-                nickname = Some(nick);
-            }
-        }
-        None => {}
+        Some(nick) if set_nickname(&sender, nick.clone()).await => nickname = Some(nick),
+        _ => {}
     }
     let mut stdin = BufReader::new(smol::Unblock::new(std::io::stdin()));
     let mut line = Vec::new();
