@@ -268,7 +268,10 @@ fn read_hello(peer: &mut TcpStream) -> chatpipe::chat::RequestId {
         panic!("expected a Hello first");
     };
     assert_eq!(versions, [V0_5, V0_6]);
-    assert_eq!(capabilities, ["ack", "direct", "presence", "history", "account"]);
+    assert_eq!(
+        capabilities,
+        ["ack", "direct", "presence", "history", "account"]
+    );
     assert_eq!(credentials, "");
     request_id
 }

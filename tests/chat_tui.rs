@@ -550,3 +550,75 @@ fn the_ui_falls_back_to_v0_5() {
     ui.press("C-c");
     ui.wait_for_text("[exited 0]");
 }
+
+/// /register and /login in the UI: the password is typed into the input
+/// line as `*`s and never shown, then the nickname belongs to its account.
+#[test]
+fn the_ui_registers_and_logs_in_without_showing_the_password() {
+    use std::sync::Arc;
+    let server = smol::block_on(async {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let config = chatpipe_chat::Config {
+            accounts: Some(Arc::new(
+                chatpipe_chat::accounts::Accounts::in_memory().unwrap(),
+            )),
+            plaintext_credentials: true,
+            ..Default::default()
+        };
+        chat_support::start_with(listener, config)
+    });
+    let addr = server.addr.to_string();
+    let plain = "--allow-plaintext-credentials";
+    let ui = Tmux::start(
+        &example("chat_client"),
+        &["--connect", &addr, "--nick", "ana", plain],
+    );
+    ui.wait_for_all(&[" ana │ v0.6 │ ", "* you are now ana"]);
+    ui.type_line("/register");
+    ui.wait_for_text("type the password");
+    ui.type_text("hunter2");
+    let screen = ui.wait_for("the masked password", |s| {
+        input_line_of(s, "password for ana: ") == Some("password for ana: *******")
+    });
+    assert!(!screen.contains("hunter2"), "{screen}");
+    ui.press("Enter");
+    let screen = ui.wait_for_text("* registered ana");
+    assert!(!screen.contains("hunter2"), "{screen}");
+    ui.press("C-c");
+    ui.wait_for_text("[exited 0]");
+
+    // Another client cannot take the name; logging in with Esc first
+    // (cancelled), then for real.
+    let ui = Tmux::start(&example("chat_client"), &["--connect", &addr, plain]);
+    ui.wait_for_text(" │ v0.6 │ ");
+    ui.type_line("/nick ana");
+    ui.wait_for_text("is registered: log in to use it");
+    ui.type_line("/login ana");
+    ui.wait_for_text("type the password");
+    ui.type_text("oops");
+    ui.press("Escape");
+    ui.wait_for_all(&["* cancelled"]);
+    ui.type_line("/login ana");
+    ui.type_text("wrong");
+    ui.press("Enter");
+    ui.wait_for_text("! /login: wrong nickname or password");
+    ui.type_line("/login ana");
+    ui.type_text("hunter2");
+    ui.press("Enter");
+    let screen = ui.wait_for_all(&["* logged in as ana", " ana │ v0.6 │ "]);
+    assert!(
+        !screen.contains("hunter2") && !screen.contains("oops"),
+        "{screen}"
+    );
+    ui.press("C-c");
+    ui.wait_for_text("[exited 0]");
+    smol::block_on(server.shutdown());
+}
+
+/// The input line when it starts with `label` (a prompt), trimmed.
+fn input_line_of<'s>(screen: &'s str, label: &str) -> Option<&'s str> {
+    screen
+        .lines()
+        .rfind(|l| l.starts_with(label))
+        .map(str::trim_end)
+}
