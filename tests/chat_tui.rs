@@ -592,7 +592,7 @@ fn the_ui_registers_and_logs_in_without_showing_the_password() {
     let ui = Tmux::start(&example("chat_client"), &["--connect", &addr, plain]);
     ui.wait_for_text(" │ v0.6 │ ");
     ui.type_line("/nick ana");
-    ui.wait_for_text("is registered: log in to use it");
+    ui.wait_for_text("\"ana\" is registered: log in");
     ui.type_line("/login ana");
     ui.wait_for_text("type the password");
     ui.type_text("oops");
