@@ -207,7 +207,7 @@ pub fn explain_handshake(error: &io::Error, name: &ServerName<'_>) -> String {
     match inner {
         Some(rustls::Error::InvalidCertificate(C::UnknownIssuer | C::BadSignature)) => format!(
             "the server's certificate is not trusted: it is not signed by a CA we trust \
-             (wrong --tls-ca?) [{error}]"
+             (wrong --tls-ca? a self-signed certificate must be given with --tls-ca) [{error}]"
         ),
         Some(rustls::Error::InvalidCertificate(
             C::NotValidForName | C::NotValidForNameContext { .. },
@@ -268,7 +268,7 @@ pub fn tls_record(len: u64) -> Option<TlsRecord> {
 pub fn plaintext_hint(error: &chatpipe::Error) -> Option<&'static str> {
     match error {
         chatpipe::Error::FrameTooLarge { len, .. } if tls_record(*len).is_some() => {
-            Some("the server speaks TLS? try --tls (or --tls-ca FILE)")
+            Some("the server speaks TLS? try --tls, or --tls-ca FILE")
         }
         _ => None,
     }
