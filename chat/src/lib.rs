@@ -383,11 +383,20 @@ async fn accept(
         };
         let (room, acceptor, stopped) = (room.clone(), acceptor.clone(), stopped.clone());
         smol::spawn(async move {
-            if let Some(stream) = handshake(&room, &acceptor, stream, addr, &stopped).await {
-                let task = room.join(id, stream, addr, true);
-                // A member now, counted as one.
-                drop(handshaking);
-                task.await;
+            match handshake(&room, &acceptor, stream, &stopped).await {
+                Ok(stream) => {
+                    let task = room.join(id, stream, addr, true);
+                    // A member now, counted as one.
+                    drop(handshaking);
+                    task.await;
+                }
+                Err(failure) => {
+                    // Uncounted before it is reported.
+                    drop(handshaking);
+                    if let Some(reason) = failure {
+                        room.emit(Event::TlsFailed { addr, reason });
+                    }
+                }
             }
             drop(alive);
         })
@@ -398,16 +407,14 @@ async fn accept(
 /// A TLS server stream as the room takes it.
 type TlsStream = futures_rustls::server::TlsStream<tls::Sniff<TcpStream>>;
 
-/// The server side of a TLS handshake, within `handshake_timeout`; `None`
-/// (reported) if it failed or ran out of time, or (silently) if the room is
-/// shutting down.
+/// The server side of a TLS handshake, within `handshake_timeout`: why it
+/// failed or ran out of time, or `None` if the room is shutting down.
 async fn handshake(
     room: &Room,
     acceptor: &tls::TlsAcceptor,
     stream: TcpStream,
-    addr: SocketAddr,
     stopped: &channel::Receiver<()>,
-) -> Option<TlsStream> {
+) -> Result<TlsStream, Option<TlsFailure>> {
     let after = room.config.handshake_timeout;
     let accepted = async {
         let stream = tls::Sniff::new(stream);
@@ -421,13 +428,14 @@ async fn handshake(
         let _ = stopped.recv().await;
         None
     };
-    let reason = match accepted.or(timeout).or(stop).await? {
-        Some(Ok(stream)) => return Some(stream),
-        Some(Err((error, stream))) => TlsFailure::from_handshake(error, stream.first()),
-        None => TlsFailure::Timeout { after },
-    };
-    room.emit(Event::TlsFailed { addr, reason });
-    None
+    match accepted.or(timeout).or(stop).await {
+        Some(Some(Ok(stream))) => Ok(stream),
+        Some(Some(Err((error, stream)))) => {
+            Err(Some(TlsFailure::from_handshake(error, stream.first())))
+        }
+        Some(None) => Err(Some(TlsFailure::Timeout { after })),
+        None => Err(None),
+    }
 }
 
 /// A connection counted against the limits while its TLS handshake runs;
@@ -544,6 +552,8 @@ struct Member {
     /// of v0.5 reaches a v0.6 client before its Welcome.
     listening: bool,
     /// Its stream is encrypted (TLS): credentials may travel on it.
+    // Read by accounts (issue #10, part 2).
+    #[allow(dead_code)]
     secure: bool,
 }
 

@@ -41,6 +41,16 @@ pub async fn start() -> TestServer {
 
 pub fn start_with(listener: TcpListener, config: Config) -> TestServer {
     let addr = listener.local_addr().unwrap();
+    start_on(vec![chatpipe_chat::Listener::plain(listener)], addr, config)
+}
+
+/// Starts the room on `listeners` (plaintext or TLS); `addr` is the one
+/// the tests connect to.
+pub fn start_on(
+    listeners: Vec<chatpipe_chat::Listener>,
+    addr: SocketAddr,
+    config: Config,
+) -> TestServer {
     let events = Arc::new(Mutex::new(Vec::new()));
     let sink = events.clone();
     let config = Config {
@@ -51,7 +61,7 @@ pub fn start_with(listener: TcpListener, config: Config) -> TestServer {
     let shutdown = async move {
         let _ = stopped.recv().await;
     };
-    let done = smol::spawn(chatpipe_chat::serve(listener, config, shutdown));
+    let done = smol::spawn(chatpipe_chat::serve_on(listeners, config, shutdown));
     TestServer {
         addr,
         stop,
