@@ -5,6 +5,8 @@
 //!     [--flood-unread N] [--flood-for SECS] [--history N] [--db PATH]
 //!     [--max-connections N] [--max-per-ip N] [--max-memory BYTES]
 //!     [--require-login] [--allow-plaintext-credentials]
+//!     [--tls-cert FILE --tls-key FILE | --tls-self-signed] [--tls-listen ADDR]
+//!     [--tls-handshake-timeout SECS]
 //! ```
 //!
 //! It speaks the chat protocol of `docs/PROTOCOL.md`, so `chat_client` or
@@ -13,10 +15,13 @@
 //! binary parses arguments, catches signals and prints the address, then
 //! calls its `serve`.
 
+use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::Arc;
 
 use async_signal::{Signal, Signals};
-use chatpipe_chat::{serve, Config, Rate};
+use chatpipe_chat::tls::{self, rustls::ServerConfig};
+use chatpipe_chat::{serve_on, Config, Listener, Rate};
 use clap::Parser;
 use futures::StreamExt;
 use smol::net::TcpListener;
@@ -27,6 +32,14 @@ use smol::net::TcpListener;
 /// The first line on stdout is `listening on IP:PORT`, the address bound.
 /// Connections, disconnections and errors are logged on stderr. Ctrl-C or
 /// SIGTERM stops accepting, closes every connection cleanly and exits 0.
+///
+/// TLS: with --tls-cert and --tls-key (or --tls-self-signed) the server
+/// speaks TLS on --listen, and prints `TLS on IP:PORT`; with --tls-listen
+/// too, it speaks TLS on that address and plaintext on --listen, side by
+/// side. --tls-self-signed makes a certificate for localhost, 127.0.0.1
+/// and ::1 at startup, writes the certificate (never the key, which stays
+/// in memory) to a file and prints `certificate: PATH`; clients connect
+/// with `chat_client --tls-ca PATH`.
 #[derive(Debug, Parser)]
 #[command(version)]
 struct Args {
@@ -92,10 +105,134 @@ struct Args {
     /// credentials are refused except over TLS, and the refusal says why.
     #[arg(long)]
     allow_plaintext_credentials: bool,
+
+    /// Serve TLS with this certificate chain (PEM, the server's certificate
+    /// first). Needs --tls-key.
+    #[arg(long, value_name = "FILE", requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+
+    /// The private key of --tls-cert (PEM: PKCS#8, PKCS#1 or SEC1).
+    #[arg(long, value_name = "FILE", requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+
+    /// Serve TLS with a certificate made at startup for localhost,
+    /// 127.0.0.1 and ::1, for development. The certificate is written to a
+    /// file whose path is printed; the key is never written.
+    #[arg(long, conflicts_with_all = ["tls_cert", "tls_key"])]
+    tls_self_signed: bool,
+
+    /// Where --tls-self-signed writes the certificate. Default: the
+    /// temporary directory, chatpipe-localhost-PORT.pem.
+    #[arg(long, value_name = "PATH", requires = "tls_self_signed")]
+    tls_cert_out: Option<PathBuf>,
+
+    /// Serve TLS on this address, and plaintext on --listen, side by side.
+    /// Needs --tls-cert and --tls-key, or --tls-self-signed.
+    #[arg(long, value_name = "ADDR")]
+    tls_listen: Option<String>,
+
+    /// Seconds a TLS connection has to finish its handshake before it is
+    /// closed. It counts against --max-connections and --max-per-ip until
+    /// then.
+    #[arg(long, value_name = "SECS", default_value_t = 10.0)]
+    tls_handshake_timeout: f64,
+}
+
+/// The TLS the server was asked for, with its certificate loaded or made.
+struct Tls {
+    config: Arc<ServerConfig>,
+    /// A self-signed certificate's PEM, to write out once the port is known.
+    self_signed: Option<String>,
+}
+
+fn load_tls(args: &Args) -> Result<Option<Tls>, ExitCode> {
+    let tls = match (&args.tls_cert, &args.tls_key, args.tls_self_signed) {
+        (Some(cert), Some(key), _) => tls::server_config_from_files(cert, key).map(|config| Tls {
+            config,
+            self_signed: None,
+        }),
+        (_, _, true) => tls::self_signed(&tls::LOCALHOST).map(|made| Tls {
+            config: made.config,
+            self_signed: Some(made.cert_pem),
+        }),
+        _ if args.tls_listen.is_some() => {
+            eprintln!("--tls-listen needs --tls-cert and --tls-key, or --tls-self-signed");
+            return Err(ExitCode::FAILURE);
+        }
+        _ => return Ok(None),
+    };
+    tls.map(Some).map_err(|e| {
+        eprintln!("cannot set up TLS: {e}");
+        ExitCode::FAILURE
+    })
+}
+
+async fn bind(addr: &str) -> Result<TcpListener, ExitCode> {
+    TcpListener::bind(addr).await.map_err(|e| {
+        eprintln!("cannot listen on {addr}: {e}");
+        ExitCode::FAILURE
+    })
+}
+
+/// The listeners, bound: plaintext or TLS on --listen, TLS on --tls-listen.
+/// Prints what is where, the --listen address first.
+async fn listeners(args: &Args, tls: Option<Tls>) -> Result<Vec<Listener>, ExitCode> {
+    let listener = bind(&args.listen).await?;
+    let local = |l: &TcpListener| {
+        l.local_addr().map_err(|e| {
+            eprintln!("cannot read the bound address: {e}");
+            ExitCode::FAILURE
+        })
+    };
+    let addr = local(&listener)?;
+    println!("listening on {addr}");
+    let Some(tls) = tls else {
+        return Ok(vec![Listener::plain(listener)]);
+    };
+    let (listeners, tls_addr) = match &args.tls_listen {
+        Some(tls_listen) => {
+            let tls_listener = bind(tls_listen).await?;
+            let tls_addr = local(&tls_listener)?;
+            let both = vec![
+                Listener::plain(listener),
+                Listener::tls(tls_listener, tls.config),
+            ];
+            (both, tls_addr)
+        }
+        None => (vec![Listener::tls(listener, tls.config)], addr),
+    };
+    println!("TLS on {tls_addr}");
+    if let Some(pem) = tls.self_signed {
+        let path = match &args.tls_cert_out {
+            Some(path) => path.clone(),
+            None => {
+                std::env::temp_dir().join(format!("chatpipe-localhost-{}.pem", tls_addr.port()))
+            }
+        };
+        if let Err(e) = std::fs::write(&path, pem) {
+            eprintln!("cannot write the certificate to {}: {e}", path.display());
+            return Err(ExitCode::FAILURE);
+        }
+        println!("certificate: {}", path.display());
+        println!(
+            "  (self-signed for localhost; connect with: chat_client --connect {tls_addr} --tls-ca {})",
+            path.display()
+        );
+    }
+    Ok(listeners)
 }
 
 fn main() -> ExitCode {
     let args = Args::parse();
+    if !(args.tls_handshake_timeout > 0.0 && args.tls_handshake_timeout <= 86_400.0) {
+        eprintln!("--tls-handshake-timeout: expected seconds, more than 0 and at most 86400");
+        return ExitCode::FAILURE;
+    }
+    // Before the store and the sockets: a bad certificate fails at once.
+    let tls = match load_tls(&args) {
+        Ok(tls) => tls,
+        Err(code) => return code,
+    };
     // Opened before serving: opening reads the disk, which no task of the
     // room may wait on.
     let store = match args.history {
@@ -115,7 +252,7 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let code = serve_until_signal(args, store.clone(), accounts);
+    let code = serve_until_signal(args, tls, store.clone(), accounts);
     // Whatever history is still queued is written before exiting.
     if let Some(store) = store {
         store.flush();
@@ -128,6 +265,7 @@ fn main() -> ExitCode {
 
 fn serve_until_signal(
     args: Args,
+    tls: Option<Tls>,
     store: Option<std::sync::Arc<chatpipe_chat::store::Store>>,
     accounts: std::sync::Arc<chatpipe_chat::accounts::Accounts>,
 ) -> ExitCode {
@@ -146,20 +284,10 @@ fn serve_until_signal(
                 return ExitCode::FAILURE;
             }
         };
-        let listener = match TcpListener::bind(&args.listen).await {
-            Ok(l) => l,
-            Err(e) => {
-                eprintln!("cannot listen on {}: {e}", args.listen);
-                return ExitCode::FAILURE;
-            }
+        let listeners = match listeners(&args, tls).await {
+            Ok(listeners) => listeners,
+            Err(code) => return code,
         };
-        match listener.local_addr() {
-            Ok(addr) => println!("listening on {addr}"),
-            Err(e) => {
-                eprintln!("cannot read the bound address: {e}");
-                return ExitCode::FAILURE;
-            }
-        }
         let shutdown = async move {
             if let Some(Ok(signal)) = signals.next().await {
                 eprintln!("received {signal:?}");
@@ -180,12 +308,13 @@ fn serve_until_signal(
             accounts: Some(accounts),
             require_login: args.require_login,
             plaintext_credentials: args.allow_plaintext_credentials,
+            handshake_timeout: std::time::Duration::from_secs_f64(args.tls_handshake_timeout),
             ..Config::default()
         };
         if let Some(max_memory) = args.max_memory {
             config.max_memory = max_memory;
         }
-        serve(listener, config, shutdown).await;
+        serve_on(listeners, config, shutdown).await;
         ExitCode::SUCCESS
     })
 }

@@ -118,6 +118,90 @@
 //! # fn main() {}
 //! ```
 //!
+//! # TLS
+//!
+//! A TLS stream is a byte stream like any other: do the handshake with
+//! your TLS library, then give chatpipe the stream. chatpipe has no TLS
+//! code and no TLS dependency. With rustls on smol (futures-rustls; on
+//! tokio, tokio-rustls and [`Builder::build_tokio`] the same way), a server
+//! and a client on loopback, with a certificate made by rcgen:
+//!
+//! ```
+//! use std::sync::Arc;
+//! use std::time::Duration;
+//!
+//! use bytes::Bytes;
+//! use chatpipe::raw::{Raw, RawMessage};
+//! use chatpipe::Builder;
+//! use futures::StreamExt;
+//! use futures_rustls::rustls::pki_types::{PrivatePkcs8KeyDer, ServerName};
+//! use futures_rustls::rustls::{ClientConfig, RootCertStore, ServerConfig};
+//! use futures_rustls::{TlsAcceptor, TlsConnector};
+//! use smol::future::FutureExt;
+//! use smol::net::{TcpListener, TcpStream};
+//!
+//! # fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! smol::block_on(async {
+//!     // A certificate for localhost; a real server loads its own from PEM
+//!     // files (rustls-pki-types' `PemObject`).
+//!     let made = rcgen::generate_simple_self_signed(vec!["localhost".to_owned()])?;
+//!     let cert = made.cert.der().clone();
+//!     let key = PrivatePkcs8KeyDer::from(made.signing_key.serialize_der());
+//!     let server_config = ServerConfig::builder()
+//!         .with_no_client_auth()
+//!         .with_single_cert(vec![cert.clone()], key.into())?;
+//!     let acceptor = TlsAcceptor::from(Arc::new(server_config));
+//!
+//!     let listener = TcpListener::bind("127.0.0.1:0").await?;
+//!     let addr = listener.local_addr()?;
+//!
+//!     // Server: the handshake, bounded in time (a peer that never finishes
+//!     // it must not hold the connection), then chatpipe on the TLS stream.
+//!     let server = smol::spawn(async move {
+//!         let (tcp, _) = listener.accept().await?;
+//!         let handshake = async { Some(acceptor.accept(tcp).await) };
+//!         let timeout = async {
+//!             smol::Timer::after(Duration::from_secs(10)).await;
+//!             None
+//!         };
+//!         let Some(tls) = handshake.or(timeout).await else {
+//!             return Ok(()); // no handshake within 10 s: dropped
+//!         };
+//!         let (replies, mut requests, conn) = Builder::new().build(tls?, Raw);
+//!         let driver = smol::spawn(conn);
+//!         while let Some(Ok(RawMessage::Request { id, body })) = requests.next().await {
+//!             let _ = replies.send(RawMessage::Response { id, body }).await; // echo
+//!         }
+//!         drop(replies);
+//!         driver.await.map_err(std::io::Error::from)
+//!     });
+//!
+//!     // Client: trusts that certificate, checks the name "localhost".
+//!     let mut roots = RootCertStore::empty();
+//!     roots.add(cert)?;
+//!     let client_config = ClientConfig::builder()
+//!         .with_root_certificates(roots)
+//!         .with_no_client_auth();
+//!     let connector = TlsConnector::from(Arc::new(client_config));
+//!     let tcp = TcpStream::connect(addr).await?;
+//!     let tls = connector.connect(ServerName::try_from("localhost")?, tcp).await?;
+//!
+//!     let (client, _incoming, conn) = Builder::new().build(tls, Raw);
+//!     let driver = smol::spawn(conn);
+//!     assert_eq!(client.call(Bytes::from("secret")).await?, "secret");
+//!     client.close(); // close_notify, then the TCP shutdown
+//!     driver.await?;
+//!     server.await?;
+//!     Ok(())
+//! })
+//! # }
+//! ```
+//!
+//! The handshake timeout is your runtime's timer around the handshake, as
+//! above (`tokio::time::timeout` on tokio): chatpipe's own timeouts start
+//! once it has the stream. `chatpipe-chat` (the example chat room) serves
+//! TLS this way, with the handshake counted against its connection limits.
+//!
 //! # The handles
 //!
 //! - [`Sender`] (clone it freely): [`send`](Sender::send) waits for room,

@@ -111,6 +111,39 @@ pub enum Event {
         nickname: String,
         reason: LoginRefusal,
     },
+    /// A connection to a TLS listener did not finish its handshake, and
+    /// was closed.
+    TlsFailed {
+        addr: SocketAddr,
+        reason: TlsFailure,
+    },
+}
+
+/// Why a connection to a TLS listener was closed before it joined.
+#[derive(Debug)]
+pub enum TlsFailure {
+    /// No handshake within `handshake_timeout`: a peer that opened the
+    /// connection and sent too little (a slowloris), or a plaintext client
+    /// that waits for the server to speak first.
+    Timeout { after: Duration },
+    /// What the peer sent is not TLS: a plaintext client on the TLS port.
+    /// `first` is what it started with (up to 8 bytes).
+    NotTls { first: Vec<u8> },
+    /// The handshake failed (the client refused our certificate, say).
+    Failed(io::Error),
+}
+
+impl TlsFailure {
+    /// Why a handshake failed with `error`, after the peer sent `first`.
+    pub(crate) fn from_handshake(error: io::Error, first: &[u8]) -> Self {
+        // Every TLS connection starts with a handshake record, 0x16.
+        match first.first() {
+            Some(&byte) if byte != 0x16 => TlsFailure::NotTls {
+                first: first.to_vec(),
+            },
+            _ => TlsFailure::Failed(error),
+        }
+    }
 }
 
 /// Why a login or registration failed; displayed, it is the Nak's message.
@@ -166,6 +199,10 @@ pub enum Disconnect {
     /// Another connection logged in to the account of its nickname (the
     /// same person reconnecting, say) and took the nickname over.
     LoggedInElsewhere,
+    /// On a plaintext port, its first bytes were a TLS ClientHello (read
+    /// as a frame header, `16 03 0x ..`, far too large): a TLS client on
+    /// the wrong port.
+    TlsClientHello,
 }
 
 /// Why a new connection was closed at once.
@@ -352,6 +389,7 @@ impl fmt::Display for Event {
                 nickname,
                 reason,
             } => write!(f, "{addr} login as {nickname:?} failed: {reason}"),
+            Event::TlsFailed { addr, reason } => write!(f, "{addr} TLS handshake failed: {reason}"),
         }
     }
 }
@@ -384,6 +422,10 @@ impl fmt::Display for Disconnect {
             Disconnect::LoggedInElsewhere => {
                 f.write_str("its account logged in on another connection")
             }
+            Disconnect::TlsClientHello => f.write_str(
+                "it sent a TLS ClientHello on a plaintext port (a TLS client: \
+                 serve TLS with --tls-cert/--tls-key, or --tls-listen)",
+            ),
         }
     }
 }
@@ -424,7 +466,23 @@ impl Disconnect {
             Disconnect::LoginRequired
             | Disconnect::Closed
             | Disconnect::Error(_)
-            | Disconnect::ShutdownTimeout => None,
+            | Disconnect::ShutdownTimeout
+            | Disconnect::TlsClientHello => None,
+        }
+    }
+
+    /// This reason, or [`Disconnect::TlsClientHello`] if it is a frame too
+    /// large that is really a TLS record on a plaintext (`!secure`)
+    /// connection.
+    pub(crate) fn on_plaintext(self, secure: bool) -> Self {
+        match &self {
+            Disconnect::Error(chatpipe::Error::FrameTooLarge { len, .. })
+                if !secure
+                    && crate::tls::tls_record(*len) == Some(crate::tls::TlsRecord::Handshake) =>
+            {
+                Disconnect::TlsClientHello
+            }
+            _ => self,
         }
     }
 }
@@ -464,6 +522,22 @@ impl fmt::Display for RequestRefusal {
                 write!(f, "{nickname} is leaving the room")
             }
             RequestRefusal::Leaving => f.write_str("you are being disconnected"),
+        }
+    }
+}
+
+impl fmt::Display for TlsFailure {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            TlsFailure::Timeout { after } => write!(f, "no handshake within {after:?}"),
+            TlsFailure::NotTls { first } => {
+                f.write_str("not TLS: it started")?;
+                for byte in first {
+                    write!(f, " {byte:02x}")?;
+                }
+                f.write_str(" (a plaintext client on the TLS port)")
+            }
+            TlsFailure::Failed(e) => write!(f, "{e}"),
         }
     }
 }

@@ -37,7 +37,19 @@
 //! to a client whose first message is a Hello offering it: acked chats
 //! (Say), direct messages, Who, presence announcements and the last
 //! `history` messages on joining, each only to a client granted its
-//! capability. Credentials in a Hello are accepted and ignored for now.
+//! capability. Credentials in a Hello (or a Login) log in to an account
+//! or register one ([`accounts`]), over TLS only unless
+//! `plaintext_credentials`; a registered nickname is refused to anyone not
+//! logged in to it.
+//!
+//! The room serves plaintext, TLS, or both side by side ([`serve_on`] with
+//! a [`Listener`] each; [`tls`] makes the configurations). A TLS
+//! connection joins once its handshake is over, within
+//! `handshake_timeout` (10 s); until then it counts against
+//! `max_connections` and `max_per_ip` like a member, so handshakes that
+//! never finish cannot exhaust the server. Each failure is an
+//! [`Event::TlsFailed`]; a TLS client on a plaintext port is disconnected
+//! with [`Disconnect::TlsClientHello`].
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::fmt;
@@ -52,7 +64,7 @@ use chatpipe::{Builder, Sender, TrySendError};
 use smol::channel;
 use smol::future::FutureExt;
 use smol::io::{AsyncRead, AsyncWrite};
-use smol::net::TcpListener;
+use smol::net::{TcpListener, TcpStream};
 use smol::stream::StreamExt;
 
 pub mod accounts;
@@ -61,13 +73,14 @@ pub mod client;
 mod event;
 pub mod memory;
 pub mod store;
+pub mod tls;
 mod v06;
 
 use bucket::Bucket;
 pub use bucket::Rate;
 pub use event::{
     Disconnect, Event, HelloRefusal, LoginRefusal, NicknameRefusal, NoticeFailure, Refusal,
-    Request, RequestRefusal,
+    Request, RequestRefusal, TlsFailure,
 };
 pub use memory::Usage;
 use memory::MESSAGE_OVERHEAD;
@@ -121,6 +134,11 @@ pub struct Config {
     /// Connections at once from one IP address; more are closed as soon as
     /// they are accepted.
     pub max_per_ip: usize,
+    /// How long a connection to a TLS [`Listener`] has to finish its
+    /// handshake before it is closed ([`TlsFailure::Timeout`]): a
+    /// slowloris defence, like the frame timeout. Until it finishes, it
+    /// counts against `max_connections` and `max_per_ip`. Default 10 s.
+    pub handshake_timeout: Duration,
     /// The budget for what waits on slow members, all together, in bytes
     /// (as [`Usage`] counts them): what is queued for a member, in its
     /// backlog and in its connection's queue, until it is written to its
@@ -195,6 +213,7 @@ impl Default for Config {
             join_window: Duration::from_millis(500),
             max_connections: 10_000,
             max_per_ip: 64,
+            handshake_timeout: Duration::from_secs(10),
             max_memory: memory::default_max_memory(),
             usage: Arc::default(),
             events: Arc::new(|event| eprintln!("{event}")),
@@ -220,6 +239,7 @@ impl fmt::Debug for Config {
             .field("history", &self.history)
             .field("max_connections", &self.max_connections)
             .field("max_per_ip", &self.max_per_ip)
+            .field("handshake_timeout", &self.handshake_timeout)
             .field("max_memory", &self.max_memory)
             .field("usage", &self.usage)
             .field("accounts", &self.accounts)
@@ -230,10 +250,55 @@ impl fmt::Debug for Config {
     }
 }
 
+/// Where the room takes connections: a TCP listener, serving plaintext or
+/// TLS.
+pub struct Listener {
+    listener: TcpListener,
+    tls: Option<tls::TlsAcceptor>,
+}
+
+impl Listener {
+    /// Plaintext connections.
+    pub fn plain(listener: TcpListener) -> Self {
+        Listener {
+            listener,
+            tls: None,
+        }
+    }
+
+    /// TLS connections, with this server configuration (see [`tls`]): each
+    /// joins the room, marked secure, once its handshake is over.
+    pub fn tls(listener: TcpListener, config: Arc<tls::rustls::ServerConfig>) -> Self {
+        Listener {
+            listener,
+            tls: Some(tls::TlsAcceptor::from(config)),
+        }
+    }
+}
+
+impl fmt::Debug for Listener {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Listener")
+            .field("listener", &self.listener)
+            .field("tls", &self.tls.is_some())
+            .finish()
+    }
+}
+
 /// Serves the chat room on `listener` until `shutdown` resolves; then stops
 /// accepting, closes every connection gracefully and returns once they are
 /// all gone (or `grace` has passed and the rest were dropped).
 pub async fn serve(listener: TcpListener, config: Config, shutdown: impl Future<Output = ()>) {
+    serve_on(vec![Listener::plain(listener)], config, shutdown).await
+}
+
+/// [`serve`] on several listeners at once, plaintext or TLS: one room for
+/// all of them.
+pub async fn serve_on(
+    listeners: Vec<Listener>,
+    config: Config,
+    shutdown: impl Future<Output = ()>,
+) {
     let room = Arc::new(Room {
         attempts: Mutex::new(accounts::Attempts::new(config.login_rate)),
         config,
@@ -244,46 +309,34 @@ pub async fn serve(listener: TcpListener, config: Config, shutdown: impl Future<
     });
     // Every client task holds a clone, to tell when they have all ended.
     let (alive, all_gone) = channel::bounded::<()>(1);
-
-    let accept = async {
-        let mut next_id = 0;
-        loop {
-            match listener.accept().await {
-                Ok((stream, addr)) => {
-                    if let Err(reason) = room.admit(addr) {
-                        room.emit(Event::Refused { addr, reason });
-                        drop(stream);
-                        continue;
-                    }
-                    next_id += 1;
-                    // Chat lines are small and latency matters more than
-                    // packet count; the connection coalesces writes anyway.
-                    let _ = stream.set_nodelay(true);
-                    // Joined here, not in the task, so that shutdown sees
-                    // every connection it must close.
-                    let task = room.join(next_id, stream, addr, false);
-                    let alive = alive.clone();
-                    smol::spawn(async move {
-                        task.await;
-                        drop(alive);
-                    })
-                    .detach();
-                }
-                Err(e) => {
-                    room.emit(Event::AcceptFailed(e));
-                    // Out of file descriptors, say: do not spin.
-                    smol::Timer::after(Duration::from_millis(100)).await;
-                }
-            }
-        }
-    };
-    accept.or(shutdown).await;
-    drop(listener);
+    // Closed at shutdown: TLS handshakes under way give up.
+    let (stopping, stopped) = channel::bounded::<()>(1);
+    let ids = Arc::new(AtomicU64::new(0));
+    let accepting: Vec<smol::Task<()>> = listeners
+        .into_iter()
+        .map(|listener| {
+            let accept = accept(
+                room.clone(),
+                listener,
+                ids.clone(),
+                alive.clone(),
+                stopped.clone(),
+            );
+            smol::spawn(accept)
+        })
+        .collect();
+    shutdown.await;
+    // Each listener goes with its task.
+    for task in accepting {
+        task.cancel().await;
+    }
+    drop((stopping, stopped));
     drop(alive);
 
     // Each member's task sends what waits for it, then closes.
     {
-        let state = room.lock();
+        let mut state = room.lock();
+        state.stopping = true;
         let connections = state.members.len();
         room.emit(Event::ShuttingDown { connections });
         for m in state.members.values() {
@@ -312,6 +365,124 @@ pub async fn serve(listener: TcpListener, config: Config, shutdown: impl Future<
     room.emit(Event::Stopped);
 }
 
+/// Takes connections on `listener` until cancelled: each within the limits
+/// joins the room, a TLS one once its handshake is over.
+async fn accept(
+    room: Arc<Room>,
+    listener: Listener,
+    ids: Arc<AtomicU64>,
+    alive: channel::Sender<()>,
+    stopped: channel::Receiver<()>,
+) {
+    loop {
+        let (stream, addr) = match listener.listener.accept().await {
+            Ok(accepted) => accepted,
+            Err(e) => {
+                room.emit(Event::AcceptFailed(e));
+                // Out of file descriptors, say: do not spin.
+                smol::Timer::after(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        // Chat lines are small and latency matters more than packet count;
+        // the connection coalesces writes anyway.
+        let _ = stream.set_nodelay(true);
+        let id = ids.fetch_add(1, Ordering::Relaxed) + 1;
+        let alive = alive.clone();
+        let Some(acceptor) = &listener.tls else {
+            if let Err(reason) = room.admit(addr) {
+                room.emit(Event::Refused { addr, reason });
+                continue;
+            }
+            // Joined here, not in the task, so that shutdown sees every
+            // connection it must close.
+            let task = room.join(id, stream, addr, false);
+            smol::spawn(async move {
+                task.await;
+                drop(alive);
+            })
+            .detach();
+            continue;
+        };
+        let handshaking = match room.admit_handshake(addr) {
+            Ok(handshaking) => handshaking,
+            Err(reason) => {
+                room.emit(Event::Refused { addr, reason });
+                continue;
+            }
+        };
+        let (room, acceptor, stopped) = (room.clone(), acceptor.clone(), stopped.clone());
+        smol::spawn(async move {
+            match handshake(&room, &acceptor, stream, &stopped).await {
+                Ok(stream) => {
+                    let task = room.join(id, stream, addr, true);
+                    // A member now, counted as one.
+                    drop(handshaking);
+                    task.await;
+                }
+                Err(failure) => {
+                    // Uncounted before it is reported.
+                    drop(handshaking);
+                    if let Some(reason) = failure {
+                        room.emit(Event::TlsFailed { addr, reason });
+                    }
+                }
+            }
+            drop(alive);
+        })
+        .detach();
+    }
+}
+
+/// A TLS server stream as the room takes it.
+type TlsStream = futures_rustls::server::TlsStream<tls::Sniff<TcpStream>>;
+
+/// The server side of a TLS handshake, within `handshake_timeout`: why it
+/// failed or ran out of time, or `None` if the room is shutting down.
+async fn handshake(
+    room: &Room,
+    acceptor: &tls::TlsAcceptor,
+    stream: TcpStream,
+    stopped: &channel::Receiver<()>,
+) -> Result<TlsStream, Option<TlsFailure>> {
+    let after = room.config.handshake_timeout;
+    let accepted = async {
+        let stream = tls::Sniff::new(stream);
+        Some(Some(acceptor.accept(stream).into_fallible().await))
+    };
+    let timeout = async {
+        smol::Timer::after(after).await;
+        Some(None)
+    };
+    let stop = async {
+        let _ = stopped.recv().await;
+        None
+    };
+    match accepted.or(timeout).or(stop).await {
+        Some(Some(Ok(stream))) => Ok(stream),
+        Some(Some(Err((error, stream)))) => {
+            Err(Some(TlsFailure::from_handshake(error, stream.first())))
+        }
+        Some(None) => Err(Some(TlsFailure::Timeout { after })),
+        None => Err(None),
+    }
+}
+
+/// A connection counted against the limits while its TLS handshake runs;
+/// uncounted when dropped.
+struct Handshaking {
+    room: Arc<Room>,
+    ip: IpAddr,
+}
+
+impl Drop for Handshaking {
+    fn drop(&mut self) {
+        let mut state = self.room.lock();
+        state.handshakes -= 1;
+        state.uncount(self.ip);
+    }
+}
+
 struct Room {
     config: Config,
     state: Mutex<State>,
@@ -336,9 +507,10 @@ struct State {
     /// Who holds each nickname: `members[&nicks[n]].nickname == Some(n)`,
     /// for every nickname held.
     nicks: HashMap<String, u64>,
-    /// How many members each remote IP address has: the count `admit`
-    /// checks, kept on joining and leaving so that checking it does not
-    /// walk the members. No entry for an address without members.
+    /// How many members each remote IP address has, and connections in a
+    /// TLS handshake from it: the count `admit` checks, kept on joining and
+    /// leaving so that checking it does not walk the members. No entry for
+    /// an address without any.
     per_ip: HashMap<IpAddr, usize>,
     /// How many broadcasts the room has remembered in all: those since a
     /// member joined are the newest of `Room::recent`, and reached it live.
@@ -346,6 +518,12 @@ struct State {
     /// Nicknames being registered right now (hashing takes a while): no
     /// one else takes or registers them meanwhile.
     registering: HashSet<String>,
+    /// Connections in a TLS handshake, not members yet (`Handshaking`):
+    /// they count against the limits as members do, in `per_ip` too.
+    handshakes: usize,
+    /// Shutdown has begun: a member that joins now (its TLS handshake just
+    /// ended) is closed at once, as the others are.
+    stopping: bool,
 }
 
 impl State {
@@ -642,9 +820,25 @@ impl Room {
 
     /// Whether a new connection from `addr` is within the limits.
     fn admit(&self, addr: SocketAddr) -> Result<(), Refusal> {
-        let state = self.lock();
+        self.within_limits(&self.lock(), addr)
+    }
+
+    /// Admits a connection from `addr` that must finish a TLS handshake
+    /// before it joins: it counts against the limits until it is dropped.
+    fn admit_handshake(self: &Arc<Self>, addr: SocketAddr) -> Result<Handshaking, Refusal> {
+        let mut state = self.lock();
+        self.within_limits(&state, addr)?;
+        state.handshakes += 1;
+        *state.per_ip.entry(addr.ip()).or_insert(0) += 1;
+        Ok(Handshaking {
+            room: self.clone(),
+            ip: addr.ip(),
+        })
+    }
+
+    fn within_limits(&self, state: &State, addr: SocketAddr) -> Result<(), Refusal> {
         let max = self.config.max_connections;
-        if state.members.len() >= max {
+        if state.members.len() + state.handshakes >= max {
             return Err(Refusal::ServerFull { max });
         }
         let (ip, max) = (addr.ip(), self.config.max_per_ip);
@@ -798,6 +992,13 @@ impl Room {
                 closing: None,
             };
             state.add(id, member);
+            if state.stopping {
+                // Shutdown began as its TLS handshake ended: it closes now,
+                // as the others do.
+                if let Some(m) = state.members.get(&id) {
+                    m.outbox.close();
+                }
+            }
         }
         self.emit(Event::Connected { addr });
         let room = self.clone();
@@ -881,6 +1082,7 @@ impl Room {
                 reason
             };
             let (reason, ()) = smol::future::zip(ended, reading).await;
+            let reason = reason.on_plaintext(secure);
 
             let (nickname, closing) = room.leave(id);
             let reason = match (reason, closing) {

@@ -56,7 +56,7 @@ pub async fn run(args: Args, conn: Connection, credentials: Option<Credentials>)
             }
             Err(NegotiateError::Connection(e)) => lost(&e),
             Err(e) => {
-                eprintln!("{e}");
+                eprintln!("{e}{}", crate::tls_hint_for(&e));
                 return ExitCode::FAILURE;
             }
         }
@@ -244,7 +244,7 @@ async fn set_nickname(sender: &Sender<Chat>, nick: String) -> bool {
 fn lost(e: &Error) -> ! {
     match e {
         Error::Closed => eprintln!("connection closed by the server"),
-        e => eprintln!("connection lost: {e}"),
+        e => eprintln!("connection lost: {e}{}", crate::tls_hint(e)),
     }
     std::process::exit(1)
 }

@@ -2,6 +2,7 @@
 //!
 //! ```text
 //! cargo run --example chat_client -- [--connect ADDR] [--nick NAME] [--keepalive SECS] [--v05 | --v06] [--line]
+//!     [--tls | --tls-ca FILE] [--tls-server-name NAME]
 //! ```
 //!
 //! It speaks the chat protocol of `docs/PROTOCOL.md`, to `chat_server` or
@@ -23,12 +24,12 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use chatpipe::chat::{Chat, Credentials};
-use chatpipe::{Builder, Error, Incoming, Sender};
+use chatpipe::{Error, Incoming, Sender};
 use chatpipe_chat::client::{Negotiated, DEFAULT_WAIT};
 use clap::Parser;
-use smol::net::TcpStream;
 use smol::Task;
 
+mod connect;
 mod line;
 mod tui;
 
@@ -70,6 +71,12 @@ mod tui;
 /// before you came), `* ana joined`, `* ana left`, `* ana is now anna`,
 /// `! server: TEXT` (the server's notice), `! not delivered: REASON` (a
 /// line the server refused) and `! /msg NICK: REASON`.
+///
+/// TLS: --tls verifies the server against the system's trusted roots,
+/// --tls-ca FILE against that CA or self-signed certificate (for
+/// `chat_server --tls-self-signed`). The name checked is the host of
+/// --connect unless --tls-server-name says otherwise. A certificate that
+/// is not trusted, or not for that name, exits 1 saying which.
 #[derive(Debug, Parser)]
 #[command(version)]
 struct Args {
@@ -94,6 +101,18 @@ struct Args {
     /// Line mode even on a terminal.
     #[arg(long)]
     line: bool,
+    /// Connect over TLS, verifying the server against the system's trusted
+    /// roots.
+    #[arg(long)]
+    tls: bool,
+    /// Connect over TLS, verifying the server against this CA or
+    /// self-signed certificate (PEM) instead of the system's roots.
+    #[arg(long, value_name = "FILE")]
+    tls_ca: Option<std::path::PathBuf>,
+    /// The name the server's certificate must be for, when it is not the
+    /// host of --connect.
+    #[arg(long, value_name = "NAME")]
+    tls_server_name: Option<String>,
     /// Log in as --nick with the password in FILE (its first line), in the
     /// v0.6 Hello (in line mode too). A wrong password exits 1.
     #[arg(long, value_name = "FILE", requires = "nick", conflicts_with = "v05")]
@@ -182,24 +201,9 @@ fn main() -> ExitCode {
     };
     let terminal = std::io::stdin().is_terminal() && std::io::stdout().is_terminal();
     smol::block_on(async {
-        let stream = match TcpStream::connect(&args.connect).await {
-            Ok(s) => s,
-            Err(e) => {
-                eprintln!("cannot connect to {}: {e}", args.connect);
-                return ExitCode::FAILURE;
-            }
-        };
-        let _ = stream.set_nodelay(true);
-        eprintln!("connected to {}", args.connect);
-        let (sender, incoming, conn) = Builder::new()
-            .keepalive_interval(Some(args.keepalive))
-            .idle_timeout(Some(3 * args.keepalive.max(SERVER_KEEPALIVE)))
-            .build(stream, Chat);
-        let conn = Connection {
-            sender,
-            incoming,
-            driver: smol::spawn(conn),
-            secure: false,
+        let conn = match connect::open(&args).await {
+            Ok(conn) => conn,
+            Err(code) => return code,
         };
         if credentials.is_some() {
             if let Err(e) = may_send_password(args.allow_plaintext_credentials, conn.secure) {
@@ -213,6 +217,23 @@ fn main() -> ExitCode {
             line::run(args, conn, credentials).await
         }
     })
+}
+
+/// " (the server speaks TLS? ...)" when a connection that failed with `e`
+/// was plaintext to a TLS server (it read a TLS alert as a frame length).
+fn tls_hint(e: &Error) -> String {
+    match chatpipe_chat::tls::plaintext_hint(e) {
+        Some(hint) => format!(" ({hint})"),
+        None => String::new(),
+    }
+}
+
+/// [`tls_hint`] for a failed v0.6 handshake.
+fn tls_hint_for(e: &chatpipe_chat::client::NegotiateError) -> String {
+    match e {
+        chatpipe_chat::client::NegotiateError::Connection(e) => tls_hint(e),
+        _ => String::new(),
+    }
 }
 
 /// How the handshake went, in a few words (stderr in line mode, the pane

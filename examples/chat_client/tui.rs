@@ -604,7 +604,7 @@ impl App {
             Ev::Negotiated(Err(e)) => {
                 self.state = State::Disconnected;
                 self.lost = true;
-                self.problem(format!("! {e}"));
+                self.problem(format!("! {e}{}", crate::tls_hint_for(&e)));
                 for Waiting(_, id) in std::mem::take(&mut self.waiting) {
                     if let Some(id) = id {
                         self.view.mark(id, Mark::Refused("not sent".into()));
@@ -617,7 +617,7 @@ impl App {
                 self.lost = true;
                 self.problem(match e {
                     Error::Closed => "! connection closed by the server".to_owned(),
-                    e => format!("! connection lost: {e}"),
+                    e => format!("! connection lost: {e}{}", crate::tls_hint(&e)),
                 });
             }
             Ev::Done(done) => self.done(done),

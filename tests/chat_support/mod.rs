@@ -45,6 +45,16 @@ pub async fn start() -> TestServer {
 
 pub fn start_with(listener: TcpListener, config: Config) -> TestServer {
     let addr = listener.local_addr().unwrap();
+    start_on(vec![chatpipe_chat::Listener::plain(listener)], addr, config)
+}
+
+/// Starts the room on `listeners` (plaintext or TLS); `addr` is the one
+/// the tests connect to.
+pub fn start_on(
+    listeners: Vec<chatpipe_chat::Listener>,
+    addr: SocketAddr,
+    config: Config,
+) -> TestServer {
     let events = Arc::new(Mutex::new(Vec::new()));
     let sink = events.clone();
     let config = Config {
@@ -55,7 +65,7 @@ pub fn start_with(listener: TcpListener, config: Config) -> TestServer {
     let shutdown = async move {
         let _ = stopped.recv().await;
     };
-    let done = smol::spawn(chatpipe_chat::serve(listener, config, shutdown));
+    let done = smol::spawn(chatpipe_chat::serve_on(listeners, config, shutdown));
     TestServer {
         addr,
         stop,
@@ -298,7 +308,8 @@ pub fn example(name: &str) -> std::path::PathBuf {
 
 // The built examples, run as programs.
 
-pub const TIMEOUT: Duration = Duration::from_secs(10);
+/// A hang guard only: generous, for a machine under full load.
+pub const TIMEOUT: Duration = Duration::from_secs(30);
 
 /// A running example: its stdout and stderr lines arrive on channels, and
 /// it is killed if the test ends first.

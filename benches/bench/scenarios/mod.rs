@@ -8,3 +8,4 @@ pub(crate) mod fanin;
 pub(crate) mod memory;
 pub(crate) mod oneway;
 pub(crate) mod rtt;
+pub(crate) mod tls;

@@ -1,0 +1,229 @@
+//! Scenario: tls, what encryption costs. chatpipe on smol over plain TCP
+//! and over TLS (rustls by futures-rustls, crypto by ring, TLS 1.3 with a
+//! self-signed ECDSA P-256 certificate made at startup), measured side by
+//! side in one run: oneway throughput of 1 KiB messages, and the round trip
+//! of a 64 B request. The handshake is done before timing starts.
+
+use std::fmt::Write as _;
+use std::net::TcpStream;
+use std::sync::{Arc, Barrier};
+use std::time::Instant;
+
+use chatpipe::raw::{Raw, RawMessage};
+use chatpipe_chat::tls::{self, rustls, Trust};
+use futures::StreamExt;
+use smol::io::{AsyncRead, AsyncWrite};
+
+use crate::harness::{calibrated, percentile, stats};
+use crate::report::{ratio, si, Report};
+use crate::scenarios::rtt::RTT_SIZE;
+use crate::stacks::{chatpipe_builder, payload, smol_stream, smol_thread, tcp_pair};
+use crate::Cfg;
+
+const ONEWAY_SIZE: usize = 1024;
+
+/// Both ends' TLS configurations, or none for plain TCP.
+#[derive(Clone)]
+struct Tls {
+    acceptor: tls::TlsAcceptor,
+    connector: tls::TlsConnector,
+}
+
+impl Tls {
+    fn new() -> Self {
+        let made = tls::self_signed(&["localhost"]).expect("a certificate");
+        let client = tls::client_config(&Trust::Certs(vec![made.cert])).expect("client config");
+        Tls {
+            acceptor: tls::TlsAcceptor::from(made.config),
+            connector: tls::TlsConnector::from(client),
+        }
+    }
+}
+
+/// Runs `side` on `s`, over TLS (server or client end) if `tls` is given.
+async fn over<T, F, Fut>(s: TcpStream, tls: Option<Tls>, server: bool, side: F) -> T
+where
+    F: FnOnce(Box<dyn Stream>) -> Fut,
+    Fut: std::future::Future<Output = T>,
+{
+    let s = smol_stream(s);
+    let stream: Box<dyn Stream> = match (tls, server) {
+        (None, _) => Box::new(s),
+        (Some(t), true) => Box::new(t.acceptor.accept(s).await.expect("TLS accept")),
+        (Some(t), false) => {
+            let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+            Box::new(t.connector.connect(name, s).await.expect("TLS connect"))
+        }
+    };
+    side(stream).await
+}
+
+trait Stream: AsyncRead + AsyncWrite + Unpin + Send + 'static {}
+impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Stream for S {}
+
+/// Seconds for the receiver to get `n` messages of `size`, from the start
+/// signal (both handshakes done).
+fn oneway(size: usize, n: u64, tls: Option<Tls>) -> f64 {
+    let (a, b) = tcp_pair();
+    let go = Arc::new(Barrier::new(2));
+    let go2 = go.clone();
+    let tls2 = tls.clone();
+    let body = payload(size);
+    let sender = smol_thread(move |ex| async move {
+        over(a, tls, false, |s| async move {
+            let (tx, _incoming, conn) = chatpipe_builder().build(s, Raw);
+            let driver = ex.spawn(conn);
+            go2.wait();
+            for _ in 0..n {
+                tx.send(RawMessage::Message(body.clone())).await.unwrap();
+            }
+            tx.close();
+            driver.await.expect("sender driver");
+        })
+        .await
+    });
+    let receiver = smol_thread(move |ex| async move {
+        over(b, tls2, true, |s| async move {
+            let (tx, mut incoming, conn) = chatpipe_builder().build(s, Raw);
+            let driver = ex.spawn(conn);
+            go.wait();
+            let t0 = Instant::now();
+            for _ in 0..n {
+                match incoming.next().await {
+                    Some(Ok(RawMessage::Message(_))) => {}
+                    other => panic!("tls receiver: unexpected {other:?}"),
+                }
+            }
+            let secs = t0.elapsed().as_secs_f64();
+            while incoming.next().await.is_some() {}
+            drop(tx);
+            driver.await.expect("receiver driver");
+            secs
+        })
+        .await
+    });
+    sender.join().unwrap();
+    receiver.join().unwrap()
+}
+
+/// Round-trip times of `request()` in nanoseconds, warm-up excluded.
+fn rtt(n: usize, warm: usize, tls: Option<Tls>) -> Vec<u64> {
+    let (a, b) = tcp_pair();
+    let tls2 = tls.clone();
+    let server = smol_thread(move |ex| async move {
+        over(b, tls2, true, |s| async move {
+            let (tx, mut incoming, conn) = chatpipe_builder().build(s, Raw);
+            let driver = ex.spawn(conn);
+            while let Some(Ok(RawMessage::Request { id, body })) = incoming.next().await {
+                if tx.send(RawMessage::Response { id, body }).await.is_err() {
+                    break;
+                }
+            }
+            drop(tx);
+            let _ = driver.await;
+        })
+        .await
+    });
+    let client = smol_thread(move |ex| async move {
+        over(a, tls, false, |s| async move {
+            let (tx, _incoming, conn) = chatpipe_builder().build(s, Raw);
+            let driver = ex.spawn(conn);
+            let body = payload(RTT_SIZE);
+            let mut out = Vec::with_capacity(n);
+            for i in 0..n + warm {
+                let t = Instant::now();
+                let msg = RawMessage::Request {
+                    id: i as u64,
+                    body: body.clone(),
+                };
+                tx.request(msg).await.expect("request");
+                if i >= warm {
+                    out.push(t.elapsed().as_nanos() as u64);
+                }
+            }
+            tx.close();
+            driver.await.expect("client driver");
+            out
+        })
+        .await
+    });
+    let out = client.join().unwrap();
+    server.join().unwrap();
+    out
+}
+
+pub(crate) fn scenario_tls(cfg: &Cfg, rep: &mut Report) {
+    let tls = Tls::new();
+    let mut md = String::new();
+    let _ = writeln!(
+        md,
+        "## tls: what encryption costs\n\n\
+         chatpipe on smol (`send().await`, `request()`), over plain TCP and over TLS 1.3 \
+         (rustls by futures-rustls, ring, a self-signed ECDSA P-256 certificate), in the same run; \
+         handshakes before timing. Oneway: messages/s of {ONEWAY_SIZE} B, median of {} runs. \
+         rtt: {} round trips of {RTT_SIZE} B per run after {} of warm-up, median over {} runs, \
+         threads placed by the scheduler.\n",
+        cfg.reps, cfg.rtt_n, cfg.rtt_warmup, cfg.reps
+    );
+    let _ = writeln!(
+        md,
+        "| measure | plain TCP | TLS | TLS / plain |\n|---|---:|---:|---:|"
+    );
+    let mut oneway_rates = Vec::new();
+    for (name, t) in [("plain", None), ("tls", Some(tls.clone()))] {
+        eprintln!("tls oneway {name} ...");
+        let (n, secs) = calibrated(cfg, |n| oneway(ONEWAY_SIZE, n, t.clone()));
+        let rates: Vec<f64> = secs.iter().map(|s| n as f64 / s).collect();
+        let rate = stats(&rates).median;
+        rep.set(format!("tls/oneway/{ONEWAY_SIZE}/{name}"), rate);
+        oneway_rates.push(rate);
+    }
+    let (plain, over_tls) = (oneway_rates[0], oneway_rates[1]);
+    let _ = writeln!(
+        md,
+        "| oneway 1 KiB, msgs/s | {} | {} | {} |",
+        si(plain),
+        si(over_tls),
+        ratio(Some(over_tls), Some(plain))
+    );
+    let _ = writeln!(
+        md,
+        "| oneway 1 KiB, MB/s | {:.0} | {:.0} | {} |",
+        plain * ONEWAY_SIZE as f64 / 1e6,
+        over_tls * ONEWAY_SIZE as f64 / 1e6,
+        ratio(Some(over_tls), Some(plain))
+    );
+    let mut p50 = Vec::new();
+    let mut p99 = Vec::new();
+    for (name, t) in [("plain", None), ("tls", Some(tls.clone()))] {
+        eprintln!("tls rtt {name} ...");
+        let (mut p50s, mut p99s) = (Vec::new(), Vec::new());
+        for _ in 0..cfg.reps {
+            let mut v = rtt(cfg.rtt_n, cfg.rtt_warmup, t.clone());
+            v.sort_unstable();
+            p50s.push(percentile(&v, 0.50));
+            p99s.push(percentile(&v, 0.99));
+        }
+        let (a, b) = (stats(&p50s).median, stats(&p99s).median);
+        rep.set(format!("tls/rtt/{name}/p50"), a);
+        rep.set(format!("tls/rtt/{name}/p99"), b);
+        p50.push(a);
+        p99.push(b);
+    }
+    let _ = writeln!(
+        md,
+        "| rtt {RTT_SIZE} B, p50 µs | {:.1} | {:.1} | {} |",
+        p50[0],
+        p50[1],
+        ratio(Some(p50[1]), Some(p50[0]))
+    );
+    let _ = writeln!(
+        md,
+        "| rtt {RTT_SIZE} B, p99 µs | {:.1} | {:.1} | {} |",
+        p99[0],
+        p99[1],
+        ratio(Some(p99[1]), Some(p99[0]))
+    );
+    rep.md.push_str(&md);
+    rep.md.push('\n');
+}
