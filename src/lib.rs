@@ -153,6 +153,7 @@ mod protocol;
 mod queue;
 pub mod raw;
 mod sender;
+pub mod session;
 mod state;
 #[cfg(any(test, feature = "test-util"))]
 pub mod test_util;
@@ -166,6 +167,10 @@ pub use error::{BoxError, Error, SendError, TrySendError};
 pub use incoming::Incoming;
 pub use protocol::{Call, Kind, Protocol};
 pub use sender::{Permit, Sender, Stats};
+pub use session::{
+    Backoff, Desired, Link, Session, SessionBuilder, SessionDriver, SessionError, SessionIncoming,
+    SessionSendError, SessionState, SessionStates,
+};
 #[cfg(feature = "async-io")]
 pub use timer::AsyncIoTimer;
 pub use timer::Timer;
