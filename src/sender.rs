@@ -83,6 +83,10 @@ impl<P: Protocol> fmt::Debug for Sender<P> {
     }
 }
 
+/// Why [`Sender::try_push_entry`] failed (`None`: the queue is full), and
+/// a request's reply slot back.
+pub(crate) type EntryFailure<M> = (Option<Error>, Option<Reply<M>>);
+
 impl<P: Protocol> Sender<P> {
     fn push_error(&self, e: PushError) -> Error {
         match e {
@@ -134,7 +138,7 @@ impl<P: Protocol> Sender<P> {
         &self,
         msg: &P::Message,
         request: Option<(P::RequestId, Reply<P::Message>)>,
-    ) -> Result<(), (Option<Error>, Option<Reply<P::Message>>)> {
+    ) -> Result<(), EntryFailure<P::Message>> {
         self.outbox
             .try_push(&self.protocol, msg, request, false)
             .map_err(|(e, reply)| match e {
