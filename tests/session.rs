@@ -294,10 +294,14 @@ fn start_server(sim: &Sim, net: &Net) -> Shared<Server> {
     sim.spawn(async move {
         let mut running = FuturesUnordered::<Pin<Box<dyn Future<Output = ()>>>>::new();
         loop {
-            let next = futures::future::select(Box::pin(net.accept()), running.next()).await;
-            let io = match next {
-                futures::future::Either::Left((io, _)) => io,
-                futures::future::Either::Right(_) => continue,
+            let io = if running.is_empty() {
+                net.accept().await
+            } else {
+                let next = futures::future::select(Box::pin(net.accept()), running.next()).await;
+                match next {
+                    futures::future::Either::Left((io, _)) => io,
+                    futures::future::Either::Right(_) => continue,
+                }
             };
             let (tx, mut rx, conn) = Builder::new().build_with_timer(io, Raw, timer());
             let (abort, reg) = AbortHandle::new_pair();
@@ -684,6 +688,14 @@ fn the_buffer_is_bounded_and_hands_messages_back() {
     let settings = settings().buffer_capacity(4);
     let (session, _incoming, _driver) = session_with(&sim, &net, settings, no_setup);
     sim.run_to(S);
+    // A message that can never be sent fails now, not once connected.
+    let huge = RawMessage::Message(vec![0; 70_000].into());
+    match session.try_send(huge) {
+        Err(SessionSendError::Failed(e)) => {
+            assert!(matches!(e.error, Error::MessageTooLarge { .. }))
+        }
+        other => panic!("{other:?}"),
+    }
     for i in 0..4 {
         session.try_send(numbered(i)).unwrap();
     }
@@ -703,14 +715,6 @@ fn the_buffer_is_bounded_and_hands_messages_back() {
     }))
     .unwrap_err();
     assert_eq!(io::Error::from(e).kind(), io::ErrorKind::WouldBlock);
-    // A message that can never be sent fails now, not later.
-    let huge = RawMessage::Message(vec![0; 70_000].into());
-    match session.try_send(huge) {
-        Err(SessionSendError::Failed(e)) => {
-            assert!(matches!(e.error, Error::MessageTooLarge { .. }))
-        }
-        other => panic!("{other:?}"),
-    }
     assert_eq!(session.buffered(), 4);
     session.disconnect();
     match session.try_send(numbered(6)) {
@@ -734,7 +738,8 @@ fn buffered_messages_go_out_after_setup_in_order_exactly_once() {
         link.sender.send(msg("login")).await.map_err(|e| e.error)?;
         Ok(link)
     };
-    let (session, incoming, _driver) = session_with(&sim, &net, settings(), setup);
+    let settings = settings().connection(Builder::new().send_capacity(16));
+    let (session, incoming, _driver) = session_with(&sim, &net, settings, setup);
     let states = record_states(&sim, &session);
     let received = record_incoming(&sim, incoming);
 
@@ -745,19 +750,23 @@ fn buffered_messages_go_out_after_setup_in_order_exactly_once() {
     }
     assert_eq!(session.buffered(), 300);
     net.set(Mode::Up);
-    // While the buffer drains, later sends queue behind it.
-    let mut i = 300;
-    sim.run_to_with(40 * S, |_| {
-        if i < 400 {
-            session.try_send(numbered(i)).unwrap();
-            i += 1;
+    // While the buffer drains (16 at a time: the connection's queue),
+    // later sends queue behind it.
+    for i in 300..400 {
+        session.try_send(numbered(i)).unwrap();
+        sim.settle();
+    }
+    sim.run_to(40 * S);
+    assert!(session.state().is_connected());
+    // Connected, `send` waits for room in the connection's queue.
+    let s = session.clone();
+    let sending = sim.spawn(async move {
+        for i in 400..500 {
+            s.send(numbered(i)).await.unwrap();
         }
     });
-    assert!(session.state().is_connected());
-    for i in 400..500 {
-        ready(session.send(numbered(i))).unwrap();
-    }
     sim.run_to(41 * S);
+    assert!(sending.is_finished());
     {
         let srv = server.borrow();
         let (first, rest) = srv.got.split_first().unwrap();
@@ -954,6 +963,8 @@ fn no_leaks_after_1000_reconnect_cycles_on_virtual_time() {
         sim.run_to(t);
         assert!(session.state().is_connected(), "cycle {cycle}");
         session.try_send(numbered(cycle)).unwrap();
+        t += MS;
+        sim.run_to(t); // on the wire before the server goes
         assert!(net.streams.load(Ordering::SeqCst) <= 1);
         kill_all(&server);
     }
