@@ -812,7 +812,12 @@ impl<P: Protocol> Session<P> {
         }
         match rx.await {
             Ok(res) => res,
-            Err(oneshot::Canceled) => Err(self.shared.lock().last_loss.clone().unwrap_or(Error::Closed)),
+            Err(oneshot::Canceled) => Err(self
+                .shared
+                .lock()
+                .last_loss
+                .clone()
+                .unwrap_or(Error::Closed)),
         }
     }
 
@@ -1509,8 +1514,7 @@ where
                 deadline,
             } => {
                 if *left > 0 {
-                    if let Poll::Ready(true) =
-                        drain(&self.shared, sender, &mut self.room, left, cx)
+                    if let Poll::Ready(true) = drain(&self.shared, sender, &mut self.room, left, cx)
                     {
                         *left = 0;
                     }
@@ -1693,9 +1697,15 @@ where
         self.publish(SessionState::Disconnected);
     }
 
-    /// Hands what the setup step passed on, then a lost connection's last
-    /// messages, to the application.
+    /// Hands a lost connection's last messages, then what the setup step
+    /// of the new one passed on, to the application, in that order.
     fn hand_over(&mut self, cx: &mut Context<'_>) {
+        if self.leftover.is_some() {
+            pump(&mut self.leftover, &mut self.to_app, cx);
+            if self.leftover.is_some() {
+                return;
+            }
+        }
         while !self.passed.is_empty() {
             let Some(tx) = &mut self.to_app else {
                 self.passed.clear();
@@ -1710,9 +1720,6 @@ where
                 Poll::Ready(Err(_)) => self.to_app = None,
                 Poll::Pending => return,
             }
-        }
-        if self.leftover.is_some() {
-            pump(&mut self.leftover, &mut self.to_app, cx);
         }
     }
 

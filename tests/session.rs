@@ -21,8 +21,8 @@ use bytes::Bytes;
 use chatpipe::raw::{Raw, RawMessage};
 use chatpipe::session::no_setup;
 use chatpipe::{
-    Backoff, Builder, Desired, Error, Link, Session, SessionBuilder, SessionError,
-    SessionIncoming, SessionSendError, SessionState,
+    Backoff, Builder, Desired, Error, Link, Session, SessionBuilder, SessionError, SessionIncoming,
+    SessionSendError, SessionState,
 };
 use common::*;
 use futures::future::{AbortHandle, Abortable};
@@ -63,8 +63,14 @@ fn backoff_sequence_and_jitter_bounds() {
         let mean = waits.iter().map(Duration::as_secs_f64).sum::<f64>() / waits.len() as f64;
         let lo = waits.iter().min().unwrap().as_secs_f64();
         let hi = waits.iter().max().unwrap().as_secs_f64();
-        assert!((mean / ceiling - 0.5).abs() < 0.05, "mean {mean} of {ceiling}");
-        assert!(lo < ceiling * 0.01 && hi > ceiling * 0.99, "{lo}..{hi} of {ceiling}");
+        assert!(
+            (mean / ceiling - 0.5).abs() < 0.05,
+            "mean {mean} of {ceiling}"
+        );
+        assert!(
+            lo < ceiling * 0.01 && hi > ceiling * 0.99,
+            "{lo}..{hi} of {ceiling}"
+        );
     }
 
     // The same seed gives the same waits; another seed others.
@@ -456,8 +462,14 @@ fn retries_follow_the_backoff_on_the_virtual_clock() {
     // The first state is the one before the driver ran.
     assert!(matches!(states[0].1, SessionState::Disconnected));
     for pair in states[1..].chunks(2) {
-        let [(t1, SessionState::Connecting { attempt: a }), (t2, SessionState::Error { cause: SessionError::Connect(e), retry_in: Some(wait), undelivered: 0 })] =
-            pair
+        let [(t1, SessionState::Connecting { attempt: a }), (
+            t2,
+            SessionState::Error {
+                cause: SessionError::Connect(e),
+                retry_in: Some(wait),
+                undelivered: 0,
+            },
+        )] = pair
         else {
             panic!("unexpected states: {pair:?}");
         };
@@ -551,7 +563,13 @@ fn disconnect_during_backoff() {
     let (session, _incoming, _driver) = session_with(&sim, &net, settings, no_setup);
     let states = record_states(&sim, &session);
     sim.run_to(NS);
-    let Some((_, SessionState::Error { retry_in: Some(wait), .. })) = states.borrow().last().cloned()
+    let Some((
+        _,
+        SessionState::Error {
+            retry_in: Some(wait),
+            ..
+        },
+    )) = states.borrow().last().cloned()
     else {
         panic!("{:?}", names(&states.borrow()));
     };
@@ -561,7 +579,12 @@ fn disconnect_during_backoff() {
     assert_eq!(net.attempts(), 1);
     assert_eq!(
         names(&states.borrow()),
-        ["disconnected", "connecting 1", "error connect retry", "disconnected"]
+        [
+            "disconnected",
+            "connecting 1",
+            "error connect retry",
+            "disconnected"
+        ]
     );
     // A send now fails at once, the message handed back.
     match session.try_send(msg("late")) {
@@ -592,7 +615,10 @@ fn disconnect_during_connect() {
     sim.run_to(60 * S);
     assert_eq!(net.attempts(), 1);
     let states = states.borrow();
-    assert_eq!(names(&states), ["disconnected", "connecting 1", "disconnected"]);
+    assert_eq!(
+        names(&states),
+        ["disconnected", "connecting 1", "disconnected"]
+    );
     assert_eq!(states[2].0, 3 * S);
 }
 
@@ -606,7 +632,14 @@ fn a_hanging_connect_times_out() {
     let states = record_states(&sim, &session);
     sim.run_to(4 * S);
     let states = states.borrow();
-    assert_eq!(names(&states)[..3], ["disconnected", "connecting 1", "error connect-timeout retry"]);
+    assert_eq!(
+        names(&states)[..3],
+        [
+            "disconnected",
+            "connecting 1",
+            "error connect-timeout retry"
+        ]
+    );
     assert_eq!(states[2].0, 4 * S);
     assert_eq!(net.connecting.load(Ordering::SeqCst), 0);
 }
@@ -645,10 +678,19 @@ fn disconnect_during_setup() {
     sim.run_to(3 * S);
     assert_eq!(
         names(&states.borrow()),
-        ["disconnected", "connecting 1", "disconnecting", "disconnected"]
+        [
+            "disconnected",
+            "connecting 1",
+            "disconnecting",
+            "disconnected"
+        ]
     );
     assert_eq!(payloads(&server.borrow().got), texts(0, &["hello"]));
-    assert_eq!(net.streams.load(Ordering::SeqCst), 0, "the stream was closed");
+    assert_eq!(
+        net.streams.load(Ordering::SeqCst),
+        0,
+        "the stream was closed"
+    );
     assert_eq!(session.buffered(), 1);
 
     stall.store(false, Ordering::SeqCst);
@@ -722,7 +764,10 @@ fn the_buffer_is_bounded_and_hands_messages_back() {
         other => panic!("{other:?}"),
     }
     // What waits can be taken back.
-    assert_eq!(session.take_buffered(), (0..4).map(numbered).collect::<Vec<_>>());
+    assert_eq!(
+        session.take_buffered(),
+        (0..4).map(numbered).collect::<Vec<_>>()
+    );
     assert_eq!(session.buffered(), 0);
 }
 
@@ -775,7 +820,10 @@ fn buffered_messages_go_out_after_setup_in_order_exactly_once() {
         assert_eq!(numbers, (0..500).collect::<Vec<_>>());
     }
     // The server's messages arrive on the one stream.
-    server.borrow().conns[0].0.try_send(msg("from server")).unwrap();
+    server.borrow().conns[0]
+        .0
+        .try_send(msg("from server"))
+        .unwrap();
     sim.run_to(42 * S);
     assert_eq!(*received.borrow(), [msg("from server")]);
 
@@ -805,6 +853,67 @@ fn buffered_messages_go_out_after_setup_in_order_exactly_once() {
         .filter(|n| n.starts_with("error lost"))
         .count();
     assert_eq!(lost, 1);
+}
+
+/// The setup step makes requests (a login, say) on the new connection,
+/// and hands what it read but is not its to the application, first.
+#[test]
+fn the_setup_step_makes_requests_and_passes_messages_on() {
+    let mut sim = Sim::new();
+    let net = Net::new(Mode::Up);
+    let server = start_server(&sim, &net);
+    let logins: Arc<Mutex<Vec<Bytes>>> = Arc::default();
+    let setup = {
+        let logins = logins.clone();
+        move |mut link: Link<Raw>| {
+            let logins = logins.clone();
+            async move {
+                let answer = link.sender.call(Bytes::from("login ana")).await?;
+                logins.lock().unwrap().push(answer);
+                link.pass_on(msg("welcome back")).unwrap();
+                Ok(link)
+            }
+        }
+    };
+    let (session, incoming, _driver) = session_with(&sim, &net, settings(), setup);
+    let received = record_incoming(&sim, incoming);
+    sim.run_to(S);
+    assert!(session.state().is_connected());
+    server.borrow().conns[0].0.try_send(msg("news")).unwrap();
+    sim.run_to(2 * S);
+    assert_eq!(*logins.lock().unwrap(), ["login ana"]);
+    assert_eq!(*received.borrow(), [msg("welcome back"), msg("news")]);
+    // Every reconnect logs in again.
+    kill_all(&server);
+    sim.run_to(10 * S);
+    assert!(session.state().is_connected());
+    assert_eq!(logins.lock().unwrap().len(), 2);
+    assert_eq!(received.borrow().len(), 3);
+}
+
+/// The states read as lines for a user.
+#[test]
+fn states_display_as_lines_for_a_user() {
+    let lost = SessionState::Error {
+        cause: SessionError::Lost(Error::IdleTimeout(15 * S)),
+        retry_in: Some(Duration::from_millis(1_234)),
+        undelivered: 0,
+    };
+    assert_eq!(
+        lost.to_string(),
+        "idle timeout: nothing received for 15s; reconnecting in 1.2 s"
+    );
+    let refused = SessionState::Error {
+        cause: SessionError::Connect(Arc::new(io::ErrorKind::ConnectionRefused.into())),
+        retry_in: None,
+        undelivered: 0,
+    };
+    assert_eq!(refused.to_string(), "cannot connect: connection refused");
+    assert_eq!(
+        SessionState::Connecting { attempt: 3 }.to_string(),
+        "connecting (attempt 3)"
+    );
+    assert_eq!(SessionState::Connected.to_string(), "connected");
 }
 
 /// A setup step that fails is a failed attempt, retried with backoff;
@@ -845,9 +954,16 @@ fn a_failed_setup_is_retried() {
     let SessionState::Error { cause, .. } = &states.borrow()[2].1 else {
         unreachable!()
     };
-    assert_eq!(cause.to_string(), "setup failed: protocol violation: login refused (1)");
+    assert_eq!(
+        cause.to_string(),
+        "setup failed: protocol violation: login refused (1)"
+    );
     assert_eq!(net.attempts(), 3);
-    assert_eq!(net.streams.load(Ordering::SeqCst), 1, "failed attempts' streams closed");
+    assert_eq!(
+        net.streams.load(Ordering::SeqCst),
+        1,
+        "failed attempts' streams closed"
+    );
     let srv = server.borrow();
     let got: Vec<_> = srv.got.iter().map(|(n, m)| (*n, m.clone())).collect();
     assert_eq!(
@@ -885,7 +1001,15 @@ fn a_black_holed_peer_triggers_a_reconnect() {
     let states = states.borrow();
     let lost = states
         .iter()
-        .position(|(_, s)| matches!(s, SessionState::Error { cause: SessionError::Lost(Error::IdleTimeout(_)), .. }))
+        .position(|(_, s)| {
+            matches!(
+                s,
+                SessionState::Error {
+                    cause: SessionError::Lost(Error::IdleTimeout(_)),
+                    ..
+                }
+            )
+        })
         .expect("an idle timeout");
     assert_eq!(states[lost].0, 75 * S);
     assert!(matches!(states.last().unwrap().1, SessionState::Connected));
@@ -943,7 +1067,10 @@ fn requests_fail_with_the_reason_on_a_drop_and_wait_while_down() {
             _ => None,
         })
         .collect();
-    assert_eq!(bodies, [(0, "one".into()), (0, "two".into()), (1, "three".into())]);
+    assert_eq!(
+        bodies,
+        [(0, "one".into()), (0, "two".into()), (1, "three".into())]
+    );
 }
 
 /// 1,000 reconnect cycles on virtual time: the session keeps one stream
@@ -971,7 +1098,12 @@ fn no_leaks_after_1000_reconnect_cycles_on_virtual_time() {
     t += 10 * MS;
     sim.run_to(t);
     assert_eq!(server.borrow().conns.len(), 1_001);
-    let numbers: Vec<u32> = server.borrow().got.iter().map(|(_, m)| number_of(m)).collect();
+    let numbers: Vec<u32> = server
+        .borrow()
+        .got
+        .iter()
+        .map(|(_, m)| number_of(m))
+        .collect();
     assert_eq!(numbers, (0..1_000).collect::<Vec<_>>());
     assert_eq!(session.undelivered(), 0);
     drop(session);
@@ -1041,6 +1173,10 @@ fn dropping_the_driver_fails_what_waits() {
 // Real loopback TCP, on smol.
 // ---------------------------------------------------------------------------
 
+/// Held by every test that opens descriptors (sockets, a tokio runtime),
+/// so the fd count of the leak test sees no other test's.
+static FDS: Mutex<()> = Mutex::new(());
+
 fn fds() -> usize {
     std::fs::read_dir("/proc/self/fd").map_or(0, |d| d.count())
 }
@@ -1063,7 +1199,10 @@ async fn echo_server(listener: smol::net::TcpListener) {
     }
 }
 
-async fn wait_for(states: &mut chatpipe::SessionStates, f: impl Fn(&SessionState) -> bool) -> SessionState {
+async fn wait_for(
+    states: &mut chatpipe::SessionStates,
+    f: impl Fn(&SessionState) -> bool,
+) -> SessionState {
     within(60, async {
         loop {
             let s = states.next().await.expect("the session ended");
@@ -1079,15 +1218,13 @@ async fn wait_for(states: &mut chatpipe::SessionStates, f: impl Fn(&SessionState
 /// comes back by itself, at the default backoff, and carries on.
 #[test]
 fn comes_back_after_a_server_restart_on_the_same_port() {
+    let _fds = FDS.lock().unwrap_or_else(|e| e.into_inner());
     smol::block_on(async {
         let listener = smol::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let server = smol::spawn(echo_server(listener));
-        let (session, mut incoming, driver) = SessionBuilder::new().build(
-            Raw,
-            move || smol::net::TcpStream::connect(addr),
-            no_setup,
-        );
+        let (session, mut incoming, driver) =
+            SessionBuilder::new().build(Raw, move || smol::net::TcpStream::connect(addr), no_setup);
         let driver = smol::spawn(driver);
         let mut states = session.states();
         wait_for(&mut states, SessionState::is_connected).await;
@@ -1122,6 +1259,7 @@ fn comes_back_after_a_server_restart_on_the_same_port() {
 /// descriptor is left behind.
 #[test]
 fn no_fd_leaks_after_1000_reconnect_cycles_over_loopback() {
+    let _fds = FDS.lock().unwrap_or_else(|e| e.into_inner());
     smol::block_on(async {
         let listener = smol::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
@@ -1135,7 +1273,8 @@ fn no_fd_leaks_after_1000_reconnect_cycles_over_loopback() {
             }
         });
         // Warm-up: the runtime's own descriptors exist before counting.
-        let (s, _i, d) = SessionBuilder::new().build(Raw, move || smol::net::TcpStream::connect(addr), no_setup);
+        let (s, _i, d) =
+            SessionBuilder::new().build(Raw, move || smol::net::TcpStream::connect(addr), no_setup);
         let d = smol::spawn(d);
         within(10, async {
             while accepted.load(Ordering::SeqCst) < 1 {
@@ -1153,18 +1292,20 @@ fn no_fd_leaks_after_1000_reconnect_cycles_over_loopback() {
             counter.fetch_add(1, Ordering::SeqCst);
             std::future::ready(Ok::<_, Error>(link))
         };
-        let settings = SessionBuilder::new().backoff(Backoff::new().initial(Duration::ZERO).max(Duration::ZERO));
-        let (session, _incoming, driver) = settings.build(
-            Raw,
-            move || smol::net::TcpStream::connect(addr),
-            setup,
-        );
+        let settings = SessionBuilder::new()
+            .backoff(Backoff::new().initial(Duration::ZERO).max(Duration::ZERO));
+        let (session, _incoming, driver) =
+            settings.build(Raw, move || smol::net::TcpStream::connect(addr), setup);
         let mut states = session.states();
         let driver = smol::spawn(driver);
         within(120, async {
             let mut losses = 0;
             while losses < 1_000 {
-                if let Some(SessionState::Error { cause: SessionError::Lost(_), .. }) = states.next().await {
+                if let Some(SessionState::Error {
+                    cause: SessionError::Lost(_),
+                    ..
+                }) = states.next().await
+                {
                     losses += 1;
                 }
             }
@@ -1184,7 +1325,10 @@ fn no_fd_leaks_after_1000_reconnect_cycles_over_loopback() {
             smol::Timer::after(10 * MS).await;
             after = fds();
         }
-        eprintln!("fds before {before}, after {} cycles {after}", cycles.load(Ordering::SeqCst));
+        eprintln!(
+            "fds before {before}, after {} cycles {after}",
+            cycles.load(Ordering::SeqCst)
+        );
         assert!(after <= before, "fds before {before}, after {after}");
         drop(server);
     });
@@ -1211,8 +1355,18 @@ async fn tokio_until(
         .expect("state not reached")
 }
 
-#[tokio::test(start_paused = true)]
-async fn on_tokio_a_lost_connection_comes_back_with_the_buffer() {
+#[test]
+fn on_tokio_a_lost_connection_comes_back_with_the_buffer() {
+    let _fds = FDS.lock().unwrap_or_else(|e| e.into_inner());
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .start_paused(true)
+        .build()
+        .unwrap()
+        .block_on(tokio_reconnects());
+}
+
+async fn tokio_reconnects() {
     let streams: Arc<Mutex<VecDeque<tokio::io::DuplexStream>>> = Arc::default();
     let up = Arc::new(AtomicBool::new(true));
     let connector = {
