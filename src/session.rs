@@ -693,11 +693,6 @@ impl<P: Protocol> fmt::Debug for Session<P> {
 }
 
 impl<P: Protocol> Session<P> {
-    /// The settings, with their defaults: see [`SessionBuilder`].
-    pub fn builder() -> SessionBuilder {
-        SessionBuilder::new()
-    }
-
     /// Sets the desired state: `Connected` connects now (if down) and
     /// reconnects after every failure; `Disconnected` closes gracefully
     /// (what was accepted is written first) and stays down. It can change
@@ -955,7 +950,7 @@ impl<P: Protocol> fmt::Debug for Link<P> {
 ///
 /// ```no_run
 /// # async fn f() {
-/// let (session, incoming, driver) = chatpipe::Session::builder().build(
+/// let (session, incoming, driver) = chatpipe::SessionBuilder::new().build(
 ///     chatpipe::raw::Raw,
 ///     || smol::net::TcpStream::connect("127.0.0.1:4000"),
 ///     chatpipe::session::no_setup,
