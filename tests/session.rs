@@ -283,6 +283,20 @@ struct Server {
     /// Each connection's sender and the handle that kills it.
     conns: Vec<(chatpipe::Sender<Raw>, AbortHandle)>,
     answer: bool,
+    /// While set, the server reads nothing (and TCP-like backpressure
+    /// builds up); cleared with [`resume`].
+    paused: bool,
+    resume: Vec<Waker>,
+}
+
+fn pause(server: &Shared<Server>) {
+    server.borrow_mut().paused = true;
+}
+
+fn resume(server: &Shared<Server>) {
+    let mut s = server.borrow_mut();
+    s.paused = false;
+    s.resume.drain(..).for_each(Waker::wake);
 }
 
 type Shared<T> = Rc<RefCell<T>>;
@@ -309,7 +323,10 @@ fn start_server(sim: &Sim, net: &Net) -> Shared<Server> {
                     futures::future::Either::Right(_) => continue,
                 }
             };
-            let (tx, mut rx, conn) = Builder::new().build_with_timer(io, Raw, timer());
+            let (tx, mut rx, conn) =
+                Builder::new()
+                    .receive_capacity(1)
+                    .build_with_timer(io, Raw, timer());
             let (abort, reg) = AbortHandle::new_pair();
             let n = {
                 let mut s = srv.borrow_mut();
@@ -321,7 +338,17 @@ fn start_server(sim: &Sim, net: &Net) -> Shared<Server> {
             }));
             let srv = srv.clone();
             running.push(Box::pin(async move {
-                while let Some(Ok(m)) = rx.next().await {
+                loop {
+                    futures::future::poll_fn(|cx| {
+                        let mut s = srv.borrow_mut();
+                        if s.paused {
+                            s.resume.push(cx.waker().clone());
+                            return Poll::Pending;
+                        }
+                        Poll::Ready(())
+                    })
+                    .await;
+                    let Some(Ok(m)) = rx.next().await else { break };
                     if let RawMessage::Request { id, body } = &m {
                         if srv.borrow().answer {
                             let _ = tx.try_send(RawMessage::Response {
@@ -700,6 +727,123 @@ fn disconnect_during_setup() {
     let got = payloads(&server.borrow().got);
     assert_eq!(got[1..], texts(1, &["hello", "buffered"]));
     assert_eq!(session.buffered(), 0);
+}
+
+/// Desired state Disconnected while connected, with messages waiting in
+/// the buffer behind a full connection (a server that does not read):
+/// once it reads again, all of them are written, then the connection
+/// closes cleanly.
+#[test]
+fn disconnect_while_draining_writes_what_the_buffer_held() {
+    let mut sim = Sim::new();
+    let net = Net::new(Mode::Refuse);
+    let server = start_server(&sim, &net);
+    let settings = settings().connection(Builder::new().send_capacity(2));
+    let (session, _incoming, _driver) = session_with(&sim, &net, settings, no_setup);
+    let states = record_states(&sim, &session);
+    sim.run_to(S);
+    // 40 messages of 16 KiB wait: more than the pipe (64 KiB), the write
+    // buffer (256 KiB) and the connection's queue hold together.
+    for i in 0..40 {
+        session.try_send(numbered_padded(i, 16 * 1024)).unwrap();
+    }
+    pause(&server);
+    net.set(Mode::Up);
+    // (Within the write timeout, 30 s, of the stalled connection.)
+    sim.run_to(20 * S);
+    assert!(session.state().is_connected());
+    let waiting = session.buffered();
+    assert!(
+        waiting > 0,
+        "the buffer drains only as the connection has room"
+    );
+    session.disconnect();
+    sim.run_to(21 * S);
+    assert!(matches!(session.state(), SessionState::Disconnecting));
+    // Sent now: refused, the message back.
+    assert!(matches!(
+        session.try_send(numbered(99)),
+        Err(SessionSendError::Disconnected(_))
+    ));
+    resume(&server);
+    sim.run_to(22 * S);
+    assert_eq!(
+        names(&states.borrow())[states.borrow().len() - 2..],
+        ["disconnecting", "disconnected"]
+    );
+    let numbers: Vec<u32> = server
+        .borrow()
+        .got
+        .iter()
+        .map(|(_, m)| number_of(m))
+        .collect();
+    assert_eq!(numbers, (0..40).collect::<Vec<_>>());
+    assert_eq!(session.buffered(), 0);
+    assert_eq!(session.undelivered(), 0);
+    assert_eq!(net.streams.load(Ordering::SeqCst), 0);
+}
+
+/// Desired state Disconnected while connected, with the connection's
+/// queue full: everything accepted is written, then the connection
+/// closes cleanly; Connected again during the close: the session comes
+/// back once the close is done.
+#[test]
+fn disconnect_while_connected_writes_what_was_accepted() {
+    let mut sim = Sim::new();
+    let net = Net::new(Mode::Up);
+    let server = start_server(&sim, &net);
+    // A small connection queue, so some messages wait in the buffer.
+    let settings = settings().connection(Builder::new().send_capacity(8));
+    let (session, _incoming, _driver) = session_with(&sim, &net, settings, no_setup);
+    let states = record_states(&sim, &session);
+    sim.run_to(S);
+    for i in 0..8 {
+        session.try_send(numbered(i)).unwrap();
+    }
+    assert!(session.try_send(numbered(99)).unwrap_err().into_inner() == numbered(99));
+    session.disconnect();
+    sim.run_to(2 * S);
+    assert_eq!(
+        names(&states.borrow())[2..],
+        ["connected", "disconnecting", "disconnected"]
+    );
+    let numbers: Vec<u32> = server
+        .borrow()
+        .got
+        .iter()
+        .map(|(_, m)| number_of(m))
+        .collect();
+    assert_eq!(numbers, (0..8).collect::<Vec<_>>());
+    assert_eq!(net.streams.load(Ordering::SeqCst), 0);
+    assert_eq!(session.undelivered(), 0);
+
+    // Up again, then down and at once up again: the close completes, then
+    // a new connection.
+    session.connect();
+    sim.run_to(3 * S);
+    assert!(session.state().is_connected());
+    session.disconnect();
+    session.connect();
+    sim.run_to(4 * S);
+    assert!(session.state().is_connected());
+    assert_eq!(net.attempts(), 2, "the flip back and forth changed nothing");
+    session.disconnect();
+    sim.settle();
+    session.connect();
+    sim.run_to(5 * S);
+    assert!(session.state().is_connected());
+    assert_eq!(net.attempts(), 3);
+    assert_eq!(
+        names(&states.borrow())[5..],
+        [
+            "connecting 1",
+            "connected",
+            "disconnecting",
+            "disconnected",
+            "connecting 1",
+            "connected"
+        ]
+    );
 }
 
 /// A setup step that takes too long is a failed attempt.
