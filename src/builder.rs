@@ -264,6 +264,31 @@ impl Builder {
         P: Protocol,
         Tm: Timer,
     {
+        self.build_shared(io, Arc::new(protocol), timer)
+    }
+
+    /// The largest payload a connection built by this builder accepts and
+    /// sends with `protocol`.
+    pub(crate) fn frame_limit<P: Protocol>(&self, protocol: &P) -> usize {
+        self.max_frame_len.unwrap_or_else(|| {
+            let own = protocol.max_payload_len().unwrap_or(0);
+            own.clamp(frame::DEFAULT_MAX_FRAME_LEN, u32::MAX as usize)
+        })
+    }
+
+    /// [`Builder::build_with_timer`] with a protocol already shared, as the
+    /// session does for each connection it makes.
+    pub(crate) fn build_shared<T, P, Tm>(
+        &self,
+        io: T,
+        protocol: Arc<P>,
+        timer: Tm,
+    ) -> (Sender<P>, Incoming<P>, Connection<T, P, Tm>)
+    where
+        T: AsyncRead + AsyncWrite + Unpin,
+        P: Protocol,
+        Tm: Timer,
+    {
         let has_keepalive = protocol.keepalive().is_some();
         let keepalive_interval = self.keepalive_interval.filter(|_| has_keepalive);
         let timeouts = Timeouts {
@@ -275,12 +300,8 @@ impl Builder {
             frame_timeout: self.frame_timeout,
             write_timeout: self.write_timeout,
         };
-        let max_frame_len = self.max_frame_len.unwrap_or_else(|| {
-            let own = protocol.max_payload_len().unwrap_or(0);
-            own.clamp(frame::DEFAULT_MAX_FRAME_LEN, u32::MAX as usize)
-        });
+        let max_frame_len = self.frame_limit(&*protocol);
         let now = timer.now();
-        let protocol = Arc::new(protocol);
         let shared = Arc::new(Shared::new(now));
         let outbox = Arc::new(Outbox::new(self.send_capacity, max_frame_len));
         let inbound = Arc::new(Queue::new(self.receive_capacity));

@@ -64,6 +64,68 @@
 //! # }
 //! ```
 //!
+//! # Staying connected
+//!
+//! A [`Connection`] that fails is gone. A [`Session`] stays connected: give
+//! it a connector (an async function making a fresh byte stream), the
+//! [`Builder`] settings, the protocol, and a setup step run on every new
+//! connection before anything queued is sent (log in, claim a nickname).
+//! It reconnects with exponential [`Backoff`] and full jitter, keeps one
+//! sending handle and one incoming stream across reconnects, buffers what
+//! is sent while it is down (bounded; a send past it fails at once with the
+//! message handed back), and reports its [`SessionState`] with typed
+//! causes. The desired state ([`Desired`]) can change at any time, from any
+//! clone of the handle. Delivery is in order, at most once across a
+//! reconnect: see [`Session`]. Like the connection, it spawns nothing: the
+//! [`SessionDriver`] is one future to spawn on any executor.
+//!
+//! ```
+//! use chatpipe::raw::{Raw, RawMessage};
+//! use chatpipe::{Link, SessionBuilder};
+//! use futures::StreamExt;
+//!
+//! # fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! smol::block_on(async {
+//!     let listener = smol::net::TcpListener::bind("127.0.0.1:0").await?;
+//!     let addr = listener.local_addr()?;
+//!     smol::spawn(async move {
+//!         // An echo server.
+//!         while let Ok((io, _)) = listener.accept().await {
+//!             let (tx, rx, conn) = chatpipe::Builder::new().build(io, Raw);
+//!             smol::spawn(conn).detach();
+//!             smol::spawn(rx.filter_map(|m| async { m.ok() }).map(Ok).forward(tx)).detach();
+//!         }
+//!     })
+//!     .detach();
+//!
+//!     let (session, mut incoming, driver) = SessionBuilder::new().build(
+//!         Raw,
+//!         move || smol::net::TcpStream::connect(addr), // a fresh stream per attempt
+//!         |link: Link<Raw>| async move {
+//!             // Runs on every (re)connect, before anything buffered goes out.
+//!             link.sender.send(RawMessage::Message("hello".into())).await?;
+//!             Ok::<_, chatpipe::SendError<RawMessage>>(link)
+//!         },
+//!     );
+//!     smol::spawn(driver).detach();
+//!
+//!     // Sent before the session is up: it waits in the buffer.
+//!     session.send(RawMessage::Message("queued".into())).await?;
+//!     let mut states = session.states();
+//!     while let Some(state) = states.next().await {
+//!         eprintln!("* {state}"); // "connecting (attempt 1)", "connected"...
+//!         if state.is_connected() {
+//!             break;
+//!         }
+//!     }
+//!     assert_eq!(incoming.next().await, Some(RawMessage::Message("hello".into())));
+//!     assert_eq!(incoming.next().await, Some(RawMessage::Message("queued".into())));
+//!     session.disconnect(); // writes what was accepted, then closes
+//!     Ok(())
+//! })
+//! # }
+//! ```
+//!
 //! # Runtimes and features
 //!
 //! The core needs no executor. What differs between runtimes is the timer
@@ -218,6 +280,9 @@
 //!   connection ends. Dropping it closes the connection at once, and every
 //!   pending request fails.
 //!
+//! - [`Session`], [`SessionIncoming`], [`SessionDriver`]: the same, kept
+//!   connected across failures ([`SessionBuilder`]).
+//!
 //! Errors are one type, [`Error`]. [`Error::is_fatal`] tells "this message
 //! failed, the connection lives" from "the connection is gone", and every
 //! error converts into `std::io::Error`. [`SendError`] and
@@ -237,6 +302,7 @@ mod protocol;
 mod queue;
 pub mod raw;
 mod sender;
+pub mod session;
 mod state;
 #[cfg(any(test, feature = "test-util"))]
 pub mod test_util;
@@ -250,6 +316,10 @@ pub use error::{BoxError, Error, SendError, TrySendError};
 pub use incoming::Incoming;
 pub use protocol::{Call, Kind, Protocol};
 pub use sender::{Permit, Sender, Stats};
+pub use session::{
+    Backoff, Desired, Link, Session, SessionBuilder, SessionDriver, SessionError, SessionIncoming,
+    SessionSendError, SessionState, SessionStates,
+};
 #[cfg(feature = "async-io")]
 pub use timer::AsyncIoTimer;
 pub use timer::Timer;

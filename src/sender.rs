@@ -15,7 +15,7 @@ use futures_sink::Sink;
 
 use crate::connection::Shared;
 use crate::error::{SendError, TrySendError};
-use crate::outbox::{Outbox, PushError};
+use crate::outbox::{Outbox, PushError, Reply};
 use crate::{Call, Error, Kind, Protocol};
 
 /// Sends messages and requests. Clone it to send from several tasks.
@@ -83,6 +83,10 @@ impl<P: Protocol> fmt::Debug for Sender<P> {
     }
 }
 
+/// Why [`Sender::try_push_entry`] failed (`None`: the queue is full), and
+/// a request's reply slot back.
+pub(crate) type EntryFailure<M> = (Option<Error>, Option<Reply<M>>);
+
 impl<P: Protocol> Sender<P> {
     fn push_error(&self, e: PushError) -> Error {
         match e {
@@ -125,6 +129,27 @@ impl<P: Protocol> Sender<P> {
                 error,
             });
         }
+    }
+
+    /// For the session: queues `msg` (a request with its id and reply
+    /// slot) if there is room, without waiting. On failure the message
+    /// stays the caller's, and a request's reply slot comes back.
+    pub(crate) fn try_push_entry(
+        &self,
+        msg: &P::Message,
+        request: Option<(P::RequestId, Reply<P::Message>)>,
+    ) -> Result<(), EntryFailure<P::Message>> {
+        self.outbox
+            .try_push(&self.protocol, msg, request, false)
+            .map_err(|(e, reply)| match e {
+                PushError::Full => (None, reply),
+                e => (Some(self.push_error(e)), reply),
+            })
+    }
+
+    /// For the session: a listener for room in the queue.
+    pub(crate) fn listen_room(&self) -> EventListener {
+        self.outbox.listen_room()
     }
 
     /// Queues `msg` if there is room, failing at once with
