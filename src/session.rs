@@ -1429,8 +1429,14 @@ where
                 if let Poll::Ready(res) = conn.as_mut().poll(cx) {
                     let lost = sender.undelivered();
                     let error = res.err().unwrap_or(Error::Closed);
-                    self.lost(error.clone());
-                    self.failed(SessionError::Lost(error), lost, now);
+                    // The peer may have answered, then closed (a refusal):
+                    // the setup step's own failure says more.
+                    let cause = match fut.as_mut().poll(cx) {
+                        Poll::Ready(Err(e)) => e,
+                        _ => SessionError::Lost(error.clone()),
+                    };
+                    self.lost(error);
+                    self.failed(cause, lost, now);
                     return Step::Again;
                 }
                 match fut.as_mut().poll(cx) {

@@ -99,13 +99,15 @@ fn clients_chat_through_the_server() {
 }
 
 /// Ctrl-C and SIGTERM: stop accepting, close every connection cleanly,
-/// exit 0; the client sees the server go and exits non-zero.
+/// exit 0; the client (`--no-reconnect`) sees the server go and exits
+/// non-zero.
 #[cfg(unix)]
 #[test]
 fn signals_stop_the_server_cleanly() {
     for sig in ["-INT", "-TERM"] {
         let (mut server, addr) = server();
-        let mut ana = start("chat_client", &["--connect", &addr, "--nick", "ana"]);
+        let args = ["--connect", &addr, "--nick", "ana", "--no-reconnect"];
+        let mut ana = start("chat_client", &args);
         assert_eq!(ana.line(), "* you are now ana");
         server.signal(sig);
         server.stderr_line("closing 1 connection(s)");
@@ -124,7 +126,15 @@ fn client_speaks_the_protocol() {
     let addr = listener.local_addr().unwrap().to_string();
     let mut client = start(
         "chat_client",
-        &["--connect", &addr, "--nick", "ana", "--keepalive", "0.2"],
+        &[
+            "--connect",
+            &addr,
+            "--nick",
+            "ana",
+            "--keepalive",
+            "0.2",
+            "--no-reconnect",
+        ],
     );
     let (mut peer, _) = listener.accept().unwrap();
     peer.set_read_timeout(Some(TIMEOUT)).unwrap();
@@ -172,7 +182,8 @@ fn client_speaks_the_protocol() {
     write_message(&mut peer, &broadcast);
     assert_eq!(client.line(), r"bo: two\nlines");
 
-    // The server goes away: a message on stderr, exit status 1.
+    // The server goes away: with --no-reconnect, a message on stderr and
+    // exit status 1.
     drop(peer);
     client.stderr_line("connection closed by the server");
     assert_eq!(client.wait().code(), Some(1));

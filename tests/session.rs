@@ -283,6 +283,9 @@ struct Server {
     /// Each connection's sender and the handle that kills it.
     conns: Vec<(chatpipe::Sender<Raw>, AbortHandle)>,
     answer: bool,
+    /// Closes each connection right after answering a request (a server
+    /// that refuses a login, then hangs up).
+    close_after_answer: bool,
     /// While set, the server reads nothing (and TCP-like backpressure
     /// builds up); cleared with [`resume`].
     paused: bool,
@@ -355,6 +358,9 @@ fn start_server(sim: &Sim, net: &Net) -> Shared<Server> {
                                 id: *id,
                                 body: body.clone(),
                             });
+                            if srv.borrow().close_after_answer {
+                                tx.close();
+                            }
                         }
                     }
                     srv.borrow_mut().got.push((n, m));
@@ -1118,6 +1124,35 @@ fn a_failed_setup_is_retried() {
             (2, numbered(3)),
             (2, msg("after login"))
         ]
+    );
+}
+
+/// A peer that answers the setup step's request, then closes at once (a
+/// login refused): the failure reported is the setup step's, which says
+/// why, not the close that came with it.
+#[test]
+fn a_refusal_then_a_close_reports_the_refusal() {
+    let mut sim = Sim::new();
+    let net = Net::new(Mode::Up);
+    let server = start_server(&sim, &net);
+    server.borrow_mut().close_after_answer = true;
+    let setup = |link: Link<Raw>| async move {
+        let answer = link.sender.call(Bytes::from_static(b"login")).await?;
+        Err::<Link<Raw>, _>(Error::Protocol(format!(
+            "refused: {}",
+            String::from_utf8_lossy(&answer)
+        )))
+    };
+    let (session, _incoming, _driver) = session_with(&sim, &net, settings(), setup);
+    let states = record_states(&sim, &session);
+    sim.run_to(2 * S);
+    let states = states.borrow();
+    let SessionState::Error { cause, .. } = &states[2].1 else {
+        panic!("{:?}", names(&states))
+    };
+    assert_eq!(
+        cause.to_string(),
+        "setup failed: protocol violation: refused: login"
     );
 }
 

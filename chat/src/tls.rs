@@ -17,6 +17,7 @@ use std::task::{Context, Poll};
 
 use smol::io::{AsyncRead, AsyncWrite};
 
+pub use futures_rustls::client::TlsStream;
 pub use futures_rustls::rustls;
 pub use futures_rustls::{TlsAcceptor, TlsConnector};
 use rustls::crypto::CryptoProvider;

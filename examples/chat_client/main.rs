@@ -2,6 +2,7 @@
 //!
 //! ```text
 //! cargo run --example chat_client -- [--connect ADDR] [--nick NAME] [--keepalive SECS] [--v05 | --v06] [--line]
+//!     [--no-reconnect] [--buffer N]
 //!     [--tls | --tls-ca FILE] [--tls-server-name NAME]
 //! ```
 //!
@@ -23,11 +24,9 @@ use std::io::IsTerminal;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use chatpipe::chat::{Chat, Credentials};
-use chatpipe::{Error, Incoming, Sender};
+use chatpipe::chat::Credentials;
 use chatpipe_chat::client::{Negotiated, DEFAULT_WAIT};
 use clap::Parser;
-use smol::Task;
 
 mod connect;
 mod line;
@@ -45,8 +44,14 @@ mod tui;
 /// Otherwise (a pipe, a script) it runs in line mode: each line of stdin is
 /// sent to the room (empty lines are skipped), what others say is printed
 /// as `FROM: TEXT` as soon as it arrives, and the end of stdin or /quit
-/// sends what is queued, closes the connection and exits 0. A lost
-/// connection is reported on stderr and exits 1.
+/// sends what is queued, closes the connection and exits 0.
+///
+/// A lost connection is reported on stderr (`* connection closed by the
+/// server; reconnecting in 1.2 s`) and the client reconnects with backoff
+/// (`* reconnected`), claiming its nickname and logging in again. Lines
+/// typed meanwhile are sent once it is back, in order; past --buffer they
+/// are refused with a `!` line. --no-reconnect exits 1 on a loss instead.
+/// The first connection failing, or the server refusing the Hello, exits 1.
 ///
 /// Commands: `/nick NAME` asks for a nickname (`* you are now NAME`, or
 /// `! nickname refused: REASON`); `/msg NICK TEXT` tells NICK alone (v0.6);
@@ -101,6 +106,14 @@ struct Args {
     /// Line mode even on a terminal.
     #[arg(long)]
     line: bool,
+    /// Exit (status 1) when the connection is lost, instead of
+    /// reconnecting.
+    #[arg(long)]
+    no_reconnect: bool,
+    /// While reconnecting, keep at most this many lines typed, to send
+    /// once the server is back; more are refused (a `!` line says so).
+    #[arg(long, value_name = "N", default_value_t = 100)]
+    buffer: usize,
     /// Connect over TLS, verifying the server against the system's trusted
     /// roots.
     #[arg(long)]
@@ -180,15 +193,6 @@ fn parse_secs(s: &str) -> Result<Duration, String> {
 /// better: the idle timeout allows for three of the slower of the two.
 const SERVER_KEEPALIVE: Duration = Duration::from_secs(5);
 
-/// A connection, as both modes take it.
-struct Connection {
-    sender: Sender<Chat>,
-    incoming: Incoming<Chat>,
-    driver: Task<Result<(), Error>>,
-    /// Encrypted (TLS): passwords may go over it.
-    secure: bool,
-}
-
 fn main() -> ExitCode {
     let args = Args::parse();
     // Before connecting: a bad file is found at once.
@@ -200,40 +204,32 @@ fn main() -> ExitCode {
         }
     };
     let terminal = std::io::stdin().is_terminal() && std::io::stdout().is_terminal();
+    let tui = terminal && !args.line;
+    // The terminal UI says Hello unless --v05; line mode with --v06, or
+    // to log in.
+    let offer = !args.v05 && (tui || args.v06 || credentials.is_some());
+    // Before connecting: a password never leaves in plaintext unasked.
+    let secure = args.tls || args.tls_ca.is_some();
+    if credentials.is_some() {
+        if let Err(e) = may_send_password(args.allow_plaintext_credentials, secure) {
+            eprintln!("{e}");
+            return ExitCode::FAILURE;
+        }
+    }
     smol::block_on(async {
-        let conn = match connect::open(&args).await {
-            Ok(conn) => conn,
-            Err(code) => return code,
-        };
-        if credentials.is_some() {
-            if let Err(e) = may_send_password(args.allow_plaintext_credentials, conn.secure) {
+        let client = match connect::start(&args, credentials, offer) {
+            Ok(client) => client,
+            Err(e) => {
                 eprintln!("{e}");
                 return ExitCode::FAILURE;
             }
-        }
-        if terminal && !args.line {
-            tui::run(args, conn, credentials).await
+        };
+        if tui {
+            tui::run(args, client).await
         } else {
-            line::run(args, conn, credentials).await
+            line::run(args, client).await
         }
     })
-}
-
-/// " (the server speaks TLS? ...)" when a connection that failed with `e`
-/// was plaintext to a TLS server (it read a TLS alert as a frame length).
-fn tls_hint(e: &Error) -> String {
-    match chatpipe_chat::tls::plaintext_hint(e) {
-        Some(hint) => format!(" ({hint})"),
-        None => String::new(),
-    }
-}
-
-/// [`tls_hint`] for a failed v0.6 handshake.
-fn tls_hint_for(e: &chatpipe_chat::client::NegotiateError) -> String {
-    match e {
-        chatpipe_chat::client::NegotiateError::Connection(e) => tls_hint(e),
-        _ => String::new(),
-    }
 }
 
 /// How the handshake went, in a few words (stderr in line mode, the pane

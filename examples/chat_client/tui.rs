@@ -20,14 +20,14 @@
 
 use std::io;
 use std::process::ExitCode;
+use std::sync::Arc;
 use std::task::Poll;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use chatpipe::chat::{capability, Chat, ChatMessage, Credentials, Login, Nickname, V0_6};
-use chatpipe::{Error, Incoming, Sender};
+use chatpipe::{Error, Session, SessionIncoming, SessionStates};
 use chatpipe_chat::client::{
-    members_line, negotiate_as, one_line, Command, Direct, EntryId, EntryKind, Mark,
-    NegotiateError, Negotiated, Say, View, Who, DEFAULT_WAIT, WANTED,
+    members_line, one_line, Command, Direct, EntryId, EntryKind, Mark, Negotiated, Say, View, Who,
 };
 use futures::future::BoxFuture;
 use futures::stream::FuturesUnordered;
@@ -41,7 +41,8 @@ use ratatui::Frame;
 use smol::channel;
 use smol::future::FutureExt as _;
 
-use crate::{describe, may_send_password, Args, Connection};
+use crate::connect::{change, Change, Client, Me, Note};
+use crate::{describe, may_send_password, Args};
 
 /// What the UI task handles.
 enum Ev {
@@ -49,12 +50,12 @@ enum Ev {
     Term(Event),
     /// The terminal cannot be read any more.
     TermGone(io::Error),
-    /// The handshake is over.
-    Negotiated(Result<Negotiated, NegotiateError>),
+    /// News from the setup step of a (re)connection.
+    Note(Note),
+    /// Connected, lost, reconnecting, or the end.
+    Change(Change),
     /// A message from the server.
     Arrived(ChatMessage),
-    /// The connection ended: [`Error::Closed`] when the server closed it.
-    Ended(Error),
     /// The answer to something sent.
     Done(Done),
     /// SIGTERM, SIGHUP or SIGINT: quit as /quit does.
@@ -80,8 +81,8 @@ enum Out {
 
 /// How something sent turned out.
 enum Done {
-    /// A Chat that could not be sent (too long, say).
-    ChatFailed(EntryId, Error),
+    /// A Chat that could not be sent (too long, or the buffer is full).
+    ChatFailed(EntryId, String),
     /// A Say's or Direct's answer.
     Settled(EntryId, Result<Result<(), String>, Error>),
     Members {
@@ -90,7 +91,7 @@ enum Done {
     },
     Nick(String, Result<Result<(), String>, Error>),
     /// A Login's answer: registered (or logged in), the nickname.
-    Login(bool, String, Result<Result<(), String>, Error>),
+    Login(Credentials, Result<Result<(), String>, Error>),
 }
 
 /// What the input line is asking for instead of a line to say.
@@ -108,6 +109,8 @@ enum State {
     Fallback,
     /// `--v05`: no Hello sent.
     V05,
+    /// Lost; reconnecting.
+    Reconnecting,
     Disconnected,
 }
 
@@ -118,6 +121,7 @@ impl State {
             State::V06 => "v0.6",
             State::Fallback => "v0.5 fallback",
             State::V05 => "v0.5",
+            State::Reconnecting => "reconnecting…",
             State::Disconnected => "disconnected",
         }
     }
@@ -133,13 +137,16 @@ impl Drop for Restore {
     }
 }
 
-pub async fn run(args: Args, conn: Connection, credentials: Option<Credentials>) -> ExitCode {
-    let Connection {
-        sender,
+pub async fn run(args: Args, client: Client) -> ExitCode {
+    let Client {
+        session,
         incoming,
         driver,
+        notes,
+        me,
         secure,
-    } = conn;
+        connected_to: _,
+    } = client;
     let mut terminal = match ratatui::try_init() {
         Ok(t) => t,
         Err(e) => {
@@ -155,27 +162,24 @@ pub async fn run(args: Args, conn: Connection, credentials: Option<Credentials>)
     read_keys(events.clone());
     catch_signals(&events);
     let offer = !args.v05;
-    // Logged in by the Hello: the account's nickname is ours.
-    let logged_in = credentials.as_ref().map(|c| c.nickname().to_owned());
-    let hello = network(sender.clone(), incoming, offer, credentials, events.clone());
-    smol::spawn(hello).detach();
-    smol::spawn(sending(sender.clone(), outbox, events)).detach();
+    let reconnect = !args.no_reconnect;
+    smol::spawn(network(incoming, events.clone())).detach();
+    let states = session.states();
+    smol::spawn(watch(states, notes, me.clone(), reconnect, events.clone())).detach();
+    smol::spawn(sending(session.clone(), outbox, events)).detach();
 
     let mut app = App {
         view: View::new(),
         input: Input::default(),
-        state: if offer { State::Connecting } else { State::V05 },
-        nickname: logged_in.clone(),
+        state: State::Connecting,
+        offer,
+        nickname: None,
         addr: args.connect.clone(),
-        wanted_nick: if logged_in.is_some() {
-            None
-        } else {
-            args.nick.clone()
-        },
+        wanted_nick: args.nick.clone().filter(|_| !me.has_credentials()),
+        me,
         prompt: None,
         secure,
         allow_plaintext: args.allow_plaintext_credentials,
-        negotiated: None,
         waiting: Vec::new(),
         from_bottom: 0,
         pane: (0, 0),
@@ -183,9 +187,6 @@ pub async fn run(args: Args, conn: Connection, credentials: Option<Credentials>)
         quit: false,
         lost: false,
     };
-    if !offer {
-        app.connected();
-    }
     let mut failed = None;
     while !app.quit {
         if let Err(e) = terminal.draw(|f| app.draw(f)) {
@@ -204,19 +205,30 @@ pub async fn run(args: Args, conn: Connection, credentials: Option<Credentials>)
         eprintln!("cannot draw: {e}");
     }
 
-    // Everything queued is written before the connection closes; a server
-    // that does not close its side in time is not waited for.
-    sender.close();
-    let closed = driver
-        .or(async {
-            smol::Timer::after(Duration::from_secs(2)).await;
-            Err(Error::Closed)
-        })
-        .await;
-    match (&app.lost, closed) {
-        (false, Ok(())) => ExitCode::SUCCESS,
-        (false, Err(e)) => {
-            eprintln!("connection failed while closing: {e}");
+    // Everything accepted is written before the connection closes; a
+    // server that does not close its side in time is not waited for. What
+    // waited for a server that is away is said, not dropped silently.
+    session.disconnect();
+    // The sending task ends, and with it its handle on the session.
+    app.out.close();
+    let unsent = session.take_buffered().len();
+    if unsent > 0 {
+        eprintln!("! {unsent} line(s) not sent: the server was away");
+    }
+    drop(session);
+    let closed = async {
+        driver.await;
+        true
+    };
+    let timeout = async {
+        smol::Timer::after(Duration::from_secs(2)).await;
+        false
+    };
+    let closed = closed.or(timeout).await;
+    match (app.lost, closed) {
+        (false, true) => ExitCode::SUCCESS,
+        (false, false) => {
+            eprintln!("the server did not close the connection in time");
             ExitCode::FAILURE
         }
         (true, _) => {
@@ -268,44 +280,40 @@ fn catch_signals(events: &channel::Sender<Ev>) {
 #[cfg(not(unix))]
 fn catch_signals(_: &channel::Sender<Ev>) {}
 
-/// The handshake (unless `--v05`), then every message from the server.
-async fn network(
-    sender: Sender<Chat>,
-    mut incoming: Incoming<Chat>,
-    offer: bool,
-    credentials: Option<Credentials>,
-    events: channel::Sender<Ev>,
-) {
-    if offer {
-        let credentials = credentials.as_ref();
-        let negotiated = negotiate_as(&sender, &mut incoming, WANTED, credentials, DEFAULT_WAIT);
-        let negotiated = negotiated.await;
-        // After a Nak the server closes: its reason is the news, not that.
-        let failed = negotiated.is_err();
-        let _ = events.send(Ev::Negotiated(negotiated)).await;
-        if failed {
+/// Every message from the server, over every connection.
+async fn network(mut incoming: SessionIncoming<Chat>, events: channel::Sender<Ev>) {
+    while let Some(msg) = incoming.next().await {
+        if events.send(Ev::Arrived(msg)).await.is_err() {
             return;
         }
     }
-    drop(sender);
-    let end = loop {
-        match incoming.next().await {
-            Some(Ok(msg)) => {
-                if events.send(Ev::Arrived(msg)).await.is_err() {
-                    return;
-                }
+}
+
+/// What the session goes through, and the setup step's news before it.
+async fn watch(
+    mut states: SessionStates,
+    notes: channel::Receiver<Note>,
+    me: Arc<Me>,
+    reconnect: bool,
+    events: channel::Sender<Ev>,
+) {
+    while let Some(state) = states.next().await {
+        while let Ok(note) = notes.try_recv() {
+            if events.send(Ev::Note(note)).await.is_err() {
+                return;
             }
-            Some(Err(e)) => break e,
-            None => break Error::Closed,
         }
-    };
-    let _ = events.send(Ev::Ended(end)).await;
+        let change = change(&state, &me, reconnect);
+        if events.send(Ev::Change(change)).await.is_err() {
+            return;
+        }
+    }
 }
 
 /// Sends what is typed, in the order typed, and reports each answer as it
 /// comes; requests wait for their answers side by side.
 async fn sending(
-    sender: Sender<Chat>,
+    sender: Session<Chat>,
     outbox: channel::Receiver<Out>,
     events: channel::Sender<Ev>,
 ) {
@@ -333,7 +341,9 @@ async fn sending(
         let mut request: BoxFuture<'static, Done> = match out {
             Out::Chat(id, text) => {
                 if let Err(e) = sender.send(ChatMessage::Chat { text }).await {
-                    let _ = events.send(Ev::Done(Done::ChatFailed(id, e.error))).await;
+                    let _ = events
+                        .send(Ev::Done(Done::ChatFailed(id, e.to_string())))
+                        .await;
                 }
                 continue;
             }
@@ -363,22 +373,15 @@ async fn sending(
             }
             Out::Login(credentials) => {
                 let s = sender.clone();
-                let register = matches!(credentials, Credentials::Register { .. });
-                let nick = credentials.nickname().to_owned();
                 async move {
-                    let answer = s.call(Login(credentials)).await;
-                    Done::Login(register, nick, answer)
+                    let answer = s.call(Login(credentials.clone())).await;
+                    Done::Login(credentials, answer)
                 }
                 .boxed()
             }
         };
-        // Wait for room first: then the request's first poll queues it
-        // (only this task sends), so requests go out in the order typed
-        // even when the queue is full. A connection that is gone fails
-        // the request itself.
-        if let Ok(permit) = sender.reserve().await {
-            drop(permit);
-        }
+        // The first poll queues it (on the connection, or in the buffer
+        // while the server is away), so requests go out in the order typed.
         match futures::poll!(request.as_mut()) {
             Poll::Ready(done) => {
                 let _ = events.send(Ev::Done(done)).await;
@@ -396,9 +399,14 @@ struct App {
     view: View,
     input: Input,
     state: State,
+    /// Saying Hello (not `--v05`).
+    offer: bool,
     nickname: Option<String>,
     addr: String,
-    /// `--nick`, asked for once connected.
+    /// Who we are, for the next reconnect; what the server granted.
+    me: Arc<Me>,
+    /// `--nick`, asked for once connected (the session claims it again
+    /// after a reconnect).
     wanted_nick: Option<String>,
     /// Asking for a password (/register, /login).
     prompt: Option<Prompt>,
@@ -406,8 +414,6 @@ struct App {
     secure: bool,
     /// `--allow-plaintext-credentials`.
     allow_plaintext: bool,
-    /// `None` while connecting, and with `--v05`.
-    negotiated: Option<Negotiated>,
     waiting: Vec<Waiting>,
     /// How many lines the pane is scrolled back from the newest.
     from_bottom: usize,
@@ -427,9 +433,7 @@ fn now_ms() -> u64 {
 
 impl App {
     fn grants(&self, capability: &str) -> bool {
-        self.negotiated
-            .as_ref()
-            .is_some_and(|n| n.grants(capability))
+        self.me.grants(capability)
     }
 
     fn me(&self) -> String {
@@ -589,38 +593,85 @@ impl App {
                 self.quit = true;
             }
             Ev::Signal => self.quit = true,
-            Ev::Negotiated(Ok(mut negotiated)) => {
+            Ev::Note(note) => self.note(note),
+            Ev::Change(change) => self.change(change),
+            Ev::Arrived(msg) => self.show(|view, now| view.receive(&msg, now)),
+            Ev::Done(done) => self.done(done),
+        }
+    }
+
+    /// News from the setup step of a (re)connection.
+    fn note(&mut self, note: Note) {
+        match note {
+            Note::Negotiated(negotiated) => {
                 self.info(format!("* {}", describe(&negotiated)));
                 self.state = match &negotiated {
                     Negotiated::Welcomed { version, .. } if *version >= V0_6 => State::V06,
                     _ => State::Fallback,
                 };
-                if let Some(first) = negotiated.take_arrived() {
-                    self.show(|view, now| view.receive(&first, now));
+            }
+            Note::LoggedIn { nick, registered } => {
+                let done = if registered {
+                    "registered"
+                } else {
+                    "logged in as"
+                };
+                self.info(format!("* {done} {}", one_line(&nick)));
+                self.nickname = Some(nick);
+            }
+            Note::Nick {
+                nick,
+                answer: Ok(()),
+            } => self.nickname = Some(nick),
+            Note::Nick {
+                answer: Err(reason),
+                ..
+            } => self.problem(format!("! nickname refused: {}", one_line(&reason))),
+        }
+    }
+
+    /// Connected, lost, reconnecting, or the end.
+    fn change(&mut self, change: Change) {
+        match change {
+            Change::Connected { again } => {
+                if !self.offer {
+                    self.state = State::V05;
                 }
-                self.negotiated = Some(negotiated);
+                if again {
+                    self.info("* reconnected");
+                    if self.state == State::Reconnecting {
+                        self.state = State::V05;
+                    }
+                }
                 self.connected();
             }
-            Ev::Negotiated(Err(e)) => {
+            Change::Lost {
+                reason,
+                retry_in,
+                undelivered,
+            } => {
+                self.state = State::Reconnecting;
+                if undelivered > 0 {
+                    self.problem(format!(
+                        "! {undelivered} message(s) lost with the connection"
+                    ));
+                }
+                self.problem(format!(
+                    "* {reason}; reconnecting in {:.1} s",
+                    retry_in.as_secs_f64()
+                ));
+            }
+            Change::Fatal(why) => {
                 self.state = State::Disconnected;
                 self.lost = true;
-                self.problem(format!("! {e}{}", crate::tls_hint_for(&e)));
+                self.problem(format!("! {why}"));
                 for Waiting(_, id) in std::mem::take(&mut self.waiting) {
                     if let Some(id) = id {
                         self.view.mark(id, Mark::Refused("not sent".into()));
                     }
                 }
             }
-            Ev::Arrived(msg) => self.show(|view, now| view.receive(&msg, now)),
-            Ev::Ended(e) => {
-                self.state = State::Disconnected;
-                self.lost = true;
-                self.problem(match e {
-                    Error::Closed => "! connection closed by the server".to_owned(),
-                    e => format!("! connection lost: {e}{}", crate::tls_hint(&e)),
-                });
-            }
-            Ev::Done(done) => self.done(done),
+            Change::Quiet => {}
         }
     }
 
@@ -650,6 +701,7 @@ impl App {
                         self.view.renamed(self.nickname.as_deref(), &nick);
                     }
                     self.info(format!("* you are now {}", one_line(&nick)));
+                    self.me.set_nick(&nick);
                     self.nickname = Some(nick);
                 }
                 Ok(Err(reason)) => {
@@ -657,8 +709,14 @@ impl App {
                 }
                 Err(e) => self.problem(format!("! /nick {} failed: {e}", one_line(&nick))),
             },
-            Done::Login(register, nick, answer) => {
+            Done::Login(credentials, answer) => {
+                let register = matches!(credentials, Credentials::Register { .. });
                 let what = if register { "/register" } else { "/login" };
+                let nick = credentials.nickname().to_owned();
+                if let Ok(Ok(())) = answer {
+                    // Logged in again after a reconnect.
+                    self.me.logged_in(&credentials);
+                }
                 match answer {
                     Ok(Ok(())) if register => {
                         self.info(format!("* registered {}", one_line(&nick)))
