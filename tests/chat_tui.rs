@@ -622,3 +622,38 @@ fn input_line_of<'s>(screen: &'s str, label: &str) -> Option<&'s str> {
         .rfind(|l| l.starts_with(label))
         .map(str::trim_end)
 }
+
+/// The room goes away and comes back on the same address: the status line
+/// says `reconnecting…`, a line typed meanwhile waits (`…`), and once the
+/// UI is back (`* reconnected`, its nickname claimed again) the line is
+/// delivered and acked.
+#[test]
+fn the_ui_reconnects_after_the_server_restarts() {
+    let server = smol::block_on(chat_support::start());
+    let addr = server.addr.to_string();
+    let ui = Tmux::start(
+        &example("chat_client"),
+        &["--connect", &addr, "--nick", "ana"],
+    );
+    ui.wait_for_all(&[" ana │ v0.6 │ ", "* you are now ana"]);
+    smol::block_on(server.shutdown());
+    ui.wait_for_all(&[" ana │ reconnecting… │ ", "reconnecting in"]);
+    ui.type_line("typed while away");
+    ui.wait_for_text("ana: typed while away …");
+
+    let listener = smol::block_on(TcpListener::bind(&addr)).unwrap();
+    let server = chat_support::start_with(listener, Default::default());
+    let mut bo = LineClient::start(&addr, "bo");
+    let screen = ui.wait_for_all(&["* reconnected", " ana │ v0.6 │ ", "ana: typed while away ✓"]);
+    assert!(members(&screen).contains(&"ana"), "{screen}");
+    // Bo joined before or after the line went out; either way it is ana's.
+    ui.type_line("hello bo");
+    let heard = (0..3)
+        .map(|_| bo.line())
+        .find(|l| l.starts_with("ana: hello"));
+    assert_eq!(heard.as_deref(), Some("ana: hello bo"));
+    bo.type_line("/quit");
+    ui.press("C-c");
+    ui.wait_for_text("[exited 0]");
+    smol::block_on(server.shutdown());
+}
