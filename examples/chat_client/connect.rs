@@ -146,6 +146,14 @@ pub fn change(state: &SessionState, me: &Me, reconnect: bool) -> Change {
             if let Some(refusal) = me.refused() {
                 return Change::Fatal(refusal);
             }
+            // A TLS server read as plaintext: trying again will not help.
+            let misread = match cause {
+                SessionError::Lost(e) => tls::plaintext_hint(e).is_some(),
+                _ => false,
+            };
+            if misread {
+                return Change::Fatal(reason);
+            }
             match retry_in {
                 Some(retry_in) if connected && reconnect => Change::Lost {
                     reason,
