@@ -1,5 +1,6 @@
 //! Opening the connection: TCP, and TLS over it when asked (`--tls`,
-//! `--tls-ca`), with failures said in words a user can act on.
+//! `--tls-ca`), or QUIC (`--quic`), with failures said in words a user can
+//! act on.
 
 use std::process::ExitCode;
 
@@ -14,7 +15,7 @@ use crate::{Args, Connection, SERVER_KEEPALIVE};
 /// Connects as `args` say; on failure, the message is printed and the exit
 /// code returned.
 pub async fn open(args: &Args) -> Result<Connection, ExitCode> {
-    let trust = match (&args.tls_ca, args.tls) {
+    let trust = match (&args.tls_ca, args.tls || args.quic) {
         (Some(ca), _) => Some(Trust::File(ca.clone())),
         (None, true) => Some(Trust::System),
         (None, false) => None,
@@ -29,6 +30,14 @@ pub async fn open(args: &Args) -> Result<Connection, ExitCode> {
         }
         None => None,
     };
+    if let (true, Some((config, name))) = (args.quic, &tls) {
+        let idle = idle_timeout(args);
+        let stream = chatpipe_chat::quic::connect(&args.connect, config, name, idle)
+            .await
+            .map_err(|e| fail(format!("QUIC connection to {} failed: {e}", args.connect)))?;
+        eprintln!("connected to {} (QUIC, {})", args.connect, name.to_str());
+        return Ok(start(args, stream, true));
+    }
     let stream = TcpStream::connect(&args.connect)
         .await
         .map_err(|e| fail(format!("cannot connect to {}: {e}", args.connect)))?;
@@ -71,14 +80,19 @@ fn fail(message: String) -> ExitCode {
     ExitCode::FAILURE
 }
 
-/// `secure`: over TLS, so passwords may go over it.
+/// The connection's idle timeout (over QUIC, QUIC's too).
+fn idle_timeout(args: &Args) -> std::time::Duration {
+    3 * args.keepalive.max(SERVER_KEEPALIVE)
+}
+
+/// `secure`: over TLS or QUIC, so passwords may go over it.
 fn start<S>(args: &Args, stream: S, secure: bool) -> Connection
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let (sender, incoming, conn) = Builder::new()
         .keepalive_interval(Some(args.keepalive))
-        .idle_timeout(Some(3 * args.keepalive.max(SERVER_KEEPALIVE)))
+        .idle_timeout(Some(idle_timeout(args)))
         .build(stream, Chat);
     Connection {
         sender,
