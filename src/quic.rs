@@ -215,6 +215,9 @@ pub struct QuicStream {
     acked: Option<Stopped>,
     /// A client's endpoint, kept as long as its only connection.
     endpoint: Option<quinn::Endpoint>,
+    /// The peer's FIN was read: quinn then forgets the stream, and would
+    /// answer another read with an error where TCP gives EOF again.
+    eof: bool,
 }
 
 impl QuicStream {
@@ -227,6 +230,7 @@ impl QuicStream {
             recv,
             acked: None,
             endpoint: None,
+            eof: false,
         }
     }
 
@@ -256,7 +260,12 @@ impl AsyncRead for QuicStream {
         cx: &mut Context<'_>,
         buf: &mut [u8],
     ) -> Poll<io::Result<usize>> {
-        AsyncRead::poll_read(Pin::new(&mut self.recv), cx, buf)
+        if self.eof {
+            return Poll::Ready(Ok(0));
+        }
+        let n = std::task::ready!(AsyncRead::poll_read(Pin::new(&mut self.recv), cx, buf))?;
+        self.eof = n == 0 && !buf.is_empty();
+        Poll::Ready(Ok(n))
     }
 }
 
