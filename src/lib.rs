@@ -235,9 +235,9 @@ mod incoming;
 mod outbox;
 mod pipe;
 mod protocol;
+mod queue;
 #[cfg(feature = "quic")]
 pub mod quic;
-mod queue;
 pub mod raw;
 mod sender;
 mod state;

@@ -201,9 +201,8 @@ pub fn timed_out(error: &crate::Error) -> bool {
     }
 }
 
-type Stopped = Pin<
-    Box<dyn Future<Output = Result<Option<quinn::VarInt>, quinn::StoppedError>> + Send + Sync>,
->;
+type Stopped =
+    Pin<Box<dyn Future<Output = Result<Option<quinn::VarInt>, quinn::StoppedError>> + Send + Sync>>;
 
 /// One bidirectional QUIC stream as a byte stream (futures-io), holding
 /// its connection open.

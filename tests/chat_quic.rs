@@ -180,9 +180,10 @@ fn a_wrong_certificate_is_refused_clearly() {
         // Trusted, but for another name.
         let trusting = tls::client_config(&Trust::Certs(vec![cert])).unwrap();
         let other_name = ServerName::try_from("chat.example.org").unwrap();
-        let err = chatpipe_chat::quic::connect(&quic_addr.to_string(), &trusting, &other_name, idle)
-            .await
-            .unwrap_err();
+        let err =
+            chatpipe_chat::quic::connect(&quic_addr.to_string(), &trusting, &other_name, idle)
+                .await
+                .unwrap_err();
         assert!(
             err.contains("not valid for the name \"chat.example.org\""),
             "{err}"
@@ -295,7 +296,10 @@ fn requests_and_keepalives_over_quic_on_smol() {
         // 4-byte header and its payload).
         assert!(stats.messages_in >= messages + 4, "keepalives: {stats:?}");
         assert!(stats.bytes_in >= bytes + 4 * 4, "keepalives: {stats:?}");
-        assert_eq!(tx.call(Bytes::from("still here")).await.unwrap(), "still here");
+        assert_eq!(
+            tx.call(Bytes::from("still here")).await.unwrap(),
+            "still here"
+        );
         tx.close();
         driver.await.unwrap();
         server.await;
@@ -339,13 +343,9 @@ fn requests_and_keepalives_over_quic_on_tokio() {
                 drop(tx);
                 driver.await.unwrap()
             });
-            let client = quinn::Endpoint::new(
-                quinn::EndpointConfig::default(),
-                None,
-                udp(),
-                runtime,
-            )
-            .unwrap();
+            let client =
+                quinn::Endpoint::new(quinn::EndpointConfig::default(), None, udp(), runtime)
+                    .unwrap();
             let config = client_config(&made.cert, idle);
             let stream = quic::connect(&client, config, addr, "localhost")
                 .await
@@ -356,7 +356,10 @@ fn requests_and_keepalives_over_quic_on_tokio() {
                 .build_with_timer(stream, Raw, chatpipe::TokioTimer::default());
             let driver = tokio::spawn(conn);
             let (a, b) = tokio::join!(tx.call(Bytes::from("one")), tx.call(Bytes::from("two")));
-            assert_eq!((a.unwrap(), b.unwrap()), (Bytes::from("one"), Bytes::from("two")));
+            assert_eq!(
+                (a.unwrap(), b.unwrap()),
+                (Bytes::from("one"), Bytes::from("two"))
+            );
             let bytes = tx.stats().bytes_in;
             tokio::time::sleep(4 * idle).await;
             assert!(tx.stats().bytes_in > bytes, "keepalives arrived");
@@ -389,8 +392,12 @@ fn relay(server: SocketAddr) -> Relay {
     let client = Arc::new(std::sync::Mutex::new(None::<SocketAddr>));
     // Both loops run until the test drops the relay's tasks.
     let forth = {
-        let (front, back, drop_all, client) =
-            (front.clone(), back.clone(), drop_all.clone(), client.clone());
+        let (front, back, drop_all, client) = (
+            front.clone(),
+            back.clone(),
+            drop_all.clone(),
+            client.clone(),
+        );
         smol::spawn(async move {
             let mut buf = vec![0; 65536];
             while let Ok((n, from)) = front.recv_from(&mut buf).await {
@@ -447,8 +454,7 @@ async fn black_holed(chatpipe_idle: Duration, quic_idle: Duration) -> (Error, Du
 #[test]
 fn a_black_holed_peer_is_seen_by_chatpipe_when_its_idle_timeout_is_earlier() {
     run(LIMIT, async {
-        let (error, after) =
-            black_holed(Duration::from_millis(300), Duration::from_secs(20)).await;
+        let (error, after) = black_holed(Duration::from_millis(300), Duration::from_secs(20)).await;
         assert!(matches!(error, Error::IdleTimeout(_)), "{error:?}");
         assert!(!quic::timed_out(&error));
         // Long before QUIC's 20 s.
@@ -459,8 +465,7 @@ fn a_black_holed_peer_is_seen_by_chatpipe_when_its_idle_timeout_is_earlier() {
 #[test]
 fn a_black_holed_peer_is_seen_by_quic_when_its_idle_timeout_is_earlier() {
     run(LIMIT, async {
-        let (error, after) =
-            black_holed(Duration::from_secs(20), Duration::from_millis(300)).await;
+        let (error, after) = black_holed(Duration::from_secs(20), Duration::from_millis(300)).await;
         assert!(quic::timed_out(&error), "{error:?}");
         assert!(after < Duration::from_secs(10), "{after:?}");
     });
@@ -520,14 +525,26 @@ fn the_programs_chat_over_quic_and_tcp() {
             "127.0.0.1:0",
         ],
     );
-    let tcp = server.line().strip_prefix("listening on ").unwrap().to_owned();
+    let tcp = server
+        .line()
+        .strip_prefix("listening on ")
+        .unwrap()
+        .to_owned();
     assert!(server.line().starts_with("TLS on "));
     let quic_line = server.line();
     let quic_addr = quic_line.strip_prefix("QUIC on ").unwrap().to_owned();
     assert!(server.line().starts_with("certificate: "));
     let mut q = run_example(
         "chat_client",
-        &["--quic", "--connect", &quic_addr, "--tls-ca", cert_arg, "--nick", "ana"],
+        &[
+            "--quic",
+            "--connect",
+            &quic_addr,
+            "--tls-ca",
+            cert_arg,
+            "--nick",
+            "ana",
+        ],
     );
     q.stderr_line("(QUIC, 127.0.0.1)");
     assert_eq!(q.line(), "* you are now ana");
@@ -560,9 +577,11 @@ fn the_programs_chat_over_quic_and_tcp() {
     assert_eq!(wrong.wait().code(), Some(1));
     server.stderr_line("QUIC handshake failed");
     // --quic needs a certificate.
-    let mut bare = run_example("chat_server", &["--listen", "127.0.0.1:0", "--quic", "127.0.0.1:0"]);
+    let mut bare = run_example(
+        "chat_server",
+        &["--listen", "127.0.0.1:0", "--quic", "127.0.0.1:0"],
+    );
     bare.stderr_line("--quic needs --tls-cert and --tls-key, or --tls-self-signed");
     assert_eq!(bare.wait().code(), Some(1));
     let _ = std::fs::remove_dir_all(&dir);
 }
-

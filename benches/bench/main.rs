@@ -66,8 +66,8 @@ use scenarios::chat_scale::{child_chat, scenario_chat_scale};
 use scenarios::fanin::{fanin_chatpipe, fanin_tokio, scenario_fanin};
 use scenarios::memory::{child_idle, scenario_memory};
 use scenarios::oneway::scenario_oneway;
-use scenarios::rtt::{rtt_chatpipe, rtt_raw, scenario_rtt};
 use scenarios::quic::scenario_quic;
+use scenarios::rtt::{rtt_chatpipe, rtt_raw, scenario_rtt};
 use scenarios::tls::scenario_tls;
 use stacks::{oneway_chatpipe, oneway_raw, oneway_tokio, CpSend};
 

@@ -11,8 +11,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-pub use chatpipe::quic::{QuicError, QuicStream};
 use chatpipe::quic::{self as cq, quinn};
+pub use chatpipe::quic::{QuicError, QuicStream};
 use smol::channel;
 use smol::future::FutureExt;
 
@@ -28,7 +28,10 @@ fn endpoint(socket: UdpSocket, server: Option<quinn::ServerConfig>) -> io::Resul
 
 /// The room's QUIC endpoint on `socket`, presenting `tls`'s certificate.
 /// Each connection gets the room's own idle timeout when it is accepted.
-pub(crate) fn server_endpoint(socket: UdpSocket, tls: &ServerConfig) -> io::Result<quinn::Endpoint> {
+pub(crate) fn server_endpoint(
+    socket: UdpSocket,
+    tls: &ServerConfig,
+) -> io::Result<quinn::Endpoint> {
     // Checked now, so that a configuration QUIC cannot use fails at once.
     let config = cq::server_config(tls, Duration::from_secs(15)).map_err(io::Error::other)?;
     endpoint(socket, Some(config))

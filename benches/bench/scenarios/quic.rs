@@ -47,8 +47,9 @@ impl Quic {
         let udp = || UdpSocket::bind("127.0.0.1:0").expect("a UDP socket");
         let runtime = Arc::new(quinn::SmolRuntime);
         let config = quinn::EndpointConfig::default;
-        let server = quinn::Endpoint::new(config(), Some(self.server.clone()), udp(), runtime.clone())
-            .expect("server endpoint");
+        let server =
+            quinn::Endpoint::new(config(), Some(self.server.clone()), udp(), runtime.clone())
+                .expect("server endpoint");
         let client = quinn::Endpoint::new(config(), None, udp(), runtime).expect("client endpoint");
         let addr = server.local_addr().expect("its address");
         (server, client, addr)
@@ -160,7 +161,11 @@ enum Over {
     Quic,
 }
 
-const STACKS: [(&str, Over); 3] = [("plain", Over::Tcp), ("tls", Over::Tls), ("quic", Over::Quic)];
+const STACKS: [(&str, Over); 3] = [
+    ("plain", Over::Tcp),
+    ("tls", Over::Tls),
+    ("quic", Over::Quic),
+];
 
 pub(crate) fn scenario_quic(cfg: &Cfg, rep: &mut Report) {
     let (t, q) = (Tls::new(), Quic::new());
@@ -228,8 +233,12 @@ pub(crate) fn scenario_quic(cfg: &Cfg, rep: &mut Report) {
         p50.push(a);
         p99.push(b);
     }
-    row(&mut md, &format!("rtt {RTT_SIZE} B, p50 µs"), &p50, &|v| format!("{v:.1}"));
-    row(&mut md, &format!("rtt {RTT_SIZE} B, p99 µs"), &p99, &|v| format!("{v:.1}"));
+    row(&mut md, &format!("rtt {RTT_SIZE} B, p50 µs"), &p50, &|v| {
+        format!("{v:.1}")
+    });
+    row(&mut md, &format!("rtt {RTT_SIZE} B, p99 µs"), &p99, &|v| {
+        format!("{v:.1}")
+    });
     rep.md.push_str(&md);
     rep.md.push('\n');
 }
