@@ -238,6 +238,14 @@ impl QuicStream {
         &self.conn
     }
 
+    /// The endpoint [`connect`] made it from. A program about to exit
+    /// after its connection ended should await `wait_idle()` on it
+    /// (bounded): the QUIC close then reaches the peer, which otherwise
+    /// waits for its idle timeout to learn that we are gone.
+    pub fn endpoint(&self) -> Option<&quinn::Endpoint> {
+        self.endpoint.as_ref()
+    }
+
     /// The peer's address.
     pub fn remote_address(&self) -> SocketAddr {
         self.conn.remote_address()

@@ -105,7 +105,11 @@ fn quic_and_tcp_clients_chat_in_one_room() {
         t.close().await;
         let reason = server.disconnected(q_addr).await;
         assert_eq!(reason.to_string(), "closed cleanly");
+        // One still connected at shutdown is closed cleanly by the room.
+        let stays = connect_quic(&endpoint, &config, quic_addr).await;
+        assert!(matches!(stays.nick("stays").await, ChatMessage::Ack { .. }));
         let events = server.shutdown().await;
+        stays.driver.await.unwrap();
         assert!(!events.iter().any(|e| matches!(e, Event::QuicFailed { .. })));
     });
 }

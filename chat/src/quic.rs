@@ -160,7 +160,16 @@ pub async fn connect(
     };
     match connecting.or(timeout).await {
         Some(Ok(stream)) => Ok(stream),
-        Some(Err(e)) => Err(explain(&e, &name)),
+        Some(Err(e)) => {
+            // Our refusal (a certificate we do not trust) reaches the
+            // server before the caller exits, rather than its timeout.
+            let idle = endpoint.wait_idle();
+            let bound = async {
+                smol::Timer::after(Duration::from_secs(1)).await;
+            };
+            idle.or(bound).await;
+            Err(explain(&e, &name))
+        }
         None => Err(format!(
             "no answer within {} s: is the server listening for QUIC on that UDP port (chat_server --quic)?",
             CONNECT_TIMEOUT.as_secs()

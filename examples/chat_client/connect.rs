@@ -36,7 +36,23 @@ pub async fn open(args: &Args) -> Result<Connection, ExitCode> {
             .await
             .map_err(|e| fail(format!("QUIC connection to {} failed: {e}", args.connect)))?;
         eprintln!("connected to {} (QUIC, {})", args.connect, name.to_str());
-        return Ok(start(args, stream, true));
+        let endpoint = stream.endpoint().cloned();
+        let mut conn = start(args, stream, true);
+        if let Some(endpoint) = endpoint {
+            // After the connection: the QUIC close goes out before we exit,
+            // so the server sees a clean close, not a silence.
+            let driver = conn.driver;
+            conn.driver = smol::spawn(async move {
+                let ended = driver.await;
+                let idle = endpoint.wait_idle();
+                let bound = async {
+                    smol::Timer::after(CLOSE_WAIT).await;
+                };
+                smol::future::or(idle, bound).await;
+                ended
+            });
+        }
+        return Ok(conn);
     }
     let stream = TcpStream::connect(&args.connect)
         .await
@@ -71,6 +87,9 @@ pub async fn open(args: &Args) -> Result<Connection, ExitCode> {
         ))),
     }
 }
+
+/// How long the client waits for its QUIC close to go out before exiting.
+const CLOSE_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// How long the client waits for a TLS handshake to finish.
 const HANDSHAKE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(15);
