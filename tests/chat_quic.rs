@@ -274,8 +274,9 @@ fn requests_and_keepalives_over_quic_on_smol() {
     run(LIMIT, async {
         // QUIC's idle timeout as short as chatpipe's: only keepalives keep
         // either from firing while no message goes either way.
-        let idle = Duration::from_millis(400);
-        let keepalive = Some(Duration::from_millis(50));
+        // Wide margins: a loaded machine must not make them fire.
+        let idle = Duration::from_secs(1);
+        let keepalive = Some(Duration::from_millis(100));
         let (addr, cert, server) = raw_server_smol(idle, keepalive);
         let endpoint = smol_endpoint(None);
         let stream = quic::connect(&endpoint, client_config(&cert, idle), addr, "localhost")
@@ -291,21 +292,23 @@ fn requests_and_keepalives_over_quic_on_smol() {
         for (i, answer) in answers.into_iter().enumerate() {
             assert_eq!(answer.unwrap(), Bytes::from(format!("call {i}")));
         }
-        // Four idle timeouts of silence but for keepalives (the passage of
+        // Three idle timeouts of silence but for keepalives (the passage of
         // time is what is tested; nothing waits on it for an event).
         let (messages, bytes) = (tx.stats().messages_in, tx.stats().bytes_in);
-        smol::Timer::after(4 * idle).await;
+        smol::Timer::after(3 * idle).await;
         let stats = tx.stats();
         // At least one keepalive per idle timeout came in (each one is a
         // 4-byte header and its payload).
-        assert!(stats.messages_in >= messages + 4, "keepalives: {stats:?}");
-        assert!(stats.bytes_in >= bytes + 4 * 4, "keepalives: {stats:?}");
+        assert!(stats.messages_in >= messages + 3, "keepalives: {stats:?}");
+        assert!(stats.bytes_in >= bytes + 3 * 4, "keepalives: {stats:?}");
         assert_eq!(
             tx.call(Bytes::from("still here")).await.unwrap(),
             "still here"
         );
         tx.close();
-        driver.await.unwrap();
+        if let Err(e) = driver.await {
+            panic!("the client's connection did not close cleanly: {e:?}");
+        }
         server.await;
     });
 }
@@ -319,8 +322,8 @@ fn requests_and_keepalives_over_quic_on_tokio() {
         .unwrap();
     rt.block_on(async {
         tokio::time::timeout(LIMIT, async {
-            let idle = Duration::from_millis(400);
-            let keepalive = Some(Duration::from_millis(50));
+            let idle = Duration::from_secs(1);
+            let keepalive = Some(Duration::from_millis(100));
             let made = tls::self_signed(&["localhost"]).unwrap();
             let runtime = Arc::new(quinn::TokioRuntime);
             let server_config = quic::server_config(&made.config, idle).unwrap();
@@ -365,7 +368,7 @@ fn requests_and_keepalives_over_quic_on_tokio() {
                 (Bytes::from("one"), Bytes::from("two"))
             );
             let bytes = tx.stats().bytes_in;
-            tokio::time::sleep(4 * idle).await;
+            tokio::time::sleep(3 * idle).await;
             assert!(tx.stats().bytes_in > bytes, "keepalives arrived");
             assert_eq!(tx.call(Bytes::from("three")).await.unwrap(), "three");
             tx.close();
