@@ -20,8 +20,11 @@
 //! ([`QuicError::NotChatpipe`]) rather than read as frames. Then the
 //! frames, byte for byte as over TCP. Closing finishes the stream (the
 //! QUIC FIN, as TCP's shutdown) and waits until the peer has acknowledged
-//! everything written, so that dropping the connection afterwards loses
-//! nothing.
+//! everything written. The side that closes second (it read the peer's
+//! FIN first) then waits for the peer to close the QUIC connection, which
+//! the peer does once it has read everything (dropping its stream): a
+//! QUIC close discards what the receiver's stack acknowledged but its
+//! application has not read yet, so the last reader closes it.
 //!
 //! # Timeouts: chatpipe's and QUIC's
 //!
@@ -212,6 +215,9 @@ pub struct QuicStream {
     recv: quinn::RecvStream,
     /// Closing: finished, waiting for the peer's acknowledgement.
     acked: Option<Stopped>,
+    /// Closing second (the peer's FIN read first): waiting for the peer
+    /// to close the connection, which it does once it has read ours.
+    peer_closed: Option<Pin<Box<dyn Future<Output = ()> + Send + Sync>>>,
     /// A client's endpoint, kept as long as its only connection.
     endpoint: Option<quinn::Endpoint>,
     /// The peer's FIN was read: quinn then forgets the stream, and would
@@ -228,6 +234,7 @@ impl QuicStream {
             send,
             recv,
             acked: None,
+            peer_closed: None,
             endpoint: None,
             eof: false,
         }
@@ -297,13 +304,37 @@ impl AsyncWrite for QuicStream {
             let _ = this.send.finish();
             this.acked = Some(Box::pin(this.send.stopped()));
         }
+        if let Some(peer_closed) = this.peer_closed.as_mut() {
+            std::task::ready!(peer_closed.as_mut().poll(cx));
+            return Poll::Ready(Ok(()));
+        }
         let Some(acked) = this.acked.as_mut() else {
             return Poll::Ready(Ok(()));
         };
         match std::task::ready!(acked.as_mut().poll(cx)) {
             // Everything acknowledged, or the peer stopped reading (it is
-            // closing too): nothing more to wait for.
-            Ok(_) => Poll::Ready(Ok(())),
+            // closing too).
+            Ok(_) => {
+                if !this.eof {
+                    // The peer closes after us: it reads our FIN first.
+                    return Poll::Ready(Ok(()));
+                }
+                // We close second. Closing the QUIC connection now (as
+                // dropping us does) would discard what the peer's stack
+                // acknowledged but its application has not read yet (our
+                // last messages, our FIN): wait for the peer to close it,
+                // once it has read them (bounded by QUIC's idle timeout).
+                let conn = this.conn.clone();
+                let mut closed: Pin<Box<dyn Future<Output = ()> + Send + Sync>> =
+                    Box::pin(async move {
+                        conn.closed().await;
+                    });
+                if closed.as_mut().poll(cx).is_ready() {
+                    return Poll::Ready(Ok(()));
+                }
+                this.peer_closed = Some(closed);
+                Poll::Pending
+            }
             // The peer closed the connection after reading our FIN (its
             // acknowledgement may ride on its CONNECTION_CLOSE), or we did.
             Err(quinn::StoppedError::ConnectionLost(
