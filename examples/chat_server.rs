@@ -6,7 +6,7 @@
 //!     [--max-connections N] [--max-per-ip N] [--max-memory BYTES]
 //!     [--require-login] [--allow-plaintext-credentials]
 //!     [--tls-cert FILE --tls-key FILE | --tls-self-signed] [--tls-listen ADDR]
-//!     [--tls-handshake-timeout SECS]
+//!     [--tls-handshake-timeout SECS] [--quic ADDR]
 //! ```
 //!
 //! It speaks the chat protocol of `docs/PROTOCOL.md`, so `chat_client` or
@@ -40,6 +40,11 @@ use smol::net::TcpListener;
 /// and ::1 at startup, writes the certificate (never the key, which stays
 /// in memory) to a file and prints `certificate: PATH`; clients connect
 /// with `chat_client --tls-ca PATH`.
+///
+/// QUIC: with --quic ADDR too, the server also takes QUIC connections on
+/// the UDP address ADDR, with the same certificate, and prints `QUIC on
+/// IP:PORT`; clients connect with `chat_client --quic`. QUIC and TCP
+/// clients share the one room.
 #[derive(Debug, Parser)]
 #[command(version)]
 struct Args {
@@ -136,6 +141,13 @@ struct Args {
     /// then.
     #[arg(long, value_name = "SECS", default_value_t = 10.0)]
     tls_handshake_timeout: f64,
+
+    /// Also serve QUIC on this UDP address (the same port as --listen is
+    /// fine: UDP is not TCP), with the TLS certificate. Needs --tls-cert
+    /// and --tls-key, or --tls-self-signed. Its handshakes have
+    /// --tls-handshake-timeout too.
+    #[arg(long, value_name = "ADDR")]
+    quic: Option<String>,
 }
 
 /// The TLS the server was asked for, with its certificate loaded or made.
@@ -159,6 +171,10 @@ fn load_tls(args: &Args) -> Result<Option<Tls>, ExitCode> {
             eprintln!("--tls-listen needs --tls-cert and --tls-key, or --tls-self-signed");
             return Err(ExitCode::FAILURE);
         }
+        _ if args.quic.is_some() => {
+            eprintln!("--quic needs --tls-cert and --tls-key, or --tls-self-signed");
+            return Err(ExitCode::FAILURE);
+        }
         _ => return Ok(None),
     };
     tls.map(Some).map_err(|e| {
@@ -174,7 +190,21 @@ async fn bind(addr: &str) -> Result<TcpListener, ExitCode> {
     })
 }
 
-/// The listeners, bound: plaintext or TLS on --listen, TLS on --tls-listen.
+/// The QUIC listener on `addr` (UDP), presenting `config`'s certificate.
+fn bind_quic(addr: &str, config: Arc<ServerConfig>) -> Result<Listener, ExitCode> {
+    let failed = |e: std::io::Error| {
+        eprintln!("cannot listen for QUIC on {addr}: {e}");
+        ExitCode::FAILURE
+    };
+    let socket = std::net::UdpSocket::bind(addr).map_err(failed)?;
+    let bound = socket.local_addr().map_err(failed)?;
+    let listener = Listener::quic(socket, config).map_err(failed)?;
+    println!("QUIC on {bound}");
+    Ok(listener)
+}
+
+/// The listeners, bound: plaintext or TLS on --listen, TLS on --tls-listen,
+/// QUIC on --quic.
 /// Prints what is where, the --listen address first.
 async fn listeners(args: &Args, tls: Option<Tls>) -> Result<Vec<Listener>, ExitCode> {
     let listener = bind(&args.listen).await?;
@@ -189,19 +219,22 @@ async fn listeners(args: &Args, tls: Option<Tls>) -> Result<Vec<Listener>, ExitC
     let Some(tls) = tls else {
         return Ok(vec![Listener::plain(listener)]);
     };
-    let (listeners, tls_addr) = match &args.tls_listen {
+    let (mut listeners, tls_addr) = match &args.tls_listen {
         Some(tls_listen) => {
             let tls_listener = bind(tls_listen).await?;
             let tls_addr = local(&tls_listener)?;
             let both = vec![
                 Listener::plain(listener),
-                Listener::tls(tls_listener, tls.config),
+                Listener::tls(tls_listener, tls.config.clone()),
             ];
             (both, tls_addr)
         }
-        None => (vec![Listener::tls(listener, tls.config)], addr),
+        None => (vec![Listener::tls(listener, tls.config.clone())], addr),
     };
     println!("TLS on {tls_addr}");
+    if let Some(quic) = &args.quic {
+        listeners.push(bind_quic(quic, tls.config.clone())?);
+    }
     if let Some(pem) = tls.self_signed {
         let path = match &args.tls_cert_out {
             Some(path) => path.clone(),

@@ -137,6 +137,7 @@
 //! | `tokio` | [`Builder::build_tokio`] for `tokio::io::AsyncRead + AsyncWrite` streams with `TokioTimer`: no compat layer, no extra thread | off |
 //! | `tracing` | a span per connection ([`Builder::label`]) and events for closes, timeouts, keepalives and refused frames; nothing is logged without it | off |
 //! | `test-util` | `test_util`: a virtual clock and scripted mock I/O for your tests | off |
+//! | `quic` | `quic`: a QUIC stream (quinn, rustls with ring) as the byte pipe, on the runtime you give quinn; how QUIC's idle timeout and chatpipe's work together | off |
 //!
 //! Neither camp pays for the other's runtime: smol users keep the default;
 //! tokio users turn it off:
@@ -300,6 +301,8 @@ mod outbox;
 mod pipe;
 mod protocol;
 mod queue;
+#[cfg(feature = "quic")]
+pub mod quic;
 pub mod raw;
 mod sender;
 pub mod session;

@@ -12,7 +12,7 @@
 //!   `try_send`, `request()`.
 //!
 //! Scenarios: oneway, rtt, tls (oneway 1 KiB and rtt over TLS next to
-//! plain TCP), fanin, chat (fan-out through the example chat server), chat-scale (the same with 100 and 10,000 clients in a child
+//! plain TCP), quic (the same over a QUIC stream, next to TCP and TLS), fanin, chat (fan-out through the example chat server), chat-scale (the same with 100 and 10,000 clients in a child
 //! process), memory, allocs.
 //! Run `cargo bench` for all of them, `cargo bench -- oneway rtt` for some.
 //!
@@ -66,6 +66,7 @@ use scenarios::chat_scale::{child_chat, scenario_chat_scale};
 use scenarios::fanin::{fanin_chatpipe, fanin_tokio, scenario_fanin};
 use scenarios::memory::{child_idle, scenario_memory};
 use scenarios::oneway::scenario_oneway;
+use scenarios::quic::scenario_quic;
 use scenarios::rtt::{rtt_chatpipe, rtt_raw, scenario_rtt};
 use scenarios::tls::scenario_tls;
 use stacks::{oneway_chatpipe, oneway_raw, oneway_tokio, CpSend};
@@ -258,10 +259,11 @@ fn main() {
     rep.md.push('\n');
 
     type Scenario = fn(&Cfg, &mut Report);
-    let scenarios: [(&str, Scenario); 8] = [
+    let scenarios: [(&str, Scenario); 9] = [
         ("oneway", scenario_oneway),
         ("rtt", scenario_rtt),
         ("tls", scenario_tls),
+        ("quic", scenario_quic),
         ("fanin", scenario_fanin),
         ("chat", scenario_chat_fanout),
         ("chat-scale", scenario_chat_scale),

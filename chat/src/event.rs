@@ -117,6 +117,22 @@ pub enum Event {
         addr: SocketAddr,
         reason: TlsFailure,
     },
+    /// A connection to a QUIC listener did not finish its handshake or
+    /// open its stream, and was closed.
+    QuicFailed {
+        addr: SocketAddr,
+        reason: QuicFailure,
+    },
+}
+
+/// Why a connection to a QUIC listener was closed before it joined.
+#[derive(Debug)]
+pub enum QuicFailure {
+    /// No handshake and stream within `handshake_timeout`.
+    Timeout { after: Duration },
+    /// The handshake failed (the client refused our certificate, say), or
+    /// the stream did not start as chatpipe's.
+    Failed(chatpipe::quic::QuicError),
 }
 
 /// Why a connection to a TLS listener was closed before it joined.
@@ -390,6 +406,9 @@ impl fmt::Display for Event {
                 reason,
             } => write!(f, "{addr} login as {nickname:?} failed: {reason}"),
             Event::TlsFailed { addr, reason } => write!(f, "{addr} TLS handshake failed: {reason}"),
+            Event::QuicFailed { addr, reason } => {
+                write!(f, "{addr} QUIC handshake failed: {reason}")
+            }
         }
     }
 }
@@ -538,6 +557,17 @@ impl fmt::Display for TlsFailure {
                 f.write_str(" (a plaintext client on the TLS port)")
             }
             TlsFailure::Failed(e) => write!(f, "{e}"),
+        }
+    }
+}
+
+impl fmt::Display for QuicFailure {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            QuicFailure::Timeout { after } => {
+                write!(f, "no handshake and stream within {after:?}")
+            }
+            QuicFailure::Failed(e) => write!(f, "{e}"),
         }
     }
 }

@@ -50,6 +50,12 @@
 //! never finish cannot exhaust the server. Each failure is an
 //! [`Event::TlsFailed`]; a TLS client on a plaintext port is disconnected
 //! with [`Disconnect::TlsClientHello`].
+//!
+//! The room also serves QUIC ([`Listener::quic`], [`quic`]), with the same
+//! certificate: each QUIC connection's one stream is the byte stream of a
+//! chatpipe connection as over TCP, marked secure; its handshake and
+//! stream count against the limits and `handshake_timeout` like TLS's, and
+//! each failure is an [`Event::QuicFailed`].
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::fmt;
@@ -72,6 +78,7 @@ mod bucket;
 pub mod client;
 mod event;
 pub mod memory;
+pub mod quic;
 pub mod store;
 pub mod tls;
 mod v06;
@@ -79,8 +86,8 @@ mod v06;
 use bucket::Bucket;
 pub use bucket::Rate;
 pub use event::{
-    Disconnect, Event, HelloRefusal, LoginRefusal, NicknameRefusal, NoticeFailure, Refusal,
-    Request, RequestRefusal, TlsFailure,
+    Disconnect, Event, HelloRefusal, LoginRefusal, NicknameRefusal, NoticeFailure, QuicFailure,
+    Refusal, Request, RequestRefusal, TlsFailure,
 };
 pub use memory::Usage;
 use memory::MESSAGE_OVERHEAD;
@@ -251,37 +258,69 @@ impl fmt::Debug for Config {
 }
 
 /// Where the room takes connections: a TCP listener, serving plaintext or
-/// TLS.
-pub struct Listener {
-    listener: TcpListener,
-    tls: Option<tls::TlsAcceptor>,
+/// TLS, or a QUIC endpoint.
+pub struct Listener(Kind);
+
+enum Kind {
+    Tcp {
+        listener: TcpListener,
+        tls: Option<tls::TlsAcceptor>,
+    },
+    /// QUIC, with the TLS configuration the endpoint presents.
+    Quic {
+        endpoint: quinn::Endpoint,
+        tls: Arc<tls::rustls::ServerConfig>,
+    },
 }
 
 impl Listener {
     /// Plaintext connections.
     pub fn plain(listener: TcpListener) -> Self {
-        Listener {
+        Listener(Kind::Tcp {
             listener,
             tls: None,
-        }
+        })
     }
 
     /// TLS connections, with this server configuration (see [`tls`]): each
     /// joins the room, marked secure, once its handshake is over.
     pub fn tls(listener: TcpListener, config: Arc<tls::rustls::ServerConfig>) -> Self {
-        Listener {
+        Listener(Kind::Tcp {
             listener,
             tls: Some(tls::TlsAcceptor::from(config)),
-        }
+        })
+    }
+
+    /// QUIC connections on the UDP `socket`, presenting the certificate of
+    /// `config` (the same as for [`Listener::tls`]; see [`quic`]): each
+    /// joins the room, marked secure, once its handshake is over and its
+    /// stream open. Fails if the socket cannot be used, or QUIC cannot use
+    /// the configuration.
+    pub fn quic(
+        socket: std::net::UdpSocket,
+        config: Arc<tls::rustls::ServerConfig>,
+    ) -> std::io::Result<Self> {
+        let endpoint = quic::server_endpoint(socket, &config)?;
+        Ok(Listener(Kind::Quic {
+            endpoint,
+            tls: config,
+        }))
     }
 }
 
 impl fmt::Debug for Listener {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Listener")
-            .field("listener", &self.listener)
-            .field("tls", &self.tls.is_some())
-            .finish()
+        match &self.0 {
+            Kind::Tcp { listener, tls } => f
+                .debug_struct("Listener")
+                .field("listener", listener)
+                .field("tls", &tls.is_some())
+                .finish(),
+            Kind::Quic { endpoint, .. } => f
+                .debug_struct("Listener")
+                .field("quic", &endpoint.local_addr().ok())
+                .finish(),
+        }
     }
 }
 
@@ -314,15 +353,23 @@ pub async fn serve_on(
     let ids = Arc::new(AtomicU64::new(0));
     let accepting: Vec<smol::Task<()>> = listeners
         .into_iter()
-        .map(|listener| {
-            let accept = accept(
+        .map(|listener| match listener.0 {
+            Kind::Tcp { listener, tls } => smol::spawn(accept(
                 room.clone(),
                 listener,
+                tls,
                 ids.clone(),
                 alive.clone(),
                 stopped.clone(),
-            );
-            smol::spawn(accept)
+            )),
+            Kind::Quic { endpoint, tls } => smol::spawn(quic::accept(
+                room.clone(),
+                endpoint,
+                tls,
+                ids.clone(),
+                alive.clone(),
+                stopped.clone(),
+            )),
         })
         .collect();
     shutdown.await;
@@ -369,13 +416,14 @@ pub async fn serve_on(
 /// joins the room, a TLS one once its handshake is over.
 async fn accept(
     room: Arc<Room>,
-    listener: Listener,
+    listener: TcpListener,
+    tls: Option<tls::TlsAcceptor>,
     ids: Arc<AtomicU64>,
     alive: channel::Sender<()>,
     stopped: channel::Receiver<()>,
 ) {
     loop {
-        let (stream, addr) = match listener.listener.accept().await {
+        let (stream, addr) = match listener.accept().await {
             Ok(accepted) => accepted,
             Err(e) => {
                 room.emit(Event::AcceptFailed(e));
@@ -389,7 +437,7 @@ async fn accept(
         let _ = stream.set_nodelay(true);
         let id = ids.fetch_add(1, Ordering::Relaxed) + 1;
         let alive = alive.clone();
-        let Some(acceptor) = &listener.tls else {
+        let Some(acceptor) = &tls else {
             if let Err(reason) = room.admit(addr) {
                 room.emit(Event::Refused { addr, reason });
                 continue;

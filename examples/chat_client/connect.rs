@@ -1,5 +1,5 @@
 //! Connecting, and connecting again: TCP, and TLS over it when asked
-//! (`--tls`, `--tls-ca`), under a [`chatpipe::Session`] that reconnects with
+//! (`--tls`, `--tls-ca`), or QUIC (`--quic`), under a [`chatpipe::Session`] that reconnects with
 //! backoff after a loss. On every new connection the setup step says Hello
 //! (with the credentials, if any) and claims the nickname again, before
 //! anything typed while the server was away goes out.
@@ -201,7 +201,7 @@ const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(15);
 /// Errors (a bad CA file, a bad name) are said before connecting.
 /// `offer`: say Hello (v0.6), else speak v0.5.
 pub fn start(args: &Args, credentials: Option<Credentials>, offer: bool) -> Result<Client, String> {
-    let trust = match (&args.tls_ca, args.tls) {
+    let trust = match (&args.tls_ca, args.tls || args.quic) {
         (Some(ca), _) => Some(Trust::File(ca.clone())),
         (None, true) => Some(Trust::System),
         (None, false) => None,
@@ -211,13 +211,14 @@ pub fn start(args: &Args, credentials: Option<Credentials>, offer: bool) -> Resu
             let config = tls::client_config(&trust).map_err(|e| format!("TLS: {e}"))?;
             let name = tls::server_name(&args.connect, args.tls_server_name.as_deref())
                 .map_err(|e| format!("TLS: {e}"))?;
-            Some((tls::TlsConnector::from(config), name))
+            Some((config, name))
         }
         None => None,
     };
     let secure = tls.is_some();
+    let how = if args.quic { "QUIC" } else { "TLS" };
     let connected_to = match &tls {
-        Some((_, name)) => format!("connected to {} (TLS, {})", args.connect, name.to_str()),
+        Some((_, name)) => format!("connected to {} ({how}, {})", args.connect, name.to_str()),
         None => format!("connected to {}", args.connect),
     };
     // The nickname is claimed by the UI on the first connection (and kept
@@ -227,17 +228,30 @@ pub fn start(args: &Args, credentials: Option<Credentials>, offer: bool) -> Resu
     let (notes_tx, notes) = channel::unbounded();
 
     let addr = args.connect.clone();
-    let connector = move || {
-        let (addr, tls) = (addr.clone(), tls.clone());
-        async move { open(&addr, tls).await }
+    let idle = 3 * args.keepalive.max(SERVER_KEEPALIVE);
+    let quic = args.quic.then(QuicEnd::default);
+    let connector = {
+        let quic = quic.clone();
+        move || {
+            let (addr, tls, quic) = (addr.clone(), tls.clone(), quic.clone());
+            async move {
+                match (quic, tls) {
+                    (Some(end), Some((config, name))) => {
+                        open_quic(&addr, &config, &name, idle, &end).await
+                    }
+                    (_, tls) => open(&addr, tls).await.map(Either::Left),
+                }
+            }
+        }
     };
     let setup = {
         let me = me.clone();
         move |link: Link<Chat>| setup(link, me.clone(), notes_tx.clone(), offer)
     };
+    // Over QUIC, QUIC's idle timeout is this one too.
     let connection = Builder::new()
         .keepalive_interval(Some(args.keepalive))
-        .idle_timeout(Some(3 * args.keepalive.max(SERVER_KEEPALIVE)));
+        .idle_timeout(Some(idle));
     let (session, incoming, driver) = SessionBuilder::new()
         .connection(connection)
         .backoff(Backoff::new().max(Duration::from_secs(10)))
@@ -245,10 +259,18 @@ pub fn start(args: &Args, credentials: Option<Credentials>, offer: bool) -> Resu
         // Past the TLS handshake's own timeout, which says it better.
         .connect_timeout(Some(HANDSHAKE_TIMEOUT + Duration::from_secs(5)))
         .build(Chat, connector, setup);
+    // Over QUIC, the close goes out before the process exits, so the
+    // server sees a clean close rather than a silence.
+    let driver = smol::spawn(async move {
+        driver.await;
+        if let Some(end) = quic {
+            end.wait_idle().await;
+        }
+    });
     Ok(Client {
         session,
         incoming,
-        driver: smol::spawn(driver),
+        driver,
         notes,
         me,
         secure,
@@ -260,7 +282,7 @@ pub fn start(args: &Args, credentials: Option<Credentials>, offer: bool) -> Resu
 async fn open(
     addr: &str,
     tls: Option<(
-        tls::TlsConnector,
+        Arc<tls::rustls::ClientConfig>,
         tls::rustls::pki_types::ServerName<'static>,
     )>,
 ) -> io::Result<Either<TcpStream, tls::TlsStream<TcpStream>>> {
@@ -268,9 +290,10 @@ async fn open(
         .await
         .map_err(|e| io::Error::new(e.kind(), format!("cannot connect to {addr}: {e}")))?;
     let _ = stream.set_nodelay(true);
-    let Some((connector, name)) = tls else {
+    let Some((config, name)) = tls else {
         return Ok(Either::Left(stream));
     };
+    let connector = tls::TlsConnector::from(config);
     // The server closes a handshake it does not finish within its own
     // timeout (10 s for chat_server); this bounds one that never answers.
     let handshake = async { Some(connector.connect(name.clone(), stream).await) };
@@ -296,6 +319,42 @@ async fn open(
         )),
     }
 }
+
+/// The QUIC endpoint of the latest connection, to wait for its close at
+/// the end.
+#[derive(Clone, Default)]
+struct QuicEnd(Arc<Mutex<Option<chatpipe::quic::quinn::Endpoint>>>);
+
+impl QuicEnd {
+    /// Waits (2 s at most) until the last endpoint has sent its close.
+    async fn wait_idle(&self) {
+        let Some(endpoint) = lock(&self.0).take() else {
+            return;
+        };
+        let bound = async {
+            smol::Timer::after(Duration::from_secs(2)).await;
+        };
+        smol::future::or(endpoint.wait_idle(), bound).await;
+    }
+}
+
+/// A fresh QUIC connection's stream to `addr`.
+async fn open_quic(
+    addr: &str,
+    tls: &Arc<tls::rustls::ClientConfig>,
+    name: &tls::rustls::pki_types::ServerName<'static>,
+    idle: Duration,
+    end: &QuicEnd,
+) -> io::Result<Stream> {
+    let stream = chatpipe_chat::quic::connect(addr, tls, name, idle)
+        .await
+        .map_err(|e| io::Error::other(format!("QUIC connection to {addr} failed: {e}")))?;
+    *lock(&end.0) = stream.endpoint().cloned();
+    Ok(Either::Right(stream))
+}
+
+/// TCP, TLS over TCP, or QUIC.
+type Stream = Either<Either<TcpStream, tls::TlsStream<TcpStream>>, chatpipe_chat::quic::QuicStream>;
 
 type SetupError = Box<dyn std::error::Error + Send + Sync>;
 

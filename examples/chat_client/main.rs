@@ -3,7 +3,7 @@
 //! ```text
 //! cargo run --example chat_client -- [--connect ADDR] [--nick NAME] [--keepalive SECS] [--v05 | --v06] [--line]
 //!     [--no-reconnect] [--buffer N]
-//!     [--tls | --tls-ca FILE] [--tls-server-name NAME]
+//!     [--tls | --tls-ca FILE] [--tls-server-name NAME] [--quic]
 //! ```
 //!
 //! It speaks the chat protocol of `docs/PROTOCOL.md`, to `chat_server` or
@@ -82,6 +82,10 @@ mod tui;
 /// `chat_server --tls-self-signed`). The name checked is the host of
 /// --connect unless --tls-server-name says otherwise. A certificate that
 /// is not trusted, or not for that name, exits 1 saying which.
+///
+/// QUIC: --quic connects over QUIC (UDP) to --connect instead of TCP
+/// (`chat_server --quic ADDR`), always encrypted, verified as with --tls:
+/// the system's roots, or --tls-ca FILE, for --tls-server-name NAME.
 #[derive(Debug, Parser)]
 #[command(version)]
 struct Args {
@@ -126,6 +130,10 @@ struct Args {
     /// host of --connect.
     #[arg(long, value_name = "NAME")]
     tls_server_name: Option<String>,
+    /// Connect over QUIC (UDP) instead of TCP. Always encrypted: the
+    /// server is verified as with --tls (--tls-ca, --tls-server-name).
+    #[arg(long)]
+    quic: bool,
     /// Log in as --nick with the password in FILE (its first line), in the
     /// v0.6 Hello (in line mode too). A wrong password exits 1.
     #[arg(long, value_name = "FILE", requires = "nick", conflicts_with = "v05")]

@@ -7,5 +7,6 @@ pub(crate) mod chat_scale;
 pub(crate) mod fanin;
 pub(crate) mod memory;
 pub(crate) mod oneway;
+pub(crate) mod quic;
 pub(crate) mod rtt;
 pub(crate) mod tls;

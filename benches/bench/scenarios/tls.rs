@@ -20,17 +20,17 @@ use crate::scenarios::rtt::RTT_SIZE;
 use crate::stacks::{chatpipe_builder, payload, smol_stream, smol_thread, tcp_pair};
 use crate::Cfg;
 
-const ONEWAY_SIZE: usize = 1024;
+pub(crate) const ONEWAY_SIZE: usize = 1024;
 
 /// Both ends' TLS configurations, or none for plain TCP.
 #[derive(Clone)]
-struct Tls {
+pub(crate) struct Tls {
     acceptor: tls::TlsAcceptor,
     connector: tls::TlsConnector,
 }
 
 impl Tls {
-    fn new() -> Self {
+    pub(crate) fn new() -> Self {
         let made = tls::self_signed(&["localhost"]).expect("a certificate");
         let client = tls::client_config(&Trust::Certs(vec![made.cert])).expect("client config");
         Tls {
@@ -63,7 +63,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Stream for S {}
 
 /// Seconds for the receiver to get `n` messages of `size`, from the start
 /// signal (both handshakes done).
-fn oneway(size: usize, n: u64, tls: Option<Tls>) -> f64 {
+pub(crate) fn oneway(size: usize, n: u64, tls: Option<Tls>) -> f64 {
     let (a, b) = tcp_pair();
     let go = Arc::new(Barrier::new(2));
     let go2 = go.clone();
@@ -107,7 +107,7 @@ fn oneway(size: usize, n: u64, tls: Option<Tls>) -> f64 {
 }
 
 /// Round-trip times of `request()` in nanoseconds, warm-up excluded.
-fn rtt(n: usize, warm: usize, tls: Option<Tls>) -> Vec<u64> {
+pub(crate) fn rtt(n: usize, warm: usize, tls: Option<Tls>) -> Vec<u64> {
     let (a, b) = tcp_pair();
     let tls2 = tls.clone();
     let server = smol_thread(move |ex| async move {
