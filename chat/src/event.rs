@@ -5,6 +5,7 @@
 use std::fmt;
 use std::io;
 use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
 use std::time::Duration;
 
 use chatpipe::chat::CredentialsError;
@@ -117,6 +118,35 @@ pub enum Event {
         addr: SocketAddr,
         reason: TlsFailure,
     },
+    /// A web listener answered an HTTP request that was not a WebSocket
+    /// upgrade (the page, or an error status), and closed the connection.
+    WebRequest {
+        addr: SocketAddr,
+        path: String,
+        status: u16,
+    },
+    /// A connection to a web listener was closed before it joined: its
+    /// HTTP request was missing, too slow, too large or not HTTP.
+    WebFailed {
+        addr: SocketAddr,
+        reason: WebFailure,
+    },
+}
+
+/// Why a connection to a web listener was closed before it joined.
+#[derive(Debug)]
+pub enum WebFailure {
+    /// No whole request head within `handshake_timeout` (a slowloris).
+    Timeout { after: Duration },
+    /// The head was over `max` bytes.
+    HeadTooLarge { max: usize },
+    /// What the peer sent is not HTTP (a chat client on the web port,
+    /// say); `first` is what it started with (up to 8 bytes).
+    NotHttp { error: String, first: Vec<u8> },
+    /// The peer closed after `read` bytes, before its request was whole.
+    ClosedEarly { read: usize },
+    /// Reading the request or writing the answer failed.
+    Io(io::Error),
 }
 
 /// Why a connection to a TLS listener was closed before it joined.
@@ -390,6 +420,8 @@ impl fmt::Display for Event {
                 reason,
             } => write!(f, "{addr} login as {nickname:?} failed: {reason}"),
             Event::TlsFailed { addr, reason } => write!(f, "{addr} TLS handshake failed: {reason}"),
+            Event::WebRequest { addr, path, status } => write!(f, "{addr} GET {path:?}: {status}"),
+            Event::WebFailed { addr, reason } => write!(f, "{addr} web request failed: {reason}"),
         }
     }
 }
@@ -485,6 +517,19 @@ impl Disconnect {
             _ => self,
         }
     }
+
+    /// This reason, with a WebSocket message that is not chat bytes (a
+    /// [`BadMessage`](crate::web::BadMessage), which reaches the connection
+    /// as an I/O error) made the malformed-message error a bad frame is.
+    pub(crate) fn on_web(self) -> Self {
+        match &self {
+            Disconnect::Error(e @ chatpipe::Error::Io(_)) => match crate::web::BadMessage::of(e) {
+                Some(bad) => Disconnect::Error(chatpipe::Error::Malformed(Arc::new(bad.clone()))),
+                None => self,
+            },
+            _ => self,
+        }
+    }
 }
 
 impl fmt::Display for HelloRefusal {
@@ -538,6 +583,26 @@ impl fmt::Display for TlsFailure {
                 f.write_str(" (a plaintext client on the TLS port)")
             }
             TlsFailure::Failed(e) => write!(f, "{e}"),
+        }
+    }
+}
+
+impl fmt::Display for WebFailure {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            WebFailure::Timeout { after } => write!(f, "no request within {after:?}"),
+            WebFailure::HeadTooLarge { max } => write!(f, "request head over {max} bytes"),
+            WebFailure::NotHttp { error, first } => {
+                write!(f, "not HTTP ({error}): it started")?;
+                for byte in first {
+                    write!(f, " {byte:02x}")?;
+                }
+                Ok(())
+            }
+            WebFailure::ClosedEarly { read } => {
+                write!(f, "closed after {read} bytes, before its request was whole")
+            }
+            WebFailure::Io(e) => write!(f, "{e}"),
         }
     }
 }

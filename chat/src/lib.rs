@@ -75,12 +75,13 @@ pub mod memory;
 pub mod store;
 pub mod tls;
 mod v06;
+pub mod web;
 
 use bucket::Bucket;
 pub use bucket::Rate;
 pub use event::{
     Disconnect, Event, HelloRefusal, LoginRefusal, NicknameRefusal, NoticeFailure, Refusal,
-    Request, RequestRefusal, TlsFailure,
+    Request, RequestRefusal, TlsFailure, WebFailure,
 };
 pub use memory::Usage;
 use memory::MESSAGE_OVERHEAD;
@@ -255,6 +256,8 @@ impl fmt::Debug for Config {
 pub struct Listener {
     listener: TcpListener,
     tls: Option<tls::TlsAcceptor>,
+    /// Serves the browser client: the page and its WebSocket ([`web`]).
+    web: bool,
 }
 
 impl Listener {
@@ -263,6 +266,7 @@ impl Listener {
         Listener {
             listener,
             tls: None,
+            web: false,
         }
     }
 
@@ -272,6 +276,18 @@ impl Listener {
         Listener {
             listener,
             tls: Some(tls::TlsAcceptor::from(config)),
+            web: false,
+        }
+    }
+
+    /// The browser client ([`web`]): the page over HTTP, and WebSocket
+    /// connections that join the room; over TLS (https, wss) with a
+    /// server configuration, marked secure then.
+    pub fn web(listener: TcpListener, tls: Option<Arc<tls::rustls::ServerConfig>>) -> Self {
+        Listener {
+            listener,
+            tls: tls.map(tls::TlsAcceptor::from),
+            web: true,
         }
     }
 }
@@ -281,6 +297,7 @@ impl fmt::Debug for Listener {
         f.debug_struct("Listener")
             .field("listener", &self.listener)
             .field("tls", &self.tls.is_some())
+            .field("web", &self.web)
             .finish()
     }
 }
@@ -389,6 +406,10 @@ async fn accept(
         let _ = stream.set_nodelay(true);
         let id = ids.fetch_add(1, Ordering::Relaxed) + 1;
         let alive = alive.clone();
+        if listener.web {
+            web::accept(&room, listener.tls.clone(), stream, addr, id, alive, &stopped);
+            continue;
+        }
         let Some(acceptor) = &listener.tls else {
             if let Err(reason) = room.admit(addr) {
                 room.emit(Event::Refused { addr, reason });
@@ -1082,7 +1103,7 @@ impl Room {
                 reason
             };
             let (reason, ()) = smol::future::zip(ended, reading).await;
-            let reason = reason.on_plaintext(secure);
+            let reason = reason.on_plaintext(secure).on_web();
 
             let (nickname, closing) = room.leave(id);
             let reason = match (reason, closing) {
