@@ -294,7 +294,8 @@ async fn serve<S>(
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let after = room.config.handshake_timeout;
-    let read = async { Some(read_request(&mut stream).await) };
+    let plaintext = room.config.plaintext_credentials;
+    let read = async { Some(read_request(&mut stream, plaintext).await) };
     let timeout = async {
         smol::Timer::after(after).await;
         Some(Err(WebFailure::Timeout { after }))
@@ -370,7 +371,12 @@ fn status_of(response: &[u8]) -> u16 {
 
 /// Reads an HTTP request head (at most [`MAX_HEAD`] bytes) and decides
 /// the answer.
-async fn read_request<S: AsyncRead + Unpin>(stream: &mut S) -> Result<Asked, WebFailure> {
+/// `plaintext`: the room takes passwords over plaintext, so the page
+/// offers them over http too.
+async fn read_request<S: AsyncRead + Unpin>(
+    stream: &mut S,
+    plaintext: bool,
+) -> Result<Asked, WebFailure> {
     let mut buf = vec![0u8; MAX_HEAD];
     let mut len = 0;
     loop {
@@ -386,7 +392,7 @@ async fn read_request<S: AsyncRead + Unpin>(stream: &mut S) -> Result<Asked, Web
         let mut request = httparse::Request::new(&mut headers);
         match request.parse(&buf[..len]) {
             Ok(httparse::Status::Complete(head)) => {
-                return Ok(answer(&request, buf[head..len].to_vec()))
+                return Ok(answer(&request, buf[head..len].to_vec(), plaintext))
             }
             Ok(httparse::Status::Partial) if len < MAX_HEAD => {}
             Ok(httparse::Status::Partial) => return Err(WebFailure::HeadTooLarge { max: MAX_HEAD }),
@@ -412,7 +418,7 @@ fn has_token(value: Option<&str>, token: &str) -> bool {
     value.is_some_and(|v| v.split(',').any(|t| t.trim().eq_ignore_ascii_case(token)))
 }
 
-fn answer(request: &httparse::Request<'_, '_>, rest: Vec<u8>) -> Asked {
+fn answer(request: &httparse::Request<'_, '_>, rest: Vec<u8>, plaintext: bool) -> Asked {
     let path = request.path.unwrap_or("").to_owned();
     let plain = |status: &str, body: &str| response(status, "text/plain; charset=utf-8", body);
     // No query strings or fragments: the page takes none.
@@ -434,7 +440,9 @@ fn answer(request: &httparse::Request<'_, '_>, rest: Vec<u8>) -> Asked {
             }
         }
         (Some("GET"), "/" | "/index.html") => {
-            response("200 OK", "text/html; charset=utf-8", INDEX_HTML)
+            let yes = if plaintext { "yes" } else { "no" };
+            let page = INDEX_HTML.replace("PLAINTEXT_CREDENTIALS", yes);
+            response("200 OK", "text/html; charset=utf-8", &page)
         }
         (Some("GET"), "/chat.js") => response("200 OK", "text/javascript; charset=utf-8", CHAT_JS),
         (Some("GET"), "/chat.css") => response("200 OK", "text/css; charset=utf-8", CHAT_CSS),
@@ -463,7 +471,7 @@ mod tests {
     use super::*;
 
     fn ask(head: &str) -> Asked {
-        smol::block_on(read_request(&mut head.as_bytes())).unwrap()
+        smol::block_on(read_request(&mut head.as_bytes(), false)).unwrap()
     }
 
     #[test]
@@ -472,7 +480,9 @@ mod tests {
             Asked::Page { path, response } => {
                 assert_eq!(path, "/");
                 assert_eq!(status_of(&response), 200);
-                assert!(String::from_utf8(response).unwrap().ends_with(INDEX_HTML));
+                let page = String::from_utf8(response).unwrap();
+                assert!(page.contains("<script src=\"chat.js\""));
+                assert!(page.contains("data-plaintext-credentials=\"no\""));
             }
             Asked::Upgrade { .. } => panic!("not an upgrade"),
         }
@@ -482,7 +492,7 @@ mod tests {
                     Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n\x01";
         match ask(head) {
             Asked::Upgrade { accept, rest } => {
-                assert_eq!(accept, "s3pPLMBiTxaQ9kYGzzhZRK+xOo=");
+                assert_eq!(accept, "s3pPLMBiTxaQ9kYGzzhZRbK+xOo=");
                 assert_eq!(rest, b"\x01");
             }
             Asked::Page { .. } => panic!("an upgrade"),
@@ -501,7 +511,7 @@ mod tests {
 
     #[test]
     fn what_is_not_http_is_refused() {
-        let read = |bytes: &[u8]| smol::block_on(read_request(&mut &bytes[..]));
+        let read = |bytes: &[u8]| smol::block_on(read_request(&mut &bytes[..], false));
         assert!(matches!(
             read(b"\0\0\0\x08\0\0\0\0\0\x02Hi"),
             Err(WebFailure::NotHttp { .. })
