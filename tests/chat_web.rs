@@ -407,7 +407,14 @@ fn browser_users_and_a_terminal_user_share_the_room() {
         let left = deadline.saturating_duration_since(Instant::now());
         let line = match driver.stdout.recv_timeout(left) {
             Ok(line) => line,
-            Err(e) => panic!("the driver stopped or hung ({e}); it said:\n{}", seen.join("\n")),
+            Err(e) => {
+                let errors: Vec<String> = driver.stderr.try_iter().collect();
+                panic!(
+                    "the driver stopped or hung ({e}); it said:\n{}\nstderr:\n{}",
+                    seen.join("\n"),
+                    errors.join("\n")
+                )
+            }
         };
         eprintln!("driver: {line}");
         seen.push(line.clone());

@@ -13,7 +13,7 @@ import { chromium } from "playwright-core";
 import { spawn } from "node:child_process";
 import { mkdtempSync, rmSync } from "node:fs";
 import { tmpdir } from "node:os";
-import { join } from "node:path";
+import { join as joinPath } from "node:path";
 import { createInterface } from "node:readline";
 
 const { WEB_URL, TCP_ADDR, CHAT_CLIENT, SHOT } = process.env;
@@ -71,6 +71,10 @@ async function join(context, nick) {
   await page.locator("#nick").fill(nick);
   await page.locator("#nick").press("Enter");
   await page.locator("#status", { hasText: `connected as ${nick}` }).waitFor({ timeout: WAIT });
+  await page.locator("#join").waitFor({ state: "hidden", timeout: WAIT });
+  if (!(await page.locator("#input").evaluate((e) => e === document.activeElement))) {
+    throw new Error("the message input does not have the focus after joining");
+  }
   return page;
 }
 
@@ -103,7 +107,7 @@ async function waitMembers(page, want) {
   }
 }
 
-const dir = mkdtempSync(join(tmpdir(), "chatpipe-chromium-"));
+const dir = mkdtempSync(joinPath(tmpdir(), "chatpipe-chromium-"));
 let context;
 const terminals = [];
 try {
@@ -162,6 +166,18 @@ try {
   }
   await ana.screenshot({ path: SHOT });
   await ana.locator("#input").fill("");
+
+  step("a phone-sized screen: no sideways scrolling, the input and members in view");
+  await bo.setViewportSize({ width: 360, height: 640 });
+  const fits = await bo.evaluate(() => document.documentElement.scrollWidth <= window.innerWidth);
+  if (!fits) throw new Error("the page scrolls sideways at 360 px");
+  for (const id of ["#input", "#members"]) {
+    const box = await bo.locator(id).boundingBox();
+    if (!box || box.x < 0 || box.x + box.width > 360 || box.y + box.height > 640) {
+      throw new Error(`${id} is not in view at 360x640: ${JSON.stringify(box)}`);
+    }
+  }
+  await bo.setViewportSize({ width: 900, height: 560 });
 
   step("history appears on join");
   const dee = await join(context, "dee");
