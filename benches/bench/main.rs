@@ -12,6 +12,7 @@
 //!   `try_send`, `request()`.
 //!
 //! Scenarios: oneway, rtt, tls (oneway 1 KiB and rtt over TLS next to
+//! plain TCP), ws (the same over a WebSocket, the browser client's transport, next to
 //! plain TCP), fanin, chat (fan-out through the example chat server), chat-scale (the same with 100 and 10,000 clients in a child
 //! process), memory, allocs.
 //! Run `cargo bench` for all of them, `cargo bench -- oneway rtt` for some.
@@ -68,6 +69,7 @@ use scenarios::memory::{child_idle, scenario_memory};
 use scenarios::oneway::scenario_oneway;
 use scenarios::rtt::{rtt_chatpipe, rtt_raw, scenario_rtt};
 use scenarios::tls::scenario_tls;
+use scenarios::ws::scenario_ws;
 use stacks::{oneway_chatpipe, oneway_raw, oneway_tokio, CpSend};
 
 // ---------------------------------------------------------------------------
@@ -258,10 +260,11 @@ fn main() {
     rep.md.push('\n');
 
     type Scenario = fn(&Cfg, &mut Report);
-    let scenarios: [(&str, Scenario); 8] = [
+    let scenarios: [(&str, Scenario); 9] = [
         ("oneway", scenario_oneway),
         ("rtt", scenario_rtt),
         ("tls", scenario_tls),
+        ("ws", scenario_ws),
         ("fanin", scenario_fanin),
         ("chat", scenario_chat_fanout),
         ("chat-scale", scenario_chat_scale),

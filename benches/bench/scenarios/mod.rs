@@ -9,3 +9,4 @@ pub(crate) mod memory;
 pub(crate) mod oneway;
 pub(crate) mod rtt;
 pub(crate) mod tls;
+pub(crate) mod ws;
