@@ -16,6 +16,7 @@ use std::process::Command;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use chat_support::*;
 use chatpipe::chat::{Chat, ChatMessage, Credentials, V0_5, V0_6};
 use chatpipe::{Builder, Error};
 use chatpipe_chat::accounts::Accounts;
@@ -25,7 +26,6 @@ use chatpipe_chat::web::async_tungstenite::tungstenite::{Bytes, Message};
 use chatpipe_chat::web::async_tungstenite::{client_async, WebSocketStream};
 use chatpipe_chat::web::{BadMessage, WsIo, MAX_MESSAGE};
 use chatpipe_chat::{Config, Disconnect, Event, Listener, WebFailure};
-use chat_support::*;
 use futures::StreamExt;
 use smol::io::{AsyncReadExt, AsyncWriteExt};
 use smol::net::{TcpListener, TcpStream};
@@ -84,7 +84,10 @@ fn web_and_tcp_users_chat_in_one_room() {
     run(LIMIT, async {
         let mut ana = web_client(web).await;
         let welcome = ana.ask(hello(&[V0_5, V0_6], &["ack", "presence"])).await;
-        assert!(matches!(welcome, ChatMessage::Welcome { version: V0_6, .. }));
+        assert!(matches!(
+            welcome,
+            ChatMessage::Welcome { version: V0_6, .. }
+        ));
         assert!(matches!(ana.nick("ana").await, ChatMessage::Ack { .. }));
         let mut bo = connect(server.addr).await;
         assert!(matches!(bo.nick("bo").await, ChatMessage::Ack { .. }));
@@ -96,7 +99,10 @@ fn web_and_tcp_users_chat_in_one_room() {
         assert!(matches!(ana.ask(say).await, ChatMessage::Ack { .. }));
         assert_eq!(bo.next().await, ("ana".into(), "hi from the web".into()));
         bo.say("hi from tcp").await;
-        assert_eq!(broadcast(&mut ana).await, ("bo".into(), "hi from tcp".into()));
+        assert_eq!(
+            broadcast(&mut ana).await,
+            ("bo".into(), "hi from tcp".into())
+        );
         // Large messages cross several WebSocket frames' worth intact.
         let long = "x".repeat(60_000);
         bo.say(&long).await;
@@ -158,7 +164,10 @@ fn a_malformed_websocket_message_closes_like_a_malformed_frame() {
         close_code(&mut ws).await;
         assert!(matches!(
             server.disconnected(addr).await,
-            Disconnect::Error(Error::FrameTooLarge { len: 0xffff_ffff, .. })
+            Disconnect::Error(Error::FrameTooLarge {
+                len: 0xffff_ffff,
+                ..
+            })
         ));
         let (mut ws, addr) = websocket(web).await;
         // A Broadcast whose nickname runs past the payload.
@@ -247,7 +256,10 @@ fn the_page_and_what_is_not_a_request() {
             })
             .await;
         assert!(
-            matches!(refused, chatpipe_chat::Refusal::TooManyFromIp { max: 2, .. }),
+            matches!(
+                refused,
+                chatpipe_chat::Refusal::TooManyFromIp { max: 2, .. }
+            ),
             "{refused:?}"
         );
         let after = server
@@ -273,9 +285,8 @@ fn over_tls_the_page_is_https_and_the_websocket_wss() {
         ..Config::default()
     };
     let (server, web) = web_room(config, Some(made.config));
-    let connector = tls::TlsConnector::from(
-        tls::client_config(&Trust::Certs(vec![made.cert])).unwrap(),
-    );
+    let connector =
+        tls::TlsConnector::from(tls::client_config(&Trust::Certs(vec![made.cert])).unwrap());
     let name = ServerName::try_from("localhost").unwrap();
     let register = ChatMessage::Hello {
         request_id: chatpipe::chat::RequestId::random(),
@@ -374,7 +385,10 @@ fn driver_dir() -> std::path::PathBuf {
 fn web_server(listen: &str, web: &str) -> (Program, String, String) {
     let server = run_example("chat_server", &["--listen", listen, "--web", web]);
     let first = server.line();
-    let tcp = first.strip_prefix("listening on ").expect(&first).to_owned();
+    let tcp = first
+        .strip_prefix("listening on ")
+        .expect(&first)
+        .to_owned();
     let second = server.line();
     let web = second
         .strip_prefix("web on http://")

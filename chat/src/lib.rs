@@ -407,7 +407,15 @@ async fn accept(
         let id = ids.fetch_add(1, Ordering::Relaxed) + 1;
         let alive = alive.clone();
         if listener.web {
-            web::accept(&room, listener.tls.clone(), stream, addr, id, alive, &stopped);
+            web::accept(
+                &room,
+                listener.tls.clone(),
+                stream,
+                addr,
+                id,
+                alive,
+                &stopped,
+            );
             continue;
         }
         let Some(acceptor) = &listener.tls else {

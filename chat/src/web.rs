@@ -69,7 +69,9 @@ pub fn ws_config() -> WebSocketConfig {
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum BadMessage {
     /// A text message: the chat protocol travels in binary messages.
-    #[error("a text WebSocket message ({len} bytes); the chat protocol travels in binary messages")]
+    #[error(
+        "a text WebSocket message ({len} bytes); the chat protocol travels in binary messages"
+    )]
     Text { len: usize },
     /// A message (or WebSocket frame) over [`MAX_MESSAGE`].
     #[error("a WebSocket message of {size} bytes, over the maximum of {max}")]
@@ -169,6 +171,11 @@ fn ws_error(e: ws::Error) -> Result<io::Error, BadMessage> {
     }
 }
 
+/// A tungstenite error on the writing side, as an I/O error.
+fn write_error(e: ws::Error) -> io::Error {
+    ws_error(e).unwrap_or_else(io::Error::other)
+}
+
 impl<S: AsyncRead + AsyncWrite + Unpin> AsyncRead for WsIo<S> {
     fn poll_read(
         mut self: Pin<&mut Self>,
@@ -213,24 +220,21 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AsyncWrite for WsIo<S> {
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
         let mut ws = Pin::new(&mut self.ws);
-        let io = |e| ws_error(e).unwrap_or_else(|bad| io::Error::new(io::ErrorKind::Other, bad));
-        ready!(ws.as_mut().poll_ready(cx)).map_err(io)?;
+        ready!(ws.as_mut().poll_ready(cx)).map_err(write_error)?;
         // One message of at most a frame: what the browser takes is bounded
         // like what we take.
         let n = buf.len().min(MAX_MESSAGE);
         ws.start_send(Message::Binary(Bytes::copy_from_slice(&buf[..n])))
-            .map_err(io)?;
+            .map_err(write_error)?;
         Poll::Ready(Ok(n))
     }
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        let io = |e| ws_error(e).unwrap_or_else(|bad| io::Error::new(io::ErrorKind::Other, bad));
-        Pin::new(&mut self.ws).poll_flush(cx).map_err(io)
+        Pin::new(&mut self.ws).poll_flush(cx).map_err(write_error)
     }
 
     fn poll_close(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        let io = |e| ws_error(e).unwrap_or_else(|bad| io::Error::new(io::ErrorKind::Other, bad));
-        Pin::new(&mut self.ws).poll_close(cx).map_err(io)
+        Pin::new(&mut self.ws).poll_close(cx).map_err(write_error)
     }
 }
 
@@ -380,10 +384,7 @@ async fn read_request<S: AsyncRead + Unpin>(
     let mut buf = vec![0u8; MAX_HEAD];
     let mut len = 0;
     loop {
-        let n = stream
-            .read(&mut buf[len..])
-            .await
-            .map_err(WebFailure::Io)?;
+        let n = stream.read(&mut buf[len..]).await.map_err(WebFailure::Io)?;
         if n == 0 {
             return Err(WebFailure::ClosedEarly { read: len });
         }
@@ -395,7 +396,9 @@ async fn read_request<S: AsyncRead + Unpin>(
                 return Ok(answer(&request, buf[head..len].to_vec(), plaintext))
             }
             Ok(httparse::Status::Partial) if len < MAX_HEAD => {}
-            Ok(httparse::Status::Partial) => return Err(WebFailure::HeadTooLarge { max: MAX_HEAD }),
+            Ok(httparse::Status::Partial) => {
+                return Err(WebFailure::HeadTooLarge { max: MAX_HEAD })
+            }
             Err(e) => {
                 return Err(WebFailure::NotHttp {
                     error: e.to_string(),
