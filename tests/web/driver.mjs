@@ -98,12 +98,13 @@ async function members(page) {
   return (await page.locator("#members li").allInnerTexts()).map((s) => s.trim()).sort();
 }
 async function waitMembers(page, want) {
-  const until = Date.now() + WAIT;
-  for (;;) {
-    const got = await members(page);
-    if (JSON.stringify(got) === JSON.stringify(want)) return;
-    if (Date.now() > until) throw new Error(`members ${JSON.stringify(got)}, want ${JSON.stringify(want)}`);
-    await page.waitForTimeout(100); // polling the DOM, bounded by `until`
+  const listed = (want) => JSON.stringify(
+    [...document.querySelectorAll("#members li")].map((li) => li.textContent.trim()).sort(),
+  ) === JSON.stringify(want);
+  try {
+    await page.waitForFunction(listed, want, { timeout: WAIT });
+  } catch {
+    throw new Error(`members ${JSON.stringify(await members(page))}, want ${JSON.stringify(want)}`);
   }
 }
 
