@@ -454,3 +454,47 @@ fn browser_users_and_a_terminal_user_share_the_room() {
     assert!(png.starts_with(b"\x89PNG"), "a PNG");
     eprintln!("screenshot: {}", shot.display());
 }
+
+#[test]
+fn chat_server_serves_https_with_the_tls_flags() {
+    let help = Command::new(example("chat_server"))
+        .arg("--help")
+        .output()
+        .unwrap();
+    assert!(String::from_utf8_lossy(&help.stdout).contains("--web <ADDR>"));
+    let cert = Path::new(env!("CARGO_TARGET_TMPDIR")).join("chat_web-https.pem");
+    let cert_arg = cert.to_str().unwrap();
+    let server = run_example(
+        "chat_server",
+        &[
+            "--listen",
+            "127.0.0.1:0",
+            "--web",
+            "127.0.0.1:0",
+            "--tls-self-signed",
+            "--tls-cert-out",
+            cert_arg,
+        ],
+    );
+    // The TLS lines first, then the web address.
+    let web = (0..6)
+        .map(|_| server.line())
+        .find_map(|l| l.strip_prefix("web on https://").map(str::to_owned))
+        .expect("a `web on https://` line");
+    let web: SocketAddr = web.trim_end_matches('/').parse().unwrap();
+    let connector =
+        tls::TlsConnector::from(tls::client_config(&Trust::File(cert.clone())).unwrap());
+    run(LIMIT, async {
+        let tcp = TcpStream::connect(web).await.unwrap();
+        let name = ServerName::try_from("localhost").unwrap();
+        let mut s = connector.connect(name, tcp).await.unwrap();
+        s.write_all(b"GET / HTTP/1.1\r\nHost: localhost\r\n\r\n")
+            .await
+            .unwrap();
+        let mut page = String::new();
+        s.read_to_string(&mut page).await.unwrap();
+        assert!(page.starts_with("HTTP/1.1 200 OK"), "{page}");
+        assert!(page.contains("<script src=\"chat.js\""));
+    });
+    let _ = std::fs::remove_file(&cert);
+}
