@@ -6,7 +6,7 @@
 //!     [--max-connections N] [--max-per-ip N] [--max-memory BYTES]
 //!     [--require-login] [--allow-plaintext-credentials]
 //!     [--tls-cert FILE --tls-key FILE | --tls-self-signed] [--tls-listen ADDR]
-//!     [--tls-handshake-timeout SECS] [--quic ADDR]
+//!     [--tls-handshake-timeout SECS] [--quic ADDR] [--web ADDR]
 //! ```
 //!
 //! It speaks the chat protocol of `docs/PROTOCOL.md`, so `chat_client` or
@@ -45,6 +45,10 @@ use smol::net::TcpListener;
 /// the UDP address ADDR, with the same certificate, and prints `QUIC on
 /// IP:PORT`; clients connect with `chat_client --quic`. QUIC and TCP
 /// clients share the one room.
+///
+/// Browser: with --web ADDR the server also serves the browser client, a
+/// page at http://ADDR/ whose WebSocket (/ws) joins the same room, and
+/// prints `web on http://IP:PORT/`; with TLS, https:// and wss://.
 #[derive(Debug, Parser)]
 #[command(version)]
 struct Args {
@@ -148,6 +152,13 @@ struct Args {
     /// --tls-handshake-timeout too.
     #[arg(long, value_name = "ADDR")]
     quic: Option<String>,
+
+    /// Serve the browser client on this address: the page at http://ADDR/
+    /// and its WebSocket, in the same room (https:// and wss:// with the
+    /// TLS flags). Its connections count against --max-connections and
+    /// --max-per-ip, and have --tls-handshake-timeout for their request.
+    #[arg(long, value_name = "ADDR")]
+    web: Option<String>,
 }
 
 /// The TLS the server was asked for, with its certificate loaded or made.
@@ -255,6 +266,19 @@ async fn listeners(args: &Args, tls: Option<Tls>) -> Result<Vec<Listener>, ExitC
     Ok(listeners)
 }
 
+/// The browser client's listener on `addr`, over TLS if `tls`; prints
+/// its address.
+async fn web_listener(addr: &str, tls: Option<Arc<ServerConfig>>) -> Result<Listener, ExitCode> {
+    let listener = bind(addr).await?;
+    let bound = listener.local_addr().map_err(|e| {
+        eprintln!("cannot read the bound address: {e}");
+        ExitCode::FAILURE
+    })?;
+    let scheme = if tls.is_some() { "https" } else { "http" };
+    println!("web on {scheme}://{bound}/");
+    Ok(Listener::web(listener, tls))
+}
+
 fn main() -> ExitCode {
     let args = Args::parse();
     if !(args.tls_handshake_timeout > 0.0 && args.tls_handshake_timeout <= 86_400.0) {
@@ -317,10 +341,17 @@ fn serve_until_signal(
                 return ExitCode::FAILURE;
             }
         };
-        let listeners = match listeners(&args, tls).await {
+        let web_tls = tls.as_ref().map(|t| t.config.clone());
+        let mut listeners = match listeners(&args, tls).await {
             Ok(listeners) => listeners,
             Err(code) => return code,
         };
+        if let Some(web) = &args.web {
+            match web_listener(web, web_tls).await {
+                Ok(listener) => listeners.push(listener),
+                Err(code) => return code,
+            }
+        }
         let shutdown = async move {
             if let Some(Ok(signal)) = signals.next().await {
                 eprintln!("received {signal:?}");

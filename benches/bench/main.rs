@@ -12,6 +12,7 @@
 //!   `try_send`, `request()`.
 //!
 //! Scenarios: oneway, rtt, tls (oneway 1 KiB and rtt over TLS next to
+//! plain TCP), ws (the same over a WebSocket, the browser client's transport, next to
 //! plain TCP), quic (the same over a QUIC stream, next to TCP and TLS), fanin, chat (fan-out through the example chat server), chat-scale (the same with 100 and 10,000 clients in a child
 //! process), memory, allocs.
 //! Run `cargo bench` for all of them, `cargo bench -- oneway rtt` for some.
@@ -69,6 +70,7 @@ use scenarios::oneway::scenario_oneway;
 use scenarios::quic::scenario_quic;
 use scenarios::rtt::{rtt_chatpipe, rtt_raw, scenario_rtt};
 use scenarios::tls::scenario_tls;
+use scenarios::ws::scenario_ws;
 use stacks::{oneway_chatpipe, oneway_raw, oneway_tokio, CpSend};
 
 // ---------------------------------------------------------------------------
@@ -259,11 +261,12 @@ fn main() {
     rep.md.push('\n');
 
     type Scenario = fn(&Cfg, &mut Report);
-    let scenarios: [(&str, Scenario); 9] = [
+    let scenarios: [(&str, Scenario); 10] = [
         ("oneway", scenario_oneway),
         ("rtt", scenario_rtt),
         ("tls", scenario_tls),
         ("quic", scenario_quic),
+        ("ws", scenario_ws),
         ("fanin", scenario_fanin),
         ("chat", scenario_chat_fanout),
         ("chat-scale", scenario_chat_scale),

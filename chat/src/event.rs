@@ -5,6 +5,7 @@
 use std::fmt;
 use std::io;
 use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
 use std::time::Duration;
 
 use chatpipe::chat::CredentialsError;
@@ -123,6 +124,19 @@ pub enum Event {
         addr: SocketAddr,
         reason: QuicFailure,
     },
+    /// A web listener answered an HTTP request that was not a WebSocket
+    /// upgrade (the page, or an error status), and closed the connection.
+    WebRequest {
+        addr: SocketAddr,
+        path: String,
+        status: u16,
+    },
+    /// A connection to a web listener was closed before it joined: its
+    /// HTTP request was missing, too slow, too large or not HTTP.
+    WebFailed {
+        addr: SocketAddr,
+        reason: WebFailure,
+    },
 }
 
 /// Why a connection to a QUIC listener was closed before it joined.
@@ -133,6 +147,22 @@ pub enum QuicFailure {
     /// The handshake failed (the client refused our certificate, say), or
     /// the stream did not start as chatpipe's.
     Failed(chatpipe::quic::QuicError),
+}
+
+/// Why a connection to a web listener was closed before it joined.
+#[derive(Debug)]
+pub enum WebFailure {
+    /// No whole request head within `handshake_timeout` (a slowloris).
+    Timeout { after: Duration },
+    /// The head was over `max` bytes.
+    HeadTooLarge { max: usize },
+    /// What the peer sent is not HTTP (a chat client on the web port,
+    /// say); `first` is what it started with (up to 8 bytes).
+    NotHttp { error: String, first: Vec<u8> },
+    /// The peer closed after `read` bytes, before its request was whole.
+    ClosedEarly { read: usize },
+    /// Reading the request or writing the answer failed.
+    Io(io::Error),
 }
 
 /// Why a connection to a TLS listener was closed before it joined.
@@ -409,6 +439,8 @@ impl fmt::Display for Event {
             Event::QuicFailed { addr, reason } => {
                 write!(f, "{addr} QUIC handshake failed: {reason}")
             }
+            Event::WebRequest { addr, path, status } => write!(f, "{addr} GET {path:?}: {status}"),
+            Event::WebFailed { addr, reason } => write!(f, "{addr} web request failed: {reason}"),
         }
     }
 }
@@ -504,6 +536,19 @@ impl Disconnect {
             _ => self,
         }
     }
+
+    /// This reason, with a WebSocket message that is not chat bytes (a
+    /// [`BadMessage`](crate::web::BadMessage), which reaches the connection
+    /// as an I/O error) made the malformed-message error a bad frame is.
+    pub(crate) fn on_web(self) -> Self {
+        match &self {
+            Disconnect::Error(e @ chatpipe::Error::Io(_)) => match crate::web::BadMessage::of(e) {
+                Some(bad) => Disconnect::Error(chatpipe::Error::Malformed(Arc::new(bad.clone()))),
+                None => self,
+            },
+            _ => self,
+        }
+    }
 }
 
 impl fmt::Display for HelloRefusal {
@@ -568,6 +613,26 @@ impl fmt::Display for QuicFailure {
                 write!(f, "no handshake and stream within {after:?}")
             }
             QuicFailure::Failed(e) => write!(f, "{e}"),
+        }
+    }
+}
+
+impl fmt::Display for WebFailure {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            WebFailure::Timeout { after } => write!(f, "no request within {after:?}"),
+            WebFailure::HeadTooLarge { max } => write!(f, "request head over {max} bytes"),
+            WebFailure::NotHttp { error, first } => {
+                write!(f, "not HTTP ({error}): it started")?;
+                for byte in first {
+                    write!(f, " {byte:02x}")?;
+                }
+                Ok(())
+            }
+            WebFailure::ClosedEarly { read } => {
+                write!(f, "closed after {read} bytes, before its request was whole")
+            }
+            WebFailure::Io(e) => write!(f, "{e}"),
         }
     }
 }

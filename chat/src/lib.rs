@@ -82,12 +82,13 @@ pub mod quic;
 pub mod store;
 pub mod tls;
 mod v06;
+pub mod web;
 
 use bucket::Bucket;
 pub use bucket::Rate;
 pub use event::{
     Disconnect, Event, HelloRefusal, LoginRefusal, NicknameRefusal, NoticeFailure, QuicFailure,
-    Refusal, Request, RequestRefusal, TlsFailure,
+    Refusal, Request, RequestRefusal, TlsFailure, WebFailure,
 };
 pub use memory::Usage;
 use memory::MESSAGE_OVERHEAD;
@@ -258,13 +259,15 @@ impl fmt::Debug for Config {
 }
 
 /// Where the room takes connections: a TCP listener, serving plaintext or
-/// TLS, or a QUIC endpoint.
+/// TLS (or the browser client, [`web`]), or a QUIC endpoint.
 pub struct Listener(Kind);
 
 enum Kind {
     Tcp {
         listener: TcpListener,
         tls: Option<tls::TlsAcceptor>,
+        /// Serves the browser client: the page and its WebSocket ([`web`]).
+        web: bool,
     },
     /// QUIC, with the TLS configuration the endpoint presents.
     Quic {
@@ -279,6 +282,7 @@ impl Listener {
         Listener(Kind::Tcp {
             listener,
             tls: None,
+            web: false,
         })
     }
 
@@ -288,6 +292,18 @@ impl Listener {
         Listener(Kind::Tcp {
             listener,
             tls: Some(tls::TlsAcceptor::from(config)),
+            web: false,
+        })
+    }
+
+    /// The browser client ([`web`]): the page over HTTP, and WebSocket
+    /// connections that join the room; over TLS (https, wss) with a
+    /// server configuration, marked secure then.
+    pub fn web(listener: TcpListener, tls: Option<Arc<tls::rustls::ServerConfig>>) -> Self {
+        Listener(Kind::Tcp {
+            listener,
+            tls: tls.map(tls::TlsAcceptor::from),
+            web: true,
         })
     }
 
@@ -311,10 +327,11 @@ impl Listener {
 impl fmt::Debug for Listener {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match &self.0 {
-            Kind::Tcp { listener, tls } => f
+            Kind::Tcp { listener, tls, web } => f
                 .debug_struct("Listener")
                 .field("listener", listener)
                 .field("tls", &tls.is_some())
+                .field("web", web)
                 .finish(),
             Kind::Quic { endpoint, .. } => f
                 .debug_struct("Listener")
@@ -354,10 +371,11 @@ pub async fn serve_on(
     let accepting: Vec<smol::Task<()>> = listeners
         .into_iter()
         .map(|listener| match listener.0 {
-            Kind::Tcp { listener, tls } => smol::spawn(accept(
+            Kind::Tcp { listener, tls, web } => smol::spawn(accept(
                 room.clone(),
                 listener,
                 tls,
+                web,
                 ids.clone(),
                 alive.clone(),
                 stopped.clone(),
@@ -418,6 +436,7 @@ async fn accept(
     room: Arc<Room>,
     listener: TcpListener,
     tls: Option<tls::TlsAcceptor>,
+    web: bool,
     ids: Arc<AtomicU64>,
     alive: channel::Sender<()>,
     stopped: channel::Receiver<()>,
@@ -437,6 +456,10 @@ async fn accept(
         let _ = stream.set_nodelay(true);
         let id = ids.fetch_add(1, Ordering::Relaxed) + 1;
         let alive = alive.clone();
+        if web {
+            web::accept(&room, tls.clone(), stream, addr, id, alive, &stopped);
+            continue;
+        }
         let Some(acceptor) = &tls else {
             if let Err(reason) = room.admit(addr) {
                 room.emit(Event::Refused { addr, reason });
@@ -1130,7 +1153,7 @@ impl Room {
                 reason
             };
             let (reason, ()) = smol::future::zip(ended, reading).await;
-            let reason = reason.on_plaintext(secure);
+            let reason = reason.on_plaintext(secure).on_web();
 
             let (nickname, closing) = room.leave(id);
             let reason = match (reason, closing) {

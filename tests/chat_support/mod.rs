@@ -339,8 +339,13 @@ pub fn run_example(name: &str, args: &[&str]) -> Program {
         // No history file left behind in the working directory.
         command.args(["--db", ":memory:"]);
     }
+    command.args(args);
+    spawn(command)
+}
+
+/// Runs `command` as a [`Program`]: its stdin, stdout and stderr piped.
+pub fn spawn(mut command: Command) -> Program {
     let mut child = command
-        .args(args)
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())

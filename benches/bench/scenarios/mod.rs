@@ -10,3 +10,4 @@ pub(crate) mod oneway;
 pub(crate) mod quic;
 pub(crate) mod rtt;
 pub(crate) mod tls;
+pub(crate) mod ws;
