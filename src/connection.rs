@@ -305,8 +305,11 @@ where
         let mut progress = false;
         while let Some(ev) = self.state.poll_event(now) {
             match ev {
-                // After our write half is shut there is nothing to keep alive.
-                Event::SendKeepalive if self.phase == Phase::WriteClosed => {}
+                // Once closing there is nothing to keep alive: what is left
+                // is written, then our write half is shut, and the shutting
+                // may take a while (TLS's close_notify, QUIC's FIN waits for
+                // its acknowledgement), during which a stream refuses writes.
+                Event::SendKeepalive if self.phase != Phase::Open => {}
                 Event::SendKeepalive => {
                     log!(trace, "keepalive");
                     self.queue_keepalive(now)?;

@@ -147,3 +147,91 @@ fn our_own_application_not_reading_is_not_a_silent_peer() {
     aconn.output().unwrap();
     bconn.output().unwrap();
 }
+
+/// A stream whose close takes a while (TLS's close_notify, QUIC's FIN
+/// waiting for its acknowledgement) and that refuses writes once closing
+/// began, as QUIC's does: no keepalive may be written meanwhile, or the
+/// clean close becomes an error.
+#[test]
+fn no_keepalive_is_written_while_the_write_half_is_shutting() {
+    use std::io;
+    use std::pin::Pin;
+    use std::sync::{Arc, Mutex};
+    use std::task::{Context, Poll, Waker};
+
+    #[derive(Default)]
+    struct Shared {
+        closing: bool,
+        /// The close finishes once set.
+        acked: bool,
+        waker: Option<Waker>,
+        written: usize,
+    }
+    struct SlowClose(Arc<Mutex<Shared>>);
+    impl futures::io::AsyncRead for SlowClose {
+        fn poll_read(
+            self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+            _: &mut [u8],
+        ) -> Poll<io::Result<usize>> {
+            // The peer sends nothing and never closes.
+            Poll::Pending
+        }
+    }
+    impl futures::io::AsyncWrite for SlowClose {
+        fn poll_write(
+            self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+            buf: &[u8],
+        ) -> Poll<io::Result<usize>> {
+            let mut s = self.0.lock().unwrap();
+            if s.closing {
+                return Poll::Ready(Err(io::ErrorKind::NotConnected.into()));
+            }
+            s.written += buf.len();
+            Poll::Ready(Ok(buf.len()))
+        }
+        fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+        fn poll_close(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+            let mut s = self.0.lock().unwrap();
+            s.closing = true;
+            if s.acked {
+                return Poll::Ready(Ok(()));
+            }
+            s.waker = Some(cx.waker().clone());
+            Poll::Pending
+        }
+    }
+
+    let mut sim = Sim::new();
+    let shared = Arc::new(Mutex::new(Shared::default()));
+    let (tx, _rx, conn) = Builder::new()
+        .keepalive_interval(Some(5 * S))
+        .idle_timeout(None)
+        .build_with_timer(SlowClose(shared.clone()), Raw, sim.timer());
+    let conn = sim.spawn(conn);
+    tx.try_send(msg("bye")).unwrap();
+    tx.close();
+    sim.run_to(S);
+    assert!(shared.lock().unwrap().closing, "the close began");
+    let written = shared.lock().unwrap().written;
+    // Three keepalive intervals while the close waits for its acknowledgement.
+    sim.run_to(16 * S);
+    assert!(!conn.is_finished());
+    assert_eq!(
+        shared.lock().unwrap().written,
+        written,
+        "nothing written once closing"
+    );
+    let waker = {
+        let mut s = shared.lock().unwrap();
+        s.acked = true;
+        s.waker.take()
+    };
+    waker.unwrap().wake();
+    // Our half is shut; the connection waits for the peer's, as ever.
+    sim.run_to(17 * S);
+    assert!(!conn.is_finished(), "still waiting for the peer to close");
+}
