@@ -196,7 +196,8 @@ try {
   await expectFromTest("UP");
   await ana.locator("#status", { hasText: "connected as ana" }).waitFor({ timeout: 30_000 });
   await bo.locator("#status", { hasText: "connected as bo" }).waitFor({ timeout: 30_000 });
-  await waitMembers(ana, ["ana", "bo"]);
+  // The terminal client reconnects too, with its nickname.
+  await waitMembers(ana, ["ana", "bo", "cy"]);
   await say(ana, "6 back again");
   await waitLog(bo, "6 back again");
   await ana.locator("#log li.own", { hasText: "6 back again" }).locator(".mark.acked").waitFor({ timeout: WAIT });
