@@ -291,6 +291,8 @@
 #![forbid(unsafe_code)]
 #![warn(missing_docs, missing_debug_implementations)]
 
+mod backoff;
+mod backoff;
 mod builder;
 pub mod chat;
 mod connection;
@@ -313,6 +315,7 @@ mod timer;
 #[cfg(feature = "tokio")]
 mod tokio;
 
+pub use backoff::Backoff;
 pub use builder::Builder;
 pub use connection::Connection;
 pub use error::{BoxError, Error, SendError, TrySendError};
@@ -320,7 +323,7 @@ pub use incoming::Incoming;
 pub use protocol::{Call, Kind, Protocol};
 pub use sender::{Permit, Sender, Stats};
 pub use session::{
-    Backoff, Desired, Link, Session, SessionBuilder, SessionDriver, SessionError, SessionIncoming,
+    Desired, Link, Session, SessionBuilder, SessionDriver, SessionError, SessionIncoming,
     SessionSendError, SessionState, SessionStates,
 };
 #[cfg(feature = "async-io")]
