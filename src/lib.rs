@@ -292,7 +292,6 @@
 #![warn(missing_docs, missing_debug_implementations)]
 
 mod backoff;
-mod backoff;
 mod builder;
 pub mod chat;
 mod connection;
