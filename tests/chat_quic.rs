@@ -592,3 +592,77 @@ fn the_programs_chat_over_quic_and_tcp() {
     assert_eq!(bare.wait().code(), Some(1));
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// The reconnecting session over QUIC: the server stops and comes back on
+/// the same UDP port with the same certificate; the QUIC client comes
+/// back on its own, with its nickname, and sends what was typed meanwhile.
+#[test]
+fn the_client_reconnects_over_quic_after_a_restart() {
+    let dir = std::env::temp_dir().join(format!("chatpipe-quic-re-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let made = rcgen::generate_simple_self_signed(vec!["localhost".to_owned()]).unwrap();
+    let (cert, key) = (dir.join("cert.pem"), dir.join("key.pem"));
+    std::fs::write(&cert, made.cert.pem()).unwrap();
+    std::fs::write(&key, made.signing_key.serialize_pem()).unwrap();
+    let (cert_arg, key_arg) = (cert.to_str().unwrap(), key.to_str().unwrap());
+    let serve = |tcp: &str, quic: &str| {
+        let server = run_example(
+            "chat_server",
+            &[
+                "--listen",
+                tcp,
+                "--tls-cert",
+                cert_arg,
+                "--tls-key",
+                key_arg,
+                "--quic",
+                quic,
+            ],
+        );
+        let tcp = server
+            .line()
+            .strip_prefix("listening on ")
+            .unwrap()
+            .to_owned();
+        assert!(server.line().starts_with("TLS on "));
+        let quic = server.line().strip_prefix("QUIC on ").unwrap().to_owned();
+        (server, tcp, quic)
+    };
+    let (mut server, tcp, quic) = serve("127.0.0.1:0", "127.0.0.1:0");
+    let client = |addr: &str, nick: &str, quic: bool| {
+        let mut args = vec!["--connect", addr, "--tls-ca", cert_arg, "--tls-server-name"];
+        args.extend(["localhost", "--line", "--v06", "--nick", nick]);
+        if quic {
+            args.push("--quic");
+        }
+        run_example("chat_client", &args)
+    };
+    let mut ana = client(&quic, "ana", true);
+    assert_eq!(ana.line(), "* you are now ana");
+
+    server.signal("-TERM");
+    assert!(server.wait().success());
+    ana.stderr_line("reconnecting in");
+    ana.type_line("typed while away");
+    let (_server, tcp_again, quic_again) = serve(&tcp, &quic);
+    assert_eq!(
+        (tcp_again.as_str(), quic_again.as_str()),
+        (tcp.as_str(), quic.as_str())
+    );
+    ana.stderr_line("* reconnected");
+    // A TCP client joining now gets the line live or as history: once,
+    // in order.
+    let bo = client(&tcp, "bo", false);
+    ana.type_line("and after");
+    let heard: Vec<String> = std::iter::from_fn(|| Some(bo.line()))
+        .filter(|l| !l.starts_with("* "))
+        .take(2)
+        .map(|l| l.replace("[history] ", ""))
+        .collect();
+    assert_eq!(heard, ["ana: typed while away", "ana: and after"]);
+    for mut c in [ana, bo] {
+        c.close_stdin();
+        assert!(c.wait().success());
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
