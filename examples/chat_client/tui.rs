@@ -77,6 +77,8 @@ enum Out {
     Nick(String),
     /// v0.6: a Login (or registration).
     Login(Credentials),
+    /// Give up: the session stops trying.
+    GiveUp,
 }
 
 /// How something sent turned out.
@@ -371,6 +373,10 @@ async fn sending(
                 }
                 .boxed()
             }
+            Out::GiveUp => {
+                sender.disconnect();
+                continue;
+            }
             Out::Login(credentials) => {
                 let s = sender.clone();
                 async move {
@@ -664,6 +670,7 @@ impl App {
             Change::Fatal(why) => {
                 self.state = State::Disconnected;
                 self.lost = true;
+                self.send(Out::GiveUp);
                 self.problem(format!("! {why}"));
                 for Waiting(_, id) in std::mem::take(&mut self.waiting) {
                     if let Some(id) = id {
