@@ -26,7 +26,7 @@ use rustls::pki_types::{CertificateDer, ServerName};
 use smol::net::TcpListener;
 
 mod chat_support;
-use chat_support::{connect, run, run_example, start_on, Client, TestServer};
+use chat_support::{connect, restartable_port, run, run_example, start_on, Client, TestServer};
 
 /// A hang guard only: generous, for a machine under full load.
 const LIMIT: Duration = Duration::from_secs(60);
@@ -628,7 +628,8 @@ fn the_client_reconnects_over_quic_after_a_restart() {
         let quic = server.line().strip_prefix("QUIC on ").unwrap().to_owned();
         (server, tcp, quic)
     };
-    let (mut server, tcp, quic) = serve("127.0.0.1:0", "127.0.0.1:0");
+    let port = format!("127.0.0.1:{}", restartable_port());
+    let (mut server, tcp, quic) = serve(&port, &port);
     let client = |addr: &str, nick: &str, quic: bool| {
         let mut args = vec!["--connect", addr, "--tls-ca", cert_arg, "--tls-server-name"];
         args.extend(["localhost", "--line", "--v06", "--nick", nick]);

@@ -9,7 +9,7 @@
 use std::time::Instant;
 
 mod chat_support;
-use chat_support::{run_example, Program};
+use chat_support::{restartable_port, run_example, Program};
 
 /// `chat_server` on `addr` (port 0: a free one); returns it and the
 /// address it bound.
@@ -46,7 +46,7 @@ fn stop(mut server: Program) {
 
 #[test]
 fn clients_come_back_after_a_restart_and_send_what_was_typed_meanwhile() {
-    let (server, addr) = server_on("127.0.0.1:0");
+    let (server, addr) = server_on(&format!("127.0.0.1:{}", restartable_port()));
     let mut ana = client(&addr, &["--v06", "--nick", "ana"]);
     assert_eq!(ana.line(), "* you are now ana");
     // Bo speaks v0.6 too, with history: whether bo is back before ana's

@@ -629,8 +629,9 @@ fn input_line_of<'s>(screen: &'s str, label: &str) -> Option<&'s str> {
 /// delivered and acked.
 #[test]
 fn the_ui_reconnects_after_the_server_restarts() {
-    let server = smol::block_on(chat_support::start());
-    let addr = server.addr.to_string();
+    let addr = format!("127.0.0.1:{}", chat_support::restartable_port());
+    let listener = smol::block_on(TcpListener::bind(&addr)).unwrap();
+    let server = chat_support::start_with(listener, Default::default());
     let ui = Tmux::start(
         &example("chat_client"),
         &["--connect", &addr, "--nick", "ana"],

@@ -401,7 +401,10 @@ fn web_server(listen: &str, web: &str) -> (Program, String, String) {
 #[test]
 fn browser_users_and_a_terminal_user_share_the_room() {
     let dir = driver_dir();
-    let (mut server, tcp, web) = web_server("127.0.0.1:0", "127.0.0.1:0");
+    // Ports the restarted server finds free again.
+    let tcp = format!("127.0.0.1:{}", chat_support::restartable_port());
+    let web = format!("127.0.0.1:{}", chat_support::restartable_port());
+    let (mut server, tcp, web) = web_server(&tcp, &web);
     let shot = Path::new(env!("CARGO_TARGET_TMPDIR"))
         .parent()
         .unwrap()

@@ -1399,7 +1399,11 @@ async fn wait_for(
 fn comes_back_after_a_server_restart_on_the_same_port() {
     let _fds = FDS.lock().unwrap_or_else(|e| e.into_inner());
     smol::block_on(async {
-        let listener = smol::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        // A port the restarted server finds free again.
+        let port = restartable_port();
+        let listener = smol::net::TcpListener::bind(("127.0.0.1", port))
+            .await
+            .unwrap();
         let addr = listener.local_addr().unwrap();
         let server = smol::spawn(echo_server(listener));
         let (session, mut incoming, driver) =

@@ -2,6 +2,10 @@
 //! in-process, recording its events, and a chatpipe chat client.
 #![allow(dead_code)]
 
+#[path = "../common/ports.rs"]
+mod ports;
+pub use ports::restartable_port;
+
 use std::future::Future;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::SocketAddr;

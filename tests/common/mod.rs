@@ -1,6 +1,9 @@
 //! Helpers shared by the integration tests.
 #![allow(dead_code)]
 
+mod ports;
+pub use ports::restartable_port;
+
 use std::cell::{Cell, RefCell};
 use std::future::Future;
 use std::io;
