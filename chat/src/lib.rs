@@ -65,7 +65,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use chatpipe::chat::{Chat, ChatMessage, PresenceChange, MAX_PAYLOAD_LEN, V0_5};
+use chatpipe::chat::{ChatMessage, PresenceChange, MAX_PAYLOAD_LEN, V0_5};
 use chatpipe::{Builder, Sender, TrySendError};
 use smol::channel;
 use smol::future::FutureExt;
@@ -83,6 +83,7 @@ pub mod store;
 pub mod tls;
 mod v06;
 pub mod web;
+mod wire;
 
 use bucket::Bucket;
 pub use bucket::Rate;
@@ -93,6 +94,7 @@ pub use event::{
 pub use memory::Usage;
 use memory::MESSAGE_OVERHEAD;
 use v06::Caps;
+use wire::{Frame, Outgoing, Wire};
 
 /// How the server runs.
 #[derive(Clone)]
@@ -409,7 +411,7 @@ pub async fn serve_on(
             if m.version != V0_5 && !m.leaving {
                 // Past the limits: a few bytes per member, once.
                 let text = v06::SHUTDOWN_NOTICE.to_owned();
-                let _ = room.queue(m, Arc::new(ChatMessage::Notice { text }));
+                let _ = room.queue(m, Outgoing::new(ChatMessage::Notice { text }));
             }
             m.outbox.close();
         }
@@ -678,7 +680,7 @@ impl Member {
 
 /// A message queued for a member, with its stamp (`Room::stamps`): the
 /// order in which the room queued it.
-type Stamped = (Arc<ChatMessage>, u64);
+type Stamped = (Arc<Outgoing>, u64);
 
 /// No stamp: nothing old waits.
 const NO_STAMP: u64 = u64::MAX;
@@ -769,11 +771,11 @@ impl Room {
     /// Called with the state locked (`state`), as everything that queues
     /// for members is: so the budget holds (the count only falls
     /// meanwhile).
-    fn deliver(&self, state: &State, m: &Member, msg: Arc<ChatMessage>) -> Result<(), Undelivered> {
+    fn deliver(&self, state: &State, m: &Member, msg: Arc<Outgoing>) -> Result<(), Undelivered> {
         if m.evicted.load(Ordering::Relaxed) {
             return Err(Undelivered::TooSlow);
         }
-        let size = weight(&msg);
+        let size = weight(&msg.msg);
         let backlog = self.config.backlog;
         if m.queued.text.load(Ordering::Relaxed) + size > backlog {
             self.evict(m, |_| Disconnect::TooFarBehind { backlog });
@@ -824,8 +826,8 @@ impl Room {
 
     /// Queues `msg` in member `m`'s backlog and counts it, past any limit
     /// (`deliver` checks them). Fails only when the member is leaving.
-    fn queue(&self, m: &Member, msg: Arc<ChatMessage>) -> Result<(), Undelivered> {
-        let size = weight(&msg);
+    fn queue(&self, m: &Member, msg: Arc<Outgoing>) -> Result<(), Undelivered> {
+        let size = weight(&msg.msg);
         let cost = size + MESSAGE_OVERHEAD;
         m.queued.text.fetch_add(size, Ordering::Relaxed);
         m.queued.cost.fetch_add(cost, Ordering::Relaxed);
@@ -880,7 +882,7 @@ impl Room {
             self.remember(v06::now_ms(), &from, &text);
             state.said += 1;
         }
-        let msg = Arc::new(ChatMessage::Broadcast { from, text });
+        let msg = Outgoing::new(ChatMessage::Broadcast { from, text });
         for (_, m) in state.members.iter().filter(|(&other, _)| other != id) {
             if !m.leaving && m.listening {
                 let _ = self.deliver(&state, m, msg.clone());
@@ -1038,7 +1040,7 @@ impl Room {
     {
         let (sender, incoming, conn) = Builder::new()
             .keepalive_interval(Some(self.config.keepalive))
-            .build(stream, Chat);
+            .build(stream, Wire);
         let (outbox, broadcasts) = channel::unbounded();
         let queued = Arc::new(Queued::default());
         let (kick, kicked) = channel::bounded(1);
@@ -1100,7 +1102,8 @@ impl Room {
                 // and bytes they queued for members.
                 let (mut handled, mut queued) = (0u64, 0u64);
                 let yield_bytes = room.budget() as u64 / YIELD_SHARE;
-                while let Some(Ok(msg)) = incoming.next().await {
+                while let Some(Ok(frame)) = incoming.next().await {
+                    let msg = frame.into_message();
                     if let Some(pace) = &mut pace {
                         if let Err(reason) = pace.wait(&room, addr, &incoming).await {
                             if let Some(reason) = reason {
@@ -1196,7 +1199,7 @@ impl Pace {
         &mut self,
         room: &Room,
         addr: SocketAddr,
-        incoming: &chatpipe::Incoming<Chat>,
+        incoming: &chatpipe::Incoming<Wire>,
     ) -> Result<(), Option<Disconnect>> {
         let (unread, lasting) = (room.config.flood_unread, room.config.flood_for);
         // Each round waits a little, and ends with a token, the flood
@@ -1259,7 +1262,7 @@ async fn forward(
     addr: SocketAddr,
     broadcasts: channel::Receiver<Stamped>,
     queued: &Queued,
-    sender: &Sender<Chat>,
+    sender: &Sender<Wire>,
 ) -> Disconnect {
     // The cost of what was moved to the connection and may not be written
     // yet; rung after each move.
@@ -1279,17 +1282,16 @@ async fn forward(
         // When the queue was first found full, since it last had room.
         let mut full_since = None;
         while let Ok((shared, stamp)) = broadcasts.recv().await {
-            let size = weight(&shared);
+            let size = weight(&shared.msg);
             queued.text.fetch_sub(size, Ordering::Relaxed);
             let cost = size + MESSAGE_OVERHEAD;
-            // The last member it is for takes it; the others copy it (the
-            // connection encodes it into its own queue at once anyway).
-            let msg = Arc::unwrap_or_clone(shared);
             // A Notice is the last message before a close: reported either way.
-            let notice = match &msg {
+            let notice = match &shared.msg {
                 ChatMessage::Notice { text } => Some(text.clone()),
                 _ => None,
             };
+            // Not copied: every member it is for writes its one encoding.
+            let msg = Frame::Shared(shared);
             let sent = match sender.try_send(msg) {
                 Ok(()) => {
                     full_since = None;
@@ -1378,7 +1380,7 @@ async fn forward(
     moving.or(written).await
 }
 
-async fn handle(room: &Room, id: u64, addr: SocketAddr, sender: &Sender<Chat>, msg: ChatMessage) {
+async fn handle(room: &Room, id: u64, addr: SocketAddr, sender: &Sender<Wire>, msg: ChatMessage) {
     // From a client being disconnected, nothing more is taken.
     let is_hello = matches!(msg, ChatMessage::Hello { .. });
     let Some(first) = room.first_message(id, is_hello) else {
@@ -1399,12 +1401,11 @@ async fn handle(room: &Room, id: u64, addr: SocketAddr, sender: &Sender<Chat>, m
                 nickname,
                 reason,
             });
-            let _ = sender
-                .send(ChatMessage::Nak {
-                    request_id,
-                    message,
-                })
-                .await;
+            let nak = ChatMessage::Nak {
+                request_id,
+                message,
+            };
+            let _ = sender.send(nak.into()).await;
         }
         room.close_for(id, Disconnect::LoginRequired);
         let _ = sender.flush().await;
@@ -1438,7 +1439,7 @@ async fn handle(room: &Room, id: u64, addr: SocketAddr, sender: &Sender<Chat>, m
                 }
             };
             // Waiting here slows only this client's own reading.
-            let _ = sender.send(reply).await;
+            let _ = sender.send(reply.into()).await;
         }
         // A server-to-client message: meaningless here.
         ChatMessage::Broadcast { .. } => {
@@ -1461,7 +1462,7 @@ async fn handle(room: &Room, id: u64, addr: SocketAddr, sender: &Sender<Chat>, m
         }
         ChatMessage::Say { request_id, text } => {
             let reply = v06::say(room, id, addr, request_id, text);
-            let _ = sender.send(reply).await;
+            let _ = sender.send(reply.into()).await;
         }
         ChatMessage::Direct {
             request_id,
@@ -1469,18 +1470,18 @@ async fn handle(room: &Room, id: u64, addr: SocketAddr, sender: &Sender<Chat>, m
             text,
         } => {
             let reply = v06::direct(room, id, addr, request_id, to, text);
-            let _ = sender.send(reply).await;
+            let _ = sender.send(reply.into()).await;
         }
         ChatMessage::Who { request_id } => {
             let reply = v06::who(room, id, addr, request_id);
-            let _ = sender.send(reply).await;
+            let _ = sender.send(reply.into()).await;
         }
         ChatMessage::Login {
             request_id,
             credentials,
         } => {
             let reply = v06::login(room, id, addr, request_id, &credentials).await;
-            let _ = sender.send(reply).await;
+            let _ = sender.send(reply.into()).await;
         }
         // Keepalives and responses never reach the application.
         ChatMessage::Keepalive | ChatMessage::Ack { .. } | ChatMessage::Nak { .. } => {}
@@ -1615,8 +1616,8 @@ mod tests {
         assert_eq!(room.admit(b), Err(Refusal::ServerFull { max: 3 }));
     }
 
-    fn text(n: usize) -> Arc<ChatMessage> {
-        Arc::new(ChatMessage::Broadcast {
+    fn text(n: usize) -> Arc<Outgoing> {
+        Outgoing::new(ChatMessage::Broadcast {
             from: "x".into(),
             text: "y".repeat(n - 1),
         })
@@ -1691,7 +1692,7 @@ mod tests {
         // backlog held, or leaving, changes no count.
         assert!(matches!(deliver(3), Err(Undelivered::TooSlow)));
         while let Ok((msg, _)) = rx[&3].backlog.try_recv() {
-            let cost = weight(&msg) + MESSAGE_OVERHEAD;
+            let cost = weight(&msg.msg) + MESSAGE_OVERHEAD;
             room.release(&room.lock().members[&3].queued, cost);
         }
         assert_eq!(room.usage().waiting(), 71 * COST);
