@@ -65,6 +65,7 @@ use scenarios::allocs::scenario_allocs;
 use scenarios::chat::{chat_cpu_line, chat_fanout, scenario_chat_fanout};
 use scenarios::chat_scale::{child_chat, scenario_chat_scale};
 use scenarios::fanin::{fanin_chatpipe, fanin_tokio, scenario_fanin};
+use scenarios::loadgen::{self, serve_chat, Server};
 use scenarios::memory::{child_idle, scenario_memory};
 use scenarios::oneway::scenario_oneway;
 use scenarios::quic::scenario_quic;
@@ -93,6 +94,8 @@ struct Cfg {
     chat_reps: usize,
     /// Chat fan-out: seconds the paced run should take (0: none).
     chat_paced_secs: f64,
+    /// Chat fan-out against the peers: messages/s of the paced run, in all.
+    chat_paced_rate: f64,
     /// Chat fan-out: also a saturated run with a single sender.
     chat_single: bool,
     /// Chat at scale, clients in a child process: (clients, messages per
@@ -129,9 +132,10 @@ impl Cfg {
                 fanin_msgs: 200,
                 chat_clients: 100,
                 chat_senders: 10,
-                chat_msgs: 100,
+                chat_msgs: 200,
                 chat_reps: 2,
-                chat_paced_secs: 0.3,
+                chat_paced_secs: 0.5,
+                chat_paced_rate: 10_000.0,
                 chat_single: true,
                 chat_scale: vec![(100, 100), (10_000, 10)],
                 idle_pairs: 1_000,
@@ -151,9 +155,10 @@ impl Cfg {
                 fanin_msgs: 2_000,
                 chat_clients: 100,
                 chat_senders: 10,
-                chat_msgs: 200,
+                chat_msgs: 2_000,
                 chat_reps: 3,
-                chat_paced_secs: 0.75,
+                chat_paced_secs: 2.0,
+                chat_paced_rate: 10_000.0,
                 chat_single: true,
                 chat_scale: vec![(100, 200), (10_000, 50)],
                 idle_pairs: 10_000,
@@ -185,6 +190,20 @@ fn main() {
             Duration::from_millis(num(5)),
         );
         return;
+    }
+    if args.get(1).map(String::as_str) == Some("--serve-chat") {
+        // `--serve-chat`: scenario 4's chat server (see loadgen.rs).
+        serve_chat();
+        return;
+    }
+    if args.get(1).map(String::as_str) == Some("--one")
+        && args.get(2).is_some_and(|c| c == "chat")
+        && std::env::var_os("SMOL_THREADS").is_none()
+    {
+        // The in-process room on one executor thread per core, as
+        // chat_server runs it; set before anything spawns a thread.
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        std::env::set_var("SMOL_THREADS", cores.to_string());
     }
     if args.get(1).map(String::as_str) == Some("--child-chat") {
         // `--child-chat ADDR CLIENTS SENDERS MSGS`: chat at scale's clients.
@@ -218,6 +237,35 @@ fn main() {
             }
             "fanin" => fanin_chatpipe(100, n),
             "fanin-feed" => fanin_tokio(100, n),
+            "fanout-chatpipe" | "fanout-nats" | "fanout-redis" => {
+                // Scenario 4's load generator against one server, in a
+                // process of its own: `--one fanout-nats <senders> <msgs>`.
+                let server = match case {
+                    "fanout-chatpipe" => Server::Chatpipe,
+                    "fanout-nats" => Server::Nats,
+                    _ => Server::Redis,
+                };
+                let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+                let running = loadgen::start(server, cores).unwrap_or_else(|e| panic!("{e}"));
+                let senders = if size > 0 { size } else { 10 };
+                let ex = std::rc::Rc::new(smol::LocalExecutor::new());
+                let ex2 = ex.clone();
+                let (run, cpu) = smol::block_on(ex.run(async {
+                    let cs = loadgen::connect_all(server, running.addr, 100, senders).await;
+                    let cpu0 = running.cpu_secs();
+                    let run = loadgen::run(&ex2, server, &cs, senders, n, None).await;
+                    (run, running.cpu_secs() - cpu0)
+                }));
+                eprintln!(
+                    "{}: {} deliveries/s, p50 {:.0} µs, p99 {:.0} µs; server CPU {:.2} cores",
+                    server.name(),
+                    si(run.deliveries as f64 / run.secs),
+                    percentile(&run.latencies, 0.5),
+                    percentile(&run.latencies, 0.99),
+                    cpu / run.secs,
+                );
+                run.secs
+            }
             "chat" => {
                 let mut cfg = Cfg::from_env();
                 (cfg.chat_msgs, cfg.chat_reps, cfg.chat_paced_secs) = (n, 1, 0.0);
