@@ -96,8 +96,6 @@ struct Cfg {
     chat_paced_secs: f64,
     /// Chat fan-out against the peers: messages/s of the paced run, in all.
     chat_paced_rate: f64,
-    /// Chat fan-out: also a saturated run with a single sender.
-    chat_single: bool,
     /// Chat at scale, clients in a child process: (clients, messages per
     /// sender) for each run; `chat_senders` send.
     chat_scale: Vec<(usize, u64)>,
@@ -136,7 +134,6 @@ impl Cfg {
                 chat_reps: 2,
                 chat_paced_secs: 0.5,
                 chat_paced_rate: 10_000.0,
-                chat_single: true,
                 chat_scale: vec![(100, 100), (10_000, 10)],
                 idle_pairs: 1_000,
                 idle_settle: Duration::from_millis(500),
@@ -159,7 +156,6 @@ impl Cfg {
                 chat_reps: 3,
                 chat_paced_secs: 2.0,
                 chat_paced_rate: 10_000.0,
-                chat_single: true,
                 chat_scale: vec![(100, 200), (10_000, 50)],
                 idle_pairs: 10_000,
                 idle_settle: Duration::from_secs(1),
@@ -272,7 +268,6 @@ fn main() {
                 if size > 0 {
                     cfg.chat_senders = size.min(cfg.chat_clients);
                 }
-                cfg.chat_single = false;
                 let r = chat_fanout(&cfg);
                 let run = &r.saturated[0];
                 eprintln!(
@@ -283,6 +278,9 @@ fn main() {
                     chat_cpu_line(&r, run.secs),
                     run.allocs as f64 / run.deliveries as f64,
                 );
+                for line in &r.trouble {
+                    eprintln!("chat server: {line}");
+                }
                 run.secs
             }
             _ => {

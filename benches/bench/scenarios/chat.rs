@@ -207,10 +207,6 @@ const CHAT_CLIENT_THREAD: &str = "chat-clients";
 pub(crate) struct ChatResults {
     /// Saturated runs, warm-up excluded.
     pub(crate) saturated: Vec<ChatRun>,
-    /// The paced run, with its offered broadcasts/s (all senders).
-    pub(crate) paced: Option<(ChatRun, f64)>,
-    /// A saturated run with one sender.
-    pub(crate) single: Option<ChatRun>,
     /// Thread name -> CPU seconds over the saturated runs.
     pub(crate) usage: BTreeMap<String, f64>,
     /// Server log lines about trouble (kicks, refusals, errors).
@@ -259,7 +255,6 @@ pub(crate) fn chat_fanout(cfg: &Cfg) -> ChatResults {
         .expect("server thread");
 
     let (reps, warmup) = (cfg.chat_reps, usize::from(!cfg.quick));
-    let (target_paced, single) = (cfg.chat_paced_secs, cfg.chat_single);
     let client = thread::Builder::new()
         .name(CHAT_CLIENT_THREAD.into())
         .spawn(move || {
@@ -281,45 +276,20 @@ pub(crate) fn chat_fanout(cfg: &Cfg) -> ChatResults {
                     .iter()
                     .map(|(k, c1)| (k.clone(), c1 - u0.get(k).copied().unwrap_or(0.0)))
                     .collect();
-                // Paced at half the saturated rate: latency without a
-                // standing queue.
-                let mut rates: Vec<f64> = saturated
-                    .iter()
-                    .map(|r| r.deliveries as f64 / r.secs)
-                    .collect();
-                rates.sort_by(|a, b| a.total_cmp(b));
-                let paced = match rates.get(rates.len() / 2) {
-                    Some(&deliveries) if target_paced > 0.0 => {
-                        let broadcasts = 0.5 * deliveries / (clients - 1) as f64;
-                        let per_sender = broadcasts / senders as f64;
-                        let n = ((per_sender * target_paced) as u64).clamp(10, msgs * 10);
-                        let run = chat_run(&ex, &mut cs, senders, n, Some(per_sender)).await;
-                        Some((run, broadcasts))
-                    }
-                    _ => None,
-                };
-                // The same messages from one sender instead of many.
-                let single = if single && senders > 1 {
-                    Some(chat_run(&ex, &mut cs, 1, msgs, None).await)
-                } else {
-                    None
-                };
                 for c in cs {
                     c.tx.close();
                     c.driver.await.expect("chat client driver");
                 }
-                (saturated, paced, single, usage)
+                (saturated, usage)
             }))
         })
         .expect("client thread");
-    let (saturated, paced, single, usage) = client.join().expect("chat clients");
+    let (saturated, usage) = client.join().expect("chat clients");
     let _ = stop.send_blocking(());
     server.join().expect("chat server");
     let trouble = trouble.lock().unwrap().clone();
     ChatResults {
         saturated,
-        paced,
-        single,
         usage,
         trouble,
     }
@@ -350,7 +320,6 @@ pub(crate) fn chat_cpu_line(res: &ChatResults, secs: f64) -> String {
 
 /// One server's figures in scenario 4.
 struct Driven {
-    server: Server,
     version: String,
     saturated: Vec<Run>,
     /// Server CPU seconds over the saturated runs.
@@ -391,7 +360,6 @@ fn drive(cfg: &Cfg, server: Server, threads: usize) -> Result<Driven, String> {
         (saturated, cpu, paced)
     }));
     Ok(Driven {
-        server,
         version: running.version.clone(),
         saturated,
         cpu,

@@ -58,7 +58,6 @@ impl Server {
 
 /// A server in a process of its own, killed when dropped.
 pub(crate) struct Running {
-    pub(crate) server: Server,
     pub(crate) addr: SocketAddr,
     child: Child,
     /// What the server says of itself (its version).
@@ -79,6 +78,17 @@ impl Running {
 
 impl Drop for Running {
     fn drop(&mut self) {
+        // The chat server ends cleanly once its stdin does (which a
+        // profiler running it needs to write its profile).
+        if self.child.stdin.take().is_some() {
+            let t0 = Instant::now();
+            while t0.elapsed() < Duration::from_secs(60) {
+                if let Ok(Some(_)) = self.child.try_wait() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
@@ -117,7 +127,19 @@ pub(crate) fn start(server: Server, threads: usize) -> Result<Running, String> {
         Server::Chatpipe => {
             // This very bench program, as the room's server (`--serve-chat`).
             let exe = std::env::current_exe().map_err(|e| e.to_string())?;
-            let mut child = Command::new(exe)
+            // For profiling the server alone: a command to run it under,
+            // e.g. CHATPIPE_BENCH_SERVER_WRAP="valgrind --tool=callgrind".
+            let wrap = std::env::var("CHATPIPE_BENCH_SERVER_WRAP").unwrap_or_default();
+            let mut words = wrap.split_whitespace();
+            let mut cmd = match words.next() {
+                Some(first) => {
+                    let mut cmd = Command::new(first);
+                    cmd.args(words).arg(exe);
+                    cmd
+                }
+                None => Command::new(exe),
+            };
+            let mut child = cmd
                 .arg("--serve-chat")
                 .env("SMOL_THREADS", threads.to_string())
                 .stdin(Stdio::piped())
@@ -134,7 +156,6 @@ pub(crate) fn start(server: Server, threads: usize) -> Result<Running, String> {
                 .and_then(|a| a.parse().ok())
                 .ok_or_else(|| format!("--serve-chat said {line:?}"))?;
             Ok(Running {
-                server,
                 addr,
                 child,
                 version: format!("chatpipe {} (this tree)", env!("CARGO_PKG_VERSION")),
@@ -170,7 +191,6 @@ pub(crate) fn start(server: Server, threads: usize) -> Result<Running, String> {
                 .map_err(|e| format!("{bin}: {e}"))?;
             let addr = SocketAddr::from(([127, 0, 0, 1], port));
             let running = Running {
-                server,
                 addr,
                 child,
                 version,
