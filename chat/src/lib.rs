@@ -74,6 +74,7 @@ use smol::net::{TcpListener, TcpStream};
 use smol::stream::StreamExt;
 
 pub mod accounts;
+mod backlog;
 mod bucket;
 pub mod client;
 mod event;
@@ -636,7 +637,7 @@ struct Member {
     nickname: Option<String>,
     /// Broadcasts on their way to this member's connection: one copy of
     /// each, shared by every member it is for, with its stamp.
-    outbox: channel::Sender<Stamped>,
+    outbox: backlog::Sender<Stamped>,
     /// How much waits for it.
     queued: Arc<Queued>,
     /// It is being disconnected for being too slow: nothing more is
@@ -1041,7 +1042,7 @@ impl Room {
         let (sender, incoming, conn) = Builder::new()
             .keepalive_interval(Some(self.config.keepalive))
             .build(stream, Wire);
-        let (outbox, broadcasts) = channel::unbounded();
+        let (outbox, broadcasts) = backlog::unbounded();
         let queued = Arc::new(Queued::default());
         let (kick, kicked) = channel::bounded(1);
         let kick_self = kick.clone();
@@ -1260,7 +1261,7 @@ const PACE_POLL: Duration = Duration::from_millis(50);
 async fn forward(
     room: &Room,
     addr: SocketAddr,
-    broadcasts: channel::Receiver<Stamped>,
+    broadcasts: backlog::Receiver<Stamped>,
     queued: &Queued,
     sender: &Sender<Wire>,
 ) -> Disconnect {
@@ -1281,74 +1282,79 @@ async fn forward(
         let stall = room.config.stall;
         // When the queue was first found full, since it last had room.
         let mut full_since = None;
-        while let Ok((shared, stamp)) = broadcasts.recv().await {
-            let size = weight(&shared.msg);
-            queued.text.fetch_sub(size, Ordering::Relaxed);
-            let cost = size + MESSAGE_OVERHEAD;
-            // A Notice is the last message before a close: reported either way.
-            let notice = match &shared.msg {
-                ChatMessage::Notice { text } => Some(text.clone()),
-                _ => None,
-            };
-            // Not copied: every member it is for writes its one encoding.
-            let msg = Frame::Shared(shared);
-            let sent = match sender.try_send(msg) {
-                Ok(()) => {
-                    full_since = None;
-                    Ok(())
-                }
-                Err(TrySendError::Full(msg)) => {
-                    // Wait for room, but only until the queue has been full for
-                    // `stall`: a slot freed now and then is not catching up.
-                    let since = *full_since.get_or_insert_with(|| room.now());
-                    let left = stall.saturating_sub(room.now().saturating_duration_since(since));
-                    let room_made = async { Some(sender.reserve().await) };
-                    let give_up = async {
-                        smol::Timer::after(left).await;
-                        None
-                    };
-                    match room_made.or(give_up).await {
-                        Some(Ok(permit)) => permit.send(msg).map_err(|e| e.error),
-                        Some(Err(e)) => Err(e),
-                        None => {
-                            if let Some(text) = notice {
-                                let reason = NoticeFailure::QueueFull;
-                                room.emit(Event::NoticeNotSent { addr, text, reason });
+        // Taken from the backlog all at once, then moved one by one.
+        let mut batch = VecDeque::new();
+        'moving: while broadcasts.recv_all(&mut batch).await {
+            while let Some((shared, stamp)) = batch.pop_front() {
+                let size = weight(&shared.msg);
+                queued.text.fetch_sub(size, Ordering::Relaxed);
+                let cost = size + MESSAGE_OVERHEAD;
+                // A Notice is the last message before a close: reported either way.
+                let notice = match &shared.msg {
+                    ChatMessage::Notice { text } => Some(text.clone()),
+                    _ => None,
+                };
+                // Not copied: every member it is for writes its one encoding.
+                let msg = Frame::Shared(shared);
+                let sent = match sender.try_send(msg) {
+                    Ok(()) => {
+                        full_since = None;
+                        Ok(())
+                    }
+                    Err(TrySendError::Full(msg)) => {
+                        // Wait for room, but only until the queue has been full for
+                        // `stall`: a slot freed now and then is not catching up.
+                        let since = *full_since.get_or_insert_with(|| room.now());
+                        let left =
+                            stall.saturating_sub(room.now().saturating_duration_since(since));
+                        let room_made = async { Some(sender.reserve().await) };
+                        let give_up = async {
+                            smol::Timer::after(left).await;
+                            None
+                        };
+                        match room_made.or(give_up).await {
+                            Some(Ok(permit)) => permit.send(msg).map_err(|e| e.error),
+                            Some(Err(e)) => Err(e),
+                            None => {
+                                if let Some(text) = notice {
+                                    let reason = NoticeFailure::QueueFull;
+                                    room.emit(Event::NoticeNotSent { addr, text, reason });
+                                }
+                                return Disconnect::Stalled { stall };
                             }
-                            return Disconnect::Stalled { stall };
                         }
                     }
-                }
-                Err(TrySendError::Failed(e)) => Err(e.error),
-            };
-            if sent.is_ok() {
-                moved.fetch_add(cost, Ordering::Relaxed);
-                if unflushed.load(Ordering::Relaxed) == NO_STAMP {
-                    unflushed.store(stamp, Ordering::Relaxed);
-                    oldest();
-                }
-                let _ = ring.try_send(());
-            } else {
-                room.release(queued, cost);
-            }
-            match (sent, notice) {
-                (Ok(()), None) => {}
-                (Ok(()), Some(text)) => room.emit(Event::NoticeSent { addr, text }),
-                (Err(error), Some(text)) => {
-                    let fatal = error.is_fatal();
-                    let reason = NoticeFailure::Failed(error);
-                    room.emit(Event::NoticeNotSent { addr, text, reason });
-                    if fatal {
-                        break;
+                    Err(TrySendError::Failed(e)) => Err(e.error),
+                };
+                if sent.is_ok() {
+                    moved.fetch_add(cost, Ordering::Relaxed);
+                    if unflushed.load(Ordering::Relaxed) == NO_STAMP {
+                        unflushed.store(stamp, Ordering::Relaxed);
+                        oldest();
                     }
+                    let _ = ring.try_send(());
+                } else {
+                    room.release(queued, cost);
                 }
-                // This message cannot go out (too large for a frame); the next
-                // ones can.
-                (Err(error), None) if !error.is_fatal() => {
-                    room.emit(Event::BroadcastNotSent { addr, error });
+                match (sent, notice) {
+                    (Ok(()), None) => {}
+                    (Ok(()), Some(text)) => room.emit(Event::NoticeSent { addr, text }),
+                    (Err(error), Some(text)) => {
+                        let fatal = error.is_fatal();
+                        let reason = NoticeFailure::Failed(error);
+                        room.emit(Event::NoticeNotSent { addr, text, reason });
+                        if fatal {
+                            break 'moving;
+                        }
+                    }
+                    // This message cannot go out (too large for a frame); the next
+                    // ones can.
+                    (Err(error), None) if !error.is_fatal() => {
+                        room.emit(Event::BroadcastNotSent { addr, error });
+                    }
+                    // The connection is ending; its driver says why.
+                    (Err(_), None) => break 'moving,
                 }
-                // The connection is ending; its driver says why.
-                (Err(_), None) => break,
             }
         }
         sender.close();
@@ -1503,7 +1509,7 @@ mod tests {
     /// A member from `addr`, without a connection: its backlog and kick
     /// channels' receiving ends come with it.
     fn member(addr: &str) -> (Member, Receivers) {
-        let (outbox, backlog) = channel::unbounded();
+        let (outbox, backlog) = backlog::unbounded();
         let (kick, kicked) = channel::bounded(1);
         let m = Member {
             addr: addr.parse().unwrap(),
@@ -1526,7 +1532,7 @@ mod tests {
     }
 
     struct Receivers {
-        backlog: channel::Receiver<Stamped>,
+        backlog: backlog::Receiver<Stamped>,
         kicked: channel::Receiver<Disconnect>,
     }
 
@@ -1691,7 +1697,7 @@ mod tests {
         // Nothing more is queued for it, and its task taking what its
         // backlog held, or leaving, changes no count.
         assert!(matches!(deliver(3), Err(Undelivered::TooSlow)));
-        while let Ok((msg, _)) = rx[&3].backlog.try_recv() {
+        while let Some((msg, _)) = rx[&3].backlog.try_recv() {
             let cost = weight(&msg.msg) + MESSAGE_OVERHEAD;
             room.release(&room.lock().members[&3].queued, cost);
         }
