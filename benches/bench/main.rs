@@ -233,32 +233,39 @@ fn main() {
             }
             "fanin" => fanin_chatpipe(100, n),
             "fanin-feed" => fanin_tokio(100, n),
-            "fanout-chatpipe" | "fanout-nats" | "fanout-redis" => {
+            "fanout-chatpipe" | "fanout-nats" | "fanout-redis" | "paced-chatpipe"
+            | "paced-nats" | "paced-redis" => {
                 // Scenario 4's load generator against one server, in a
-                // process of its own: `--one fanout-nats <senders> <msgs>`.
-                let server = match case {
-                    "fanout-chatpipe" => Server::Chatpipe,
-                    "fanout-nats" => Server::Nats,
+                // process of its own: `--one fanout-nats <senders> <msgs>`,
+                // saturated; `paced-*`: 10,000 messages/s in all.
+                let server = match &case[case.find('-').unwrap_or(0) + 1..] {
+                    "chatpipe" => Server::Chatpipe,
+                    "nats" => Server::Nats,
                     _ => Server::Redis,
                 };
                 let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
                 let running = loadgen::start(server, cores).unwrap_or_else(|e| panic!("{e}"));
                 let senders = if size > 0 { size } else { 10 };
+                let pace = case
+                    .starts_with("paced")
+                    .then(|| Cfg::from_env().chat_paced_rate / senders as f64);
                 let ex = std::rc::Rc::new(smol::LocalExecutor::new());
                 let ex2 = ex.clone();
                 let (run, cpu) = smol::block_on(ex.run(async {
                     let cs = loadgen::connect_all(server, running.addr, 100, senders).await;
-                    let cpu0 = running.cpu_secs();
-                    let run = loadgen::run(&ex2, server, &cs, senders, n, None).await;
-                    (run, running.cpu_secs() - cpu0)
+                    let (cpu0, gen0) = (running.cpu_secs(), harness::process_cpu_secs());
+                    let run = loadgen::run(&ex2, server, &cs, senders, n, pace).await;
+                    let cpu = running.cpu_secs() - cpu0;
+                    (run, (cpu, harness::process_cpu_secs() - gen0))
                 }));
                 eprintln!(
-                    "{}: {} deliveries/s, p50 {:.0} µs, p99 {:.0} µs; server CPU {:.2} cores",
+                    "{}: {} deliveries/s, p50 {:.0} µs, p99 {:.0} µs; CPU: server {:.2} cores, load generator {:.2}",
                     server.name(),
                     si(run.deliveries as f64 / run.secs),
                     percentile(&run.latencies, 0.5),
                     percentile(&run.latencies, 0.99),
-                    cpu / run.secs,
+                    cpu.0 / run.secs,
+                    cpu.1 / run.secs,
                 );
                 run.secs
             }
