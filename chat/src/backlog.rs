@@ -59,12 +59,34 @@ pub(crate) fn unbounded<T>() -> (Sender<T>, Receiver<T>) {
 
 impl<T> Sender<T> {
     /// Queues `item`, or hands it back if the backlog is closed.
+    #[cfg(test)]
     pub(crate) fn try_send(&self, item: T) -> Result<(), T> {
+        self.send_or(item, Err)
+    }
+
+    /// Queues `item`, or hands it to `direct` instead if the receiver is
+    /// parked on an empty backlog (so it holds nothing taken earlier, and
+    /// stays parked meanwhile: `item` cannot overtake anything). `direct`
+    /// gives the item back if it did not deliver it; then it is queued.
+    /// Hands the item back if the backlog is closed.
+    pub(crate) fn send_or(
+        &self,
+        item: T,
+        direct: impl FnOnce(T) -> Result<(), T>,
+    ) -> Result<(), T> {
         let waker = {
             let mut inner = self.0.lock();
             if inner.closed {
                 return Err(item);
             }
+            let item = if inner.items.is_empty() && inner.waker.is_some() {
+                match direct(item) {
+                    Ok(()) => return Ok(()),
+                    Err(item) => item,
+                }
+            } else {
+                item
+            };
             inner.items.push_back(item);
             inner.waker.take()
         };
@@ -95,6 +117,8 @@ impl<T> Receiver<T> {
             if !inner.items.is_empty() {
                 // Swapped, not copied: `into`'s buffer is reused next time.
                 std::mem::swap(&mut inner.items, into);
+                // Not parked: it holds what it took (`send_or`).
+                inner.waker = None;
                 return Poll::Ready(true);
             }
             if inner.closed {
@@ -157,6 +181,39 @@ mod tests {
             let (all, ()) = smol::future::zip(receiving, sending).await;
             assert_eq!(all, (0..1000).collect::<Vec<_>>());
         });
+    }
+
+    #[test]
+    fn only_a_parked_receiver_with_nothing_in_hand_is_bypassed() {
+        let (tx, rx) = unbounded();
+        let direct = std::cell::RefCell::new(Vec::new());
+        let take = |i| {
+            direct.borrow_mut().push(i);
+            Ok(())
+        };
+        // Not parked yet: queued.
+        tx.send_or(1, take).unwrap();
+        let mut got = VecDeque::new();
+        smol::block_on(async {
+            assert!(rx.recv_all(&mut got).await);
+            // Holding 1, not parked: queued behind it.
+            tx.send_or(2, take).unwrap();
+            assert!(direct.borrow().is_empty());
+            got.clear();
+            assert!(rx.recv_all(&mut got).await);
+            assert_eq!(got, [2]);
+            got.clear();
+            // Parked on an empty backlog: bypassed, unless `direct` declines.
+            let parked = smol::future::poll_once(rx.recv_all(&mut got)).await;
+            assert!(parked.is_none());
+        });
+        tx.send_or(3, take).unwrap();
+        assert_eq!(*direct.borrow(), [3]);
+        tx.send_or(4, Err).unwrap();
+        tx.send_or(5, take).unwrap();
+        assert_eq!(*direct.borrow(), [3]);
+        assert!(smol::block_on(rx.recv_all(&mut got)));
+        assert_eq!(got, [4, 5]);
     }
 
     #[test]

@@ -645,6 +645,9 @@ struct Member {
     evicted: AtomicBool,
     /// Tells the member's task to drop its connection, and why.
     kick: channel::Sender<Disconnect>,
+    /// Its connection, for messages that need not wait in the backlog
+    /// (`None` in unit tests, which have no connection).
+    direct: Option<Direct>,
     /// The protocol version it speaks: 0.5 until a Welcome.
     version: u16,
     /// What its Welcome granted (nothing before).
@@ -701,6 +704,14 @@ struct Queued {
     /// written yet (`NO_STAMP` for none): the smaller, the longer this
     /// member has been behind. A member that keeps up has none for long.
     oldest: AtomicU64,
+    /// The cost of what was moved to its connection and may not be written
+    /// yet (`forward`).
+    moved: AtomicUsize,
+    /// The stamps of the first message moved since the last flush began,
+    /// and of the first one the flush under way covers: `oldest` is the
+    /// older.
+    unflushed: AtomicU64,
+    flushing: AtomicU64,
 }
 
 impl Default for Queued {
@@ -709,8 +720,41 @@ impl Default for Queued {
             text: AtomicUsize::new(0),
             cost: AtomicUsize::new(0),
             oldest: AtomicU64::new(NO_STAMP),
+            moved: AtomicUsize::new(0),
+            unflushed: AtomicU64::new(NO_STAMP),
+            flushing: AtomicU64::new(NO_STAMP),
         }
     }
+}
+
+impl Queued {
+    fn refresh_oldest(&self) {
+        let flushing = self.flushing.load(Ordering::Relaxed);
+        let unflushed = self.unflushed.load(Ordering::Relaxed);
+        self.oldest
+            .store(flushing.min(unflushed), Ordering::Relaxed);
+    }
+
+    /// A message that cost `cost`, stamped `stamp`, is in the connection's
+    /// queue: counted until the connection has written it (`forward`'s
+    /// `written` is rung next).
+    fn moved(&self, cost: usize, stamp: u64) {
+        self.moved.fetch_add(cost, Ordering::AcqRel);
+        if self.unflushed.load(Ordering::Relaxed) == NO_STAMP {
+            self.unflushed.store(stamp, Ordering::Relaxed);
+            self.refresh_oldest();
+        }
+    }
+}
+
+/// The way past a member's backlog, straight to its connection: taken for a
+/// message only when the member's task has nothing from the room in hand
+/// (parked on an empty backlog, nothing moved still unwritten), so the
+/// message overtakes nothing and its accounting is the task's own.
+struct Direct {
+    conn: Sender<Wire>,
+    /// `forward`'s `written`: rung after each move.
+    ring: channel::Sender<()>,
 }
 
 /// What a message weighs in a backlog: the bytes of its strings.
@@ -835,8 +879,42 @@ impl Room {
         self.usage().add(cost);
         let stamp = self.stamps.fetch_add(1, Ordering::Relaxed);
         self.queued_bytes.fetch_add(cost as u64, Ordering::Relaxed);
+        // A broadcast goes straight into the connection's queue when the
+        // member's task has nothing in hand: one task's turn less between
+        // a broadcast and its write. Only broadcasts: they come from other
+        // members, while what the room queues for a member as it handles
+        // that member's own request (a Welcome, the history after a login,
+        // a Notice the task reports) stays behind the reply the task sends
+        // (the task moves it on after). And not near the budget, where what
+        // waits in a backlog is what the slow-consumer rule frees (a
+        // message in a connection's queue is written even to a member then
+        // disconnected, before its Notice).
+        let roomy = || self.usage().waiting() <= self.budget() / 2;
+        let direct = |(msg, stamp): Stamped| match &m.direct {
+            Some(d)
+                if m.queued.moved.load(Ordering::Acquire) == 0
+                    && matches!(msg.msg, ChatMessage::Broadcast { .. })
+                    && roomy() =>
+            {
+                match d.conn.try_send(Frame::Shared(msg)) {
+                    Ok(()) => {
+                        m.queued.text.fetch_sub(size, Ordering::Relaxed);
+                        m.queued.moved(cost, stamp);
+                        let _ = d.ring.try_send(());
+                        Ok(())
+                    }
+                    // Through the backlog then: its task waits for room, or
+                    // reports why it cannot be sent.
+                    Err(e) => match e.into_inner() {
+                        Frame::Shared(msg) => Err((msg, stamp)),
+                        Frame::Own(_) => unreachable!("sent as shared"),
+                    },
+                }
+            }
+            _ => Err((msg, stamp)),
+        };
         // Unbounded, as the counts bound it.
-        m.outbox.try_send((msg, stamp)).map_err(|_| {
+        m.outbox.send_or((msg, stamp), direct).map_err(|_| {
             m.queued.text.fetch_sub(size, Ordering::Relaxed);
             self.release(&m.queued, cost);
             Undelivered::Leaving
@@ -1046,6 +1124,11 @@ impl Room {
         let queued = Arc::new(Queued::default());
         let (kick, kicked) = channel::bounded(1);
         let kick_self = kick.clone();
+        let (ring, rung) = channel::bounded::<()>(1);
+        let direct = Direct {
+            conn: sender.clone(),
+            ring: ring.clone(),
+        };
         {
             let mut state = self.lock();
             let member = Member {
@@ -1055,6 +1138,7 @@ impl Room {
                 queued: queued.clone(),
                 evicted: AtomicBool::new(false),
                 kick,
+                direct: Some(direct),
                 version: V0_5,
                 caps: Caps::default(),
                 spoke: false,
@@ -1092,7 +1176,7 @@ impl Room {
                     Err(_) => std::future::pending().await,
                 }
             };
-            let stalled = forward(&room, addr, broadcasts, &queued, &sender);
+            let stalled = forward(&room, addr, broadcasts, &queued, &sender, (ring, rung));
             let mut incoming = incoming;
             let mut pace = room
                 .config
@@ -1264,20 +1348,11 @@ async fn forward(
     broadcasts: backlog::Receiver<Stamped>,
     queued: &Queued,
     sender: &Sender<Wire>,
+    (ring, rung): (channel::Sender<()>, channel::Receiver<()>),
 ) -> Disconnect {
-    // The cost of what was moved to the connection and may not be written
-    // yet; rung after each move.
-    let moved = AtomicUsize::new(0);
-    let (ring, rung) = channel::bounded::<()>(1);
-    // The stamps of the first message moved since the last flush began,
-    // and of the first one the flush under way covers: `queued.oldest` is
-    // the older.
-    let (unflushed, flushing) = (AtomicU64::new(NO_STAMP), AtomicU64::new(NO_STAMP));
-    let oldest = || {
-        let (a, b) = (&flushing, &unflushed);
-        let oldest = a.load(Ordering::Relaxed).min(b.load(Ordering::Relaxed));
-        queued.oldest.store(oldest, Ordering::Relaxed);
-    };
+    // What was moved to the connection and may not be written yet is
+    // counted in `queued` (`Queued::moved`); `ring` is rung after each
+    // move, here and by the room when it sends past the backlog.
     let moving = async {
         let stall = room.config.stall;
         // When the queue was first found full, since it last had room.
@@ -1327,11 +1402,7 @@ async fn forward(
                     Err(TrySendError::Failed(e)) => Err(e.error),
                 };
                 if sent.is_ok() {
-                    moved.fetch_add(cost, Ordering::Relaxed);
-                    if unflushed.load(Ordering::Relaxed) == NO_STAMP {
-                        unflushed.store(stamp, Ordering::Relaxed);
-                        oldest();
-                    }
+                    queued.moved(cost, stamp);
                     let _ = ring.try_send(());
                 } else {
                     room.release(queued, cost);
@@ -1363,22 +1434,26 @@ async fn forward(
     // Counts what was moved as gone once the connection has written it.
     let written = async {
         while rung.recv().await.is_ok() {
-            let cost = moved.load(Ordering::Relaxed);
+            let cost = queued.moved.load(Ordering::Acquire);
             if cost == 0 {
                 continue;
             }
-            let first = unflushed.swap(NO_STAMP, Ordering::Relaxed);
-            flushing.store(first, Ordering::Relaxed);
+            let first = queued.unflushed.swap(NO_STAMP, Ordering::Relaxed);
+            queued.flushing.store(first, Ordering::Relaxed);
             // Everything the connection took so far, that included: read in
-            // the same poll as `cost`, so nothing moves in between.
+            // the same poll as `cost`, so nothing moves in between (`moving`
+            // is this task's, and the room sends past the backlog only while
+            // nothing moved waits: `cost` is not 0).
             if sender.flush().await.is_err() {
                 // It is ending: the room counts the rest as gone when it
                 // leaves.
                 break;
             }
-            moved.fetch_sub(cost, Ordering::Relaxed);
-            flushing.store(NO_STAMP, Ordering::Relaxed);
-            oldest();
+            // The stamps first: once `moved` may be 0, the room may send
+            // past the backlog and stamp what it sends.
+            queued.flushing.store(NO_STAMP, Ordering::Relaxed);
+            queued.refresh_oldest();
+            queued.moved.fetch_sub(cost, Ordering::AcqRel);
             room.release(queued, cost);
         }
         std::future::pending().await
@@ -1518,6 +1593,7 @@ mod tests {
             queued: Arc::default(),
             evicted: AtomicBool::new(false),
             kick,
+            direct: None,
             version: V0_5,
             caps: Caps::default(),
             spoke: false,
