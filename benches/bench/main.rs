@@ -243,8 +243,8 @@ fn main() {
                     "nats" => Server::Nats,
                     _ => Server::Redis,
                 };
-                let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-                let running = loadgen::start(server, cores).unwrap_or_else(|e| panic!("{e}"));
+                let running = loadgen::start(server, loadgen::chat_threads())
+                    .unwrap_or_else(|e| panic!("{e}"));
                 let senders = if size > 0 { size } else { 10 };
                 let pace = case
                     .starts_with("paced")

@@ -373,7 +373,7 @@ fn drive(cfg: &Cfg, server: Server, threads: usize) -> Result<Driven, String> {
 
 pub(crate) fn scenario_chat_fanout(cfg: &Cfg, rep: &mut Report) {
     let (clients, senders, msgs) = (cfg.chat_clients, cfg.chat_senders, cfg.chat_msgs);
-    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let threads = loadgen::chat_threads();
     let per_run = msgs * senders as u64 * (clients as u64 - 1);
     let mut md = String::new();
     let _ = writeln!(
@@ -382,7 +382,7 @@ pub(crate) fn scenario_chat_fanout(cfg: &Cfg, rep: &mut Report) {
          chatpipe's chat server next to nats-server and redis-server pub/sub\n\n\
          Each server in a process of its own: chatpipe's room (`chatpipe-chat`, served as \
          `examples/chat_server.rs` serves it: no rate limit, its tasks on smol's global executor with \
-         SMOL_THREADS = {threads}, one per core), nats-server and redis-server (the distribution's \
+         SMOL_THREADS = {threads}: one per core unless CHATPIPE_BENCH_CHAT_THREADS says otherwise), nats-server and redis-server (the distribution's \
          packages, found on PATH). One load generator on **one** thread drives each the same way \
          (`benches/bench/scenarios/loadgen.rs`): {clients} plain TCP connections, each read by a task \
          that parses its server's wire format in place; the first {senders} clients send, writing each \

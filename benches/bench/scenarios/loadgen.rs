@@ -121,6 +121,16 @@ fn wait_listening(addr: SocketAddr, what: &str) {
     }
 }
 
+/// The chat server's executor threads: one per core, or
+/// `CHATPIPE_BENCH_CHAT_THREADS`.
+pub(crate) fn chat_threads() -> usize {
+    std::env::var("CHATPIPE_BENCH_CHAT_THREADS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .filter(|&n| n > 0)
+        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
+}
+
 /// Starts `server`, or says why not (not installed).
 pub(crate) fn start(server: Server, threads: usize) -> Result<Running, String> {
     match server {
