@@ -7,6 +7,7 @@
 //!     [--require-login] [--allow-plaintext-credentials]
 //!     [--tls-cert FILE --tls-key FILE | --tls-self-signed] [--tls-listen ADDR]
 //!     [--tls-handshake-timeout SECS] [--quic ADDR] [--web ADDR]
+//!     [--threads N]
 //! ```
 //!
 //! It speaks the chat protocol of `docs/PROTOCOL.md`, so `chat_client` or
@@ -103,6 +104,12 @@ struct Args {
     /// unknown.
     #[arg(long, value_name = "BYTES", value_parser = chatpipe_chat::memory::parse_size)]
     max_memory: Option<usize>,
+
+    /// Threads that run the clients' connections (smol's global executor,
+    /// which the room spawns its tasks on). Default: SMOL_THREADS if set,
+    /// else one per core.
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(1..))]
+    threads: Option<u16>,
 
     /// Refuse guests: every client must log in or register (v0.6, with a
     /// password). v0.5 clients, which cannot, are closed.
@@ -281,6 +288,18 @@ async fn web_listener(addr: &str, tls: Option<Arc<ServerConfig>>) -> Result<List
 
 fn main() -> ExitCode {
     let args = Args::parse();
+    // smol's global executor reads SMOL_THREADS when the first task is
+    // spawned and runs one thread otherwise: set it before anything spawns
+    // (and before this program starts any thread of its own), so the
+    // room's connections run on every core.
+    let threads = args
+        .threads
+        .map(usize::from)
+        .or_else(|| std::env::var("SMOL_THREADS").ok()?.parse().ok());
+    let threads = threads
+        .filter(|&n| n > 0)
+        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+    std::env::set_var("SMOL_THREADS", threads.to_string());
     if !(args.tls_handshake_timeout > 0.0 && args.tls_handshake_timeout <= 86_400.0) {
         eprintln!("--tls-handshake-timeout: expected seconds, more than 0 and at most 86400");
         return ExitCode::FAILURE;

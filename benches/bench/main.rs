@@ -65,6 +65,7 @@ use scenarios::allocs::scenario_allocs;
 use scenarios::chat::{chat_cpu_line, chat_fanout, scenario_chat_fanout};
 use scenarios::chat_scale::{child_chat, scenario_chat_scale};
 use scenarios::fanin::{fanin_chatpipe, fanin_tokio, scenario_fanin};
+use scenarios::loadgen::{self, serve_chat, Server};
 use scenarios::memory::{child_idle, scenario_memory};
 use scenarios::oneway::scenario_oneway;
 use scenarios::quic::scenario_quic;
@@ -93,8 +94,8 @@ struct Cfg {
     chat_reps: usize,
     /// Chat fan-out: seconds the paced run should take (0: none).
     chat_paced_secs: f64,
-    /// Chat fan-out: also a saturated run with a single sender.
-    chat_single: bool,
+    /// Chat fan-out against the peers: messages/s of the paced run, in all.
+    chat_paced_rate: f64,
     /// Chat at scale, clients in a child process: (clients, messages per
     /// sender) for each run; `chat_senders` send.
     chat_scale: Vec<(usize, u64)>,
@@ -129,10 +130,10 @@ impl Cfg {
                 fanin_msgs: 200,
                 chat_clients: 100,
                 chat_senders: 10,
-                chat_msgs: 100,
+                chat_msgs: 200,
                 chat_reps: 2,
-                chat_paced_secs: 0.3,
-                chat_single: true,
+                chat_paced_secs: 0.5,
+                chat_paced_rate: 10_000.0,
                 chat_scale: vec![(100, 100), (10_000, 10)],
                 idle_pairs: 1_000,
                 idle_settle: Duration::from_millis(500),
@@ -151,10 +152,10 @@ impl Cfg {
                 fanin_msgs: 2_000,
                 chat_clients: 100,
                 chat_senders: 10,
-                chat_msgs: 200,
+                chat_msgs: 2_000,
                 chat_reps: 3,
-                chat_paced_secs: 0.75,
-                chat_single: true,
+                chat_paced_secs: 2.0,
+                chat_paced_rate: 10_000.0,
                 chat_scale: vec![(100, 200), (10_000, 50)],
                 idle_pairs: 10_000,
                 idle_settle: Duration::from_secs(1),
@@ -185,6 +186,20 @@ fn main() {
             Duration::from_millis(num(5)),
         );
         return;
+    }
+    if args.get(1).map(String::as_str) == Some("--serve-chat") {
+        // `--serve-chat`: scenario 4's chat server (see loadgen.rs).
+        serve_chat();
+        return;
+    }
+    if args.get(1).map(String::as_str) == Some("--one")
+        && args.get(2).is_some_and(|c| c == "chat")
+        && std::env::var_os("SMOL_THREADS").is_none()
+    {
+        // The in-process room on one executor thread per core, as
+        // chat_server runs it; set before anything spawns a thread.
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        std::env::set_var("SMOL_THREADS", cores.to_string());
     }
     if args.get(1).map(String::as_str) == Some("--child-chat") {
         // `--child-chat ADDR CLIENTS SENDERS MSGS`: chat at scale's clients.
@@ -218,13 +233,48 @@ fn main() {
             }
             "fanin" => fanin_chatpipe(100, n),
             "fanin-feed" => fanin_tokio(100, n),
+            "fanout-chatpipe" | "fanout-nats" | "fanout-redis" | "paced-chatpipe"
+            | "paced-nats" | "paced-redis" => {
+                // Scenario 4's load generator against one server, in a
+                // process of its own: `--one fanout-nats <senders> <msgs>`,
+                // saturated; `paced-*`: 10,000 messages/s in all.
+                let server = match &case[case.find('-').unwrap_or(0) + 1..] {
+                    "chatpipe" => Server::Chatpipe,
+                    "nats" => Server::Nats,
+                    _ => Server::Redis,
+                };
+                let running = loadgen::start(server, loadgen::chat_threads())
+                    .unwrap_or_else(|e| panic!("{e}"));
+                let senders = if size > 0 { size } else { 10 };
+                let pace = case
+                    .starts_with("paced")
+                    .then(|| Cfg::from_env().chat_paced_rate / senders as f64);
+                let ex = std::rc::Rc::new(smol::LocalExecutor::new());
+                let ex2 = ex.clone();
+                let (run, cpu) = smol::block_on(ex.run(async {
+                    let cs = loadgen::connect_all(server, running.addr, 100, senders).await;
+                    let (cpu0, gen0) = (running.cpu_secs(), harness::process_cpu_secs());
+                    let run = loadgen::run(&ex2, server, &cs, senders, n, pace).await;
+                    let cpu = running.cpu_secs() - cpu0;
+                    (run, (cpu, harness::process_cpu_secs() - gen0))
+                }));
+                eprintln!(
+                    "{}: {} deliveries/s, p50 {:.0} µs, p99 {:.0} µs; CPU: server {:.2} cores, load generator {:.2}",
+                    server.name(),
+                    si(run.deliveries as f64 / run.secs),
+                    percentile(&run.latencies, 0.5),
+                    percentile(&run.latencies, 0.99),
+                    cpu.0 / run.secs,
+                    cpu.1 / run.secs,
+                );
+                run.secs
+            }
             "chat" => {
                 let mut cfg = Cfg::from_env();
                 (cfg.chat_msgs, cfg.chat_reps, cfg.chat_paced_secs) = (n, 1, 0.0);
                 if size > 0 {
                     cfg.chat_senders = size.min(cfg.chat_clients);
                 }
-                cfg.chat_single = false;
                 let r = chat_fanout(&cfg);
                 let run = &r.saturated[0];
                 eprintln!(
@@ -235,6 +285,9 @@ fn main() {
                     chat_cpu_line(&r, run.secs),
                     run.allocs as f64 / run.deliveries as f64,
                 );
+                for line in &r.trouble {
+                    eprintln!("chat server: {line}");
+                }
                 run.secs
             }
             _ => {

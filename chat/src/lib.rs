@@ -65,7 +65,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use chatpipe::chat::{Chat, ChatMessage, PresenceChange, MAX_PAYLOAD_LEN, V0_5};
+use chatpipe::chat::{ChatMessage, PresenceChange, MAX_PAYLOAD_LEN, V0_5};
 use chatpipe::{Builder, Sender, TrySendError};
 use smol::channel;
 use smol::future::FutureExt;
@@ -74,6 +74,7 @@ use smol::net::{TcpListener, TcpStream};
 use smol::stream::StreamExt;
 
 pub mod accounts;
+mod backlog;
 mod bucket;
 pub mod client;
 mod event;
@@ -83,6 +84,7 @@ pub mod store;
 pub mod tls;
 mod v06;
 pub mod web;
+mod wire;
 
 use bucket::Bucket;
 pub use bucket::Rate;
@@ -93,6 +95,7 @@ pub use event::{
 pub use memory::Usage;
 use memory::MESSAGE_OVERHEAD;
 use v06::Caps;
+use wire::{Frame, Outgoing, Wire};
 
 /// How the server runs.
 #[derive(Clone)]
@@ -409,7 +412,7 @@ pub async fn serve_on(
             if m.version != V0_5 && !m.leaving {
                 // Past the limits: a few bytes per member, once.
                 let text = v06::SHUTDOWN_NOTICE.to_owned();
-                let _ = room.queue(m, Arc::new(ChatMessage::Notice { text }));
+                let _ = room.queue(m, Outgoing::new(ChatMessage::Notice { text }));
             }
             m.outbox.close();
         }
@@ -634,7 +637,7 @@ struct Member {
     nickname: Option<String>,
     /// Broadcasts on their way to this member's connection: one copy of
     /// each, shared by every member it is for, with its stamp.
-    outbox: channel::Sender<Stamped>,
+    outbox: backlog::Sender<Stamped>,
     /// How much waits for it.
     queued: Arc<Queued>,
     /// It is being disconnected for being too slow: nothing more is
@@ -642,6 +645,9 @@ struct Member {
     evicted: AtomicBool,
     /// Tells the member's task to drop its connection, and why.
     kick: channel::Sender<Disconnect>,
+    /// Its connection, for messages that need not wait in the backlog
+    /// (`None` in unit tests, which have no connection).
+    direct: Option<Direct>,
     /// The protocol version it speaks: 0.5 until a Welcome.
     version: u16,
     /// What its Welcome granted (nothing before).
@@ -678,7 +684,7 @@ impl Member {
 
 /// A message queued for a member, with its stamp (`Room::stamps`): the
 /// order in which the room queued it.
-type Stamped = (Arc<ChatMessage>, u64);
+type Stamped = (Arc<Outgoing>, u64);
 
 /// No stamp: nothing old waits.
 const NO_STAMP: u64 = u64::MAX;
@@ -698,6 +704,14 @@ struct Queued {
     /// written yet (`NO_STAMP` for none): the smaller, the longer this
     /// member has been behind. A member that keeps up has none for long.
     oldest: AtomicU64,
+    /// The cost of what was moved to its connection and may not be written
+    /// yet (`forward`).
+    moved: AtomicUsize,
+    /// The stamps of the first message moved since the last flush began,
+    /// and of the first one the flush under way covers: `oldest` is the
+    /// older.
+    unflushed: AtomicU64,
+    flushing: AtomicU64,
 }
 
 impl Default for Queued {
@@ -706,8 +720,41 @@ impl Default for Queued {
             text: AtomicUsize::new(0),
             cost: AtomicUsize::new(0),
             oldest: AtomicU64::new(NO_STAMP),
+            moved: AtomicUsize::new(0),
+            unflushed: AtomicU64::new(NO_STAMP),
+            flushing: AtomicU64::new(NO_STAMP),
         }
     }
+}
+
+impl Queued {
+    fn refresh_oldest(&self) {
+        let flushing = self.flushing.load(Ordering::Relaxed);
+        let unflushed = self.unflushed.load(Ordering::Relaxed);
+        self.oldest
+            .store(flushing.min(unflushed), Ordering::Relaxed);
+    }
+
+    /// A message that cost `cost`, stamped `stamp`, is in the connection's
+    /// queue: counted until the connection has written it (`forward`'s
+    /// `written` is rung next).
+    fn moved(&self, cost: usize, stamp: u64) {
+        self.moved.fetch_add(cost, Ordering::AcqRel);
+        if self.unflushed.load(Ordering::Relaxed) == NO_STAMP {
+            self.unflushed.store(stamp, Ordering::Relaxed);
+            self.refresh_oldest();
+        }
+    }
+}
+
+/// The way past a member's backlog, straight to its connection: taken for a
+/// message only when the member's task has nothing from the room in hand
+/// (parked on an empty backlog, nothing moved still unwritten), so the
+/// message overtakes nothing and its accounting is the task's own.
+struct Direct {
+    conn: Sender<Wire>,
+    /// `forward`'s `written`: rung after each move.
+    ring: channel::Sender<()>,
 }
 
 /// What a message weighs in a backlog: the bytes of its strings.
@@ -769,11 +816,11 @@ impl Room {
     /// Called with the state locked (`state`), as everything that queues
     /// for members is: so the budget holds (the count only falls
     /// meanwhile).
-    fn deliver(&self, state: &State, m: &Member, msg: Arc<ChatMessage>) -> Result<(), Undelivered> {
+    fn deliver(&self, state: &State, m: &Member, msg: Arc<Outgoing>) -> Result<(), Undelivered> {
         if m.evicted.load(Ordering::Relaxed) {
             return Err(Undelivered::TooSlow);
         }
-        let size = weight(&msg);
+        let size = weight(&msg.msg);
         let backlog = self.config.backlog;
         if m.queued.text.load(Ordering::Relaxed) + size > backlog {
             self.evict(m, |_| Disconnect::TooFarBehind { backlog });
@@ -824,16 +871,50 @@ impl Room {
 
     /// Queues `msg` in member `m`'s backlog and counts it, past any limit
     /// (`deliver` checks them). Fails only when the member is leaving.
-    fn queue(&self, m: &Member, msg: Arc<ChatMessage>) -> Result<(), Undelivered> {
-        let size = weight(&msg);
+    fn queue(&self, m: &Member, msg: Arc<Outgoing>) -> Result<(), Undelivered> {
+        let size = weight(&msg.msg);
         let cost = size + MESSAGE_OVERHEAD;
         m.queued.text.fetch_add(size, Ordering::Relaxed);
         m.queued.cost.fetch_add(cost, Ordering::Relaxed);
         self.usage().add(cost);
         let stamp = self.stamps.fetch_add(1, Ordering::Relaxed);
         self.queued_bytes.fetch_add(cost as u64, Ordering::Relaxed);
+        // A broadcast goes straight into the connection's queue when the
+        // member's task has nothing in hand: one task's turn less between
+        // a broadcast and its write. Only broadcasts: they come from other
+        // members, while what the room queues for a member as it handles
+        // that member's own request (a Welcome, the history after a login,
+        // a Notice the task reports) stays behind the reply the task sends
+        // (the task moves it on after). And not near the budget, where what
+        // waits in a backlog is what the slow-consumer rule frees (a
+        // message in a connection's queue is written even to a member then
+        // disconnected, before its Notice).
+        let roomy = || self.usage().waiting() <= self.budget() / 2;
+        let direct = |(msg, stamp): Stamped| match &m.direct {
+            Some(d)
+                if m.queued.moved.load(Ordering::Acquire) == 0
+                    && matches!(msg.msg, ChatMessage::Broadcast { .. })
+                    && roomy() =>
+            {
+                match d.conn.try_send(Frame::Shared(msg)) {
+                    Ok(()) => {
+                        m.queued.text.fetch_sub(size, Ordering::Relaxed);
+                        m.queued.moved(cost, stamp);
+                        let _ = d.ring.try_send(());
+                        Ok(())
+                    }
+                    // Through the backlog then: its task waits for room, or
+                    // reports why it cannot be sent.
+                    Err(e) => match e.into_inner() {
+                        Frame::Shared(msg) => Err((msg, stamp)),
+                        Frame::Own(_) => unreachable!("sent as shared"),
+                    },
+                }
+            }
+            _ => Err((msg, stamp)),
+        };
         // Unbounded, as the counts bound it.
-        m.outbox.try_send((msg, stamp)).map_err(|_| {
+        m.outbox.send_or((msg, stamp), direct).map_err(|_| {
             m.queued.text.fetch_sub(size, Ordering::Relaxed);
             self.release(&m.queued, cost);
             Undelivered::Leaving
@@ -880,7 +961,7 @@ impl Room {
             self.remember(v06::now_ms(), &from, &text);
             state.said += 1;
         }
-        let msg = Arc::new(ChatMessage::Broadcast { from, text });
+        let msg = Outgoing::new(ChatMessage::Broadcast { from, text });
         for (_, m) in state.members.iter().filter(|(&other, _)| other != id) {
             if !m.leaving && m.listening {
                 let _ = self.deliver(&state, m, msg.clone());
@@ -1038,11 +1119,16 @@ impl Room {
     {
         let (sender, incoming, conn) = Builder::new()
             .keepalive_interval(Some(self.config.keepalive))
-            .build(stream, Chat);
-        let (outbox, broadcasts) = channel::unbounded();
+            .build(stream, Wire);
+        let (outbox, broadcasts) = backlog::unbounded();
         let queued = Arc::new(Queued::default());
         let (kick, kicked) = channel::bounded(1);
         let kick_self = kick.clone();
+        let (ring, rung) = channel::bounded::<()>(1);
+        let direct = Direct {
+            conn: sender.clone(),
+            ring: ring.clone(),
+        };
         {
             let mut state = self.lock();
             let member = Member {
@@ -1052,6 +1138,7 @@ impl Room {
                 queued: queued.clone(),
                 evicted: AtomicBool::new(false),
                 kick,
+                direct: Some(direct),
                 version: V0_5,
                 caps: Caps::default(),
                 spoke: false,
@@ -1089,7 +1176,7 @@ impl Room {
                     Err(_) => std::future::pending().await,
                 }
             };
-            let stalled = forward(&room, addr, broadcasts, &queued, &sender);
+            let stalled = forward(&room, addr, broadcasts, &queued, &sender, (ring, rung));
             let mut incoming = incoming;
             let mut pace = room
                 .config
@@ -1100,7 +1187,8 @@ impl Room {
                 // and bytes they queued for members.
                 let (mut handled, mut queued) = (0u64, 0u64);
                 let yield_bytes = room.budget() as u64 / YIELD_SHARE;
-                while let Some(Ok(msg)) = incoming.next().await {
+                while let Some(Ok(frame)) = incoming.next().await {
+                    let msg = frame.into_message();
                     if let Some(pace) = &mut pace {
                         if let Err(reason) = pace.wait(&room, addr, &incoming).await {
                             if let Some(reason) = reason {
@@ -1196,7 +1284,7 @@ impl Pace {
         &mut self,
         room: &Room,
         addr: SocketAddr,
-        incoming: &chatpipe::Incoming<Chat>,
+        incoming: &chatpipe::Incoming<Wire>,
     ) -> Result<(), Option<Disconnect>> {
         let (unread, lasting) = (room.config.flood_unread, room.config.flood_for);
         // Each round waits a little, and ends with a token, the flood
@@ -1257,96 +1345,87 @@ const PACE_POLL: Duration = Duration::from_millis(50);
 async fn forward(
     room: &Room,
     addr: SocketAddr,
-    broadcasts: channel::Receiver<Stamped>,
+    broadcasts: backlog::Receiver<Stamped>,
     queued: &Queued,
-    sender: &Sender<Chat>,
+    sender: &Sender<Wire>,
+    (ring, rung): (channel::Sender<()>, channel::Receiver<()>),
 ) -> Disconnect {
-    // The cost of what was moved to the connection and may not be written
-    // yet; rung after each move.
-    let moved = AtomicUsize::new(0);
-    let (ring, rung) = channel::bounded::<()>(1);
-    // The stamps of the first message moved since the last flush began,
-    // and of the first one the flush under way covers: `queued.oldest` is
-    // the older.
-    let (unflushed, flushing) = (AtomicU64::new(NO_STAMP), AtomicU64::new(NO_STAMP));
-    let oldest = || {
-        let (a, b) = (&flushing, &unflushed);
-        let oldest = a.load(Ordering::Relaxed).min(b.load(Ordering::Relaxed));
-        queued.oldest.store(oldest, Ordering::Relaxed);
-    };
+    // What was moved to the connection and may not be written yet is
+    // counted in `queued` (`Queued::moved`); `ring` is rung after each
+    // move, here and by the room when it sends past the backlog.
     let moving = async {
         let stall = room.config.stall;
         // When the queue was first found full, since it last had room.
         let mut full_since = None;
-        while let Ok((shared, stamp)) = broadcasts.recv().await {
-            let size = weight(&shared);
-            queued.text.fetch_sub(size, Ordering::Relaxed);
-            let cost = size + MESSAGE_OVERHEAD;
-            // The last member it is for takes it; the others copy it (the
-            // connection encodes it into its own queue at once anyway).
-            let msg = Arc::unwrap_or_clone(shared);
-            // A Notice is the last message before a close: reported either way.
-            let notice = match &msg {
-                ChatMessage::Notice { text } => Some(text.clone()),
-                _ => None,
-            };
-            let sent = match sender.try_send(msg) {
-                Ok(()) => {
-                    full_since = None;
-                    Ok(())
-                }
-                Err(TrySendError::Full(msg)) => {
-                    // Wait for room, but only until the queue has been full for
-                    // `stall`: a slot freed now and then is not catching up.
-                    let since = *full_since.get_or_insert_with(|| room.now());
-                    let left = stall.saturating_sub(room.now().saturating_duration_since(since));
-                    let room_made = async { Some(sender.reserve().await) };
-                    let give_up = async {
-                        smol::Timer::after(left).await;
-                        None
-                    };
-                    match room_made.or(give_up).await {
-                        Some(Ok(permit)) => permit.send(msg).map_err(|e| e.error),
-                        Some(Err(e)) => Err(e),
-                        None => {
-                            if let Some(text) = notice {
-                                let reason = NoticeFailure::QueueFull;
-                                room.emit(Event::NoticeNotSent { addr, text, reason });
+        // Taken from the backlog all at once, then moved one by one.
+        let mut batch = VecDeque::new();
+        'moving: while broadcasts.recv_all(&mut batch).await {
+            while let Some((shared, stamp)) = batch.pop_front() {
+                let size = weight(&shared.msg);
+                queued.text.fetch_sub(size, Ordering::Relaxed);
+                let cost = size + MESSAGE_OVERHEAD;
+                // A Notice is the last message before a close: reported either way.
+                let notice = match &shared.msg {
+                    ChatMessage::Notice { text } => Some(text.clone()),
+                    _ => None,
+                };
+                // Not copied: every member it is for writes its one encoding.
+                let msg = Frame::Shared(shared);
+                let sent = match sender.try_send(msg) {
+                    Ok(()) => {
+                        full_since = None;
+                        Ok(())
+                    }
+                    Err(TrySendError::Full(msg)) => {
+                        // Wait for room, but only until the queue has been full for
+                        // `stall`: a slot freed now and then is not catching up.
+                        let since = *full_since.get_or_insert_with(|| room.now());
+                        let left =
+                            stall.saturating_sub(room.now().saturating_duration_since(since));
+                        let room_made = async { Some(sender.reserve().await) };
+                        let give_up = async {
+                            smol::Timer::after(left).await;
+                            None
+                        };
+                        match room_made.or(give_up).await {
+                            Some(Ok(permit)) => permit.send(msg).map_err(|e| e.error),
+                            Some(Err(e)) => Err(e),
+                            None => {
+                                if let Some(text) = notice {
+                                    let reason = NoticeFailure::QueueFull;
+                                    room.emit(Event::NoticeNotSent { addr, text, reason });
+                                }
+                                return Disconnect::Stalled { stall };
                             }
-                            return Disconnect::Stalled { stall };
                         }
                     }
+                    Err(TrySendError::Failed(e)) => Err(e.error),
+                };
+                if sent.is_ok() {
+                    queued.moved(cost, stamp);
+                    let _ = ring.try_send(());
+                } else {
+                    room.release(queued, cost);
                 }
-                Err(TrySendError::Failed(e)) => Err(e.error),
-            };
-            if sent.is_ok() {
-                moved.fetch_add(cost, Ordering::Relaxed);
-                if unflushed.load(Ordering::Relaxed) == NO_STAMP {
-                    unflushed.store(stamp, Ordering::Relaxed);
-                    oldest();
-                }
-                let _ = ring.try_send(());
-            } else {
-                room.release(queued, cost);
-            }
-            match (sent, notice) {
-                (Ok(()), None) => {}
-                (Ok(()), Some(text)) => room.emit(Event::NoticeSent { addr, text }),
-                (Err(error), Some(text)) => {
-                    let fatal = error.is_fatal();
-                    let reason = NoticeFailure::Failed(error);
-                    room.emit(Event::NoticeNotSent { addr, text, reason });
-                    if fatal {
-                        break;
+                match (sent, notice) {
+                    (Ok(()), None) => {}
+                    (Ok(()), Some(text)) => room.emit(Event::NoticeSent { addr, text }),
+                    (Err(error), Some(text)) => {
+                        let fatal = error.is_fatal();
+                        let reason = NoticeFailure::Failed(error);
+                        room.emit(Event::NoticeNotSent { addr, text, reason });
+                        if fatal {
+                            break 'moving;
+                        }
                     }
+                    // This message cannot go out (too large for a frame); the next
+                    // ones can.
+                    (Err(error), None) if !error.is_fatal() => {
+                        room.emit(Event::BroadcastNotSent { addr, error });
+                    }
+                    // The connection is ending; its driver says why.
+                    (Err(_), None) => break 'moving,
                 }
-                // This message cannot go out (too large for a frame); the next
-                // ones can.
-                (Err(error), None) if !error.is_fatal() => {
-                    room.emit(Event::BroadcastNotSent { addr, error });
-                }
-                // The connection is ending; its driver says why.
-                (Err(_), None) => break,
             }
         }
         sender.close();
@@ -1355,22 +1434,26 @@ async fn forward(
     // Counts what was moved as gone once the connection has written it.
     let written = async {
         while rung.recv().await.is_ok() {
-            let cost = moved.load(Ordering::Relaxed);
+            let cost = queued.moved.load(Ordering::Acquire);
             if cost == 0 {
                 continue;
             }
-            let first = unflushed.swap(NO_STAMP, Ordering::Relaxed);
-            flushing.store(first, Ordering::Relaxed);
+            let first = queued.unflushed.swap(NO_STAMP, Ordering::Relaxed);
+            queued.flushing.store(first, Ordering::Relaxed);
             // Everything the connection took so far, that included: read in
-            // the same poll as `cost`, so nothing moves in between.
+            // the same poll as `cost`, so nothing moves in between (`moving`
+            // is this task's, and the room sends past the backlog only while
+            // nothing moved waits: `cost` is not 0).
             if sender.flush().await.is_err() {
                 // It is ending: the room counts the rest as gone when it
                 // leaves.
                 break;
             }
-            moved.fetch_sub(cost, Ordering::Relaxed);
-            flushing.store(NO_STAMP, Ordering::Relaxed);
-            oldest();
+            // The stamps first: once `moved` may be 0, the room may send
+            // past the backlog and stamp what it sends.
+            queued.flushing.store(NO_STAMP, Ordering::Relaxed);
+            queued.refresh_oldest();
+            queued.moved.fetch_sub(cost, Ordering::AcqRel);
             room.release(queued, cost);
         }
         std::future::pending().await
@@ -1378,7 +1461,7 @@ async fn forward(
     moving.or(written).await
 }
 
-async fn handle(room: &Room, id: u64, addr: SocketAddr, sender: &Sender<Chat>, msg: ChatMessage) {
+async fn handle(room: &Room, id: u64, addr: SocketAddr, sender: &Sender<Wire>, msg: ChatMessage) {
     // From a client being disconnected, nothing more is taken.
     let is_hello = matches!(msg, ChatMessage::Hello { .. });
     let Some(first) = room.first_message(id, is_hello) else {
@@ -1399,12 +1482,11 @@ async fn handle(room: &Room, id: u64, addr: SocketAddr, sender: &Sender<Chat>, m
                 nickname,
                 reason,
             });
-            let _ = sender
-                .send(ChatMessage::Nak {
-                    request_id,
-                    message,
-                })
-                .await;
+            let nak = ChatMessage::Nak {
+                request_id,
+                message,
+            };
+            let _ = sender.send(nak.into()).await;
         }
         room.close_for(id, Disconnect::LoginRequired);
         let _ = sender.flush().await;
@@ -1438,7 +1520,7 @@ async fn handle(room: &Room, id: u64, addr: SocketAddr, sender: &Sender<Chat>, m
                 }
             };
             // Waiting here slows only this client's own reading.
-            let _ = sender.send(reply).await;
+            let _ = sender.send(reply.into()).await;
         }
         // A server-to-client message: meaningless here.
         ChatMessage::Broadcast { .. } => {
@@ -1461,7 +1543,7 @@ async fn handle(room: &Room, id: u64, addr: SocketAddr, sender: &Sender<Chat>, m
         }
         ChatMessage::Say { request_id, text } => {
             let reply = v06::say(room, id, addr, request_id, text);
-            let _ = sender.send(reply).await;
+            let _ = sender.send(reply.into()).await;
         }
         ChatMessage::Direct {
             request_id,
@@ -1469,18 +1551,18 @@ async fn handle(room: &Room, id: u64, addr: SocketAddr, sender: &Sender<Chat>, m
             text,
         } => {
             let reply = v06::direct(room, id, addr, request_id, to, text);
-            let _ = sender.send(reply).await;
+            let _ = sender.send(reply.into()).await;
         }
         ChatMessage::Who { request_id } => {
             let reply = v06::who(room, id, addr, request_id);
-            let _ = sender.send(reply).await;
+            let _ = sender.send(reply.into()).await;
         }
         ChatMessage::Login {
             request_id,
             credentials,
         } => {
             let reply = v06::login(room, id, addr, request_id, &credentials).await;
-            let _ = sender.send(reply).await;
+            let _ = sender.send(reply.into()).await;
         }
         // Keepalives and responses never reach the application.
         ChatMessage::Keepalive | ChatMessage::Ack { .. } | ChatMessage::Nak { .. } => {}
@@ -1502,7 +1584,7 @@ mod tests {
     /// A member from `addr`, without a connection: its backlog and kick
     /// channels' receiving ends come with it.
     fn member(addr: &str) -> (Member, Receivers) {
-        let (outbox, backlog) = channel::unbounded();
+        let (outbox, backlog) = backlog::unbounded();
         let (kick, kicked) = channel::bounded(1);
         let m = Member {
             addr: addr.parse().unwrap(),
@@ -1511,6 +1593,7 @@ mod tests {
             queued: Arc::default(),
             evicted: AtomicBool::new(false),
             kick,
+            direct: None,
             version: V0_5,
             caps: Caps::default(),
             spoke: false,
@@ -1525,7 +1608,7 @@ mod tests {
     }
 
     struct Receivers {
-        backlog: channel::Receiver<Stamped>,
+        backlog: backlog::Receiver<Stamped>,
         kicked: channel::Receiver<Disconnect>,
     }
 
@@ -1615,8 +1698,8 @@ mod tests {
         assert_eq!(room.admit(b), Err(Refusal::ServerFull { max: 3 }));
     }
 
-    fn text(n: usize) -> Arc<ChatMessage> {
-        Arc::new(ChatMessage::Broadcast {
+    fn text(n: usize) -> Arc<Outgoing> {
+        Outgoing::new(ChatMessage::Broadcast {
             from: "x".into(),
             text: "y".repeat(n - 1),
         })
@@ -1690,8 +1773,8 @@ mod tests {
         // Nothing more is queued for it, and its task taking what its
         // backlog held, or leaving, changes no count.
         assert!(matches!(deliver(3), Err(Undelivered::TooSlow)));
-        while let Ok((msg, _)) = rx[&3].backlog.try_recv() {
-            let cost = weight(&msg) + MESSAGE_OVERHEAD;
+        while let Some((msg, _)) = rx[&3].backlog.try_recv() {
+            let cost = weight(&msg.msg) + MESSAGE_OVERHEAD;
             room.release(&room.lock().members[&3].queued, cost);
         }
         assert_eq!(room.usage().waiting(), 71 * COST);

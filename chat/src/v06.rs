@@ -10,14 +10,15 @@ use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::atomic::Ordering;
-use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use chatpipe::chat::{
-    capability, Chat, ChatMessage, Credentials, CredentialsError, Limits, PresenceChange,
-    RequestId, MAX_PAYLOAD_LEN, V0_6,
+    capability, ChatMessage, Credentials, CredentialsError, Limits, PresenceChange, RequestId,
+    MAX_PAYLOAD_LEN, V0_6,
 };
 use chatpipe::{Sender, TrySendError};
+
+use crate::wire::{Outgoing, Wire};
 use smol::future::FutureExt;
 
 use crate::{
@@ -91,7 +92,7 @@ pub(crate) async fn hello(
     room: &Room,
     id: u64,
     addr: SocketAddr,
-    sender: &Sender<Chat>,
+    sender: &Sender<Wire>,
     hello: Hello,
 ) {
     let Hello {
@@ -123,10 +124,13 @@ pub(crate) async fn hello(
     let message = reason.to_string();
     room.emit(Event::HelloRefused { addr, reason });
     let _ = sender
-        .send(ChatMessage::Nak {
-            request_id,
-            message,
-        })
+        .send(
+            ChatMessage::Nak {
+                request_id,
+                message,
+            }
+            .into(),
+        )
         .await;
     if close {
         // The Nak is on the wire before the close begins (the close alone
@@ -307,7 +311,7 @@ pub(crate) async fn farewell<F: Future<Output = Disconnect>>(
     room: &Room,
     id: u64,
     addr: SocketAddr,
-    sender: &Sender<Chat>,
+    sender: &Sender<Wire>,
     text: String,
     driver: Pin<&mut F>,
 ) {
@@ -315,7 +319,7 @@ pub(crate) async fn farewell<F: Future<Output = Disconnect>>(
         return;
     }
     let notice = ChatMessage::Notice { text: text.clone() };
-    let failure = match sender.try_send(notice) {
+    let failure = match sender.try_send(notice.into()) {
         Err(TrySendError::Full(_)) => Some(NoticeFailure::QueueFull),
         Err(TrySendError::Failed(e)) => Some(NoticeFailure::Failed(e.error)),
         Ok(()) => {
@@ -607,7 +611,7 @@ impl Room {
             let Some(m) = state.members.get(&id) else {
                 return;
             };
-            if self.deliver(state, m, Arc::new(welcome)).is_err() {
+            if self.deliver(state, m, Outgoing::new(welcome)).is_err() {
                 // Too far behind already, or leaving: it is being
                 // disconnected, which is reported.
                 return;
@@ -649,7 +653,7 @@ impl Room {
         let total = old.len();
         let mut sent = 0;
         for (at_ms, from, text) in old.into_iter().skip(total - fit) {
-            let history = Arc::new(ChatMessage::History { at_ms, from, text });
+            let history = Outgoing::new(ChatMessage::History { at_ms, from, text });
             if self.deliver(state, m, history).is_err() {
                 break;
             }
@@ -692,7 +696,7 @@ impl Room {
             from: from.name(),
             text,
         };
-        self.deliver(&state, target, Arc::new(msg))
+        self.deliver(&state, target, Outgoing::new(msg))
             .map_err(|e| match e {
                 Undelivered::TooSlow => RequestRefusal::RecipientTooFarBehind {
                     nickname: nickname(),
@@ -732,7 +736,7 @@ impl Room {
 
     /// Queues `news` for every member granted `presence` but `except`.
     pub(crate) fn announce(&self, state: &State, except: u64, news: ChatMessage) {
-        let news = Arc::new(news);
+        let news = Outgoing::new(news);
         for (&other, m) in &state.members {
             if other != except && m.caps.presence && !m.leaving && m.listening {
                 let _ = self.deliver(state, m, news.clone());

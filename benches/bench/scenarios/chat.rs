@@ -14,6 +14,7 @@ use chatpipe::Builder;
 use futures::StreamExt;
 use smol::LocalExecutor;
 
+use super::loadgen::{self, Run, Server};
 use crate::counting_alloc::{GLOBAL_ALLOCS, GLOBAL_ON};
 use crate::harness::{clock_ticks, percentile, stats};
 use crate::report::{si, Report};
@@ -206,10 +207,6 @@ const CHAT_CLIENT_THREAD: &str = "chat-clients";
 pub(crate) struct ChatResults {
     /// Saturated runs, warm-up excluded.
     pub(crate) saturated: Vec<ChatRun>,
-    /// The paced run, with its offered broadcasts/s (all senders).
-    pub(crate) paced: Option<(ChatRun, f64)>,
-    /// A saturated run with one sender.
-    pub(crate) single: Option<ChatRun>,
     /// Thread name -> CPU seconds over the saturated runs.
     pub(crate) usage: BTreeMap<String, f64>,
     /// Server log lines about trouble (kicks, refusals, errors).
@@ -258,7 +255,6 @@ pub(crate) fn chat_fanout(cfg: &Cfg) -> ChatResults {
         .expect("server thread");
 
     let (reps, warmup) = (cfg.chat_reps, usize::from(!cfg.quick));
-    let (target_paced, single) = (cfg.chat_paced_secs, cfg.chat_single);
     let client = thread::Builder::new()
         .name(CHAT_CLIENT_THREAD.into())
         .spawn(move || {
@@ -280,45 +276,20 @@ pub(crate) fn chat_fanout(cfg: &Cfg) -> ChatResults {
                     .iter()
                     .map(|(k, c1)| (k.clone(), c1 - u0.get(k).copied().unwrap_or(0.0)))
                     .collect();
-                // Paced at half the saturated rate: latency without a
-                // standing queue.
-                let mut rates: Vec<f64> = saturated
-                    .iter()
-                    .map(|r| r.deliveries as f64 / r.secs)
-                    .collect();
-                rates.sort_by(|a, b| a.total_cmp(b));
-                let paced = match rates.get(rates.len() / 2) {
-                    Some(&deliveries) if target_paced > 0.0 => {
-                        let broadcasts = 0.5 * deliveries / (clients - 1) as f64;
-                        let per_sender = broadcasts / senders as f64;
-                        let n = ((per_sender * target_paced) as u64).clamp(10, msgs * 10);
-                        let run = chat_run(&ex, &mut cs, senders, n, Some(per_sender)).await;
-                        Some((run, broadcasts))
-                    }
-                    _ => None,
-                };
-                // The same messages from one sender instead of many.
-                let single = if single && senders > 1 {
-                    Some(chat_run(&ex, &mut cs, 1, msgs, None).await)
-                } else {
-                    None
-                };
                 for c in cs {
                     c.tx.close();
                     c.driver.await.expect("chat client driver");
                 }
-                (saturated, paced, single, usage)
+                (saturated, usage)
             }))
         })
         .expect("client thread");
-    let (saturated, paced, single, usage) = client.join().expect("chat clients");
+    let (saturated, usage) = client.join().expect("chat clients");
     let _ = stop.send_blocking(());
     server.join().expect("chat server");
     let trouble = trouble.lock().unwrap().clone();
     ChatResults {
         saturated,
-        paced,
-        single,
         usage,
         trouble,
     }
@@ -347,105 +318,163 @@ pub(crate) fn chat_cpu_line(res: &ChatResults, secs: f64) -> String {
     threads.join(", ")
 }
 
+/// One server's figures in scenario 4.
+struct Driven {
+    version: String,
+    saturated: Vec<Run>,
+    /// Server CPU seconds over the saturated runs.
+    cpu: f64,
+    /// The load generator's (this process's) CPU seconds over them.
+    gen_cpu: f64,
+    paced: Option<Run>,
+}
+
+/// Drives `server` (in a process of its own) with the load generator on
+/// this thread: a warm-up, `reps` saturated runs, one paced run.
+fn drive(cfg: &Cfg, server: Server, threads: usize) -> Result<Driven, String> {
+    let running = loadgen::start(server, threads)?;
+    let (clients, senders, msgs) = (cfg.chat_clients, cfg.chat_senders, cfg.chat_msgs);
+    let (reps, warmup) = (cfg.chat_reps, usize::from(!cfg.quick));
+    let paced_n = (cfg.chat_paced_rate / senders as f64 * cfg.chat_paced_secs) as u64;
+    let ex = Rc::new(LocalExecutor::new());
+    let ex2 = ex.clone();
+    let running = &running;
+    let (saturated, (cpu, gen_cpu), paced) = smol::block_on(ex.run(async move {
+        let ex = ex2;
+        let cs = loadgen::connect_all(server, running.addr, clients, senders).await;
+        for _ in 0..warmup {
+            loadgen::run(&ex, server, &cs, senders, msgs, None).await;
+            loadgen::keep_alive(server, &cs).await;
+        }
+        let (cpu0, gen0) = (running.cpu_secs(), crate::harness::process_cpu_secs());
+        let mut saturated = Vec::new();
+        for _ in 0..reps {
+            saturated.push(loadgen::run(&ex, server, &cs, senders, msgs, None).await);
+            loadgen::keep_alive(server, &cs).await;
+        }
+        let cpu = running.cpu_secs() - cpu0;
+        let gen_cpu = crate::harness::process_cpu_secs() - gen0;
+        let paced = if paced_n > 0 {
+            let per_sender = cfg.chat_paced_rate / senders as f64;
+            Some(loadgen::run(&ex, server, &cs, senders, paced_n, Some(per_sender)).await)
+        } else {
+            None
+        };
+        (saturated, (cpu, gen_cpu), paced)
+    }));
+    Ok(Driven {
+        version: running.version.clone(),
+        saturated,
+        cpu,
+        gen_cpu,
+        paced,
+    })
+}
+
 pub(crate) fn scenario_chat_fanout(cfg: &Cfg, rep: &mut Report) {
     let (clients, senders, msgs) = (cfg.chat_clients, cfg.chat_senders, cfg.chat_msgs);
-    let smol_threads = std::env::var("SMOL_THREADS").unwrap_or_else(|_| "1 (default)".into());
-    eprintln!("chat fan-out ({clients} clients, {senders} senders x {msgs}) ...");
-    let res = chat_fanout(cfg);
-    let others = clients as u64 - 1;
-    let per_run = msgs * senders as u64 * others;
-    for r in &res.saturated {
-        assert_eq!(r.deliveries, per_run, "chat fan-out: deliveries lost");
-    }
+    let threads = loadgen::chat_threads();
+    let per_run = msgs * senders as u64 * (clients as u64 - 1);
     let mut md = String::new();
     let _ = writeln!(
         md,
-        "## 4. chat fan-out: the example chat server, {clients} clients\n\n\
-         the `chatpipe-chat` room (`chat/`) in-process: `serve` on a thread of its own, which runs only its \
-         accept loop; the per-client tasks it `smol::spawn`s run on smol's global executor \
-         (SMOL_THREADS = {smol_threads}). No rate limit; log lines dropped. {clients} chatpipe clients \
-         (`Builder` defaults, `Chat` protocol, each with a nickname) all on **one** client thread (a \
-         `LocalExecutor`). Senders (the first clients) send Chat messages of {CHAT_TEXT} B text whose \
-         first bytes are the send time (ns since the run's start); the server broadcasts each to the \
-         {others} others. *delivered/s*: deliveries at all clients / (first send to last delivery). \
-         *latency*: per delivery, receive time minus the embedded send time. *saturated*: senders \
-         `send().await` as fast as it returns, so latency there is mostly queueing behind the whole \
-         run; *paced*: at half the saturated median rate, senders staggered, no standing queue. \
-         *allocs*: heap allocations per delivery, whole process (server and clients).\n"
+        "## 4. chat fan-out: {clients} clients, {senders} senders x {msgs} chats of {CHAT_TEXT} B, \
+         chatpipe's chat server next to nats-server and redis-server pub/sub\n\n\
+         Each server in a process of its own: chatpipe's room (`chatpipe-chat`, served as \
+         `examples/chat_server.rs` serves it: no rate limit, its tasks on smol's global executor with \
+         SMOL_THREADS = {threads}: one per core unless CHATPIPE_BENCH_CHAT_THREADS says otherwise), nats-server and redis-server (the distribution's \
+         packages, found on PATH). One load generator on **one** thread drives each the same way \
+         (`benches/bench/scenarios/loadgen.rs`): {clients} plain TCP connections, each read by a task \
+         that parses its server's wire format in place; the first {senders} clients send, writing each \
+         message as soon as it is made (at most {} per write while the connection keeps up); every \
+         other client gets each message once (NATS without echo; Redis publishes on a second \
+         connection per sender, and its subscriber's own messages are read but not counted). \
+         *delivered/s*: deliveries at all clients / (first send to last delivery), median of {} runs \
+         after a warm-up, spread min–max. *latency*: per delivery, receive time minus the send time \
+         the text carries. *server CPU*: the server process's CPU time over the saturated runs \
+         (/proc/PID/stat), in cores, and the load generator's (this process) beside it. *paced*: {:.0} messages/s in all ({:.0} deliveries/s), the \
+         senders staggered.\n",
+        loadgen::BATCH,
+        cfg.chat_reps,
+        cfg.chat_paced_rate,
+        cfg.chat_paced_rate * (clients - 1) as f64,
     );
     let _ = writeln!(
         md,
-        "| load | deliveries per run | runs | delivered/s | spread | p50 µs | p99 µs | max µs | allocs |\n\
-         |---|---:|---|---:|---|---:|---:|---:|---:|"
+        "| server | saturated delivered/s | spread | server CPU (load generator) | saturated p50 / p99 µs | paced p50 µs | paced p99 µs | paced delivered/s |\n\
+         |---|---:|---|---:|---:|---:|---:|---:|"
     );
-    let p = |r: &ChatRun, q: f64| percentile(&r.latencies, q);
-    let max = |r: &ChatRun| r.latencies.last().map_or(f64::NAN, |&v| v as f64 / 1000.0);
-    let rate = |r: &ChatRun| r.deliveries as f64 / r.secs;
-    let allocs = |r: &ChatRun| r.allocs as f64 / r.deliveries.max(1) as f64;
-    let med = |f: &dyn Fn(&ChatRun) -> f64| {
-        stats(&res.saturated.iter().map(f).collect::<Vec<_>>()).median
-    };
-    let st = stats(&res.saturated.iter().map(rate).collect::<Vec<_>>());
-    let p99 = med(&|r| p(r, 0.99));
-    rep.set("chat/delivered_per_s".into(), st.median);
+    let mut versions = Vec::new();
+    for server in [Server::Chatpipe, Server::Nats, Server::Redis] {
+        eprintln!("chat fan-out: {} ...", server.name());
+        let d = match drive(cfg, server, threads) {
+            Ok(d) => d,
+            Err(why) => {
+                let note = format!("chat fan-out: {}: {why}", server.name());
+                let _ = writeln!(
+                    md,
+                    "| {} | skipped | – | – | – | – | – | – |",
+                    server.name()
+                );
+                rep.notes.push(note);
+                continue;
+            }
+        };
+        for r in &d.saturated {
+            assert_eq!(
+                r.deliveries,
+                per_run,
+                "chat fan-out: {}: deliveries lost",
+                server.name()
+            );
+        }
+        versions.push(format!("{}: {}", server.name(), d.version));
+        let rate = |r: &Run| r.deliveries as f64 / r.secs;
+        let st = stats(&d.saturated.iter().map(rate).collect::<Vec<_>>());
+        let med = |q: f64| {
+            stats(
+                &d.saturated
+                    .iter()
+                    .map(|r| percentile(&r.latencies, q))
+                    .collect::<Vec<_>>(),
+            )
+            .median
+        };
+        let secs: f64 = d.saturated.iter().map(|r| r.secs).sum();
+        let key = match server {
+            Server::Chatpipe => "chatpipe",
+            Server::Nats => "nats",
+            Server::Redis => "redis",
+        };
+        rep.set(format!("chat/{key}/delivered_per_s"), st.median);
+        rep.set(format!("chat/{key}/server_cores"), d.cpu / secs.max(1e-9));
+        let paced = d.paced.as_ref().map_or("– | – | –".to_string(), |p| {
+            rep.set(
+                format!("chat/{key}/paced_p50_us"),
+                percentile(&p.latencies, 0.5),
+            );
+            format!(
+                "{:.0} | {:.0} | {}",
+                percentile(&p.latencies, 0.5),
+                percentile(&p.latencies, 0.99),
+                si(rate(p))
+            )
+        });
+        let _ = writeln!(
+            md,
+            "| {} | {} | {}–{} | {:.2} ({:.2}) cores | {:.0} / {:.0} | {paced} |",
+            server.name(),
+            si(st.median),
+            si(st.min),
+            si(st.max),
+            d.cpu / secs.max(1e-9),
+            d.gen_cpu / secs.max(1e-9),
+            med(0.5),
+            med(0.99),
+        );
+    }
     rep.set("chat/clients".into(), clients as f64);
     rep.set("chat/senders".into(), senders as f64);
-    rep.set("chat/saturated/p99_us".into(), p99);
-    let _ = writeln!(
-        md,
-        "| saturated, {senders} senders x {msgs} | {} | median of {}{} | {} | {}–{} | {:.0} | {p99:.0} | {:.0} | {:.2} |",
-        si(per_run as f64),
-        res.saturated.len(),
-        if cfg.quick { "" } else { ", after a warm-up" },
-        si(st.median),
-        si(st.min),
-        si(st.max),
-        med(&|r| p(r, 0.50)),
-        med(&max),
-        med(&allocs),
-    );
-    if let Some((r, offered)) = &res.paced {
-        rep.set("chat/paced/p99_us".into(), p(r, 0.99));
-        let _ = writeln!(
-            md,
-            "| paced, {senders} senders, {} broadcasts/s offered | {} | one | {} | – | {:.0} | {:.0} | {:.0} | {:.2} |",
-            si(*offered),
-            si(r.deliveries as f64),
-            si(rate(r)),
-            p(r, 0.50),
-            p(r, 0.99),
-            max(r),
-            allocs(r),
-        );
-    }
-    if let Some(r) = &res.single {
-        rep.set("chat/single/delivered_per_s".into(), rate(r));
-        let _ = writeln!(
-            md,
-            "| saturated, 1 sender x {msgs} | {} | one | {} | – | {:.0} | {:.0} | {:.0} | {:.2} |",
-            si(r.deliveries as f64),
-            si(rate(r)),
-            p(r, 0.50),
-            p(r, 0.99),
-            max(r),
-            allocs(r),
-        );
-    }
-    let secs: f64 = res.saturated.iter().map(|r| r.secs).sum();
-    let _ = writeln!(
-        md,
-        "\nCPU per thread over the saturated {senders}-sender runs (/proc/self/task/*/stat, share of \
-         one core): {}.\n",
-        chat_cpu_line(&res, secs),
-    );
-    if !res.trouble.is_empty() {
-        let note = format!(
-            "chat fan-out: the server logged {} problem line(s), first: {}",
-            res.trouble.len(),
-            res.trouble[0]
-        );
-        let _ = writeln!(md, "**Note**: {note}.\n");
-        rep.notes.push(note);
-    }
+    let _ = writeln!(md, "\nVersions: {}.\n", versions.join("; "));
     rep.md.push_str(&md);
 }

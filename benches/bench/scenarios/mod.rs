@@ -5,6 +5,7 @@ pub(crate) mod allocs;
 pub(crate) mod chat;
 pub(crate) mod chat_scale;
 pub(crate) mod fanin;
+pub(crate) mod loadgen;
 pub(crate) mod memory;
 pub(crate) mod oneway;
 pub(crate) mod quic;
