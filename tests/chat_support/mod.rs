@@ -4,6 +4,7 @@
 
 #[path = "../common/ports.rs"]
 mod ports;
+#[allow(unused_imports)] // Only the tests that restart a server use it.
 pub use ports::restartable_port;
 
 use std::future::Future;

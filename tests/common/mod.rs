@@ -2,6 +2,7 @@
 #![allow(dead_code)]
 
 mod ports;
+#[allow(unused_imports)] // Only the tests that restart a server use it.
 pub use ports::restartable_port;
 
 use std::cell::{Cell, RefCell};
