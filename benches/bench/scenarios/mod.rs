@@ -7,6 +7,7 @@ pub(crate) mod chat_scale;
 pub(crate) mod fanin;
 pub(crate) mod memory;
 pub(crate) mod oneway;
+pub(crate) mod pipelined;
 pub(crate) mod quic;
 pub(crate) mod rtt;
 pub(crate) mod tls;
