@@ -79,9 +79,7 @@ use scenarios::quic::scenario_quic;
 use scenarios::rtt::{rtt_ac, rtt_chatpipe, rtt_raw, scenario_rtt};
 use scenarios::tls::scenario_tls;
 use scenarios::ws::scenario_ws;
-use stacks::{
-    oneway_ac, oneway_chatpipe, oneway_chatpipe_tokio, oneway_raw, oneway_tokio, CpSend,
-};
+use stacks::{oneway_ac, oneway_chatpipe, oneway_chatpipe_tokio, oneway_raw, oneway_tokio, CpSend};
 
 // ---------------------------------------------------------------------------
 // Configuration

@@ -223,7 +223,11 @@ pub(crate) fn targets(rep: &mut Report) {
         );
         push(
             format!("oneway {name}, smol: chatpipe send vs asynchronous-codec feed"),
-            if smol_goal == 1.0 { ">= 1.0x" } else { ">= 1.5x" },
+            if smol_goal == 1.0 {
+                ">= 1.0x"
+            } else {
+                ">= 1.5x"
+            },
             r,
             "x",
             ge(r, smol_goal),
@@ -234,14 +238,21 @@ pub(crate) fn targets(rep: &mut Report) {
         );
         push(
             format!("oneway {name}, tokio: chatpipe send vs tokio-util feed"),
-            if tokio_goal == 1.0 { ">= 1.0x" } else { ">= 1.5x" },
+            if tokio_goal == 1.0 {
+                ">= 1.0x"
+            } else {
+                ">= 1.5x"
+            },
             r,
             "x",
             ge(r, tokio_goal),
         );
     }
     let raw64k = get("oneway/65536/raw");
-    for (rt, stack) in [("smol", "chatpipe send"), ("tokio", "chatpipe send (tokio)")] {
+    for (rt, stack) in [
+        ("smol", "chatpipe send"),
+        ("tokio", "chatpipe send (tokio)"),
+    ] {
         let med = get(&format!("oneway/65536/{stack}"));
         let r = div(med, raw64k);
         // Spread: the runs' farthest from the median, either way.
@@ -272,7 +283,10 @@ pub(crate) fn targets(rep: &mut Report) {
         ("smol", "chatpipe send", "asynchronous-codec feed"),
         ("tokio", "chatpipe send (tokio)", "tokio-util feed"),
     ] {
-        let r = div(get(&format!("fanin/{stack}")), get(&format!("fanin/{peer}")));
+        let r = div(
+            get(&format!("fanin/{stack}")),
+            get(&format!("fanin/{peer}")),
+        );
         push(
             format!("fanin 100 x 64 B, {rt}: chatpipe send vs {peer}"),
             ">= 1.0x",
@@ -283,7 +297,11 @@ pub(crate) fn targets(rep: &mut Report) {
     }
     for (rt, stack, peer) in [
         ("smol", "chatpipe request()", "asynchronous-codec ping-pong"),
-        ("tokio", "chatpipe request() on tokio", "tokio-util ping-pong"),
+        (
+            "tokio",
+            "chatpipe request() on tokio",
+            "tokio-util ping-pong",
+        ),
     ] {
         let r = div(
             get(&format!("rtt/one CPU/{stack}/p50")),
@@ -297,7 +315,10 @@ pub(crate) fn targets(rep: &mut Report) {
             le_t(r, 1.05),
         );
     }
-    for (rt, stack) in [("smol", "chatpipe call()"), ("tokio", "chatpipe call() on tokio")] {
+    for (rt, stack) in [
+        ("smol", "chatpipe call()"),
+        ("tokio", "chatpipe call() on tokio"),
+    ] {
         let cp = get(&format!("pipelined/{stack}"));
         let r = div(cp, get("pipelined/tarpc"));
         push(
@@ -344,10 +365,7 @@ pub(crate) fn targets(rep: &mut Report) {
     );
     // Keepalive CPU against the floor, both measured with the same
     // connections over the same window.
-    let r = div(
-        get("memory/chatpipe/cpu_pct"),
-        get("memory/floor/cpu_pct"),
-    );
+    let r = div(get("memory/chatpipe/cpu_pct"), get("memory/floor/cpu_pct"));
     push(
         format!("keepalive CPU, {pairs:.0} idle connections: chatpipe vs the floor"),
         "<= 2x",
@@ -364,8 +382,18 @@ pub(crate) fn targets(rep: &mut Report) {
         le_t(rss, 4096.0),
     );
     for (what, key, goal, t) in [
-        ("allocations per message sent (64 B)", "allocs/chatpipe/64/send", "<= 1", 1.0),
-        ("allocations per message received (64 B)", "allocs/chatpipe/64/recv", "<= 1", 1.0),
+        (
+            "allocations per message sent (64 B)",
+            "allocs/chatpipe/64/send",
+            "<= 1",
+            1.0,
+        ),
+        (
+            "allocations per message received (64 B)",
+            "allocs/chatpipe/64/recv",
+            "<= 1",
+            1.0,
+        ),
         (
             "allocations per request() round trip, client thread",
             "allocs/chatpipe/request/send",

@@ -12,9 +12,7 @@ use chatpipe::Builder;
 use futures::StreamExt;
 
 use crate::counting_alloc::{delta, thread_allocs};
-use crate::harness::{
-    malloc_trim, open_fds, process_cpu_secs, raise_nofile, rss_bytes,
-};
+use crate::harness::{malloc_trim, open_fds, process_cpu_secs, raise_nofile, rss_bytes};
 use crate::report::Report;
 use crate::stacks::{fanin_pairs, smol_stream, smol_thread, tokio_framed, tokio_thread};
 use crate::Cfg;
@@ -157,9 +155,7 @@ fn keepalive_floor(
         // Sleep until the next slot with work in it.
         let wait = (0..SLOTS as u64)
             .find(|k| !wheel[(tick + k) as usize % SLOTS].is_empty())
-            .map(|k| {
-                (start + TICK * (tick + k) as u32).saturating_duration_since(Instant::now())
-            });
+            .map(|k| (start + TICK * (tick + k) as u32).saturating_duration_since(Instant::now()));
         events.clear();
         poller.wait(&mut events, wait).expect("epoll wait");
         let now = tick_now();

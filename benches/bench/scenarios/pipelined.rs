@@ -79,7 +79,10 @@ pub(crate) fn rtt_tarpc(n: usize, warm: usize, size: usize) -> Vec<u64> {
         for i in 0..n + warm {
             let t = Instant::now();
             let ctx = tarpc::context::current();
-            client.call(ctx, Echo(body.clone())).await.expect("tarpc call");
+            client
+                .call(ctx, Echo(body.clone()))
+                .await
+                .expect("tarpc call");
             if i >= warm {
                 out.push(t.elapsed().as_nanos() as u64);
             }

@@ -12,8 +12,8 @@ use crate::harness::{allowed_cpus, percentile, set_process_affinity, stats};
 use crate::report::{ratio, Report};
 use crate::scenarios::pipelined::rtt_tarpc;
 use crate::stacks::{
-    ac_framed, chatpipe_builder, payload, raw_read_one, smol_stream, smol_thread, tcp_pair, tokio_framed,
-    tokio_stream, tokio_thread,
+    ac_framed, chatpipe_builder, payload, raw_read_one, smol_stream, smol_thread, tcp_pair,
+    tokio_framed, tokio_stream, tokio_thread,
 };
 use crate::Cfg;
 
