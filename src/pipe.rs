@@ -157,7 +157,18 @@ impl<T: AsyncRead + AsyncWrite + Unpin> Pipe<T> {
     }
 
     /// The next frame's payload; `Ok(None)` at a clean end of stream.
+    #[cfg(test)]
     pub fn poll_frame(&mut self, cx: &mut Context<'_>) -> Poll<Result<Option<Bytes>, Error>> {
+        self.poll_frame_reading(cx, true)
+    }
+
+    /// [`Pipe::poll_frame`], or with `may_read` false only what is already
+    /// buffered: `Pending` (nothing registered) when no whole frame is.
+    pub fn poll_frame_reading(
+        &mut self,
+        cx: &mut Context<'_>,
+        may_read: bool,
+    ) -> Poll<Result<Option<Bytes>, Error>> {
         loop {
             if let Some(payload) = self
                 .decoder
@@ -187,6 +198,9 @@ impl<T: AsyncRead + AsyncWrite + Unpin> Pipe<T> {
                     return Poll::Ready(Err(Error::UnexpectedEof { missing }));
                 }
                 return Poll::Ready(Ok(None));
+            }
+            if !may_read {
+                return Poll::Pending;
             }
             if self.filled == 0 && self.read_buf.capacity() > 2 * MAX_READ {
                 // Give back what a large message made us grow to.
