@@ -201,8 +201,10 @@ impl<Id: Eq + Hash + Clone, R> State<Id, R> {
             Entry::Occupied(_) => return Err(reply),
             Entry::Vacant(v) => v.insert((deadline, reply)),
         };
-        // A reused id is no longer a late one.
-        self.retired.remove(&id);
+        // A reused id is no longer a late one (no lookup while none is).
+        if !self.retired.is_empty() {
+            self.retired.remove(&id);
+        }
         self.expiry.push_back((deadline, id));
         self.compact_expiry();
         Ok(())

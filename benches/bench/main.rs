@@ -76,7 +76,7 @@ use scenarios::memory::{child_idle, scenario_memory};
 use scenarios::oneway::scenario_oneway;
 use scenarios::pipelined::{pipelined_case, scenario_pipelined};
 use scenarios::quic::scenario_quic;
-use scenarios::rtt::{rtt_ac, rtt_chatpipe, rtt_raw, scenario_rtt};
+use scenarios::rtt::{rtt_ac, rtt_chatpipe, rtt_chatpipe_tokio, rtt_raw, rtt_tokio, scenario_rtt};
 use scenarios::tls::scenario_tls;
 use scenarios::ws::scenario_ws;
 use stacks::{oneway_ac, oneway_chatpipe, oneway_chatpipe_tokio, oneway_raw, oneway_tokio, CpSend};
@@ -223,6 +223,14 @@ fn main() {
             "pipelined-tokio" => pipelined_case("chatpipe call() on tokio", n),
             "pipelined-raw" => pipelined_case("raw one-thread client", n),
             "pipelined-tarpc" => pipelined_case("tarpc", n),
+            "request-tokio" => {
+                let v = rtt_chatpipe_tokio(n as usize, 0);
+                v.iter().sum::<u64>() as f64 / 1e9
+            }
+            "ping-tokio" => {
+                let v = rtt_tokio(n as usize, 0);
+                v.iter().sum::<u64>() as f64 / 1e9
+            }
             "ping-ac" => {
                 let v = rtt_ac(n as usize, 0);
                 v.iter().sum::<u64>() as f64 / 1e9
@@ -261,7 +269,7 @@ fn main() {
             _ => {
                 eprintln!(
                     "cases: raw feed tokio-send ac-feed ac-send send try_send tokio-cp-send (size n), \
-                     request ping-raw ping-ac (_ n), pipelined pipelined-tokio pipelined-raw \
+                     request request-tokio ping-raw ping-ac ping-tokio (_ n), pipelined pipelined-tokio pipelined-raw \
                      pipelined-tarpc (_ n), fanin fanin-feed fanin-ac fanin-tokio (_ msgs per \
                      connection), chat (senders msgs_each)"
                 );

@@ -85,6 +85,43 @@ where
     })
 }
 
+/// As `smol_thread`, with `f` a spawned task, as a server's code for a
+/// connection runs. The future `block_on` drives itself is special: every
+/// wake of it from a task is a turn of async-io's reactor (epoll_pwait,
+/// timerfd_settime, eventfd; strace), which a task woken by a task does not
+/// take. The request/response scenarios, where each message hops between
+/// the application and a connection's driver, run every stack this way.
+pub(crate) fn smol_task_thread<T, F, Fut>(f: F) -> thread::JoinHandle<T>
+where
+    T: Send + 'static,
+    F: FnOnce(Rc<LocalExecutor<'static>>) -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = T> + 'static,
+    T: 'static,
+{
+    thread::spawn(move || {
+        let ex = Rc::new(LocalExecutor::new());
+        let task = ex.spawn(f(ex.clone()));
+        smol::block_on(ex.run(task))
+    })
+}
+
+/// As `tokio_thread`, with `f` a spawned task (see `smol_task_thread`:
+/// on tokio each wake of the `block_on` future costs an epoll_wait).
+pub(crate) fn tokio_task_thread<T, F, Fut>(f: F) -> thread::JoinHandle<T>
+where
+    T: Send + 'static,
+    F: FnOnce() -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = T> + Send + 'static,
+{
+    thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("tokio runtime");
+        rt.block_on(async { tokio::spawn(f()).await.expect("task panicked") })
+    })
+}
+
 pub(crate) fn fanin_pairs(conns: usize) -> (Vec<TcpStream>, Vec<TcpStream>) {
     (0..conns).map(|_| tcp_pair()).unzip()
 }

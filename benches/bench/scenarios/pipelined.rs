@@ -17,8 +17,8 @@ use tarpc::tokio_serde::formats::Bincode;
 use crate::harness::{calibrated, stats};
 use crate::report::{ratio, si, Report};
 use crate::stacks::{
-    chatpipe_builder, payload, smol_stream, smol_thread, tcp_pair, tokio_framed, tokio_stream,
-    tokio_thread,
+    chatpipe_builder, payload, smol_stream, smol_task_thread, tcp_pair, tokio_framed, tokio_stream,
+    tokio_task_thread,
 };
 use crate::Cfg;
 
@@ -52,7 +52,7 @@ type TarpcClient = tarpc::client::Channel<Echo, Echo>;
 /// A tarpc echo server on its own tokio thread, serving `s` until the
 /// client goes.
 fn tarpc_server(s: TcpStream) -> thread::JoinHandle<()> {
-    tokio_thread(move || async move {
+    tokio_task_thread(move || async move {
         let transport = tarpc::serde_transport::new(tokio_framed(s), Bincode::default());
         tarpc::server::BaseChannel::with_defaults(transport)
             .execute(tarpc::server::serve(|_, req: Echo| async move { Ok(req) }))
@@ -72,7 +72,7 @@ fn tarpc_client(s: TcpStream) -> TarpcClient {
 pub(crate) fn rtt_tarpc(n: usize, warm: usize, size: usize) -> Vec<u64> {
     let (a, b) = tcp_pair();
     let server = tarpc_server(b);
-    let client = tokio_thread(move || async move {
+    let client = tokio_task_thread(move || async move {
         let client = tarpc_client(a);
         let body = payload(size).to_vec();
         let mut out = Vec::with_capacity(n);
@@ -97,7 +97,7 @@ pub(crate) fn rtt_tarpc(n: usize, warm: usize, size: usize) -> Vec<u64> {
 fn pipelined_tarpc(n: u64) -> f64 {
     let (a, b) = tcp_pair();
     let server = tarpc_server(b);
-    let client = tokio_thread(move || async move {
+    let client = tokio_task_thread(move || async move {
         let client = tarpc_client(a);
         let body = payload(PIPE_SIZE).to_vec();
         let call = || client.call(tarpc::context::current(), Echo(body.clone()));
@@ -233,13 +233,13 @@ async fn window_of_calls(tx: &chatpipe::Sender<Raw>, n: u64) -> f64 {
 
 fn pipelined_chatpipe(n: u64) -> f64 {
     let (a, b) = tcp_pair();
-    let server = smol_thread(move |ex| async move {
+    let server = smol_task_thread(move |ex| async move {
         let (tx, incoming, conn) = chatpipe_builder().build(smol_stream(b), Raw);
         let driver = ex.spawn(conn);
         drop(chatpipe_echo(tx, incoming).await);
         let _ = driver.await;
     });
-    let client = smol_thread(move |ex| async move {
+    let client = smol_task_thread(move |ex| async move {
         let (tx, _incoming, conn) = chatpipe_builder().build(smol_stream(a), Raw);
         let driver = ex.spawn(conn);
         let secs = window_of_calls(&tx, n).await;
@@ -254,13 +254,13 @@ fn pipelined_chatpipe(n: u64) -> f64 {
 
 fn pipelined_chatpipe_tokio(n: u64) -> f64 {
     let (a, b) = tcp_pair();
-    let server = tokio_thread(move || async move {
+    let server = tokio_task_thread(move || async move {
         let (tx, incoming, conn) = chatpipe_builder().build_tokio(tokio_stream(b), Raw);
         let driver = tokio::spawn(conn);
         drop(chatpipe_echo(tx, incoming).await);
         let _ = driver.await;
     });
-    let client = tokio_thread(move || async move {
+    let client = tokio_task_thread(move || async move {
         let (tx, _incoming, conn) = chatpipe_builder().build_tokio(tokio_stream(a), Raw);
         let driver = tokio::spawn(conn);
         let secs = window_of_calls(&tx, n).await;

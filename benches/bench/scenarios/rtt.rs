@@ -12,8 +12,8 @@ use crate::harness::{allowed_cpus, percentile, set_process_affinity, stats};
 use crate::report::{ratio, Report};
 use crate::scenarios::pipelined::rtt_tarpc;
 use crate::stacks::{
-    ac_framed, chatpipe_builder, payload, raw_read_one, smol_stream, smol_thread, tcp_pair,
-    tokio_framed, tokio_stream, tokio_thread,
+    ac_framed, chatpipe_builder, payload, raw_read_one, smol_stream, smol_task_thread, tcp_pair,
+    tokio_framed, tokio_stream, tokio_task_thread,
 };
 use crate::Cfg;
 
@@ -54,15 +54,15 @@ pub(crate) fn rtt_raw(n: usize, warm: usize) -> Vec<u64> {
     out
 }
 
-fn rtt_tokio(n: usize, warm: usize) -> Vec<u64> {
+pub(crate) fn rtt_tokio(n: usize, warm: usize) -> Vec<u64> {
     let (a, b) = tcp_pair();
-    let server = tokio_thread(move || async move {
+    let server = tokio_task_thread(move || async move {
         let mut f = tokio_framed(b);
         while let Some(Ok(frame)) = f.next().await {
             f.send(frame.freeze()).await.unwrap();
         }
     });
-    let client = tokio_thread(move || async move {
+    let client = tokio_task_thread(move || async move {
         let mut f = tokio_framed(a);
         let body = payload(RTT_SIZE);
         let mut out = Vec::with_capacity(n);
@@ -84,13 +84,13 @@ fn rtt_tokio(n: usize, warm: usize) -> Vec<u64> {
 /// asynchronous-codec on smol: `send` then `next`, the server echoing.
 pub(crate) fn rtt_ac(n: usize, warm: usize) -> Vec<u64> {
     let (a, b) = tcp_pair();
-    let server = smol_thread(move |_ex| async move {
+    let server = smol_task_thread(move |_ex| async move {
         let mut f = ac_framed(b);
         while let Some(Ok(frame)) = f.next().await {
             f.send(frame.freeze()).await.unwrap();
         }
     });
-    let client = smol_thread(move |_ex| async move {
+    let client = smol_task_thread(move |_ex| async move {
         let mut f = ac_framed(a);
         let body = payload(RTT_SIZE);
         let mut out = Vec::with_capacity(n);
@@ -111,7 +111,7 @@ pub(crate) fn rtt_ac(n: usize, warm: usize) -> Vec<u64> {
 
 pub(crate) fn rtt_chatpipe(n: usize, warm: usize, use_request: bool) -> Vec<u64> {
     let (a, b) = tcp_pair();
-    let server = smol_thread(move |ex| async move {
+    let server = smol_task_thread(move |ex| async move {
         let (tx, mut incoming, conn) = chatpipe_builder().build(smol_stream(b), Raw);
         let driver = ex.spawn(conn);
         while let Some(Ok(m)) = incoming.next().await {
@@ -126,7 +126,7 @@ pub(crate) fn rtt_chatpipe(n: usize, warm: usize, use_request: bool) -> Vec<u64>
         drop(tx);
         let _ = driver.await;
     });
-    let client = smol_thread(move |ex| async move {
+    let client = smol_task_thread(move |ex| async move {
         let (tx, mut incoming, conn) = chatpipe_builder().build(smol_stream(a), Raw);
         let driver = ex.spawn(conn);
         let body = payload(RTT_SIZE);
@@ -158,9 +158,9 @@ pub(crate) fn rtt_chatpipe(n: usize, warm: usize, use_request: bool) -> Vec<u64>
 
 /// The same request/response as `rtt_chatpipe`, with chatpipe running on
 /// tokio (current-thread runtime per side): what the runtime costs.
-fn rtt_chatpipe_tokio(n: usize, warm: usize) -> Vec<u64> {
+pub(crate) fn rtt_chatpipe_tokio(n: usize, warm: usize) -> Vec<u64> {
     let (a, b) = tcp_pair();
-    let server = tokio_thread(move || async move {
+    let server = tokio_task_thread(move || async move {
         let (tx, mut incoming, conn) = chatpipe_builder().build_tokio(tokio_stream(b), Raw);
         let driver = tokio::spawn(conn);
         while let Some(Ok(RawMessage::Request { id, body })) = incoming.next().await {
@@ -171,7 +171,7 @@ fn rtt_chatpipe_tokio(n: usize, warm: usize) -> Vec<u64> {
         drop(tx);
         let _ = driver.await;
     });
-    let client = tokio_thread(move || async move {
+    let client = tokio_task_thread(move || async move {
         let (tx, _incoming, conn) = chatpipe_builder().build_tokio(tokio_stream(a), Raw);
         let driver = tokio::spawn(conn);
         let body = payload(RTT_SIZE);
