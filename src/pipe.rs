@@ -244,22 +244,18 @@ impl<T: AsyncRead + AsyncWrite + Unpin> Pipe<T> {
                 self.large = true;
             }
         }
-        match frame_end {
+        if let (Some(end), true) = (frame_end, self.large) {
             // Only capacity was set aside for the frame: it is initialised
             // (touched) a read at a time, so memory still follows the bytes
-            // that arrive.
-            Some(end) if self.large => {
-                if self.read_buf.len() == self.filled {
-                    self.read_buf.resize((self.filled + MAX_READ).min(end), 0);
-                }
+            // that arrive; never past the frame's end.
+            if self.read_buf.len() == self.filled {
+                self.read_buf.resize((self.filled + MAX_READ).min(end), 0);
             }
-            _ if self.read_buf.len() - self.filled < self.read_size / 2 => {
-                // Top the spare room up to one read's worth. The read size
-                // grows only while reads fill it: memory follows the bytes
-                // that actually arrive, never a length a peer announced.
-                self.read_buf.resize(self.filled + self.read_size, 0);
-            }
-            _ => {}
+        } else if self.read_buf.len() - self.filled < self.read_size / 2 {
+            // Top the spare room up to one read's worth. The read size
+            // grows only while reads fill it: memory follows the bytes
+            // that actually arrive, never a length a peer announced.
+            self.read_buf.resize(self.filled + self.read_size, 0);
         }
         let filled = self.filled;
         let room = self.read_buf.len() - filled;
