@@ -176,19 +176,7 @@ impl<T: AsyncRead + AsyncWrite + Unpin> Pipe<T> {
             {
                 self.filled -= payload.len() + crate::frame::HEADER_LEN;
                 if self.large {
-                    // Reads stopped at the frame's end: nothing else is in
-                    // its buffer, which now goes with the payload. Keep a
-                    // handle to it, and read the next header into a small
-                    // buffer.
-                    self.large = false;
-                    self.read_buf = BytesMut::new();
-                    self.read_size = MIN_READ;
-                    if payload.len() <= RECYCLE_MAX {
-                        if self.recycled.len() == RECYCLE {
-                            self.recycled.pop_front();
-                        }
-                        self.recycled.push_back(payload.clone());
-                    }
+                    self.large_frame_done(&payload);
                 }
                 return Poll::Ready(Ok(Some(payload)));
             }
@@ -233,15 +221,7 @@ impl<T: AsyncRead + AsyncWrite + Unpin> Pipe<T> {
         let frame_end = self.decoder.frame_end();
         if let Some(end) = frame_end {
             if !self.large && end >= LARGE_FRAME && end > self.read_buf.capacity() {
-                // A large frame's header is in: give it a buffer of its own
-                // (a recycled one if the application is done with one), so
-                // that its body is read straight into place rather than
-                // copied along as the buffer grows. What is in of it (at
-                // most one read) moves once.
-                let mut buf = self.recycled_buffer(end);
-                buf.extend_from_slice(&self.read_buf[..self.filled]);
-                self.read_buf = buf;
-                self.large = true;
+                self.start_large_frame(end);
             }
         }
         if let (Some(end), true) = (frame_end, self.large) {
@@ -274,6 +254,35 @@ impl<T: AsyncRead + AsyncWrite + Unpin> Pipe<T> {
             Poll::Pending => return Poll::Pending,
         }
         Poll::Ready(Ok(()))
+    }
+
+    /// Reads stopped at a large frame's end: nothing else is in its
+    /// buffer, which now goes with the payload. Keeps a handle to it, and
+    /// reads the next header into a small buffer. Out of line: the path of
+    /// every small frame only tests `large`.
+    #[cold]
+    fn large_frame_done(&mut self, payload: &Bytes) {
+        self.large = false;
+        self.read_buf = BytesMut::new();
+        self.read_size = MIN_READ;
+        if payload.len() <= RECYCLE_MAX {
+            if self.recycled.len() == RECYCLE {
+                self.recycled.pop_front();
+            }
+            self.recycled.push_back(payload.clone());
+        }
+    }
+
+    /// A large frame's header is in: gives it a buffer of its own (a
+    /// recycled one if the application is done with one), so that its body
+    /// is read straight into place rather than copied along as the buffer
+    /// grows. What is in of it (at most one read) moves once.
+    #[cold]
+    fn start_large_frame(&mut self, end: usize) {
+        let mut buf = self.recycled_buffer(end);
+        buf.extend_from_slice(&self.read_buf[..self.filled]);
+        self.read_buf = buf;
+        self.large = true;
     }
 
     /// A buffer with room for `len` bytes: a recycled one that nothing
