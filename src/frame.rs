@@ -123,6 +123,12 @@ impl Decoder {
         self.remaining_after(buf.len())
     }
 
+    /// Where the frame whose header is in ends (header included), once
+    /// its header has been read.
+    pub(crate) fn frame_end(&self) -> Option<usize> {
+        self.current.map(|len| HEADER_LEN + len)
+    }
+
     pub(crate) fn remaining_after(&self, filled: usize) -> usize {
         match self.current {
             Some(len) => (HEADER_LEN + len).saturating_sub(filled),

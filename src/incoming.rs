@@ -25,8 +25,9 @@ const KEEP_BATCH: usize = 8;
 /// Messages are taken from the connection in batches: besides the
 /// `receive_capacity` messages that may wait in the queue, the stream holds
 /// at most as many again that it is handing out. When the connection ends,
-/// what had already been read (at most one read-ahead, a maximum frame's
-/// worth) is handed over too, room or not, before the end.
+/// what had already been read (at most one read-ahead: a maximum frame's
+/// worth, or 64 KiB if that is less) is handed over too, room or not,
+/// before the end.
 ///
 /// ```no_run
 /// # async fn f(mut incoming: chatpipe::Incoming<chatpipe::raw::Raw>) {

@@ -202,7 +202,10 @@ impl<P: Protocol> Outbox<P> {
                 });
             }
             None if body.len() < COPY_BELOW => {
-                inner.tail.extend_from_slice(&body);
+                // Most small messages are encoded whole: nothing to append.
+                if !body.is_empty() {
+                    inner.tail.extend_from_slice(&body);
+                }
                 inner.tail_frames += 1;
             }
             None => {

@@ -23,6 +23,13 @@ const MIN_READ: usize = 1024;
 pub(crate) const COPY_BELOW: usize = 4 * 1024;
 /// Most slices handed to one vectored write.
 const MAX_IOVS: usize = 64;
+/// Frames at least this long (header included) that do not fit the read
+/// buffer are read into a buffer of their own, sized to them.
+const LARGE_FRAME: usize = 16 * 1024;
+/// Most buffers of large frames kept for reuse, and the largest kept:
+/// rarer, larger frames' memory goes back as soon as they are dropped.
+const RECYCLE: usize = 4;
+const RECYCLE_MAX: usize = 2 * MAX_READ;
 
 pub(crate) struct Pipe<T> {
     io: T,
@@ -35,6 +42,14 @@ pub(crate) struct Pipe<T> {
     filled: usize,
     read_size: usize,
     read_eof: bool,
+    /// The frame being read has `read_buf` to itself, sized to it: reads
+    /// stop at its end, so that the whole buffer goes with it.
+    large: bool,
+    /// Buffers of large frames handed to the application, to read into
+    /// again once it has dropped them (they are ours alone then): fresh
+    /// memory costs a page fault per page, and its zeroing. At most
+    /// `RECYCLE`; given back when the connection goes idle.
+    recycled: VecDeque<Bytes>,
     /// Total bytes read; the driver watches it for liveness.
     pub bytes_read: u64,
     /// Total bytes written; the driver watches it for write progress.
@@ -112,6 +127,8 @@ impl<T: AsyncRead + AsyncWrite + Unpin> Pipe<T> {
             filled: 0,
             read_size: MIN_READ,
             read_eof: false,
+            large: false,
+            recycled: VecDeque::new(),
             bytes_read: 0,
             bytes_written: 0,
             chunks: VecDeque::new(),
@@ -140,13 +157,27 @@ impl<T: AsyncRead + AsyncWrite + Unpin> Pipe<T> {
     }
 
     /// The next frame's payload; `Ok(None)` at a clean end of stream.
+    #[cfg(test)]
     pub fn poll_frame(&mut self, cx: &mut Context<'_>) -> Poll<Result<Option<Bytes>, Error>> {
+        self.poll_frame_reading(cx, true)
+    }
+
+    /// [`Pipe::poll_frame`], or with `may_read` false only what is already
+    /// buffered: `Pending` (nothing registered) when no whole frame is.
+    pub fn poll_frame_reading(
+        &mut self,
+        cx: &mut Context<'_>,
+        may_read: bool,
+    ) -> Poll<Result<Option<Bytes>, Error>> {
         loop {
             if let Some(payload) = self
                 .decoder
                 .decode_filled(&mut self.read_buf, self.filled)?
             {
                 self.filled -= payload.len() + crate::frame::HEADER_LEN;
+                if self.large {
+                    self.large_frame_done(&payload);
+                }
                 return Poll::Ready(Ok(Some(payload)));
             }
             if self.read_eof {
@@ -155,6 +186,9 @@ impl<T: AsyncRead + AsyncWrite + Unpin> Pipe<T> {
                     return Poll::Ready(Err(Error::UnexpectedEof { missing }));
                 }
                 return Poll::Ready(Ok(None));
+            }
+            if !may_read {
+                return Poll::Pending;
             }
             if self.filled == 0 && self.read_buf.capacity() > 2 * MAX_READ {
                 // Give back what a large message made us grow to.
@@ -173,16 +207,34 @@ impl<T: AsyncRead + AsyncWrite + Unpin> Pipe<T> {
     /// Ready when the limit or EOF is reached.
     pub fn poll_fill(&mut self, cx: &mut Context<'_>, limit: usize) -> Poll<Result<(), Error>> {
         while !self.read_eof && self.filled < limit {
+            if self.large && Some(self.filled) == self.decoder.frame_end() {
+                // A large frame fills its own buffer: it takes nothing more
+                // until the frame is decoded.
+                break;
+            }
             ready!(self.poll_read_more(cx))?;
         }
         Poll::Ready(Ok(()))
     }
 
     fn poll_read_more(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Error>> {
-        if self.read_buf.len() - self.filled < self.read_size / 2 {
-            // Top the spare room up to one read's worth. The read size grows
-            // only while reads fill it: memory follows the bytes that
-            // actually arrive, never a length a peer announced.
+        let frame_end = self.decoder.frame_end();
+        if let Some(end) = frame_end {
+            if !self.large && end >= LARGE_FRAME && end > self.read_buf.capacity() {
+                self.start_large_frame(end);
+            }
+        }
+        if let (Some(end), true) = (frame_end, self.large) {
+            // Only capacity was set aside for the frame: it is initialised
+            // (touched) a read at a time, so memory still follows the bytes
+            // that arrive; never past the frame's end.
+            if self.read_buf.len() == self.filled {
+                self.read_buf.resize((self.filled + MAX_READ).min(end), 0);
+            }
+        } else if self.read_buf.len() - self.filled < self.read_size / 2 {
+            // Top the spare room up to one read's worth. The read size
+            // grows only while reads fill it: memory follows the bytes
+            // that actually arrive, never a length a peer announced.
             self.read_buf.resize(self.filled + self.read_size, 0);
         }
         let filled = self.filled;
@@ -202,6 +254,55 @@ impl<T: AsyncRead + AsyncWrite + Unpin> Pipe<T> {
             Poll::Pending => return Poll::Pending,
         }
         Poll::Ready(Ok(()))
+    }
+
+    /// Reads stopped at a large frame's end: nothing else is in its
+    /// buffer, which now goes with the payload. Keeps a handle to it, and
+    /// reads the next header into a small buffer. Out of line: the path of
+    /// every small frame only tests `large`.
+    #[cold]
+    fn large_frame_done(&mut self, payload: &Bytes) {
+        self.large = false;
+        self.read_buf = BytesMut::new();
+        self.read_size = MIN_READ;
+        if payload.len() <= RECYCLE_MAX {
+            if self.recycled.len() == RECYCLE {
+                self.recycled.pop_front();
+            }
+            self.recycled.push_back(payload.clone());
+        }
+    }
+
+    /// A large frame's header is in: gives it a buffer of its own (a
+    /// recycled one if the application is done with one), so that its body
+    /// is read straight into place rather than copied along as the buffer
+    /// grows. What is in of it (at most one read) moves once.
+    #[cold]
+    fn start_large_frame(&mut self, end: usize) {
+        let mut buf = self.recycled_buffer(end);
+        buf.extend_from_slice(&self.read_buf[..self.filled]);
+        self.read_buf = buf;
+        self.large = true;
+    }
+
+    /// A buffer with room for `len` bytes: a recycled one that nothing
+    /// references any more, or a new one.
+    fn recycled_buffer(&mut self, len: usize) -> BytesMut {
+        for _ in 0..self.recycled.len() {
+            let Some(bytes) = self.recycled.pop_front() else {
+                break;
+            };
+            match bytes.try_into_mut() {
+                Ok(mut buf) => {
+                    // Empty, then back to the start of its allocation.
+                    buf.clear();
+                    buf.reserve(len);
+                    return buf;
+                }
+                Err(bytes) => self.recycled.push_back(bytes),
+            }
+        }
+        BytesMut::with_capacity(len)
     }
 
     /// Queues encoded bytes in which `frames` frames end. Large pieces are
@@ -321,7 +422,9 @@ impl<T: AsyncRead + AsyncWrite + Unpin> Pipe<T> {
         if self.filled == 0 {
             self.read_buf = BytesMut::new();
             self.read_size = MIN_READ;
+            self.large = false;
         }
+        self.recycled = VecDeque::new();
         if self.queued == 0 {
             self.tail = BytesMut::new();
         }
@@ -355,8 +458,10 @@ mod tests {
             other => panic!("{other:?}"),
         };
         assert_eq!(big.len(), 1 << 20);
-        // Grown for the message: the space left in its allocation is large.
-        assert!(pipe.read_buf.capacity() > 2 * MAX_READ);
+        // The message had a buffer of its own, which went with it; too
+        // large to be kept for reuse.
+        assert!(pipe.read_buf.capacity() <= 2 * MAX_READ);
+        assert!(pipe.recycled.is_empty());
         drop(big);
         assert!(matches!(pipe.poll_frame(&mut cx), Poll::Ready(Ok(Some(p))) if p.len() == 10));
         assert!(pipe.poll_frame(&mut cx).is_pending());
@@ -367,6 +472,44 @@ mod tests {
         );
         pipe.release_idle_buffers();
         assert_eq!(pipe.read_buf.capacity(), 0);
+    }
+
+    #[test]
+    fn large_frames_are_read_into_place_and_their_buffers_reused() {
+        let mut script = Mock::new();
+        for _ in 0..3 {
+            let f = frame(60_000);
+            // The header and a little of the body, then the rest.
+            script = script.read(&f[..100]).read(&f[100..]);
+        }
+        let (io, _peer) = script.build();
+        let mut pipe = Pipe::new(io, 1 << 20);
+        let mut cx = Context::from_waker(Waker::noop());
+        let mut next = || match pipe.poll_frame(&mut cx) {
+            Poll::Ready(Ok(Some(p))) => p,
+            other => panic!("{other:?}"),
+        };
+        let first = next();
+        assert_eq!(first.len(), 60_000);
+        assert!(first.iter().all(|&b| b == 7));
+        let first_at = first.as_ptr();
+        // Still held by the application: the next frame gets a new buffer.
+        let second = next();
+        assert_ne!(second.as_ptr(), first_at);
+        drop(first);
+        drop(second);
+        // Both dropped: the third is read into the first's buffer again.
+        let third = next();
+        assert_eq!(third.as_ptr(), first_at);
+        assert_eq!(third.len(), 60_000);
+        // The frame's buffer went with it: what reads the next header is
+        // small again.
+        assert!(pipe.read_buf.capacity() <= MIN_READ);
+        drop(third);
+        let mut cx = Context::from_waker(Waker::noop());
+        assert!(pipe.poll_frame(&mut cx).is_pending());
+        pipe.release_idle_buffers();
+        assert!(pipe.recycled.is_empty());
     }
 
     #[test]

@@ -424,3 +424,33 @@ fn large_messages_over_tcp_never_stall_on_a_full_socket() {
         receiver.join().unwrap();
     }
 }
+
+/// While the application takes nothing, the receiver reads ahead at most
+/// 64 KiB (and one read) beyond what it decoded, however large the frames
+/// it allows: the read-ahead is there to see an EOF early, and more of it
+/// cost copies.
+#[test]
+fn read_ahead_is_bounded_below_a_large_maximum_frame() {
+    let mut sim = Sim::new();
+    let (a, b) = duplex_pair(4 << 20);
+    let cfg = Builder::new()
+        .max_frame_len(1 << 20)
+        .send_capacity(4096)
+        .receive_capacity(8)
+        .keepalive_interval(None)
+        .write_timeout(None);
+    let (atx, _arx, aconn) = cfg.build_with_timer(a, Raw, sim.timer());
+    let (btx, _rx, bconn) = cfg.build_with_timer(b, Raw, sim.timer());
+    let _aconn = sim.spawn(aconn);
+    let _bconn = sim.spawn(bconn);
+    for i in 0..2_000 {
+        atx.try_send(numbered_padded(i, 1024)).unwrap();
+    }
+    sim.settle();
+    assert_eq!(atx.stats().messages_out, 2_000, "all written");
+    let stats = btx.stats();
+    // Decoded: the queue's 8 and one batch of 8 waiting for room.
+    assert!(stats.messages_in <= 16, "{stats:?}");
+    let bound = 16 * 1_100 + 64 * 1024 + 4 + 64 * 1024;
+    assert!(stats.bytes_in <= bound, "read {} > {bound}", stats.bytes_in);
+}

@@ -307,3 +307,70 @@ fn a_sink_left_waiting_for_room_does_not_swallow_the_wakeup() {
         "B waits in send() with a free slot and was never woken"
     );
 }
+
+/// A stream whose reads stay pending (keeping the waker, for the test to
+/// fire), counting them; writes take everything.
+struct CountingReads {
+    reads: Arc<AtomicUsize>,
+    waker: Arc<std::sync::Mutex<Option<Waker>>>,
+}
+
+impl futures::io::AsyncRead for CountingReads {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        _buf: &mut [u8],
+    ) -> Poll<std::io::Result<usize>> {
+        self.reads.fetch_add(1, Ordering::SeqCst);
+        *self.waker.lock().unwrap() = Some(cx.waker().clone());
+        Poll::Pending
+    }
+}
+
+impl futures::io::AsyncWrite for CountingReads {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        _cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Poll::Ready(Ok(buf.len()))
+    }
+    fn poll_flush(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+    fn poll_close(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+}
+
+/// A read that returned `Pending` is tried again only once the stream
+/// wakes the driver, not each time a send does (with a socket, each try is
+/// a system call that fails again).
+#[test]
+fn a_pending_read_is_retried_only_when_the_stream_wakes() {
+    let reads = Arc::new(AtomicUsize::new(0));
+    let waker = Arc::new(std::sync::Mutex::new(None::<Waker>));
+    let io = CountingReads {
+        reads: reads.clone(),
+        waker: waker.clone(),
+    };
+    let clock = ManualClock::new();
+    let (tx, _rx, conn) = quiet().build_with_timer(io, Raw, clock.timer());
+    let mut pool = LocalPool::new();
+    pool.spawner()
+        .spawn_local(async { conn.await.unwrap() })
+        .unwrap();
+    pool.run_until_stalled();
+    assert_eq!(reads.load(Ordering::SeqCst), 1);
+    for i in 0..10 {
+        tx.try_send(msg(&format!("m{i}"))).unwrap();
+        pool.run_until_stalled();
+    }
+    // Ten wake-ups by the sender, ten writes, no read.
+    assert_eq!(tx.stats().messages_out, 10);
+    assert_eq!(reads.load(Ordering::SeqCst), 1);
+    // The stream says it is readable: the driver reads again.
+    waker.lock().unwrap().take().unwrap().wake();
+    pool.run_until_stalled();
+    assert_eq!(reads.load(Ordering::SeqCst), 2);
+}

@@ -8,11 +8,13 @@ use crate::scenarios::oneway::SIZES;
 /// A hand-written SVG line chart: messages/s (log scale) against message
 /// size (log scale) for the stacks that matter.
 pub(crate) fn oneway_svg(rep: &Report, subtitle: &str) -> String {
-    let series: [(&str, &str, &str); 4] = [
+    let series: [(&str, &str, &str); 6] = [
         ("raw", "#444444", ""),
         ("tokio-util feed", "#1f77b4", ""),
         ("tokio-util send", "#1f77b4", "4 4"),
+        ("asynchronous-codec feed", "#2ca02c", ""),
         ("chatpipe send", "#d62728", ""),
+        ("chatpipe send (tokio)", "#d62728", "4 4"),
     ];
     let (w, h) = (720.0, 440.0);
     let (l, r, t, b) = (80.0, 190.0, 50.0, 60.0);

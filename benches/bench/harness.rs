@@ -85,14 +85,18 @@ pub(crate) fn rss_bytes() -> u64 {
         * page_size()
 }
 
-/// CPU time (user + system) of this process, seconds, from /proc/self/stat.
+/// CPU time (user + system) of this process, seconds, from `getrusage`
+/// (microseconds, where /proc/self/stat counts 10 ms ticks: the keepalive
+/// floor's few milliseconds need the finer clock).
 pub(crate) fn process_cpu_secs() -> f64 {
-    let s = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
-    let after = s.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
-    let f: Vec<&str> = after.split_whitespace().collect();
-    // After the command name: field 3 (state) is f[0]; utime is field 14.
-    let ticks = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
-    (ticks(11) + ticks(12)) / clock_ticks()
+    // SAFETY: getrusage writes the struct it is given and nothing else.
+    let ru = unsafe {
+        let mut ru: libc::rusage = std::mem::zeroed();
+        libc::getrusage(libc::RUSAGE_SELF, &mut ru);
+        ru
+    };
+    let secs = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
+    secs(ru.ru_utime) + secs(ru.ru_stime)
 }
 
 /// Releases free heap memory to the system, so that RSS deltas measure

@@ -7,14 +7,19 @@
 //! - **tokio-util**: `Framed<TcpStream, LengthDelimitedCodec>` on tokio
 //!   (one current-thread runtime per side), `feed` then one `flush`, and
 //!   `send` per message;
-//! - **chatpipe** on smol (one `LocalExecutor` per side) through its public
-//!   API with the [`Raw`](chatpipe::raw::Raw) protocol: `send().await`,
-//!   `try_send`, `request()`.
+//! - **asynchronous-codec**: `Framed` with a 4-byte length codec on smol
+//!   (one `LocalExecutor` per side), `feed` + `flush` and `send`;
+//! - **tarpc**: `client::Channel::call` with bincode on tokio (rtt and
+//!   pipelined);
+//! - **chatpipe** on smol (one `LocalExecutor` per side) and on tokio
+//!   (`Builder::build_tokio`) through its public API with the
+//!   [`Raw`](chatpipe::raw::Raw) protocol: `send().await`, `try_send`,
+//!   `request()`, `call()`.
 //!
-//! Scenarios: oneway, rtt, tls (oneway 1 KiB and rtt over TLS next to
+//! Scenarios: oneway, rtt, pipelined (64 requests in flight), tls (oneway 1 KiB and rtt over TLS next to
 //! plain TCP), ws (the same over a WebSocket, the browser client's transport, next to
 //! plain TCP), quic (the same over a QUIC stream, next to TCP and TLS), fanin, chat (fan-out through the example chat server), chat-scale (the same with 100 and 10,000 clients in a child
-//! process), memory, allocs.
+//! process), memory (with the keepalive floor: a hand-written epoll loop), allocs.
 //! Run `cargo bench` for all of them, `cargo bench -- oneway rtt` for some.
 //!
 //! Outputs: the markdown goes to stdout, and into files that stay under
@@ -64,15 +69,18 @@ use report::{machine_info, si, targets, write_outputs, Report};
 use scenarios::allocs::scenario_allocs;
 use scenarios::chat::{chat_cpu_line, chat_fanout, scenario_chat_fanout};
 use scenarios::chat_scale::{child_chat, scenario_chat_scale};
-use scenarios::fanin::{fanin_chatpipe, fanin_tokio, scenario_fanin};
+use scenarios::fanin::{
+    fanin_ac, fanin_chatpipe, fanin_chatpipe_tokio, fanin_tokio, scenario_fanin,
+};
 use scenarios::loadgen::{self, serve_chat, Server};
 use scenarios::memory::{child_idle, scenario_memory};
 use scenarios::oneway::scenario_oneway;
+use scenarios::pipelined::{pipelined_case, scenario_pipelined};
 use scenarios::quic::scenario_quic;
-use scenarios::rtt::{rtt_chatpipe, rtt_raw, scenario_rtt};
+use scenarios::rtt::{rtt_ac, rtt_chatpipe, rtt_chatpipe_tokio, rtt_raw, rtt_tokio, scenario_rtt};
 use scenarios::tls::scenario_tls;
 use scenarios::ws::scenario_ws;
-use stacks::{oneway_chatpipe, oneway_raw, oneway_tokio, CpSend};
+use stacks::{oneway_ac, oneway_chatpipe, oneway_chatpipe_tokio, oneway_raw, oneway_tokio, CpSend};
 
 // ---------------------------------------------------------------------------
 // Configuration
@@ -223,6 +231,25 @@ fn main() {
             "tokio-send" => oneway_tokio(size, n, true),
             "send" => oneway_chatpipe(size, n, CpSend::Send),
             "try_send" => oneway_chatpipe(size, n, CpSend::TrySend),
+            "tokio-cp-send" => oneway_chatpipe_tokio(size, n),
+            "ac-feed" => oneway_ac(size, n, false),
+            "ac-send" => oneway_ac(size, n, true),
+            "pipelined" => pipelined_case("chatpipe call()", n),
+            "pipelined-tokio" => pipelined_case("chatpipe call() on tokio", n),
+            "pipelined-raw" => pipelined_case("raw one-thread client", n),
+            "pipelined-tarpc" => pipelined_case("tarpc", n),
+            "request-tokio" => {
+                let v = rtt_chatpipe_tokio(n as usize, 0);
+                v.iter().sum::<u64>() as f64 / 1e9
+            }
+            "ping-tokio" => {
+                let v = rtt_tokio(n as usize, 0);
+                v.iter().sum::<u64>() as f64 / 1e9
+            }
+            "ping-ac" => {
+                let v = rtt_ac(n as usize, 0);
+                v.iter().sum::<u64>() as f64 / 1e9
+            }
             "request" => {
                 let v = rtt_chatpipe(n as usize, 0, true);
                 v.iter().sum::<u64>() as f64 / 1e9
@@ -233,6 +260,8 @@ fn main() {
             }
             "fanin" => fanin_chatpipe(100, n),
             "fanin-feed" => fanin_tokio(100, n),
+            "fanin-ac" => fanin_ac(100, n),
+            "fanin-tokio" => fanin_chatpipe_tokio(100, n),
             "fanout-chatpipe" | "fanout-nats" | "fanout-redis" | "paced-chatpipe"
             | "paced-nats" | "paced-redis" => {
                 // Scenario 4's load generator against one server, in a
@@ -292,8 +321,10 @@ fn main() {
             }
             _ => {
                 eprintln!(
-                    "cases: raw feed tokio-send send try_send (size n), request ping-raw (_ n), \
-                     fanin fanin-feed (_ msgs per connection), chat (senders msgs_each)"
+                    "cases: raw feed tokio-send ac-feed ac-send send try_send tokio-cp-send (size n), \
+                     request request-tokio ping-raw ping-ac ping-tokio (_ n), pipelined pipelined-tokio pipelined-raw \
+                     pipelined-tarpc (_ n), fanin fanin-feed fanin-ac fanin-tokio (_ msgs per \
+                     connection), chat (senders msgs_each)"
                 );
                 return;
             }
@@ -314,9 +345,10 @@ fn main() {
     rep.md.push('\n');
 
     type Scenario = fn(&Cfg, &mut Report);
-    let scenarios: [(&str, Scenario); 10] = [
+    let scenarios: [(&str, Scenario); 11] = [
         ("oneway", scenario_oneway),
         ("rtt", scenario_rtt),
+        ("pipelined", scenario_pipelined),
         ("tls", scenario_tls),
         ("quic", scenario_quic),
         ("ws", scenario_ws),

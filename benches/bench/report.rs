@@ -202,116 +202,192 @@ pub(crate) fn targets(rep: &mut Report) {
     };
     let ge = |v: Option<f64>, t: f64| v.map(|v| v >= t);
     let le = |v: Option<f64>, t: f64| v.map(|v| v <= t);
-    let cp64 = get("oneway/64/chatpipe send");
     let pairs = get("memory/pairs").unwrap_or(0.0);
-    let r_feed = div(cp64, get("oneway/64/tokio-util feed"));
-    let r_send = div(cp64, get("oneway/64/tokio-util send"));
-    let r_1k = div(get("oneway/1024/chatpipe send"), get("oneway/1024/raw"));
-    let r_64k = div(get("oneway/65536/chatpipe send"), get("oneway/65536/raw"));
-    let r_rtt = div(
-        get("rtt/one CPU/chatpipe request()/p50"),
-        get("rtt/one CPU/raw ping-pong/p50"),
+    let mut list = Vec::new();
+    let mut push = |what: String, goal: &str, measured: Option<f64>, unit, met| {
+        list.push(T {
+            what,
+            goal: goal.into(),
+            measured,
+            unit,
+            met,
+        })
+    };
+    // oneway: plain `send().await` against the best batched peer on the
+    // same runtime.
+    for (size, smol_goal, tokio_goal) in [(16, 1.0, 1.0), (64, 1.0, 1.0), (1024, 1.0, 1.5)] {
+        let name = size_name(size);
+        let r = div(
+            get(&format!("oneway/{size}/chatpipe send")),
+            get(&format!("oneway/{size}/asynchronous-codec feed")),
+        );
+        push(
+            format!("oneway {name}, smol: chatpipe send vs asynchronous-codec feed"),
+            if smol_goal == 1.0 {
+                ">= 1.0x"
+            } else {
+                ">= 1.5x"
+            },
+            r,
+            "x",
+            ge(r, smol_goal),
+        );
+        let r = div(
+            get(&format!("oneway/{size}/chatpipe send (tokio)")),
+            get(&format!("oneway/{size}/tokio-util feed")),
+        );
+        push(
+            format!("oneway {name}, tokio: chatpipe send vs tokio-util feed"),
+            if tokio_goal == 1.0 {
+                ">= 1.0x"
+            } else {
+                ">= 1.5x"
+            },
+            r,
+            "x",
+            ge(r, tokio_goal),
+        );
+    }
+    let raw64k = get("oneway/65536/raw");
+    for (rt, stack) in [
+        ("smol", "chatpipe send"),
+        ("tokio", "chatpipe send (tokio)"),
+    ] {
+        let med = get(&format!("oneway/65536/{stack}"));
+        let r = div(med, raw64k);
+        // Spread: the runs' farthest from the median, either way.
+        let spread = match (
+            med,
+            get(&format!("oneway/65536/{stack}/min")),
+            get(&format!("oneway/65536/{stack}/max")),
+        ) {
+            (Some(m), Some(lo), Some(hi)) if m > 0.0 => Some((hi / m - 1.0).max(1.0 - lo / m)),
+            _ => None,
+        };
+        push(
+            format!("oneway 64 KiB, {rt}: chatpipe send vs raw"),
+            ">= 0.9x",
+            r,
+            "x",
+            ge(r, 0.9),
+        );
+        push(
+            format!("oneway 64 KiB, {rt}: chatpipe send, spread of the runs"),
+            "< ±15%",
+            spread.map(|v| v * 100.0),
+            "%",
+            spread.map(|v| v < 0.15),
+        );
+    }
+    for (rt, stack, peer) in [
+        ("smol", "chatpipe send", "asynchronous-codec feed"),
+        ("tokio", "chatpipe send (tokio)", "tokio-util feed"),
+    ] {
+        let r = div(
+            get(&format!("fanin/{stack}")),
+            get(&format!("fanin/{peer}")),
+        );
+        push(
+            format!("fanin 100 x 64 B, {rt}: chatpipe send vs {peer}"),
+            ">= 1.0x",
+            r,
+            "x",
+            ge(r, 1.0),
+        );
+    }
+    for (rt, stack, peer) in [
+        ("smol", "chatpipe request()", "asynchronous-codec ping-pong"),
+        (
+            "tokio",
+            "chatpipe request() on tokio",
+            "tokio-util ping-pong",
+        ),
+    ] {
+        let r = div(
+            get(&format!("rtt/one CPU/{stack}/p50")),
+            get(&format!("rtt/one CPU/{peer}/p50")),
+        );
+        push(
+            format!("rtt p50, one CPU, {rt}: chatpipe request() vs {peer}"),
+            "<= 1.05x",
+            r,
+            "x",
+            le(r, 1.05),
+        );
+    }
+    for (rt, stack) in [
+        ("smol", "chatpipe call()"),
+        ("tokio", "chatpipe call() on tokio"),
+    ] {
+        let cp = get(&format!("pipelined/{stack}"));
+        let r = div(cp, get("pipelined/tarpc"));
+        push(
+            format!("pipelined 64 x 64 B, {rt}: chatpipe vs tarpc"),
+            ">= 3x",
+            r,
+            "x",
+            ge(r, 3.0),
+        );
+        let r = div(cp, get("pipelined/raw one-thread client"));
+        push(
+            format!("pipelined 64 x 64 B, {rt}: chatpipe vs raw one-thread client"),
+            ">= 0.8x",
+            r,
+            "x",
+            ge(r, 0.8),
+        );
+    }
+    // Chat fan-out (scenario 4) has its rows after this list, with the
+    // chat scenario's own keys.
+    // Keepalive CPU against the floor, both measured with the same
+    // connections over the same window.
+    let r = div(get("memory/chatpipe/cpu_pct"), get("memory/floor/cpu_pct"));
+    push(
+        format!("keepalive CPU, {pairs:.0} idle connections: chatpipe vs the floor"),
+        "<= 2x",
+        r,
+        "x",
+        le(r, 2.0),
     );
-    let r_fanin = div(get("fanin/chatpipe send"), get("fanin/tokio-util feed"));
     let rss = get("memory/chatpipe/rss_per_end");
-    let cpu = get("memory/chatpipe/cpu_pct");
-    let a_send = get("allocs/chatpipe/64/send");
-    let a_recv = get("allocs/chatpipe/64/recv");
-    let a_req_c = get("allocs/chatpipe/request/send");
-    let a_req_s = get("allocs/chatpipe/request/recv");
-    let list = [
-        T {
-            what: "oneway 64 B: chatpipe send vs tokio-util feed".into(),
-            goal: ">= 1.5x".into(),
-            measured: r_feed,
-            unit: "x",
-            met: ge(r_feed, 1.5),
-        },
-        T {
-            what: "oneway 64 B: chatpipe send vs tokio-util send".into(),
-            goal: ">= 30x".into(),
-            measured: r_send,
-            unit: "x",
-            met: ge(r_send, 30.0),
-        },
-        T {
-            what: "oneway 1 KiB: chatpipe send vs raw".into(),
-            goal: ">= 0.6x".into(),
-            measured: r_1k,
-            unit: "x",
-            met: ge(r_1k, 0.6),
-        },
-        T {
-            what: "oneway 64 KiB: chatpipe send vs raw".into(),
-            goal: ">= 0.8x".into(),
-            measured: r_64k,
-            unit: "x",
-            met: ge(r_64k, 0.8),
-        },
-        T {
-            what: "rtt p50, one CPU: chatpipe request() vs raw ping-pong".into(),
-            goal: "<= 1.25x".into(),
-            measured: r_rtt,
-            unit: "x",
-            met: le(r_rtt, 1.25),
-        },
-        T {
-            what: "fanin 100 x 64 B: chatpipe vs tokio-util feed".into(),
-            goal: ">= 1.0x".into(),
-            measured: r_fanin,
-            unit: "x",
-            met: ge(r_fanin, 1.0),
-        },
-        T {
-            what: "idle connection: RSS per connection end".into(),
-            goal: "<= 4096 B".into(),
-            measured: rss,
-            unit: " B",
-            met: le(rss, 4096.0),
-        },
-        T {
-            what: format!(
-                "keepalive CPU, {:.0} connections (both ends in-process)",
-                pairs
-            ),
-            goal: "< 1% of a core (for 10,000)".into(),
-            // Scaled to 10,000 connections when fewer were measured.
-            measured: cpu.map(|c| if pairs > 0.0 { c * 10_000.0 / pairs } else { c }),
-            unit: "% (scaled to 10,000)",
-            met: cpu.map(|c| (if pairs > 0.0 { c * 10_000.0 / pairs } else { c }) < 1.0),
-        },
-        T {
-            what: "allocations per message sent (64 B)".into(),
-            goal: "<= 1".into(),
-            measured: a_send,
-            unit: "",
-            met: le(a_send, 1.0),
-        },
-        T {
-            what: "allocations per message received (64 B)".into(),
-            goal: "<= 1".into(),
-            measured: a_recv,
-            unit: "",
-            met: le(a_recv, 1.0),
-        },
-        // Each side of a round trip sends one message and receives one.
-        T {
-            what: "allocations per request() round trip, client thread".into(),
-            goal: "<= 2 (1 sent + 1 received)".into(),
-            measured: a_req_c,
-            unit: "",
-            met: le(a_req_c, 2.0),
-        },
-        T {
-            what: "allocations per request() round trip, server thread".into(),
-            goal: "<= 2 (1 received + 1 sent)".into(),
-            measured: a_req_s,
-            unit: "",
-            met: le(a_req_s, 2.0),
-        },
-    ];
+    push(
+        "idle connection: RSS per connection end".into(),
+        "<= 4096 B",
+        rss,
+        " B",
+        le(rss, 4096.0),
+    );
+    for (what, key, goal, t) in [
+        (
+            "allocations per message sent (64 B)",
+            "allocs/chatpipe/64/send",
+            "<= 1",
+            1.0,
+        ),
+        (
+            "allocations per message received (64 B)",
+            "allocs/chatpipe/64/recv",
+            "<= 1",
+            1.0,
+        ),
+        (
+            "allocations per request() round trip, client thread",
+            "allocs/chatpipe/request/send",
+            "<= 2 (1 sent + 1 received)",
+            2.0,
+        ),
+        (
+            "allocations per request() round trip, server thread",
+            "allocs/chatpipe/request/recv",
+            "<= 2 (1 received + 1 sent)",
+            2.0,
+        ),
+    ] {
+        let v = get(key);
+        push(what.into(), goal, v, "", le(v, t));
+    }
     let mut md = String::from(
-        "## Targets (issue 5)\n\n| target | goal | measured | met |\n|---|---|---:|:---:|\n",
+        "## Targets (issue 12)\n\n| target | goal | measured | met |\n|---|---|---:|:---:|\n",
     );
     for t in list {
         let measured = match t.measured {

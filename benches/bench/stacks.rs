@@ -85,6 +85,43 @@ where
     })
 }
 
+/// As `smol_thread`, with `f` a spawned task, as a server's code for a
+/// connection runs. The future `block_on` drives itself is special: every
+/// wake of it from a task is a turn of async-io's reactor (epoll_pwait,
+/// timerfd_settime, eventfd; strace), which a task woken by a task does not
+/// take. The request/response scenarios, where each message hops between
+/// the application and a connection's driver, run every stack this way.
+pub(crate) fn smol_task_thread<T, F, Fut>(f: F) -> thread::JoinHandle<T>
+where
+    T: Send + 'static,
+    F: FnOnce(Rc<LocalExecutor<'static>>) -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = T> + 'static,
+    T: 'static,
+{
+    thread::spawn(move || {
+        let ex = Rc::new(LocalExecutor::new());
+        let task = ex.spawn(f(ex.clone()));
+        smol::block_on(ex.run(task))
+    })
+}
+
+/// As `tokio_thread`, with `f` a spawned task (see `smol_task_thread`:
+/// on tokio each wake of the `block_on` future costs an epoll_wait).
+pub(crate) fn tokio_task_thread<T, F, Fut>(f: F) -> thread::JoinHandle<T>
+where
+    T: Send + 'static,
+    F: FnOnce() -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = T> + Send + 'static,
+{
+    thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("tokio runtime");
+        rt.block_on(async { tokio::spawn(f()).await.expect("task panicked") })
+    })
+}
+
 pub(crate) fn fanin_pairs(conns: usize) -> (Vec<TcpStream>, Vec<TcpStream>) {
     (0..conns).map(|_| tcp_pair()).unzip()
 }
@@ -316,4 +353,134 @@ pub(crate) fn oneway_chatpipe(size: usize, n: u64, mode: CpSend) -> f64 {
 pub(crate) fn tokio_stream(s: TcpStream) -> tokio::net::TcpStream {
     s.set_nonblocking(true).unwrap();
     tokio::net::TcpStream::from_std(s).expect("register with tokio")
+}
+
+/// chatpipe on tokio (`Builder::build_tokio`, one current-thread runtime
+/// per side): the same `send().await` loop and receiver as on smol.
+pub(crate) fn oneway_chatpipe_tokio(size: usize, n: u64) -> f64 {
+    let (a, b) = tcp_pair();
+    let go = Arc::new(Barrier::new(2));
+    let go2 = go.clone();
+    let body = payload(size);
+    let sender = tokio_thread(move || async move {
+        let (tx, _incoming, conn) = chatpipe_builder().build_tokio(tokio_stream(a), Raw);
+        let driver = tokio::spawn(conn);
+        go2.wait();
+        for _ in 0..n {
+            tx.send(RawMessage::Message(body.clone())).await.unwrap();
+        }
+        tx.close();
+        driver.await.expect("join").expect("sender driver");
+    });
+    let receiver = tokio_thread(move || async move {
+        let (tx, mut incoming, conn) = chatpipe_builder().build_tokio(tokio_stream(b), Raw);
+        let driver = tokio::spawn(conn);
+        go.wait();
+        let t0 = Instant::now();
+        let mut bytes = 0u64;
+        for _ in 0..n {
+            match incoming.next().await {
+                Some(Ok(RawMessage::Message(b))) => bytes += b.len() as u64,
+                other => panic!("chatpipe receiver: unexpected {other:?}"),
+            }
+        }
+        let secs = t0.elapsed().as_secs_f64();
+        while incoming.next().await.is_some() {}
+        drop(tx);
+        let _ = driver.await;
+        std::hint::black_box(bytes);
+        secs
+    });
+    sender.join().unwrap();
+    receiver.join().unwrap()
+}
+
+// ---------------------------------------------------------------------------
+// asynchronous-codec on smol
+// ---------------------------------------------------------------------------
+
+/// The 4-byte big-endian length prefix for asynchronous-codec (its own
+/// `LengthCodec` writes 8 bytes): what tokio-util's `LengthDelimitedCodec`
+/// does, including reserving a whole frame once its header is in.
+pub(crate) struct Len4;
+
+impl asynchronous_codec::Encoder for Len4 {
+    type Item<'a> = Bytes;
+    type Error = std::io::Error;
+
+    fn encode(&mut self, item: Bytes, dst: &mut bytes::BytesMut) -> std::io::Result<()> {
+        dst.reserve(4 + item.len());
+        dst.extend_from_slice(&(item.len() as u32).to_be_bytes());
+        dst.extend_from_slice(&item);
+        Ok(())
+    }
+}
+
+impl asynchronous_codec::Decoder for Len4 {
+    type Item = bytes::BytesMut;
+    type Error = std::io::Error;
+
+    fn decode(&mut self, src: &mut bytes::BytesMut) -> std::io::Result<Option<bytes::BytesMut>> {
+        if src.len() < 4 {
+            return Ok(None);
+        }
+        let len = u32::from_be_bytes(src[..4].try_into().unwrap()) as usize;
+        if len > MAX_FRAME {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                "frame too large",
+            ));
+        }
+        if src.len() < 4 + len {
+            src.reserve(4 + len - src.len());
+            return Ok(None);
+        }
+        let _ = src.split_to(4);
+        Ok(Some(src.split_to(len)))
+    }
+}
+
+pub(crate) type AcFramed = asynchronous_codec::Framed<smol::net::TcpStream, Len4>;
+
+pub(crate) fn ac_framed(s: TcpStream) -> AcFramed {
+    asynchronous_codec::Framed::new(smol_stream(s), Len4)
+}
+
+/// asynchronous-codec on smol: `feed` every message then one `flush`, or
+/// `send` (feed + flush) per message; the receiver takes `next()`.
+pub(crate) fn oneway_ac(size: usize, n: u64, flush_each: bool) -> f64 {
+    let (a, b) = tcp_pair();
+    let go = Arc::new(Barrier::new(2));
+    let go2 = go.clone();
+    let body = payload(size);
+    let sender = smol_thread(move |_ex| async move {
+        let mut f = ac_framed(a);
+        go2.wait();
+        if flush_each {
+            for _ in 0..n {
+                f.send(body.clone()).await.unwrap();
+            }
+        } else {
+            for _ in 0..n {
+                f.feed(body.clone()).await.unwrap();
+            }
+            f.flush().await.unwrap();
+        }
+        f.close().await.unwrap();
+    });
+    let receiver = smol_thread(move |_ex| async move {
+        let mut f = ac_framed(b);
+        go.wait();
+        let t0 = Instant::now();
+        let mut bytes = 0u64;
+        for _ in 0..n {
+            bytes += f.next().await.unwrap().unwrap().len() as u64;
+        }
+        let secs = t0.elapsed().as_secs_f64();
+        assert_eq!(bytes, n * size as u64);
+        while f.next().await.is_some() {}
+        secs
+    });
+    sender.join().unwrap();
+    receiver.join().unwrap()
 }

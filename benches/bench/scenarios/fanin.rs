@@ -13,8 +13,8 @@ use futures::{SinkExt, StreamExt};
 use crate::harness::stats;
 use crate::report::{ratio, si, Report};
 use crate::stacks::{
-    chatpipe_builder, fanin_pairs, payload, raw_read_frames, smol_stream, smol_thread,
-    tokio_framed, tokio_thread,
+    ac_framed, chatpipe_builder, fanin_pairs, payload, raw_read_frames, smol_stream, smol_thread,
+    tokio_framed, tokio_stream, tokio_thread,
 };
 use crate::Cfg;
 
@@ -181,6 +181,131 @@ pub(crate) fn fanin_chatpipe(conns: usize, msgs: u64) -> f64 {
     server.join().unwrap()
 }
 
+/// asynchronous-codec on smol: as `fanin_tokio`, one task per connection
+/// on one `LocalExecutor` per side, `feed` then one `flush`.
+pub(crate) fn fanin_ac(conns: usize, msgs: u64) -> f64 {
+    let (clients, servers) = fanin_pairs(conns);
+    let go = Arc::new(Barrier::new(2));
+    let go2 = go.clone();
+    let client = smol_thread(move |ex| async move {
+        let framed: Vec<_> = clients.into_iter().map(ac_framed).collect();
+        let body = payload(FANIN_SIZE);
+        go2.wait();
+        let tasks: Vec<_> = framed
+            .into_iter()
+            .map(|mut f| {
+                let body = body.clone();
+                ex.spawn(async move {
+                    for _ in 0..msgs {
+                        f.feed(body.clone()).await.unwrap();
+                    }
+                    f.flush().await.unwrap();
+                    f.close().await.unwrap();
+                })
+            })
+            .collect();
+        for t in tasks {
+            t.await;
+        }
+    });
+    let server = smol_thread(move |ex| async move {
+        let framed: Vec<_> = servers.into_iter().map(ac_framed).collect();
+        go.wait();
+        let t0 = Instant::now();
+        let tasks: Vec<_> = framed
+            .into_iter()
+            .map(|mut f| {
+                ex.spawn(async move {
+                    for _ in 0..msgs {
+                        f.next().await.unwrap().unwrap();
+                    }
+                    f
+                })
+            })
+            .collect();
+        let mut done = Vec::new();
+        for t in tasks {
+            done.push(t.await);
+        }
+        let secs = t0.elapsed().as_secs_f64();
+        for mut f in done {
+            while f.next().await.is_some() {}
+        }
+        secs
+    });
+    client.join().unwrap();
+    server.join().unwrap()
+}
+
+/// chatpipe on tokio (`build_tokio`): as `fanin_chatpipe`.
+pub(crate) fn fanin_chatpipe_tokio(conns: usize, msgs: u64) -> f64 {
+    let (clients, servers) = fanin_pairs(conns);
+    let go = Arc::new(Barrier::new(2));
+    let go2 = go.clone();
+    let client = tokio_thread(move || async move {
+        let ends: Vec<_> = clients
+            .into_iter()
+            .map(|s| {
+                let (tx, _incoming, conn) = chatpipe_builder().build_tokio(tokio_stream(s), Raw);
+                (tx, tokio::spawn(conn))
+            })
+            .collect();
+        let body = payload(FANIN_SIZE);
+        go2.wait();
+        let tasks: Vec<_> = ends
+            .into_iter()
+            .map(|(tx, driver)| {
+                let body = body.clone();
+                tokio::spawn(async move {
+                    for _ in 0..msgs {
+                        tx.send(RawMessage::Message(body.clone())).await.unwrap();
+                    }
+                    tx.close();
+                    driver.await.unwrap().expect("fanin client driver");
+                })
+            })
+            .collect();
+        for t in tasks {
+            t.await.unwrap();
+        }
+    });
+    let server = tokio_thread(move || async move {
+        let ends: Vec<_> = servers
+            .into_iter()
+            .map(|s| {
+                let (tx, incoming, conn) = chatpipe_builder().build_tokio(tokio_stream(s), Raw);
+                (tx, incoming, tokio::spawn(conn))
+            })
+            .collect();
+        go.wait();
+        let t0 = Instant::now();
+        let tasks: Vec<_> = ends
+            .into_iter()
+            .map(|(tx, mut incoming, driver)| {
+                tokio::spawn(async move {
+                    for _ in 0..msgs {
+                        incoming.next().await.unwrap().unwrap();
+                    }
+                    (tx, incoming, driver)
+                })
+            })
+            .collect();
+        let mut done = Vec::new();
+        for t in tasks {
+            done.push(t.await.unwrap());
+        }
+        let secs = t0.elapsed().as_secs_f64();
+        for (tx, mut incoming, driver) in done {
+            while incoming.next().await.is_some() {}
+            drop(tx);
+            let _ = driver.await;
+        }
+        secs
+    });
+    client.join().unwrap();
+    server.join().unwrap()
+}
+
 pub(crate) fn scenario_fanin(cfg: &Cfg, rep: &mut Report) {
     let (conns, msgs) = (cfg.fanin_conns, cfg.fanin_msgs as u64);
     let total = (conns as u64 * msgs) as f64;
@@ -189,20 +314,30 @@ pub(crate) fn scenario_fanin(cfg: &Cfg, rep: &mut Report) {
         md,
         "## 3. fanin: {conns} connections x {msgs} messages of {FANIN_SIZE} B to one server\n\n\
          Aggregate messages/s at the server, median of {} runs. raw: one writer thread writing each \
-         connection's pre-encoded frames, one reader thread per connection; tokio-util (feed, then \
-         flush) and chatpipe (`send().await`): one thread per side, one task per connection.\n",
+         connection's pre-encoded frames, one reader thread per connection; tokio-util and asynchronous-codec \
+         (feed, then flush) and chatpipe (`send().await`, on smol and on tokio): one thread per side, \
+         one task per connection.\n",
         cfg.reps
     );
     let _ = writeln!(
         md,
-        "| stack | msgs/s | spread | x raw | x tokio-util feed |\n|---|---:|---|---:|---:|"
+        "| stack | msgs/s | spread | x raw | x tokio-util feed | x asynchronous-codec feed |\n|---|---:|---|---:|---:|---:|"
     );
-    for stack in ["raw", "tokio-util feed", "chatpipe send"] {
+    let stacks = [
+        "raw",
+        "tokio-util feed",
+        "asynchronous-codec feed",
+        "chatpipe send",
+        "chatpipe send (tokio)",
+    ];
+    for stack in stacks {
         eprintln!("fanin {stack} ...");
         let rates: Vec<f64> = (0..cfg.reps + 1)
             .map(|_| match stack {
                 "raw" => fanin_raw(conns, msgs),
                 "tokio-util feed" => fanin_tokio(conns, msgs),
+                "asynchronous-codec feed" => fanin_ac(conns, msgs),
+                "chatpipe send (tokio)" => fanin_chatpipe_tokio(conns, msgs),
                 _ => fanin_chatpipe(conns, msgs),
             })
             .skip(1) // warm-up
@@ -212,12 +347,13 @@ pub(crate) fn scenario_fanin(cfg: &Cfg, rep: &mut Report) {
         rep.set(format!("fanin/{stack}"), st.median);
         let _ = writeln!(
             md,
-            "| {stack} | {} | {}–{} | {} | {} |",
+            "| {stack} | {} | {}–{} | {} | {} | {} |",
             si(st.median),
             si(st.min),
             si(st.max),
             ratio(Some(st.median), rep.get("fanin/raw")),
             ratio(Some(st.median), rep.get("fanin/tokio-util feed")),
+            ratio(Some(st.median), rep.get("fanin/asynchronous-codec feed")),
         );
     }
     rep.md.push_str(&md);

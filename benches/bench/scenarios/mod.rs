@@ -8,6 +8,7 @@ pub(crate) mod fanin;
 pub(crate) mod loadgen;
 pub(crate) mod memory;
 pub(crate) mod oneway;
+pub(crate) mod pipelined;
 pub(crate) mod quic;
 pub(crate) mod rtt;
 pub(crate) mod tls;

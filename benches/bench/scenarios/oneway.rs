@@ -4,18 +4,23 @@ use std::fmt::Write as _;
 
 use crate::harness::{calibrated, stats};
 use crate::report::{ratio, si, size_name, Report};
-use crate::stacks::{oneway_chatpipe, oneway_raw, oneway_tokio, CpSend};
+use crate::stacks::{
+    oneway_ac, oneway_chatpipe, oneway_chatpipe_tokio, oneway_raw, oneway_tokio, CpSend,
+};
 use crate::Cfg;
 
 /// Payload sizes of the oneway runs (and the chart's x axis).
 pub(crate) const SIZES: [usize; 4] = [16, 64, 1024, 64 * 1024];
 
-const ONEWAY_STACKS: [&str; 5] = [
+const ONEWAY_STACKS: [&str; 8] = [
     "raw",
     "tokio-util feed",
     "tokio-util send",
+    "asynchronous-codec feed",
+    "asynchronous-codec send",
     "chatpipe send",
     "chatpipe try_send",
+    "chatpipe send (tokio)",
 ];
 
 pub(crate) fn scenario_oneway(cfg: &Cfg, rep: &mut Report) {
@@ -25,12 +30,13 @@ pub(crate) fn scenario_oneway(cfg: &Cfg, rep: &mut Report) {
         "## 1. oneway: one connection, N messages\n\n\
          Messages/s at the receiver (from the start signal to the N-th message), median of {} runs, \
          spread min–max; MB/s counts payload bytes (10^6). chatpipe's Raw protocol adds a 1-byte tag \
-         to each payload.\n",
+         to each payload. tokio-util and `chatpipe send (tokio)` run on tokio; asynchronous-codec and \
+         the other chatpipe rows on smol.\n",
         cfg.reps
     );
     let _ = writeln!(
         md,
-        "| size | stack | N | msgs/s | spread | MB/s | x raw | x tokio-util feed |\n|---|---|---:|---:|---|---:|---:|---:|"
+        "| size | stack | N | msgs/s | spread | MB/s | x raw | x tokio-util feed | x asynchronous-codec feed |\n|---|---|---:|---:|---|---:|---:|---:|---:|"
     );
     for size in SIZES {
         for stack in ONEWAY_STACKS {
@@ -39,18 +45,24 @@ pub(crate) fn scenario_oneway(cfg: &Cfg, rep: &mut Report) {
                 "raw" => calibrated(cfg, |n| oneway_raw(size, n)),
                 "tokio-util feed" => calibrated(cfg, |n| oneway_tokio(size, n, false)),
                 "tokio-util send" => calibrated(cfg, |n| oneway_tokio(size, n, true)),
+                "asynchronous-codec feed" => calibrated(cfg, |n| oneway_ac(size, n, false)),
+                "asynchronous-codec send" => calibrated(cfg, |n| oneway_ac(size, n, true)),
                 "chatpipe send" => calibrated(cfg, |n| oneway_chatpipe(size, n, CpSend::Send)),
+                "chatpipe send (tokio)" => calibrated(cfg, |n| oneway_chatpipe_tokio(size, n)),
                 _ => calibrated(cfg, |n| oneway_chatpipe(size, n, CpSend::TrySend)),
             };
             let rates: Vec<f64> = secs.iter().map(|s| n as f64 / s).collect();
             let st = stats(&rates);
             rep.set(format!("oneway/{size}/{stack}"), st.median);
+            rep.set(format!("oneway/{size}/{stack}/min"), st.min);
+            rep.set(format!("oneway/{size}/{stack}/max"), st.max);
             rep.oneway.push((size, stack, n, st.median, st.min, st.max));
             let raw = rep.get(&format!("oneway/{size}/raw"));
             let feed = rep.get(&format!("oneway/{size}/tokio-util feed"));
+            let ac = rep.get(&format!("oneway/{size}/asynchronous-codec feed"));
             let _ = writeln!(
                 md,
-                "| {} | {stack} | {} | {} | {}–{} | {:.0} | {} | {} |",
+                "| {} | {stack} | {} | {} | {}–{} | {:.0} | {} | {} | {} |",
                 size_name(size),
                 si(n as f64),
                 si(st.median),
@@ -59,6 +71,7 @@ pub(crate) fn scenario_oneway(cfg: &Cfg, rep: &mut Report) {
                 st.median * size as f64 / 1e6,
                 ratio(Some(st.median), raw),
                 ratio(Some(st.median), feed),
+                ratio(Some(st.median), ac),
             );
         }
     }

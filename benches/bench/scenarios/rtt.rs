@@ -10,16 +10,19 @@ use futures::{SinkExt, StreamExt};
 
 use crate::harness::{allowed_cpus, percentile, set_process_affinity, stats};
 use crate::report::{ratio, Report};
+use crate::scenarios::pipelined::rtt_tarpc;
 use crate::stacks::{
-    chatpipe_builder, payload, raw_read_one, smol_stream, smol_thread, tcp_pair, tokio_framed,
-    tokio_stream, tokio_thread,
+    ac_framed, chatpipe_builder, payload, raw_read_one, smol_stream, smol_task_thread, tcp_pair,
+    tokio_framed, tokio_stream, tokio_task_thread,
 };
 use crate::Cfg;
 
 pub(crate) const RTT_SIZE: usize = 64;
-const RTT_STACKS: [&str; 5] = [
+const RTT_STACKS: [&str; 7] = [
     "raw ping-pong",
     "tokio-util ping-pong",
+    "asynchronous-codec ping-pong",
+    "tarpc call",
     "chatpipe request()",
     "chatpipe ping-pong",
     "chatpipe request() on tokio",
@@ -51,16 +54,44 @@ pub(crate) fn rtt_raw(n: usize, warm: usize) -> Vec<u64> {
     out
 }
 
-fn rtt_tokio(n: usize, warm: usize) -> Vec<u64> {
+pub(crate) fn rtt_tokio(n: usize, warm: usize) -> Vec<u64> {
     let (a, b) = tcp_pair();
-    let server = tokio_thread(move || async move {
+    let server = tokio_task_thread(move || async move {
         let mut f = tokio_framed(b);
         while let Some(Ok(frame)) = f.next().await {
             f.send(frame.freeze()).await.unwrap();
         }
     });
-    let client = tokio_thread(move || async move {
+    let client = tokio_task_thread(move || async move {
         let mut f = tokio_framed(a);
+        let body = payload(RTT_SIZE);
+        let mut out = Vec::with_capacity(n);
+        for i in 0..n + warm {
+            let t = Instant::now();
+            f.send(body.clone()).await.unwrap();
+            f.next().await.unwrap().unwrap();
+            if i >= warm {
+                out.push(t.elapsed().as_nanos() as u64);
+            }
+        }
+        out
+    });
+    let out = client.join().unwrap();
+    server.join().unwrap();
+    out
+}
+
+/// asynchronous-codec on smol: `send` then `next`, the server echoing.
+pub(crate) fn rtt_ac(n: usize, warm: usize) -> Vec<u64> {
+    let (a, b) = tcp_pair();
+    let server = smol_task_thread(move |_ex| async move {
+        let mut f = ac_framed(b);
+        while let Some(Ok(frame)) = f.next().await {
+            f.send(frame.freeze()).await.unwrap();
+        }
+    });
+    let client = smol_task_thread(move |_ex| async move {
+        let mut f = ac_framed(a);
         let body = payload(RTT_SIZE);
         let mut out = Vec::with_capacity(n);
         for i in 0..n + warm {
@@ -80,7 +111,7 @@ fn rtt_tokio(n: usize, warm: usize) -> Vec<u64> {
 
 pub(crate) fn rtt_chatpipe(n: usize, warm: usize, use_request: bool) -> Vec<u64> {
     let (a, b) = tcp_pair();
-    let server = smol_thread(move |ex| async move {
+    let server = smol_task_thread(move |ex| async move {
         let (tx, mut incoming, conn) = chatpipe_builder().build(smol_stream(b), Raw);
         let driver = ex.spawn(conn);
         while let Some(Ok(m)) = incoming.next().await {
@@ -95,7 +126,7 @@ pub(crate) fn rtt_chatpipe(n: usize, warm: usize, use_request: bool) -> Vec<u64>
         drop(tx);
         let _ = driver.await;
     });
-    let client = smol_thread(move |ex| async move {
+    let client = smol_task_thread(move |ex| async move {
         let (tx, mut incoming, conn) = chatpipe_builder().build(smol_stream(a), Raw);
         let driver = ex.spawn(conn);
         let body = payload(RTT_SIZE);
@@ -127,9 +158,9 @@ pub(crate) fn rtt_chatpipe(n: usize, warm: usize, use_request: bool) -> Vec<u64>
 
 /// The same request/response as `rtt_chatpipe`, with chatpipe running on
 /// tokio (current-thread runtime per side): what the runtime costs.
-fn rtt_chatpipe_tokio(n: usize, warm: usize) -> Vec<u64> {
+pub(crate) fn rtt_chatpipe_tokio(n: usize, warm: usize) -> Vec<u64> {
     let (a, b) = tcp_pair();
-    let server = tokio_thread(move || async move {
+    let server = tokio_task_thread(move || async move {
         let (tx, mut incoming, conn) = chatpipe_builder().build_tokio(tokio_stream(b), Raw);
         let driver = tokio::spawn(conn);
         while let Some(Ok(RawMessage::Request { id, body })) = incoming.next().await {
@@ -140,7 +171,7 @@ fn rtt_chatpipe_tokio(n: usize, warm: usize) -> Vec<u64> {
         drop(tx);
         let _ = driver.await;
     });
-    let client = tokio_thread(move || async move {
+    let client = tokio_task_thread(move || async move {
         let (tx, _incoming, conn) = chatpipe_builder().build_tokio(tokio_stream(a), Raw);
         let driver = tokio::spawn(conn);
         let body = payload(RTT_SIZE);
@@ -182,7 +213,7 @@ pub(crate) fn scenario_rtt(cfg: &Cfg, rep: &mut Report) {
     );
     let _ = writeln!(
         md,
-        "| placement | stack | p50 µs | p50 spread | p99 µs | p50 x raw | p50 x tokio-util |\n|---|---|---:|---|---:|---:|---:|"
+        "| placement | stack | p50 µs | p50 spread | p99 µs | p50 x raw | p50 x tokio-util | p50 x asynchronous-codec |\n|---|---|---:|---|---:|---:|---:|---:|"
     );
     for placement in ["one CPU", "free"] {
         if placement == "one CPU" {
@@ -196,6 +227,8 @@ pub(crate) fn scenario_rtt(cfg: &Cfg, rep: &mut Report) {
                 let mut v = match stack {
                     "raw ping-pong" => rtt_raw(cfg.rtt_n, cfg.rtt_warmup),
                     "tokio-util ping-pong" => rtt_tokio(cfg.rtt_n, cfg.rtt_warmup),
+                    "asynchronous-codec ping-pong" => rtt_ac(cfg.rtt_n, cfg.rtt_warmup),
+                    "tarpc call" => rtt_tarpc(cfg.rtt_n, cfg.rtt_warmup, RTT_SIZE),
                     "chatpipe request()" => rtt_chatpipe(cfg.rtt_n, cfg.rtt_warmup, true),
                     "chatpipe request() on tokio" => rtt_chatpipe_tokio(cfg.rtt_n, cfg.rtt_warmup),
                     _ => rtt_chatpipe(cfg.rtt_n, cfg.rtt_warmup, false),
@@ -210,15 +243,17 @@ pub(crate) fn scenario_rtt(cfg: &Cfg, rep: &mut Report) {
             rep.set(format!("rtt/{placement}/{stack}/p99"), p99.median);
             let raw = rep.get(&format!("rtt/{placement}/raw ping-pong/p50"));
             let tok = rep.get(&format!("rtt/{placement}/tokio-util ping-pong/p50"));
+            let ac = rep.get(&format!("rtt/{placement}/asynchronous-codec ping-pong/p50"));
             let _ = writeln!(
                 md,
-                "| {placement} | {stack} | {:.1} | {:.1}–{:.1} | {:.1} | {} | {} |",
+                "| {placement} | {stack} | {:.1} | {:.1}–{:.1} | {:.1} | {} | {} | {} |",
                 p50.median,
                 p50.min,
                 p50.max,
                 p99.median,
                 ratio(Some(p50.median), raw),
                 ratio(Some(p50.median), tok),
+                ratio(Some(p50.median), ac),
             );
         }
         if placement == "one CPU" {

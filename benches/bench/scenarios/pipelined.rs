@@ -1,0 +1,323 @@
+//! Scenario 2b: pipelined requests, a window of 64 in flight on one
+//! connection, and tarpc (the RPC peer, also in rtt).
+
+use std::fmt::Write as _;
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::thread;
+use std::time::Instant;
+
+use bytes::Bytes;
+use chatpipe::raw::{Raw, RawMessage};
+use futures::stream::FuturesUnordered;
+use futures::StreamExt;
+use tarpc::server::Channel as _;
+use tarpc::tokio_serde::formats::Bincode;
+
+use crate::harness::{calibrated, stats};
+use crate::report::{ratio, si, Report};
+use crate::stacks::{
+    chatpipe_builder, payload, smol_stream, smol_task_thread, tcp_pair, tokio_framed, tokio_stream,
+    tokio_task_thread,
+};
+use crate::Cfg;
+
+pub(crate) const WINDOW: usize = 64;
+pub(crate) const PIPE_SIZE: usize = 64;
+
+const PIPELINED_STACKS: [&str; 4] = [
+    "raw one-thread client",
+    "tarpc",
+    "chatpipe call()",
+    "chatpipe call() on tokio",
+];
+
+// ---------------------------------------------------------------------------
+// tarpc
+// ---------------------------------------------------------------------------
+
+/// tarpc's request and response: bytes, echoed.
+#[derive(tarpc::serde::Serialize, tarpc::serde::Deserialize)]
+#[serde(crate = "tarpc::serde")]
+pub(crate) struct Echo(Vec<u8>);
+
+impl tarpc::RequestName for Echo {
+    fn name(&self) -> &str {
+        "echo"
+    }
+}
+
+type TarpcClient = tarpc::client::Channel<Echo, Echo>;
+
+/// A tarpc echo server on its own tokio thread, serving `s` until the
+/// client goes.
+fn tarpc_server(s: TcpStream) -> thread::JoinHandle<()> {
+    tokio_task_thread(move || async move {
+        let transport = tarpc::serde_transport::new(tokio_framed(s), Bincode::default());
+        tarpc::server::BaseChannel::with_defaults(transport)
+            .execute(tarpc::server::serve(|_, req: Echo| async move { Ok(req) }))
+            .for_each(|response| async move {
+                tokio::spawn(response);
+            })
+            .await;
+    })
+}
+
+fn tarpc_client(s: TcpStream) -> TarpcClient {
+    let transport = tarpc::serde_transport::new(tokio_framed(s), Bincode::default());
+    tarpc::client::new(tarpc::client::Config::default(), transport).spawn()
+}
+
+/// Sequential tarpc calls: round-trip times in nanoseconds.
+pub(crate) fn rtt_tarpc(n: usize, warm: usize, size: usize) -> Vec<u64> {
+    let (a, b) = tcp_pair();
+    let server = tarpc_server(b);
+    let client = tokio_task_thread(move || async move {
+        let client = tarpc_client(a);
+        let body = payload(size).to_vec();
+        let mut out = Vec::with_capacity(n);
+        for i in 0..n + warm {
+            let t = Instant::now();
+            let ctx = tarpc::context::current();
+            client
+                .call(ctx, Echo(body.clone()))
+                .await
+                .expect("tarpc call");
+            if i >= warm {
+                out.push(t.elapsed().as_nanos() as u64);
+            }
+        }
+        out
+    });
+    let out = client.join().unwrap();
+    server.join().unwrap();
+    out
+}
+
+fn pipelined_tarpc(n: u64) -> f64 {
+    let (a, b) = tcp_pair();
+    let server = tarpc_server(b);
+    let client = tokio_task_thread(move || async move {
+        let client = tarpc_client(a);
+        let body = payload(PIPE_SIZE).to_vec();
+        let call = || client.call(tarpc::context::current(), Echo(body.clone()));
+        let t0 = Instant::now();
+        let mut inflight = FuturesUnordered::new();
+        let mut sent = 0;
+        while sent < n.min(WINDOW as u64) {
+            inflight.push(call());
+            sent += 1;
+        }
+        while let Some(r) = inflight.next().await {
+            r.expect("tarpc call");
+            if sent < n {
+                inflight.push(call());
+                sent += 1;
+            }
+        }
+        t0.elapsed().as_secs_f64()
+    });
+    let secs = client.join().unwrap();
+    server.join().unwrap();
+    secs
+}
+
+// ---------------------------------------------------------------------------
+// raw: one client thread, a window of frames
+// ---------------------------------------------------------------------------
+
+/// Echoes whole frames back as they arrive, every frame in a read in one
+/// write.
+fn raw_echo_server(mut s: TcpStream) -> thread::JoinHandle<()> {
+    thread::spawn(move || {
+        let mut buf = vec![0u8; 64 * 1024];
+        let mut have = 0;
+        loop {
+            let n = match s.read(&mut buf[have..]) {
+                Ok(0) | Err(_) => return,
+                Ok(n) => n,
+            };
+            have += n;
+            let mut pos = 0;
+            while have - pos >= 4 {
+                let len = 4 + u32::from_be_bytes(buf[pos..pos + 4].try_into().unwrap()) as usize;
+                if have - pos < len {
+                    break;
+                }
+                pos += len;
+            }
+            if s.write_all(&buf[..pos]).is_err() {
+                return;
+            }
+            buf.copy_within(pos..have, 0);
+            have -= pos;
+        }
+    })
+}
+
+/// The limit: one thread writes as many requests as the window allows in
+/// one write, then reads what has come back, and again.
+fn pipelined_raw(n: u64) -> f64 {
+    let (mut a, b) = tcp_pair();
+    let server = raw_echo_server(b);
+    let mut frame = (PIPE_SIZE as u32).to_be_bytes().to_vec();
+    frame.extend_from_slice(&payload(PIPE_SIZE));
+    let window: Vec<u8> = frame.repeat(WINDOW);
+    let flen = frame.len();
+    let mut buf = vec![0u8; 64 * 1024];
+    let t0 = Instant::now();
+    let (mut sent, mut done, mut have) = (0u64, 0u64, 0usize);
+    while done < n {
+        let room = (WINDOW as u64 - (sent - done)).min(n - sent) as usize;
+        if room > 0 {
+            a.write_all(&window[..room * flen]).expect("raw write");
+            sent += room as u64;
+        }
+        let k = a.read(&mut buf[have..]).expect("raw read");
+        assert!(k > 0, "raw pipelined: early EOF");
+        have += k;
+        // Every frame is the same length: count whole ones.
+        let whole = have / flen;
+        done += whole as u64;
+        buf.copy_within(whole * flen..have, 0);
+        have -= whole * flen;
+    }
+    let secs = t0.elapsed().as_secs_f64();
+    drop(a);
+    server.join().unwrap();
+    secs
+}
+
+// ---------------------------------------------------------------------------
+// chatpipe: `call()`s kept 64 in flight from one task
+// ---------------------------------------------------------------------------
+
+/// The server side of chatpipe's rtt and pipelined runs: answers every
+/// request with its body.
+async fn chatpipe_echo(
+    tx: chatpipe::Sender<Raw>,
+    mut incoming: chatpipe::Incoming<Raw>,
+) -> chatpipe::Sender<Raw> {
+    while let Some(Ok(m)) = incoming.next().await {
+        let reply = match m {
+            RawMessage::Request { id, body } => RawMessage::Response { id, body },
+            other => other,
+        };
+        if tx.send(reply).await.is_err() {
+            break;
+        }
+    }
+    tx
+}
+
+async fn window_of_calls(tx: &chatpipe::Sender<Raw>, n: u64) -> f64 {
+    let body = payload(PIPE_SIZE);
+    let call = || tx.call(body.clone());
+    let t0 = Instant::now();
+    let mut inflight = FuturesUnordered::new();
+    let mut sent = 0;
+    while sent < n.min(WINDOW as u64) {
+        inflight.push(call());
+        sent += 1;
+    }
+    while let Some(r) = inflight.next().await {
+        let r: Bytes = r.expect("call");
+        std::hint::black_box(r);
+        if sent < n {
+            inflight.push(call());
+            sent += 1;
+        }
+    }
+    t0.elapsed().as_secs_f64()
+}
+
+fn pipelined_chatpipe(n: u64) -> f64 {
+    let (a, b) = tcp_pair();
+    let server = smol_task_thread(move |ex| async move {
+        let (tx, incoming, conn) = chatpipe_builder().build(smol_stream(b), Raw);
+        let driver = ex.spawn(conn);
+        drop(chatpipe_echo(tx, incoming).await);
+        let _ = driver.await;
+    });
+    let client = smol_task_thread(move |ex| async move {
+        let (tx, _incoming, conn) = chatpipe_builder().build(smol_stream(a), Raw);
+        let driver = ex.spawn(conn);
+        let secs = window_of_calls(&tx, n).await;
+        tx.close();
+        driver.await.expect("client driver");
+        secs
+    });
+    let secs = client.join().unwrap();
+    server.join().unwrap();
+    secs
+}
+
+fn pipelined_chatpipe_tokio(n: u64) -> f64 {
+    let (a, b) = tcp_pair();
+    let server = tokio_task_thread(move || async move {
+        let (tx, incoming, conn) = chatpipe_builder().build_tokio(tokio_stream(b), Raw);
+        let driver = tokio::spawn(conn);
+        drop(chatpipe_echo(tx, incoming).await);
+        let _ = driver.await;
+    });
+    let client = tokio_task_thread(move || async move {
+        let (tx, _incoming, conn) = chatpipe_builder().build_tokio(tokio_stream(a), Raw);
+        let driver = tokio::spawn(conn);
+        let secs = window_of_calls(&tx, n).await;
+        tx.close();
+        driver.await.expect("join").expect("client driver");
+        secs
+    });
+    let secs = client.join().unwrap();
+    server.join().unwrap();
+    secs
+}
+
+/// One case by name, for `--one`.
+pub(crate) fn pipelined_case(stack: &str, n: u64) -> f64 {
+    match stack {
+        "raw one-thread client" => pipelined_raw(n),
+        "tarpc" => pipelined_tarpc(n),
+        "chatpipe call() on tokio" => pipelined_chatpipe_tokio(n),
+        _ => pipelined_chatpipe(n),
+    }
+}
+
+pub(crate) fn scenario_pipelined(cfg: &Cfg, rep: &mut Report) {
+    let mut md = String::new();
+    let _ = writeln!(
+        md,
+        "## 2b. pipelined: {WINDOW} requests of {PIPE_SIZE} B in flight on one connection\n\n\
+         Requests/s at the client (a response in for each), median of {} runs, spread min–max. \
+         Client and server each on their own thread. raw: one client thread writes as many frames as \
+         the window allows in one write, then reads what came back; its server echoes every whole \
+         frame of a read in one write. tarpc: `Channel::call` on tokio (bincode over \
+         `LengthDelimitedCodec`), its server spawning each response. chatpipe: one task keeps \
+         {WINDOW} `Sender::call` futures in a `FuturesUnordered`; the server answers each request \
+         with `send().await`.\n",
+        cfg.reps
+    );
+    let _ = writeln!(
+        md,
+        "| stack | N | req/s | spread | x raw one-thread | x tarpc |\n|---|---:|---:|---|---:|---:|"
+    );
+    for stack in PIPELINED_STACKS {
+        eprintln!("pipelined {stack} ...");
+        let (n, secs) = calibrated(cfg, |n| pipelined_case(stack, n));
+        let rates: Vec<f64> = secs.iter().map(|s| n as f64 / s).collect();
+        let st = stats(&rates);
+        rep.set(format!("pipelined/{stack}"), st.median);
+        let _ = writeln!(
+            md,
+            "| {stack} | {} | {} | {}–{} | {} | {} |",
+            si(n as f64),
+            si(st.median),
+            si(st.min),
+            si(st.max),
+            ratio(Some(st.median), rep.get("pipelined/raw one-thread client")),
+            ratio(Some(st.median), rep.get("pipelined/tarpc")),
+        );
+    }
+    rep.md.push_str(&md);
+    rep.md.push('\n');
+}
