@@ -400,6 +400,37 @@ impl<'a> Command<'a> {
     }
 }
 
+/// What a client has shown of the room lately, so that the history a
+/// server sends again after a reconnect is not shown twice: the last
+/// [`Shown::KEEP`] room messages (who, what), live or from history.
+#[derive(Debug, Default)]
+pub struct Shown {
+    recent: VecDeque<(String, String)>,
+}
+
+impl Shown {
+    /// Room messages remembered; a server's history is usually shorter.
+    pub const KEEP: usize = 256;
+
+    /// Whether to show `msg`: false for a History entry already shown.
+    /// Remembers the room messages it lets through.
+    pub fn fresh(&mut self, msg: &ChatMessage) -> bool {
+        let (from, text, history) = match msg {
+            ChatMessage::Broadcast { from, text } => (from, text, false),
+            ChatMessage::History { from, text, .. } => (from, text, true),
+            _ => return true,
+        };
+        if history && self.recent.iter().any(|(f, t)| f == from && t == text) {
+            return false;
+        }
+        if self.recent.len() == Self::KEEP {
+            self.recent.pop_front();
+        }
+        self.recent.push_back((from.clone(), text.clone()));
+        true
+    }
+}
+
 /// How `chat_client` prints a message from the server in line mode: a
 /// line, or `None` for messages it does not show (keepalives, responses).
 ///
@@ -909,6 +940,34 @@ mod tests {
                 "* in the room (3): ana, bo, and 1 more"
             );
         })
+    }
+
+    #[test]
+    fn history_already_shown_is_not_shown_again() {
+        let said = |text: &str| ChatMessage::Broadcast {
+            from: "bo".into(),
+            text: text.into(),
+        };
+        let history = |text: &str| ChatMessage::History {
+            at_ms: 1,
+            from: "bo".into(),
+            text: text.into(),
+        };
+        let mut shown = Shown::default();
+        assert!(shown.fresh(&history("old")));
+        assert!(shown.fresh(&said("live")));
+        // After a reconnect, the same history again: both skipped.
+        assert!(!shown.fresh(&history("old")));
+        assert!(!shown.fresh(&history("live")));
+        // What was said while away is new.
+        assert!(shown.fresh(&history("while away")));
+        // Live messages are always shown, even when the text repeats.
+        assert!(shown.fresh(&said("live")));
+        // Bounded: the oldest are forgotten.
+        for i in 0..Shown::KEEP {
+            shown.fresh(&said(&i.to_string()));
+        }
+        assert!(shown.fresh(&history("old")));
     }
 
     #[test]

@@ -14,7 +14,7 @@ use std::sync::Arc;
 
 use chatpipe::chat::{capability, Chat, ChatMessage, Credentials, Login, Nickname};
 use chatpipe::{Error, Session, SessionIncoming, SessionSendError};
-use chatpipe_chat::client::{line_for, members_line, one_line, Command, Direct, Say, Who};
+use chatpipe_chat::client::{line_for, members_line, one_line, Command, Direct, Say, Shown, Who};
 use futures::StreamExt;
 use smol::channel;
 use smol::future::FutureExt;
@@ -280,7 +280,12 @@ fn read_stdin() -> (channel::Receiver<String>, channel::Receiver<()>) {
 /// Prints every message from the server as one line, over every
 /// connection, until the session ends.
 async fn print_incoming(mut incoming: SessionIncoming<Chat>) {
+    // The history a reconnect brings again is shown once.
+    let mut shown = Shown::default();
     while let Some(msg) = incoming.next().await {
+        if !shown.fresh(&msg) {
+            continue;
+        }
         if let Some(line) = line_for(&msg) {
             println!("{line}");
         }

@@ -27,7 +27,8 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use chatpipe::chat::{capability, Chat, ChatMessage, Credentials, Login, Nickname, V0_6};
 use chatpipe::{Error, Session, SessionIncoming, SessionStates};
 use chatpipe_chat::client::{
-    members_line, one_line, Command, Direct, EntryId, EntryKind, Mark, Negotiated, Say, View, Who,
+    members_line, one_line, Command, Direct, EntryId, EntryKind, Mark, Negotiated, Say, Shown,
+    View, Who,
 };
 use futures::future::BoxFuture;
 use futures::stream::FuturesUnordered;
@@ -284,7 +285,12 @@ fn catch_signals(_: &channel::Sender<Ev>) {}
 
 /// Every message from the server, over every connection.
 async fn network(mut incoming: SessionIncoming<Chat>, events: channel::Sender<Ev>) {
+    // The history a reconnect brings again is shown once.
+    let mut shown = Shown::default();
     while let Some(msg) = incoming.next().await {
+        if !shown.fresh(&msg) {
+            continue;
+        }
         if events.send(Ev::Arrived(msg)).await.is_err() {
             return;
         }
