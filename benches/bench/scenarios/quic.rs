@@ -18,7 +18,7 @@ use futures::StreamExt;
 use crate::harness::{calibrated, percentile, stats};
 use crate::report::{ratio, si, Report};
 use crate::scenarios::rtt::RTT_SIZE;
-use crate::scenarios::tls::{self as over_tls, Tls, ONEWAY_SIZE};
+use crate::scenarios::tls::{self as over_tls, Tls, Wrap, ONEWAY_SIZE};
 use crate::stacks::{chatpipe_builder, payload, smol_thread};
 use crate::Cfg;
 
@@ -190,8 +190,8 @@ pub(crate) fn scenario_quic(cfg: &Cfg, rep: &mut Report) {
     for (name, over) in STACKS {
         eprintln!("quic oneway {name} ...");
         let (n, secs) = calibrated(cfg, |n| match over {
-            Over::Tcp => over_tls::oneway(ONEWAY_SIZE, n, None),
-            Over::Tls => over_tls::oneway(ONEWAY_SIZE, n, Some(t.clone())),
+            Over::Tcp => over_tls::oneway(ONEWAY_SIZE, n, Wrap::Plain),
+            Over::Tls => over_tls::oneway(ONEWAY_SIZE, n, Wrap::Tls(t.clone())),
             Over::Quic => oneway(ONEWAY_SIZE, n, &q),
         });
         let per_sec: Vec<f64> = secs.iter().map(|s| n as f64 / s).collect();
@@ -219,8 +219,8 @@ pub(crate) fn scenario_quic(cfg: &Cfg, rep: &mut Report) {
         let (mut p50s, mut p99s) = (Vec::new(), Vec::new());
         for _ in 0..cfg.reps {
             let mut v = match over {
-                Over::Tcp => over_tls::rtt(cfg.rtt_n, cfg.rtt_warmup, None),
-                Over::Tls => over_tls::rtt(cfg.rtt_n, cfg.rtt_warmup, Some(t.clone())),
+                Over::Tcp => over_tls::rtt(cfg.rtt_n, cfg.rtt_warmup, Wrap::Plain),
+                Over::Tls => over_tls::rtt(cfg.rtt_n, cfg.rtt_warmup, Wrap::Tls(t.clone())),
                 Over::Quic => rtt(cfg.rtt_n, cfg.rtt_warmup, &q),
             };
             v.sort_unstable();

@@ -11,6 +11,10 @@ use std::time::Instant;
 
 use chatpipe::raw::{Raw, RawMessage};
 use chatpipe_chat::tls::{self, rustls, Trust};
+use chatpipe_chat::web::{
+    self,
+    async_tungstenite::{tungstenite::protocol::Role, WebSocketStream},
+};
 use futures::StreamExt;
 use smol::io::{AsyncRead, AsyncWrite};
 
@@ -40,19 +44,33 @@ impl Tls {
     }
 }
 
-/// Runs `side` on `s`, over TLS (server or client end) if `tls` is given.
-async fn over<T, F, Fut>(s: TcpStream, tls: Option<Tls>, server: bool, side: F) -> T
+/// What goes over the TCP connection: the chat frames as they are, TLS,
+/// or a WebSocket (the ws scenario's).
+#[derive(Clone)]
+pub(crate) enum Wrap {
+    Plain,
+    Tls(Tls),
+    Ws,
+}
+
+/// Runs `side` on `s`, wrapped as `wrap` says (its server or client end).
+async fn over<T, F, Fut>(s: TcpStream, wrap: Wrap, server: bool, side: F) -> T
 where
     F: FnOnce(Box<dyn Stream>) -> Fut,
     Fut: std::future::Future<Output = T>,
 {
     let s = smol_stream(s);
-    let stream: Box<dyn Stream> = match (tls, server) {
-        (None, _) => Box::new(s),
-        (Some(t), true) => Box::new(t.acceptor.accept(s).await.expect("TLS accept")),
-        (Some(t), false) => {
+    let stream: Box<dyn Stream> = match (wrap, server) {
+        (Wrap::Plain, _) => Box::new(s),
+        (Wrap::Tls(t), true) => Box::new(t.acceptor.accept(s).await.expect("TLS accept")),
+        (Wrap::Tls(t), false) => {
             let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
             Box::new(t.connector.connect(name, s).await.expect("TLS connect"))
+        }
+        (Wrap::Ws, server) => {
+            let role = if server { Role::Server } else { Role::Client };
+            let ws = WebSocketStream::from_raw_socket(s, role, Some(web::ws_config())).await;
+            Box::new(web::WsIo::new(ws))
         }
     };
     side(stream).await
@@ -63,14 +81,14 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Stream for S {}
 
 /// Seconds for the receiver to get `n` messages of `size`, from the start
 /// signal (both handshakes done).
-pub(crate) fn oneway(size: usize, n: u64, tls: Option<Tls>) -> f64 {
+pub(crate) fn oneway(size: usize, n: u64, wrap: Wrap) -> f64 {
     let (a, b) = tcp_pair();
     let go = Arc::new(Barrier::new(2));
     let go2 = go.clone();
-    let tls2 = tls.clone();
+    let wrap2 = wrap.clone();
     let body = payload(size);
     let sender = smol_thread(move |ex| async move {
-        over(a, tls, false, |s| async move {
+        over(a, wrap, false, |s| async move {
             let (tx, _incoming, conn) = chatpipe_builder().build(s, Raw);
             let driver = ex.spawn(conn);
             go2.wait();
@@ -83,7 +101,7 @@ pub(crate) fn oneway(size: usize, n: u64, tls: Option<Tls>) -> f64 {
         .await
     });
     let receiver = smol_thread(move |ex| async move {
-        over(b, tls2, true, |s| async move {
+        over(b, wrap2, true, |s| async move {
             let (tx, mut incoming, conn) = chatpipe_builder().build(s, Raw);
             let driver = ex.spawn(conn);
             go.wait();
@@ -91,7 +109,7 @@ pub(crate) fn oneway(size: usize, n: u64, tls: Option<Tls>) -> f64 {
             for _ in 0..n {
                 match incoming.next().await {
                     Some(Ok(RawMessage::Message(_))) => {}
-                    other => panic!("tls receiver: unexpected {other:?}"),
+                    other => panic!("receiver: unexpected {other:?}"),
                 }
             }
             let secs = t0.elapsed().as_secs_f64();
@@ -107,11 +125,11 @@ pub(crate) fn oneway(size: usize, n: u64, tls: Option<Tls>) -> f64 {
 }
 
 /// Round-trip times of `request()` in nanoseconds, warm-up excluded.
-pub(crate) fn rtt(n: usize, warm: usize, tls: Option<Tls>) -> Vec<u64> {
+pub(crate) fn rtt(n: usize, warm: usize, wrap: Wrap) -> Vec<u64> {
     let (a, b) = tcp_pair();
-    let tls2 = tls.clone();
+    let wrap2 = wrap.clone();
     let server = smol_thread(move |ex| async move {
-        over(b, tls2, true, |s| async move {
+        over(b, wrap2, true, |s| async move {
             let (tx, mut incoming, conn) = chatpipe_builder().build(s, Raw);
             let driver = ex.spawn(conn);
             while let Some(Ok(RawMessage::Request { id, body })) = incoming.next().await {
@@ -125,7 +143,7 @@ pub(crate) fn rtt(n: usize, warm: usize, tls: Option<Tls>) -> Vec<u64> {
         .await
     });
     let client = smol_thread(move |ex| async move {
-        over(a, tls, false, |s| async move {
+        over(a, wrap, false, |s| async move {
             let (tx, _incoming, conn) = chatpipe_builder().build(s, Raw);
             let driver = ex.spawn(conn);
             let body = payload(RTT_SIZE);
@@ -170,7 +188,7 @@ pub(crate) fn scenario_tls(cfg: &Cfg, rep: &mut Report) {
         "| measure | plain TCP | TLS | TLS / plain |\n|---|---:|---:|---:|"
     );
     let mut oneway_rates = Vec::new();
-    for (name, t) in [("plain", None), ("tls", Some(tls.clone()))] {
+    for (name, t) in [("plain", Wrap::Plain), ("tls", Wrap::Tls(tls.clone()))] {
         eprintln!("tls oneway {name} ...");
         let (n, secs) = calibrated(cfg, |n| oneway(ONEWAY_SIZE, n, t.clone()));
         let rates: Vec<f64> = secs.iter().map(|s| n as f64 / s).collect();
@@ -195,7 +213,7 @@ pub(crate) fn scenario_tls(cfg: &Cfg, rep: &mut Report) {
     );
     let mut p50 = Vec::new();
     let mut p99 = Vec::new();
-    for (name, t) in [("plain", None), ("tls", Some(tls.clone()))] {
+    for (name, t) in [("plain", Wrap::Plain), ("tls", Wrap::Tls(tls.clone()))] {
         eprintln!("tls rtt {name} ...");
         let (mut p50s, mut p99s) = (Vec::new(), Vec::new());
         for _ in 0..cfg.reps {

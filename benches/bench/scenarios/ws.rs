@@ -3,139 +3,16 @@
 //! over a WebSocket (async-tungstenite, each write one binary message, the
 //! client's frames masked as a browser's are) through `web::WsIo`, measured
 //! side by side in one run: oneway throughput of 1 KiB messages, and the
-//! round trip of a 64 B request. Mirrors the tls scenario.
+//! round trip of a 64 B request. The measuring is the tls scenario's
+//! (`tls::oneway`, `tls::rtt` with `Wrap::Ws`).
 
 use std::fmt::Write as _;
-use std::net::TcpStream;
-use std::sync::{Arc, Barrier};
-use std::time::Instant;
-
-use chatpipe::raw::{Raw, RawMessage};
-use chatpipe_chat::web::{
-    self,
-    async_tungstenite::{tungstenite::protocol::Role, WebSocketStream},
-};
-use futures::StreamExt;
-use smol::io::{AsyncRead, AsyncWrite};
 
 use crate::harness::{calibrated, percentile, stats};
 use crate::report::{ratio, si, Report};
 use crate::scenarios::rtt::RTT_SIZE;
-use crate::stacks::{chatpipe_builder, payload, smol_stream, smol_thread, tcp_pair};
+use crate::scenarios::tls::{oneway, rtt, Wrap, ONEWAY_SIZE};
 use crate::Cfg;
-
-const ONEWAY_SIZE: usize = 1024;
-
-/// Runs `side` on `s`, over a WebSocket (server or client end) if `ws`.
-async fn over<T, F, Fut>(s: TcpStream, ws: bool, server: bool, side: F) -> T
-where
-    F: FnOnce(Box<dyn Stream>) -> Fut,
-    Fut: std::future::Future<Output = T>,
-{
-    let s = smol_stream(s);
-    let stream: Box<dyn Stream> = if ws {
-        let role = if server { Role::Server } else { Role::Client };
-        let ws = WebSocketStream::from_raw_socket(s, role, Some(web::ws_config())).await;
-        Box::new(web::WsIo::new(ws))
-    } else {
-        Box::new(s)
-    };
-    side(stream).await
-}
-
-trait Stream: AsyncRead + AsyncWrite + Unpin + Send + 'static {}
-impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Stream for S {}
-
-/// Seconds for the receiver to get `n` messages of `size`, from the start
-/// signal (both handshakes done).
-fn oneway(size: usize, n: u64, ws: bool) -> f64 {
-    let (a, b) = tcp_pair();
-    let go = Arc::new(Barrier::new(2));
-    let go2 = go.clone();
-    let ws2 = ws;
-    let body = payload(size);
-    let sender = smol_thread(move |ex| async move {
-        over(a, ws, false, |s| async move {
-            let (tx, _incoming, conn) = chatpipe_builder().build(s, Raw);
-            let driver = ex.spawn(conn);
-            go2.wait();
-            for _ in 0..n {
-                tx.send(RawMessage::Message(body.clone())).await.unwrap();
-            }
-            tx.close();
-            driver.await.expect("sender driver");
-        })
-        .await
-    });
-    let receiver = smol_thread(move |ex| async move {
-        over(b, ws2, true, |s| async move {
-            let (tx, mut incoming, conn) = chatpipe_builder().build(s, Raw);
-            let driver = ex.spawn(conn);
-            go.wait();
-            let t0 = Instant::now();
-            for _ in 0..n {
-                match incoming.next().await {
-                    Some(Ok(RawMessage::Message(_))) => {}
-                    other => panic!("ws receiver: unexpected {other:?}"),
-                }
-            }
-            let secs = t0.elapsed().as_secs_f64();
-            while incoming.next().await.is_some() {}
-            drop(tx);
-            driver.await.expect("receiver driver");
-            secs
-        })
-        .await
-    });
-    sender.join().unwrap();
-    receiver.join().unwrap()
-}
-
-/// Round-trip times of `request()` in nanoseconds, warm-up excluded.
-fn rtt(n: usize, warm: usize, ws: bool) -> Vec<u64> {
-    let (a, b) = tcp_pair();
-    let ws2 = ws;
-    let server = smol_thread(move |ex| async move {
-        over(b, ws2, true, |s| async move {
-            let (tx, mut incoming, conn) = chatpipe_builder().build(s, Raw);
-            let driver = ex.spawn(conn);
-            while let Some(Ok(RawMessage::Request { id, body })) = incoming.next().await {
-                if tx.send(RawMessage::Response { id, body }).await.is_err() {
-                    break;
-                }
-            }
-            drop(tx);
-            let _ = driver.await;
-        })
-        .await
-    });
-    let client = smol_thread(move |ex| async move {
-        over(a, ws, false, |s| async move {
-            let (tx, _incoming, conn) = chatpipe_builder().build(s, Raw);
-            let driver = ex.spawn(conn);
-            let body = payload(RTT_SIZE);
-            let mut out = Vec::with_capacity(n);
-            for i in 0..n + warm {
-                let t = Instant::now();
-                let msg = RawMessage::Request {
-                    id: i as u64,
-                    body: body.clone(),
-                };
-                tx.request(msg).await.expect("request");
-                if i >= warm {
-                    out.push(t.elapsed().as_nanos() as u64);
-                }
-            }
-            tx.close();
-            driver.await.expect("client driver");
-            out
-        })
-        .await
-    });
-    let out = client.join().unwrap();
-    server.join().unwrap();
-    out
-}
 
 pub(crate) fn scenario_ws(cfg: &Cfg, rep: &mut Report) {
     let mut md = String::new();
@@ -154,9 +31,9 @@ pub(crate) fn scenario_ws(cfg: &Cfg, rep: &mut Report) {
         "| measure | plain TCP | WebSocket | WebSocket / plain |\n|---|---:|---:|---:|"
     );
     let mut oneway_rates = Vec::new();
-    for (name, t) in [("plain", false), ("ws", true)] {
+    for (name, t) in [("plain", Wrap::Plain), ("ws", Wrap::Ws)] {
         eprintln!("ws oneway {name} ...");
-        let (n, secs) = calibrated(cfg, |n| oneway(ONEWAY_SIZE, n, t));
+        let (n, secs) = calibrated(cfg, |n| oneway(ONEWAY_SIZE, n, t.clone()));
         let rates: Vec<f64> = secs.iter().map(|s| n as f64 / s).collect();
         let rate = stats(&rates).median;
         rep.set(format!("ws/oneway/{ONEWAY_SIZE}/{name}"), rate);
@@ -179,11 +56,11 @@ pub(crate) fn scenario_ws(cfg: &Cfg, rep: &mut Report) {
     );
     let mut p50 = Vec::new();
     let mut p99 = Vec::new();
-    for (name, t) in [("plain", false), ("ws", true)] {
+    for (name, t) in [("plain", Wrap::Plain), ("ws", Wrap::Ws)] {
         eprintln!("ws rtt {name} ...");
         let (mut p50s, mut p99s) = (Vec::new(), Vec::new());
         for _ in 0..cfg.reps {
-            let mut v = rtt(cfg.rtt_n, cfg.rtt_warmup, t);
+            let mut v = rtt(cfg.rtt_n, cfg.rtt_warmup, t.clone());
             v.sort_unstable();
             p50s.push(percentile(&v, 0.50));
             p99s.push(percentile(&v, 0.99));
