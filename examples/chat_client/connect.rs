@@ -394,15 +394,9 @@ async fn setup(
                 }
             }
             Err(NegotiateError::Connection(e)) => return Err(e.into()),
+            // Refused (or a v0.5 server when logging in): not worth retrying.
             Err(e) => {
-                let hint = match &e {
-                    NegotiateError::Connection(c) => tls::plaintext_hint(c),
-                    _ => None,
-                };
-                let refusal = match hint {
-                    Some(hint) => format!("{e} ({hint})"),
-                    None => e.to_string(),
-                };
+                let refusal = e.to_string();
                 *lock(&me.refused) = Some(refusal.clone());
                 return Err(refusal.into());
             }

@@ -171,50 +171,71 @@ pub(crate) fn rtt(n: usize, warm: usize, wrap: Wrap) -> Vec<u64> {
 }
 
 pub(crate) fn scenario_tls(cfg: &Cfg, rep: &mut Report) {
-    let tls = Tls::new();
-    let mut md = String::new();
-    let _ = writeln!(
-        md,
+    let heading = format!(
         "## tls: what encryption costs\n\n\
          chatpipe on smol (`send().await`, `request()`), over plain TCP and over TLS 1.3 \
          (rustls by futures-rustls, ring, a self-signed ECDSA P-256 certificate), in the same run; \
-         handshakes before timing. Oneway: messages/s of {ONEWAY_SIZE} B, median of {} runs. \
+         handshakes before timing. {}",
+        measures(cfg)
+    );
+    compare(cfg, rep, "tls", "TLS", Wrap::Tls(Tls::new()), &heading);
+}
+
+/// How the oneway and rtt rows are measured, for a scenario's heading.
+pub(crate) fn measures(cfg: &Cfg) -> String {
+    format!(
+        "Oneway: messages/s of {ONEWAY_SIZE} B, median of {} runs. \
          rtt: {} round trips of {RTT_SIZE} B per run after {} of warm-up, median over {} runs, \
          threads placed by the scheduler.\n",
         cfg.reps, cfg.rtt_n, cfg.rtt_warmup, cfg.reps
-    );
+    )
+}
+
+/// Oneway and rtt over plain TCP and over `wrap`, in one run: a table
+/// under `heading`, and the figures under `key` in the report.
+pub(crate) fn compare(
+    cfg: &Cfg,
+    rep: &mut Report,
+    key: &str,
+    label: &str,
+    wrap: Wrap,
+    heading: &str,
+) {
+    let mut md = String::new();
+    let _ = writeln!(md, "{heading}");
     let _ = writeln!(
         md,
-        "| measure | plain TCP | TLS | TLS / plain |\n|---|---:|---:|---:|"
+        "| measure | plain TCP | {label} | {label} / plain |\n|---|---:|---:|---:|"
     );
+    let sides = [("plain", Wrap::Plain), (key, wrap)];
     let mut oneway_rates = Vec::new();
-    for (name, t) in [("plain", Wrap::Plain), ("tls", Wrap::Tls(tls.clone()))] {
-        eprintln!("tls oneway {name} ...");
+    for (name, t) in &sides {
+        eprintln!("{key} oneway {name} ...");
         let (n, secs) = calibrated(cfg, |n| oneway(ONEWAY_SIZE, n, t.clone()));
         let rates: Vec<f64> = secs.iter().map(|s| n as f64 / s).collect();
         let rate = stats(&rates).median;
-        rep.set(format!("tls/oneway/{ONEWAY_SIZE}/{name}"), rate);
+        rep.set(format!("{key}/oneway/{ONEWAY_SIZE}/{name}"), rate);
         oneway_rates.push(rate);
     }
-    let (plain, over_tls) = (oneway_rates[0], oneway_rates[1]);
+    let (plain, over) = (oneway_rates[0], oneway_rates[1]);
     let _ = writeln!(
         md,
         "| oneway 1 KiB, msgs/s | {} | {} | {} |",
         si(plain),
-        si(over_tls),
-        ratio(Some(over_tls), Some(plain))
+        si(over),
+        ratio(Some(over), Some(plain))
     );
     let _ = writeln!(
         md,
         "| oneway 1 KiB, MB/s | {:.0} | {:.0} | {} |",
         plain * ONEWAY_SIZE as f64 / 1e6,
-        over_tls * ONEWAY_SIZE as f64 / 1e6,
-        ratio(Some(over_tls), Some(plain))
+        over * ONEWAY_SIZE as f64 / 1e6,
+        ratio(Some(over), Some(plain))
     );
     let mut p50 = Vec::new();
     let mut p99 = Vec::new();
-    for (name, t) in [("plain", Wrap::Plain), ("tls", Wrap::Tls(tls.clone()))] {
-        eprintln!("tls rtt {name} ...");
+    for (name, t) in &sides {
+        eprintln!("{key} rtt {name} ...");
         let (mut p50s, mut p99s) = (Vec::new(), Vec::new());
         for _ in 0..cfg.reps {
             let mut v = rtt(cfg.rtt_n, cfg.rtt_warmup, t.clone());
@@ -223,25 +244,20 @@ pub(crate) fn scenario_tls(cfg: &Cfg, rep: &mut Report) {
             p99s.push(percentile(&v, 0.99));
         }
         let (a, b) = (stats(&p50s).median, stats(&p99s).median);
-        rep.set(format!("tls/rtt/{name}/p50"), a);
-        rep.set(format!("tls/rtt/{name}/p99"), b);
+        rep.set(format!("{key}/rtt/{name}/p50"), a);
+        rep.set(format!("{key}/rtt/{name}/p99"), b);
         p50.push(a);
         p99.push(b);
     }
-    let _ = writeln!(
-        md,
-        "| rtt {RTT_SIZE} B, p50 µs | {:.1} | {:.1} | {} |",
-        p50[0],
-        p50[1],
-        ratio(Some(p50[1]), Some(p50[0]))
-    );
-    let _ = writeln!(
-        md,
-        "| rtt {RTT_SIZE} B, p99 µs | {:.1} | {:.1} | {} |",
-        p99[0],
-        p99[1],
-        ratio(Some(p99[1]), Some(p99[0]))
-    );
+    for (pct, v) in [("p50", &p50), ("p99", &p99)] {
+        let _ = writeln!(
+            md,
+            "| rtt {RTT_SIZE} B, {pct} µs | {:.1} | {:.1} | {} |",
+            v[0],
+            v[1],
+            ratio(Some(v[1]), Some(v[0]))
+        );
+    }
     rep.md.push_str(&md);
     rep.md.push('\n');
 }
