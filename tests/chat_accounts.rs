@@ -250,9 +250,13 @@ fn fifty_clients_registering_one_nickname_at_once_exactly_one_wins() {
             if is_welcome(&answer) {
                 winners.push((i, c));
             } else {
+                // A loser is told why, whichever stage the winner had
+                // reached: hashing, stored, or holding the nickname.
                 let reason = nak(&answer);
                 assert!(
-                    reason.contains("registered already") || reason.contains("being registered"),
+                    reason == "ana is registered already"
+                        || reason == "ana is being registered by another client"
+                        || reason == "ana is in use by another client",
                     "{reason}"
                 );
             }
