@@ -70,7 +70,8 @@ use scenarios::allocs::scenario_allocs;
 use scenarios::chat::{chat_cpu_line, chat_fanout, scenario_chat_fanout};
 use scenarios::chat_scale::{child_chat, scenario_chat_scale};
 use scenarios::fanin::{
-    fanin_ac, fanin_chatpipe, fanin_chatpipe_tokio, fanin_tokio, scenario_fanin,
+    fanin_ac, fanin_chatpipe, fanin_chatpipe_tokio, fanin_handoff_floor, fanin_tokio,
+    scenario_fanin,
 };
 use scenarios::loadgen::{self, serve_chat, Server};
 use scenarios::memory::{child_idle, scenario_memory};
@@ -80,7 +81,10 @@ use scenarios::quic::scenario_quic;
 use scenarios::rtt::{rtt_ac, rtt_chatpipe, rtt_chatpipe_tokio, rtt_raw, rtt_tokio, scenario_rtt};
 use scenarios::tls::scenario_tls;
 use scenarios::ws::scenario_ws;
-use stacks::{oneway_ac, oneway_chatpipe, oneway_chatpipe_tokio, oneway_raw, oneway_tokio, CpSend};
+use stacks::{
+    oneway_ac, oneway_chatpipe, oneway_chatpipe_tokio, oneway_handoff_floor,
+    oneway_handoff_floor_tokio, oneway_raw, oneway_tokio, CpSend,
+};
 
 // ---------------------------------------------------------------------------
 // Configuration
@@ -234,6 +238,8 @@ fn main() {
             "tokio-cp-send" => oneway_chatpipe_tokio(size, n),
             "ac-feed" => oneway_ac(size, n, false),
             "ac-send" => oneway_ac(size, n, true),
+            "handoff-floor" => oneway_handoff_floor(size, n),
+            "handoff-floor-tokio" => oneway_handoff_floor_tokio(size, n),
             "pipelined" => pipelined_case("chatpipe call()", n),
             "pipelined-tokio" => pipelined_case("chatpipe call() on tokio", n),
             "pipelined-raw" => pipelined_case("raw one-thread client", n),
@@ -261,6 +267,7 @@ fn main() {
             "fanin" => fanin_chatpipe(100, n),
             "fanin-feed" => fanin_tokio(100, n),
             "fanin-ac" => fanin_ac(100, n),
+            "fanin-floor" => fanin_handoff_floor(100, n),
             "fanin-tokio" => fanin_chatpipe_tokio(100, n),
             "fanout-chatpipe" | "fanout-nats" | "fanout-redis" | "paced-chatpipe"
             | "paced-nats" | "paced-redis" => {

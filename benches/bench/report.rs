@@ -452,7 +452,61 @@ pub(crate) fn targets(rep: &mut Report) {
         md,
         "| chat at scale, clients in another process (scenario 4b; informational) | none given | {scale} | – |\n"
     );
+    floors(rep, &mut md);
     rep.md.push_str(&md);
+}
+
+/// Where the small-message targets stand against the handoff floor
+/// (`stacks::oneway_handoff_floor`): the floor's share of the batched peer
+/// is what a design with a driver task can reach at best, chatpipe's share
+/// of the floor what its own code costs above that.
+fn floors(rep: &Report, md: &mut String) {
+    let div = |a: Option<f64>, b: Option<f64>| match (a, b) {
+        (Some(a), Some(b)) if b > 0.0 => Some(a / b),
+        _ => None,
+    };
+    let show = |v: Option<f64>| v.map_or("not measured".into(), |v| format!("{v:.3}x"));
+    let _ = writeln!(
+        md,
+        "## Floors (issue 12): the handoff floor\n\n\
+         The handoff floor (scenarios 1 and 3) is the least a message costs when a task of its own \
+         owns each end's socket, as chatpipe's driver does so that it reads while the application is \
+         busy: the runtime's framed codec and a lock-free single-threaded queue, nothing else. \
+         *floor / peer* is the most such a design can reach against the peer's `feed`; \
+         *chatpipe / floor* is what chatpipe's own code keeps of the floor.\n\n\
+         | measure | floor / peer `feed` | chatpipe / floor |\n|---|---:|---:|"
+    );
+    let mut rows = Vec::new();
+    for size in [16, 64] {
+        rows.push((
+            format!("oneway {}, smol", size_name(size)),
+            format!("oneway/{size}/handoff floor"),
+            format!("oneway/{size}/asynchronous-codec feed"),
+            format!("oneway/{size}/chatpipe send"),
+        ));
+        rows.push((
+            format!("oneway {}, tokio", size_name(size)),
+            format!("oneway/{size}/handoff floor (tokio)"),
+            format!("oneway/{size}/tokio-util feed"),
+            format!("oneway/{size}/chatpipe send (tokio)"),
+        ));
+    }
+    rows.push((
+        "fanin 100 x 64 B, smol".into(),
+        "fanin/handoff floor".into(),
+        "fanin/asynchronous-codec feed".into(),
+        "fanin/chatpipe send".into(),
+    ));
+    for (what, floor, peer, chatpipe) in rows {
+        let floor = rep.get(&floor);
+        let _ = writeln!(
+            md,
+            "| {what} | {} | {} |",
+            show(div(floor, rep.get(&peer))),
+            show(div(rep.get(&chatpipe), floor)),
+        );
+    }
+    md.push('\n');
 }
 
 // ---------------------------------------------------------------------------

@@ -2,10 +2,14 @@
 //! scenario, then raw `std::net` sockets, tokio-util `Framed`, and chatpipe
 //! (on smol, and on tokio through `Builder::build_tokio`), with their oneway runs.
 
+use std::cell::RefCell;
+use std::collections::VecDeque;
+use std::future::poll_fn;
 use std::io::{Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream};
 use std::rc::Rc;
 use std::sync::{Arc, Barrier};
+use std::task::{Poll, Waker};
 use std::thread;
 use std::time::Instant;
 
@@ -483,4 +487,211 @@ pub(crate) fn oneway_ac(size: usize, n: u64, flush_each: bool) -> f64 {
     });
     sender.join().unwrap();
     receiver.join().unwrap()
+}
+
+/// The handoff floor: what a message costs when, as in chatpipe, a task of
+/// its own owns each end's socket (so it reads while the application is
+/// busy) and hands messages to and from the application's task over a
+/// bounded queue. Everything else is the least there is: the runtime's
+/// best framed codec (asynchronous-codec on smol, tokio-util on tokio; `feed`
+/// a batch, one `flush`), both tasks on one single-threaded executor per
+/// side, and the queue a `RefCell` with two wakers: no lock, no `Arc`, no
+/// protocol. A design with a driver task cannot hand over for less, so
+/// chatpipe's distance to `feed` splits into this floor's (the design) and
+/// its own above the floor (the code).
+pub(crate) fn oneway_handoff_floor(size: usize, n: u64) -> f64 {
+    let (a, b) = tcp_pair();
+    let go = Arc::new(Barrier::new(2));
+    let go2 = go.clone();
+    let body = payload(size);
+    let sender = smol_thread(move |ex| async move {
+        let q = Handoff::new(HANDOFF_CAPACITY);
+        let writer = ex.spawn(write_from(q.clone(), ac_framed(a)));
+        go2.wait();
+        produce(&q, body, n).await;
+        writer.await;
+    });
+    let receiver = smol_thread(move |ex| async move {
+        let q = Handoff::new(HANDOFF_CAPACITY);
+        let reader = ex.spawn(read_into(q.clone(), ac_framed(b)));
+        go.wait();
+        let secs = consume(&q, n, size).await;
+        reader.await;
+        secs
+    });
+    sender.join().unwrap();
+    receiver.join().unwrap()
+}
+
+/// [`oneway_handoff_floor`] on tokio: tokio-util's `Framed`, the tasks
+/// `spawn_local`ed on each side's current-thread runtime.
+pub(crate) fn oneway_handoff_floor_tokio(size: usize, n: u64) -> f64 {
+    let (a, b) = tcp_pair();
+    let go = Arc::new(Barrier::new(2));
+    let go2 = go.clone();
+    let body = payload(size);
+    let sender = tokio_thread(move || async move {
+        let local = tokio::task::LocalSet::new();
+        local
+            .run_until(async move {
+                let q = Handoff::new(HANDOFF_CAPACITY);
+                let writer = tokio::task::spawn_local(write_from(q.clone(), tokio_framed(a)));
+                go2.wait();
+                produce(&q, body, n).await;
+                writer.await.unwrap();
+            })
+            .await
+    });
+    let receiver = tokio_thread(move || async move {
+        let local = tokio::task::LocalSet::new();
+        local
+            .run_until(async move {
+                let q = Handoff::new(HANDOFF_CAPACITY);
+                let reader = tokio::task::spawn_local(read_into(q.clone(), tokio_framed(b)));
+                go.wait();
+                let secs = consume(&q, n, size).await;
+                reader.await.unwrap();
+                secs
+            })
+            .await
+    });
+    sender.join().unwrap();
+    receiver.join().unwrap()
+}
+
+/// The application's side of sending: `n` messages into the queue.
+pub(crate) async fn produce(q: &Handoff<Bytes>, body: Bytes, n: u64) {
+    for _ in 0..n {
+        q.push(body.clone()).await;
+    }
+    q.close();
+}
+
+/// The task that owns the socket's sending side: whatever is queued, fed
+/// then flushed as one batch.
+pub(crate) async fn write_from<S>(q: Handoff<Bytes>, mut sink: S)
+where
+    S: futures::Sink<Bytes> + Unpin,
+    S::Error: std::fmt::Debug,
+{
+    let mut batch = VecDeque::new();
+    while q.take_all(&mut batch).await {
+        for m in batch.drain(..) {
+            sink.feed(m).await.unwrap();
+        }
+        sink.flush().await.unwrap();
+    }
+    sink.close().await.unwrap();
+}
+
+/// The task that owns the socket's receiving side: every frame into the
+/// queue, waiting for room.
+pub(crate) async fn read_into<S, B, E>(q: Handoff<B>, mut stream: S)
+where
+    S: futures::Stream<Item = Result<B, E>> + Unpin,
+    E: std::fmt::Debug,
+{
+    while let Some(m) = stream.next().await {
+        q.push(m.unwrap()).await;
+    }
+    q.close();
+}
+
+/// The application's side of receiving: takes `n` messages of `size`
+/// bytes, timed, then drains the rest.
+pub(crate) async fn consume<B: AsRef<[u8]>>(q: &Handoff<B>, n: u64, size: usize) -> f64 {
+    let t0 = Instant::now();
+    let (mut got, mut bytes) = (0u64, 0u64);
+    let mut batch = VecDeque::new();
+    while got < n && q.take_all(&mut batch).await {
+        for m in batch.drain(..) {
+            got += 1;
+            bytes += m.as_ref().len() as u64;
+        }
+    }
+    let secs = t0.elapsed().as_secs_f64();
+    assert_eq!(bytes, n * size as u64);
+    while q.take_all(&mut batch).await {
+        batch.clear();
+    }
+    secs
+}
+
+/// chatpipe's default queue capacity, each way.
+pub(crate) const HANDOFF_CAPACITY: usize = 1024;
+
+/// A bounded queue between two tasks of one thread: one producer, one
+/// consumer that takes everything waiting at once.
+pub(crate) struct Handoff<T>(Rc<RefCell<HandoffState<T>>>);
+
+struct HandoffState<T> {
+    items: VecDeque<T>,
+    capacity: usize,
+    closed: bool,
+    producer: Option<Waker>,
+    consumer: Option<Waker>,
+}
+
+impl<T> Clone for Handoff<T> {
+    fn clone(&self) -> Self {
+        Handoff(self.0.clone())
+    }
+}
+
+impl<T> Handoff<T> {
+    pub(crate) fn new(capacity: usize) -> Self {
+        Handoff(Rc::new(RefCell::new(HandoffState {
+            items: VecDeque::new(),
+            capacity,
+            closed: false,
+            producer: None,
+            consumer: None,
+        })))
+    }
+
+    pub(crate) async fn push(&self, item: T) {
+        poll_fn(|cx| {
+            let mut s = self.0.borrow_mut();
+            if s.items.len() < s.capacity {
+                return Poll::Ready(());
+            }
+            s.producer = Some(cx.waker().clone());
+            Poll::Pending
+        })
+        .await;
+        let mut s = self.0.borrow_mut();
+        s.items.push_back(item);
+        if let Some(w) = s.consumer.take() {
+            w.wake();
+        }
+    }
+
+    /// Moves everything waiting into `out` (empty); false once closed and
+    /// drained.
+    pub(crate) async fn take_all(&self, out: &mut VecDeque<T>) -> bool {
+        poll_fn(|cx| {
+            let mut s = self.0.borrow_mut();
+            if s.items.is_empty() {
+                if s.closed {
+                    return Poll::Ready(false);
+                }
+                s.consumer = Some(cx.waker().clone());
+                return Poll::Pending;
+            }
+            std::mem::swap(&mut s.items, out);
+            if let Some(w) = s.producer.take() {
+                w.wake();
+            }
+            Poll::Ready(true)
+        })
+        .await
+    }
+
+    pub(crate) fn close(&self) {
+        let mut s = self.0.borrow_mut();
+        s.closed = true;
+        if let Some(w) = s.consumer.take() {
+            w.wake();
+        }
+    }
 }

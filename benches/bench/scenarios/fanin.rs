@@ -13,8 +13,9 @@ use futures::{SinkExt, StreamExt};
 use crate::harness::stats;
 use crate::report::{ratio, si, Report};
 use crate::stacks::{
-    ac_framed, chatpipe_builder, fanin_pairs, payload, raw_read_frames, smol_stream, smol_thread,
-    tokio_framed, tokio_stream, tokio_thread,
+    ac_framed, chatpipe_builder, consume, fanin_pairs, payload, produce, raw_read_frames,
+    read_into, smol_stream, smol_thread, tokio_framed, tokio_stream, tokio_thread, write_from,
+    Handoff, HANDOFF_CAPACITY,
 };
 use crate::Cfg;
 
@@ -237,6 +238,66 @@ pub(crate) fn fanin_ac(conns: usize, msgs: u64) -> f64 {
     server.join().unwrap()
 }
 
+/// The handoff floor (`stacks::oneway_handoff_floor`) for fan-in: per
+/// connection, a task owning the socket (asynchronous-codec) and the
+/// application's task, a `Handoff` between them, on each side; one
+/// `LocalExecutor` per side, as `fanin_ac`.
+pub(crate) fn fanin_handoff_floor(conns: usize, msgs: u64) -> f64 {
+    let (clients, servers) = fanin_pairs(conns);
+    let go = Arc::new(Barrier::new(2));
+    let go2 = go.clone();
+    let client = smol_thread(move |ex| async move {
+        let ends: Vec<_> = clients
+            .into_iter()
+            .map(|s| {
+                let q = Handoff::new(HANDOFF_CAPACITY);
+                (q.clone(), ex.spawn(write_from(q, ac_framed(s))))
+            })
+            .collect();
+        let body = payload(FANIN_SIZE);
+        go2.wait();
+        let tasks: Vec<_> = ends
+            .into_iter()
+            .map(|(q, writer)| {
+                let body = body.clone();
+                ex.spawn(async move {
+                    produce(&q, body, msgs).await;
+                    writer.await;
+                })
+            })
+            .collect();
+        for t in tasks {
+            t.await;
+        }
+    });
+    let server = smol_thread(move |ex| async move {
+        let ends: Vec<_> = servers
+            .into_iter()
+            .map(|s| {
+                let q = Handoff::new(HANDOFF_CAPACITY);
+                (q.clone(), ex.spawn(read_into(q, ac_framed(s))))
+            })
+            .collect();
+        go.wait();
+        let t0 = Instant::now();
+        let tasks: Vec<_> = ends
+            .into_iter()
+            .map(|(q, reader)| {
+                ex.spawn(async move {
+                    consume(&q, msgs, FANIN_SIZE).await;
+                    reader.await;
+                })
+            })
+            .collect();
+        for t in tasks {
+            t.await;
+        }
+        t0.elapsed().as_secs_f64()
+    });
+    client.join().unwrap();
+    server.join().unwrap()
+}
+
 /// chatpipe on tokio (`build_tokio`): as `fanin_chatpipe`.
 pub(crate) fn fanin_chatpipe_tokio(conns: usize, msgs: u64) -> f64 {
     let (clients, servers) = fanin_pairs(conns);
@@ -316,7 +377,8 @@ pub(crate) fn scenario_fanin(cfg: &Cfg, rep: &mut Report) {
          Aggregate messages/s at the server, median of {} runs. raw: one writer thread writing each \
          connection's pre-encoded frames, one reader thread per connection; tokio-util and asynchronous-codec \
          (feed, then flush) and chatpipe (`send().await`, on smol and on tokio): one thread per side, \
-         one task per connection.\n",
+         one task per connection. handoff floor: asynchronous-codec in a task per connection that owns \
+         the socket, and the application's task beside it, a bounded queue between them (see scenario 1).\n",
         cfg.reps
     );
     let _ = writeln!(
@@ -327,6 +389,7 @@ pub(crate) fn scenario_fanin(cfg: &Cfg, rep: &mut Report) {
         "raw",
         "tokio-util feed",
         "asynchronous-codec feed",
+        "handoff floor",
         "chatpipe send",
         "chatpipe send (tokio)",
     ];
@@ -337,6 +400,7 @@ pub(crate) fn scenario_fanin(cfg: &Cfg, rep: &mut Report) {
                 "raw" => fanin_raw(conns, msgs),
                 "tokio-util feed" => fanin_tokio(conns, msgs),
                 "asynchronous-codec feed" => fanin_ac(conns, msgs),
+                "handoff floor" => fanin_handoff_floor(conns, msgs),
                 "chatpipe send (tokio)" => fanin_chatpipe_tokio(conns, msgs),
                 _ => fanin_chatpipe(conns, msgs),
             })

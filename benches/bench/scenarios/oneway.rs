@@ -5,22 +5,25 @@ use std::fmt::Write as _;
 use crate::harness::{calibrated, stats};
 use crate::report::{ratio, si, size_name, Report};
 use crate::stacks::{
-    oneway_ac, oneway_chatpipe, oneway_chatpipe_tokio, oneway_raw, oneway_tokio, CpSend,
+    oneway_ac, oneway_chatpipe, oneway_chatpipe_tokio, oneway_handoff_floor,
+    oneway_handoff_floor_tokio, oneway_raw, oneway_tokio, CpSend,
 };
 use crate::Cfg;
 
 /// Payload sizes of the oneway runs (and the chart's x axis).
 pub(crate) const SIZES: [usize; 4] = [16, 64, 1024, 64 * 1024];
 
-const ONEWAY_STACKS: [&str; 8] = [
+const ONEWAY_STACKS: [&str; 10] = [
     "raw",
     "tokio-util feed",
     "tokio-util send",
     "asynchronous-codec feed",
     "asynchronous-codec send",
+    "handoff floor",
     "chatpipe send",
     "chatpipe try_send",
     "chatpipe send (tokio)",
+    "handoff floor (tokio)",
 ];
 
 pub(crate) fn scenario_oneway(cfg: &Cfg, rep: &mut Report) {
@@ -30,8 +33,11 @@ pub(crate) fn scenario_oneway(cfg: &Cfg, rep: &mut Report) {
         "## 1. oneway: one connection, N messages\n\n\
          Messages/s at the receiver (from the start signal to the N-th message), median of {} runs, \
          spread min–max; MB/s counts payload bytes (10^6). chatpipe's Raw protocol adds a 1-byte tag \
-         to each payload. tokio-util and `chatpipe send (tokio)` run on tokio; asynchronous-codec and \
-         the other chatpipe rows on smol.\n",
+         to each payload. tokio-util, `chatpipe send (tokio)` and `handoff floor (tokio)` run on tokio; \
+         asynchronous-codec, `handoff floor` and the other chatpipe rows on smol. handoff floor: \
+         the least a design like chatpipe's can cost, a task that owns the socket and the application's \
+         task on each side, a bounded single-threaded queue between them, the runtime's framed codec \
+         (asynchronous-codec or tokio-util) `feed`ing each batch.\n",
         cfg.reps
     );
     let _ = writeln!(
@@ -47,6 +53,8 @@ pub(crate) fn scenario_oneway(cfg: &Cfg, rep: &mut Report) {
                 "tokio-util send" => calibrated(cfg, |n| oneway_tokio(size, n, true)),
                 "asynchronous-codec feed" => calibrated(cfg, |n| oneway_ac(size, n, false)),
                 "asynchronous-codec send" => calibrated(cfg, |n| oneway_ac(size, n, true)),
+                "handoff floor" => calibrated(cfg, |n| oneway_handoff_floor(size, n)),
+                "handoff floor (tokio)" => calibrated(cfg, |n| oneway_handoff_floor_tokio(size, n)),
                 "chatpipe send" => calibrated(cfg, |n| oneway_chatpipe(size, n, CpSend::Send)),
                 "chatpipe send (tokio)" => calibrated(cfg, |n| oneway_chatpipe_tokio(size, n)),
                 _ => calibrated(cfg, |n| oneway_chatpipe(size, n, CpSend::TrySend)),
