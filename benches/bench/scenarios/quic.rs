@@ -6,20 +6,25 @@
 //! the stream's preamble are done before timing starts.
 
 use std::fmt::Write as _;
+use std::future::Future;
+use std::io;
 use std::net::{SocketAddr, UdpSocket};
-use std::sync::{Arc, Barrier};
+use std::pin::Pin;
+use std::sync::{mpsc, Arc, Barrier};
+use std::thread;
 use std::time::{Duration, Instant};
 
 use chatpipe::quic::{self, quinn, QuicStream};
 use chatpipe::raw::{Raw, RawMessage};
 use chatpipe_chat::tls::{self, Trust};
 use futures::StreamExt;
+use smol::Executor;
 
 use crate::harness::{calibrated, percentile, stats};
 use crate::report::{ratio, si, Report};
 use crate::scenarios::rtt::RTT_SIZE;
 use crate::scenarios::tls::{self as over_tls, Tls, Wrap, ONEWAY_SIZE};
-use crate::stacks::{chatpipe_builder, payload, smol_thread};
+use crate::stacks::{chatpipe_builder, payload};
 use crate::Cfg;
 
 /// Both ends' QUIC configurations.
@@ -41,19 +46,62 @@ impl Quic {
         }
     }
 
-    /// A connected pair of endpoints on smol's runtime: the server's and
-    /// the client's, and the server's address.
-    fn endpoints(&self) -> (quinn::Endpoint, quinn::Endpoint, SocketAddr) {
-        let udp = || UdpSocket::bind("127.0.0.1:0").expect("a UDP socket");
-        let runtime = Arc::new(quinn::SmolRuntime);
-        let config = quinn::EndpointConfig::default;
-        let server =
-            quinn::Endpoint::new(config(), Some(self.server.clone()), udp(), runtime.clone())
-                .expect("server endpoint");
-        let client = quinn::Endpoint::new(config(), None, udp(), runtime).expect("client endpoint");
-        let addr = server.local_addr().expect("its address");
-        (server, client, addr)
+    /// An endpoint whose tasks run on `ex`: a server's if `server`.
+    fn endpoint(&self, ex: &Arc<Executor<'static>>, server: bool) -> quinn::Endpoint {
+        let udp = UdpSocket::bind("127.0.0.1:0").expect("a UDP socket");
+        let config = server.then(|| self.server.clone());
+        let runtime = Arc::new(ThreadRuntime(ex.clone()));
+        quinn::Endpoint::new(quinn::EndpointConfig::default(), config, udp, runtime)
+            .expect("an endpoint")
     }
+}
+
+/// quinn on smol, its tasks spawned on the calling side's own executor
+/// thread rather than smol's global one (quinn's `SmolRuntime`). With the
+/// global one, both sides' endpoints shared one thread apart from their
+/// connections' threads: every packet was a wake across threads, and all
+/// of QUIC's work for both sides fell on that one thread (`perf record`:
+/// 32% of the samples in `smol-1`, most of the rest the kernel switching
+/// tasks), which a client and a server in two processes never do. Each
+/// TCP side has its thread; so does each QUIC side.
+#[derive(Debug)]
+struct ThreadRuntime(Arc<Executor<'static>>);
+
+impl quinn::Runtime for ThreadRuntime {
+    fn new_timer(&self, at: Instant) -> Pin<Box<dyn quinn::AsyncTimer>> {
+        quinn::SmolRuntime.new_timer(at)
+    }
+
+    fn spawn(&self, future: Pin<Box<dyn Future<Output = ()> + Send>>) {
+        self.0.spawn(future).detach();
+    }
+
+    fn wrap_udp_socket(&self, sock: UdpSocket) -> io::Result<Arc<dyn quinn::AsyncUdpSocket>> {
+        quinn::SmolRuntime.wrap_udp_socket(sock)
+    }
+}
+
+/// Waits at `barrier` without blocking the executor's thread, whose
+/// quinn tasks must go on (a handshake's last flight, acknowledgements).
+async fn wait(barrier: Arc<Barrier>) {
+    smol::unblock(move || {
+        barrier.wait();
+    })
+    .await;
+}
+
+/// Runs `f` on a new thread, on an executor of its own that quinn can
+/// spawn on too (`ThreadRuntime`).
+fn quic_thread<T, F, Fut>(f: F) -> thread::JoinHandle<T>
+where
+    T: Send + 'static,
+    F: FnOnce(Arc<Executor<'static>>) -> Fut + Send + 'static,
+    Fut: Future<Output = T>,
+{
+    thread::spawn(move || {
+        let ex = Arc::new(Executor::new());
+        smol::block_on(ex.run(f(ex.clone())))
+    })
 }
 
 async fn accept(endpoint: quinn::Endpoint) -> QuicStream {
@@ -72,27 +120,36 @@ async fn connect(endpoint: quinn::Endpoint, q: Quic, addr: SocketAddr) -> QuicSt
 /// Seconds for the receiver to get `n` messages of `size` over QUIC, from
 /// the start signal (the handshake done).
 fn oneway(size: usize, n: u64, q: &Quic) -> f64 {
-    let (server, client, addr) = q.endpoints();
-    let q = q.clone();
+    let (q, q2) = (q.clone(), q.clone());
+    let (addr_tx, addr_rx) = mpsc::channel();
     let go = Arc::new(Barrier::new(2));
     let go2 = go.clone();
+    // Each side's quinn tasks run on its thread: both stay until both
+    // connections have closed.
+    let done = Arc::new(Barrier::new(2));
+    let done2 = done.clone();
     let body = payload(size);
-    let sender = smol_thread(move |ex| async move {
-        let s = connect(client, q, addr).await;
+    let sender = quic_thread(move |ex| async move {
+        let addr = addr_rx.recv().expect("the server's address");
+        let s = connect(q.endpoint(&ex, false), q, addr).await;
         let (tx, _incoming, conn) = chatpipe_builder().build(s, Raw);
         let driver = ex.spawn(conn);
-        go2.wait();
+        // Waited for off the thread: quinn's tasks for this side run here.
+        wait(go2).await;
         for _ in 0..n {
             tx.send(RawMessage::Message(body.clone())).await.unwrap();
         }
         tx.close();
         driver.await.expect("sender driver");
+        wait(done2).await;
     });
-    let receiver = smol_thread(move |ex| async move {
+    let receiver = quic_thread(move |ex| async move {
+        let server = q2.endpoint(&ex, true);
+        let _ = addr_tx.send(server.local_addr().expect("its address"));
         let s = accept(server).await;
         let (tx, mut incoming, conn) = chatpipe_builder().build(s, Raw);
         let driver = ex.spawn(conn);
-        go.wait();
+        wait(go).await;
         let t0 = Instant::now();
         for _ in 0..n {
             match incoming.next().await {
@@ -104,6 +161,7 @@ fn oneway(size: usize, n: u64, q: &Quic) -> f64 {
         while incoming.next().await.is_some() {}
         drop(tx);
         driver.await.expect("receiver driver");
+        wait(done).await;
         secs
     });
     sender.join().unwrap();
@@ -113,9 +171,13 @@ fn oneway(size: usize, n: u64, q: &Quic) -> f64 {
 /// Round-trip times of `request()` over QUIC in nanoseconds, warm-up
 /// excluded.
 fn rtt(n: usize, warm: usize, q: &Quic) -> Vec<u64> {
-    let (server, client, addr) = q.endpoints();
-    let q = q.clone();
-    let serving = smol_thread(move |ex| async move {
+    let (q, q2) = (q.clone(), q.clone());
+    let (addr_tx, addr_rx) = mpsc::channel();
+    let done = Arc::new(Barrier::new(2));
+    let done2 = done.clone();
+    let serving = quic_thread(move |ex| async move {
+        let server = q2.endpoint(&ex, true);
+        let _ = addr_tx.send(server.local_addr().expect("its address"));
         let s = accept(server).await;
         let (tx, mut incoming, conn) = chatpipe_builder().build(s, Raw);
         let driver = ex.spawn(conn);
@@ -126,9 +188,11 @@ fn rtt(n: usize, warm: usize, q: &Quic) -> Vec<u64> {
         }
         drop(tx);
         let _ = driver.await;
+        wait(done).await;
     });
-    let calling = smol_thread(move |ex| async move {
-        let s = connect(client, q, addr).await;
+    let calling = quic_thread(move |ex| async move {
+        let addr = addr_rx.recv().expect("the server's address");
+        let s = connect(q.endpoint(&ex, false), q, addr).await;
         let (tx, _incoming, conn) = chatpipe_builder().build(s, Raw);
         let driver = ex.spawn(conn);
         let body = payload(RTT_SIZE);
@@ -146,6 +210,7 @@ fn rtt(n: usize, warm: usize, q: &Quic) -> Vec<u64> {
         }
         tx.close();
         driver.await.expect("client driver");
+        wait(done2).await;
         out
     });
     let out = calling.join().unwrap();
@@ -174,7 +239,8 @@ pub(crate) fn scenario_quic(cfg: &Cfg, rep: &mut Report) {
         md,
         "## quic: chatpipe over a QUIC stream\n\n\
          chatpipe on smol (`send().await`, `request()`), over plain TCP, TLS 1.3 over TCP \
-         (futures-rustls) and one QUIC bidirectional stream (quinn 0.11 on smol's runtime, \
+         (futures-rustls) and one QUIC bidirectional stream (quinn 0.11 on smol, each side's endpoint \
+         on that side's own thread, beside its connection, as each TCP side has its thread; \
          TLS 1.3 by rustls, ring, a self-signed ECDSA P-256 certificate), in the same run; \
          handshakes before timing. Oneway: messages/s of {ONEWAY_SIZE} B, median of {} runs. \
          rtt: {} round trips of {RTT_SIZE} B per run after {} of warm-up, median over {} runs, \
