@@ -1,7 +1,10 @@
 //! Scenario 3: fanin, many connections into one server.
 
 use std::fmt::Write as _;
+use std::future::Future;
 use std::io::Write;
+use std::net::TcpStream;
+use std::rc::Rc;
 use std::sync::{Arc, Barrier};
 use std::thread;
 use std::time::Instant;
@@ -9,6 +12,7 @@ use std::time::Instant;
 use bytes::Bytes;
 use chatpipe::raw::{Raw, RawMessage};
 use futures::{SinkExt, StreamExt};
+use smol::LocalExecutor;
 
 use crate::harness::stats;
 use crate::report::{ratio, si, Report};
@@ -114,185 +118,140 @@ pub(crate) fn fanin_tokio(conns: usize, msgs: u64) -> f64 {
     server.join().unwrap()
 }
 
+// The server's timed task yields the untimed rest (see `smol_fanin`).
+#[allow(clippy::async_yields_async)]
 pub(crate) fn fanin_chatpipe(conns: usize, msgs: u64) -> f64 {
-    let (clients, servers) = fanin_pairs(conns);
-    let go = Arc::new(Barrier::new(2));
-    let go2 = go.clone();
-    let client = smol_thread(move |ex| async move {
-        let ends: Vec<_> = clients
-            .into_iter()
-            .map(|s| {
-                let (tx, _incoming, conn) = chatpipe_builder().build(smol_stream(s), Raw);
-                (tx, ex.spawn(conn))
-            })
-            .collect();
-        let body = payload(FANIN_SIZE);
-        go2.wait();
-        let tasks: Vec<_> = ends
-            .into_iter()
-            .map(|(tx, driver)| {
-                let body = body.clone();
-                ex.spawn(async move {
-                    for _ in 0..msgs {
-                        tx.send(RawMessage::Message(body.clone())).await.unwrap();
-                    }
-                    tx.close();
-                    driver.await.expect("fanin client driver");
-                })
-            })
-            .collect();
-        for t in tasks {
-            t.await;
-        }
-    });
-    let server = smol_thread(move |ex| async move {
-        let ends: Vec<_> = servers
-            .into_iter()
-            .map(|s| {
-                let (tx, incoming, conn) = chatpipe_builder().build(smol_stream(s), Raw);
-                (tx, incoming, ex.spawn(conn))
-            })
-            .collect();
-        go.wait();
-        let t0 = Instant::now();
-        let tasks: Vec<_> = ends
-            .into_iter()
-            .map(|(tx, mut incoming, driver)| {
-                ex.spawn(async move {
-                    for _ in 0..msgs {
-                        incoming.next().await.unwrap().unwrap();
-                    }
-                    (tx, incoming, driver)
-                })
-            })
-            .collect();
-        let mut done = Vec::new();
-        for t in tasks {
-            done.push(t.await);
-        }
-        let secs = t0.elapsed().as_secs_f64();
-        for (tx, mut incoming, driver) in done {
-            while incoming.next().await.is_some() {}
-            drop(tx);
-            let _ = driver.await;
-        }
-        secs
-    });
-    client.join().unwrap();
-    server.join().unwrap()
+    let body = payload(FANIN_SIZE);
+    smol_fanin(
+        conns,
+        move |s, ex| {
+            let (tx, _incoming, conn) = chatpipe_builder().build(smol_stream(s), Raw);
+            let driver = ex.spawn(conn);
+            let body = body.clone();
+            async move {
+                for _ in 0..msgs {
+                    tx.send(RawMessage::Message(body.clone())).await.unwrap();
+                }
+                tx.close();
+                driver.await.expect("fanin client driver");
+            }
+        },
+        move |s, ex| {
+            let (tx, mut incoming, conn) = chatpipe_builder().build(smol_stream(s), Raw);
+            let driver = ex.spawn(conn);
+            async move {
+                for _ in 0..msgs {
+                    incoming.next().await.unwrap().unwrap();
+                }
+                async move {
+                    while incoming.next().await.is_some() {}
+                    drop(tx);
+                    let _ = driver.await;
+                }
+            }
+        },
+    )
 }
 
 /// asynchronous-codec on smol: as `fanin_tokio`, one task per connection
 /// on one `LocalExecutor` per side, `feed` then one `flush`.
+// The server's timed task yields the untimed rest (see `smol_fanin`).
+#[allow(clippy::async_yields_async)]
 pub(crate) fn fanin_ac(conns: usize, msgs: u64) -> f64 {
-    let (clients, servers) = fanin_pairs(conns);
-    let go = Arc::new(Barrier::new(2));
-    let go2 = go.clone();
-    let client = smol_thread(move |ex| async move {
-        let framed: Vec<_> = clients.into_iter().map(ac_framed).collect();
-        let body = payload(FANIN_SIZE);
-        go2.wait();
-        let tasks: Vec<_> = framed
-            .into_iter()
-            .map(|mut f| {
-                let body = body.clone();
-                ex.spawn(async move {
-                    for _ in 0..msgs {
-                        f.feed(body.clone()).await.unwrap();
-                    }
-                    f.flush().await.unwrap();
-                    f.close().await.unwrap();
-                })
-            })
-            .collect();
-        for t in tasks {
-            t.await;
-        }
-    });
-    let server = smol_thread(move |ex| async move {
-        let framed: Vec<_> = servers.into_iter().map(ac_framed).collect();
-        go.wait();
-        let t0 = Instant::now();
-        let tasks: Vec<_> = framed
-            .into_iter()
-            .map(|mut f| {
-                ex.spawn(async move {
-                    for _ in 0..msgs {
-                        f.next().await.unwrap().unwrap();
-                    }
-                    f
-                })
-            })
-            .collect();
-        let mut done = Vec::new();
-        for t in tasks {
-            done.push(t.await);
-        }
-        let secs = t0.elapsed().as_secs_f64();
-        for mut f in done {
-            while f.next().await.is_some() {}
-        }
-        secs
-    });
-    client.join().unwrap();
-    server.join().unwrap()
+    let body = payload(FANIN_SIZE);
+    smol_fanin(
+        conns,
+        move |s, _ex| {
+            let mut f = ac_framed(s);
+            let body = body.clone();
+            async move {
+                for _ in 0..msgs {
+                    f.feed(body.clone()).await.unwrap();
+                }
+                f.flush().await.unwrap();
+                f.close().await.unwrap();
+            }
+        },
+        move |s, _ex| {
+            let mut f = ac_framed(s);
+            async move {
+                for _ in 0..msgs {
+                    f.next().await.unwrap().unwrap();
+                }
+                async move { while f.next().await.is_some() {} }
+            }
+        },
+    )
 }
 
 /// The handoff floor (`stacks::oneway_handoff_floor`) for fan-in: per
 /// connection, a task owning the socket (asynchronous-codec) and the
 /// application's task, a `Handoff` between them, on each side; one
 /// `LocalExecutor` per side, as `fanin_ac`.
+// The server's timed task yields the untimed rest (see `smol_fanin`).
+#[allow(clippy::async_yields_async)]
 pub(crate) fn fanin_handoff_floor(conns: usize, msgs: u64) -> f64 {
+    let body = payload(FANIN_SIZE);
+    smol_fanin(
+        conns,
+        move |s, ex| {
+            let q = Handoff::new(HANDOFF_CAPACITY);
+            let writer = ex.spawn(write_from(q.clone(), ac_framed(s)));
+            let body = body.clone();
+            async move {
+                produce(&q, body, msgs).await;
+                writer.await;
+            }
+        },
+        move |s, ex| {
+            let q = Handoff::new(HANDOFF_CAPACITY);
+            let reader = ex.spawn(read_into(q.clone(), ac_framed(s)));
+            async move {
+                consume(&q, msgs, FANIN_SIZE).await;
+                reader
+            }
+        },
+    )
+}
+
+/// One fan-in run on smol, one `LocalExecutor` thread per side. For each
+/// connection, `client` and `server` set it up before the start signal and
+/// return its task. The server's tasks are timed from the start signal
+/// until each has taken its messages; what each then returns (the rest of
+/// the stream, the close) runs after the clock stops.
+fn smol_fanin<C, CF, S, SF>(conns: usize, client: C, server: S) -> f64
+where
+    C: Fn(TcpStream, &Rc<LocalExecutor<'static>>) -> CF + Send + 'static,
+    CF: Future<Output = ()> + 'static,
+    S: Fn(TcpStream, &Rc<LocalExecutor<'static>>) -> SF + Send + 'static,
+    SF: Future + 'static,
+    SF::Output: Future<Output = ()>,
+{
     let (clients, servers) = fanin_pairs(conns);
     let go = Arc::new(Barrier::new(2));
     let go2 = go.clone();
     let client = smol_thread(move |ex| async move {
-        let ends: Vec<_> = clients
-            .into_iter()
-            .map(|s| {
-                let q = Handoff::new(HANDOFF_CAPACITY);
-                (q.clone(), ex.spawn(write_from(q, ac_framed(s))))
-            })
-            .collect();
-        let body = payload(FANIN_SIZE);
+        let ends: Vec<_> = clients.into_iter().map(|s| client(s, &ex)).collect();
         go2.wait();
-        let tasks: Vec<_> = ends
-            .into_iter()
-            .map(|(q, writer)| {
-                let body = body.clone();
-                ex.spawn(async move {
-                    produce(&q, body, msgs).await;
-                    writer.await;
-                })
-            })
-            .collect();
+        let tasks: Vec<_> = ends.into_iter().map(|t| ex.spawn(t)).collect();
         for t in tasks {
             t.await;
         }
     });
     let server = smol_thread(move |ex| async move {
-        let ends: Vec<_> = servers
-            .into_iter()
-            .map(|s| {
-                let q = Handoff::new(HANDOFF_CAPACITY);
-                (q.clone(), ex.spawn(read_into(q, ac_framed(s))))
-            })
-            .collect();
+        let ends: Vec<_> = servers.into_iter().map(|s| server(s, &ex)).collect();
         go.wait();
         let t0 = Instant::now();
-        let tasks: Vec<_> = ends
-            .into_iter()
-            .map(|(q, reader)| {
-                ex.spawn(async move {
-                    consume(&q, msgs, FANIN_SIZE).await;
-                    reader.await;
-                })
-            })
-            .collect();
+        let tasks: Vec<_> = ends.into_iter().map(|t| ex.spawn(t)).collect();
+        let mut rest = Vec::new();
         for t in tasks {
-            t.await;
+            rest.push(t.await);
         }
-        t0.elapsed().as_secs_f64()
+        let secs = t0.elapsed().as_secs_f64();
+        for r in rest {
+            r.await;
+        }
+        secs
     });
     client.join().unwrap();
     server.join().unwrap()
