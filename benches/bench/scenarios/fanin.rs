@@ -64,58 +64,33 @@ fn fanin_raw(conns: usize, msgs: u64) -> f64 {
     secs
 }
 
+// The server's timed task yields the untimed rest (see `smol_fanin`).
+#[allow(clippy::async_yields_async)]
 pub(crate) fn fanin_tokio(conns: usize, msgs: u64) -> f64 {
-    let (clients, servers) = fanin_pairs(conns);
-    let go = Arc::new(Barrier::new(2));
-    let go2 = go.clone();
-    let client = tokio_thread(move || async move {
-        let framed: Vec<_> = clients.into_iter().map(tokio_framed).collect();
-        let body = payload(FANIN_SIZE);
-        go2.wait();
-        let tasks: Vec<_> = framed
-            .into_iter()
-            .map(|mut f| {
-                let body = body.clone();
-                tokio::spawn(async move {
-                    for _ in 0..msgs {
-                        f.feed(body.clone()).await.unwrap();
-                    }
-                    SinkExt::<Bytes>::flush(&mut f).await.unwrap();
-                    SinkExt::<Bytes>::close(&mut f).await.unwrap();
-                })
-            })
-            .collect();
-        for t in tasks {
-            t.await.unwrap();
-        }
-    });
-    let server = tokio_thread(move || async move {
-        let framed: Vec<_> = servers.into_iter().map(tokio_framed).collect();
-        go.wait();
-        let t0 = Instant::now();
-        let tasks: Vec<_> = framed
-            .into_iter()
-            .map(|mut f| {
-                tokio::spawn(async move {
-                    for _ in 0..msgs {
-                        f.next().await.unwrap().unwrap();
-                    }
-                    f
-                })
-            })
-            .collect();
-        let mut done = Vec::new();
-        for t in tasks {
-            done.push(t.await.unwrap());
-        }
-        let secs = t0.elapsed().as_secs_f64();
-        for mut f in done {
-            while f.next().await.is_some() {}
-        }
-        secs
-    });
-    client.join().unwrap();
-    server.join().unwrap()
+    let body = payload(FANIN_SIZE);
+    tokio_fanin(
+        conns,
+        move |s| {
+            let mut f = tokio_framed(s);
+            let body = body.clone();
+            async move {
+                for _ in 0..msgs {
+                    f.feed(body.clone()).await.unwrap();
+                }
+                SinkExt::<Bytes>::flush(&mut f).await.unwrap();
+                SinkExt::<Bytes>::close(&mut f).await.unwrap();
+            }
+        },
+        move |s| {
+            let mut f = tokio_framed(s);
+            async move {
+                for _ in 0..msgs {
+                    f.next().await.unwrap().unwrap();
+                }
+                async move { while f.next().await.is_some() {} }
+            }
+        },
+    )
 }
 
 // The server's timed task yields the untimed rest (see `smol_fanin`).
@@ -258,67 +233,74 @@ where
 }
 
 /// chatpipe on tokio (`build_tokio`): as `fanin_chatpipe`.
+// The server's timed task yields the untimed rest (see `smol_fanin`).
+#[allow(clippy::async_yields_async)]
 pub(crate) fn fanin_chatpipe_tokio(conns: usize, msgs: u64) -> f64 {
+    let body = payload(FANIN_SIZE);
+    tokio_fanin(
+        conns,
+        move |s| {
+            let (tx, _incoming, conn) = chatpipe_builder().build_tokio(tokio_stream(s), Raw);
+            let driver = tokio::spawn(conn);
+            let body = body.clone();
+            async move {
+                for _ in 0..msgs {
+                    tx.send(RawMessage::Message(body.clone())).await.unwrap();
+                }
+                tx.close();
+                driver.await.unwrap().expect("fanin client driver");
+            }
+        },
+        move |s| {
+            let (tx, mut incoming, conn) = chatpipe_builder().build_tokio(tokio_stream(s), Raw);
+            let driver = tokio::spawn(conn);
+            async move {
+                for _ in 0..msgs {
+                    incoming.next().await.unwrap().unwrap();
+                }
+                async move {
+                    while incoming.next().await.is_some() {}
+                    drop(tx);
+                    let _ = driver.await;
+                }
+            }
+        },
+    )
+}
+
+/// `smol_fanin` on tokio: one current-thread runtime per side, every task
+/// `tokio::spawn`ed.
+fn tokio_fanin<C, CF, S, SF>(conns: usize, client: C, server: S) -> f64
+where
+    C: Fn(TcpStream) -> CF + Send + 'static,
+    CF: Future<Output = ()> + Send + 'static,
+    S: Fn(TcpStream) -> SF + Send + 'static,
+    SF: Future + Send + 'static,
+    SF::Output: Future<Output = ()> + Send + 'static,
+{
     let (clients, servers) = fanin_pairs(conns);
     let go = Arc::new(Barrier::new(2));
     let go2 = go.clone();
     let client = tokio_thread(move || async move {
-        let ends: Vec<_> = clients
-            .into_iter()
-            .map(|s| {
-                let (tx, _incoming, conn) = chatpipe_builder().build_tokio(tokio_stream(s), Raw);
-                (tx, tokio::spawn(conn))
-            })
-            .collect();
-        let body = payload(FANIN_SIZE);
+        let ends: Vec<_> = clients.into_iter().map(client).collect();
         go2.wait();
-        let tasks: Vec<_> = ends
-            .into_iter()
-            .map(|(tx, driver)| {
-                let body = body.clone();
-                tokio::spawn(async move {
-                    for _ in 0..msgs {
-                        tx.send(RawMessage::Message(body.clone())).await.unwrap();
-                    }
-                    tx.close();
-                    driver.await.unwrap().expect("fanin client driver");
-                })
-            })
-            .collect();
+        let tasks: Vec<_> = ends.into_iter().map(tokio::spawn).collect();
         for t in tasks {
             t.await.unwrap();
         }
     });
     let server = tokio_thread(move || async move {
-        let ends: Vec<_> = servers
-            .into_iter()
-            .map(|s| {
-                let (tx, incoming, conn) = chatpipe_builder().build_tokio(tokio_stream(s), Raw);
-                (tx, incoming, tokio::spawn(conn))
-            })
-            .collect();
+        let ends: Vec<_> = servers.into_iter().map(server).collect();
         go.wait();
         let t0 = Instant::now();
-        let tasks: Vec<_> = ends
-            .into_iter()
-            .map(|(tx, mut incoming, driver)| {
-                tokio::spawn(async move {
-                    for _ in 0..msgs {
-                        incoming.next().await.unwrap().unwrap();
-                    }
-                    (tx, incoming, driver)
-                })
-            })
-            .collect();
-        let mut done = Vec::new();
+        let tasks: Vec<_> = ends.into_iter().map(tokio::spawn).collect();
+        let mut rest = Vec::new();
         for t in tasks {
-            done.push(t.await.unwrap());
+            rest.push(t.await.unwrap());
         }
         let secs = t0.elapsed().as_secs_f64();
-        for (tx, mut incoming, driver) in done {
-            while incoming.next().await.is_some() {}
-            drop(tx);
-            let _ = driver.await;
+        for r in rest {
+            r.await;
         }
         secs
     });
