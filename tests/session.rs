@@ -292,6 +292,13 @@ struct Server {
     resume: Vec<Waker>,
 }
 
+impl Server {
+    /// The number each message received carries (`numbered`), in order.
+    fn numbers(&self) -> Vec<u32> {
+        self.got.iter().map(|(_, m)| number_of(m)).collect()
+    }
+}
+
 fn pause(server: &Shared<Server>) {
     server.borrow_mut().paused = true;
 }
@@ -777,12 +784,7 @@ fn disconnect_while_draining_writes_what_the_buffer_held() {
         names(&states.borrow())[states.borrow().len() - 2..],
         ["disconnecting", "disconnected"]
     );
-    let numbers: Vec<u32> = server
-        .borrow()
-        .got
-        .iter()
-        .map(|(_, m)| number_of(m))
-        .collect();
+    let numbers = server.borrow().numbers();
     assert_eq!(numbers, (0..40).collect::<Vec<_>>());
     assert_eq!(session.buffered(), 0);
     assert_eq!(session.undelivered(), 0);
@@ -813,12 +815,7 @@ fn disconnect_while_connected_writes_what_was_accepted() {
         names(&states.borrow())[2..],
         ["connected", "disconnecting", "disconnected"]
     );
-    let numbers: Vec<u32> = server
-        .borrow()
-        .got
-        .iter()
-        .map(|(_, m)| number_of(m))
-        .collect();
+    let numbers = server.borrow().numbers();
     assert_eq!(numbers, (0..8).collect::<Vec<_>>());
     assert_eq!(net.streams.load(Ordering::SeqCst), 0);
     assert_eq!(session.undelivered(), 0);
@@ -1277,12 +1274,7 @@ fn no_leaks_after_1000_reconnect_cycles_on_virtual_time() {
     t += 10 * MS;
     sim.run_to(t);
     assert_eq!(server.borrow().conns.len(), 1_001);
-    let numbers: Vec<u32> = server
-        .borrow()
-        .got
-        .iter()
-        .map(|(_, m)| number_of(m))
-        .collect();
+    let numbers = server.borrow().numbers();
     assert_eq!(numbers, (0..1_000).collect::<Vec<_>>());
     assert_eq!(session.undelivered(), 0);
     drop(session);

@@ -8,7 +8,7 @@ use std::thread;
 use std::time::Instant;
 
 use bytes::Bytes;
-use chatpipe::raw::{Raw, RawMessage};
+use chatpipe::raw::Raw;
 use futures::stream::FuturesUnordered;
 use futures::StreamExt;
 use tarpc::server::Channel as _;
@@ -16,6 +16,7 @@ use tarpc::tokio_serde::formats::Bincode;
 
 use crate::harness::{calibrated, stats};
 use crate::report::{ratio, si, Report};
+use crate::scenarios::rtt::{chatpipe_echo, timed_trips};
 use crate::stacks::{
     chatpipe_builder, payload, smol_stream, smol_task_thread, tcp_pair, tokio_framed, tokio_stream,
     tokio_task_thread,
@@ -75,19 +76,13 @@ pub(crate) fn rtt_tarpc(n: usize, warm: usize, size: usize) -> Vec<u64> {
     let client = tokio_task_thread(move || async move {
         let client = tarpc_client(a);
         let body = payload(size).to_vec();
-        let mut out = Vec::with_capacity(n);
-        for i in 0..n + warm {
-            let t = Instant::now();
-            let ctx = tarpc::context::current();
-            client
-                .call(ctx, Echo(body.clone()))
-                .await
-                .expect("tarpc call");
-            if i >= warm {
-                out.push(t.elapsed().as_nanos() as u64);
+        timed_trips(n, warm, (), |(), _| {
+            let call = client.call(tarpc::context::current(), Echo(body.clone()));
+            async move {
+                call.await.expect("tarpc call");
             }
-        }
-        out
+        })
+        .await
     });
     let out = client.join().unwrap();
     server.join().unwrap();
@@ -191,24 +186,6 @@ fn pipelined_raw(n: u64) -> f64 {
 // ---------------------------------------------------------------------------
 // chatpipe: `call()`s kept 64 in flight from one task
 // ---------------------------------------------------------------------------
-
-/// The server side of chatpipe's rtt and pipelined runs: answers every
-/// request with its body.
-async fn chatpipe_echo(
-    tx: chatpipe::Sender<Raw>,
-    mut incoming: chatpipe::Incoming<Raw>,
-) -> chatpipe::Sender<Raw> {
-    while let Some(Ok(m)) = incoming.next().await {
-        let reply = match m {
-            RawMessage::Request { id, body } => RawMessage::Response { id, body },
-            other => other,
-        };
-        if tx.send(reply).await.is_err() {
-            break;
-        }
-    }
-    tx
-}
 
 async fn window_of_calls(tx: &chatpipe::Sender<Raw>, n: u64) -> f64 {
     let body = payload(PIPE_SIZE);

@@ -22,7 +22,7 @@ use smol::Executor;
 
 use crate::harness::{calibrated, percentile, stats};
 use crate::report::{ratio, si, Report};
-use crate::scenarios::rtt::RTT_SIZE;
+use crate::scenarios::rtt::{chatpipe_echo, requests, RTT_SIZE};
 use crate::scenarios::tls::{self as over_tls, Tls, Wrap, ONEWAY_SIZE};
 use crate::stacks::{chatpipe_builder, payload};
 use crate::Cfg;
@@ -179,14 +179,9 @@ fn rtt(n: usize, warm: usize, q: &Quic) -> Vec<u64> {
         let server = q2.endpoint(&ex, true);
         let _ = addr_tx.send(server.local_addr().expect("its address"));
         let s = accept(server).await;
-        let (tx, mut incoming, conn) = chatpipe_builder().build(s, Raw);
+        let (tx, incoming, conn) = chatpipe_builder().build(s, Raw);
         let driver = ex.spawn(conn);
-        while let Some(Ok(RawMessage::Request { id, body })) = incoming.next().await {
-            if tx.send(RawMessage::Response { id, body }).await.is_err() {
-                break;
-            }
-        }
-        drop(tx);
+        drop(chatpipe_echo(tx, incoming).await);
         let _ = driver.await;
         wait(done).await;
     });
@@ -195,19 +190,7 @@ fn rtt(n: usize, warm: usize, q: &Quic) -> Vec<u64> {
         let s = connect(q.endpoint(&ex, false), q, addr).await;
         let (tx, _incoming, conn) = chatpipe_builder().build(s, Raw);
         let driver = ex.spawn(conn);
-        let body = payload(RTT_SIZE);
-        let mut out = Vec::with_capacity(n);
-        for i in 0..n + warm {
-            let t = Instant::now();
-            let msg = RawMessage::Request {
-                id: i as u64,
-                body: body.clone(),
-            };
-            tx.request(msg).await.expect("request");
-            if i >= warm {
-                out.push(t.elapsed().as_nanos() as u64);
-            }
-        }
+        let out = requests(&tx, n, warm).await;
         tx.close();
         driver.await.expect("client driver");
         wait(done2).await;

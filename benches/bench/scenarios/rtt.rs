@@ -1,12 +1,14 @@
 //! Scenario 2: rtt, sequential request/response.
 
-use std::fmt::Write as _;
+use std::fmt::{Debug, Write as _};
+use std::future::Future;
 use std::io::Write;
 use std::thread;
 use std::time::Instant;
 
+use bytes::{Bytes, BytesMut};
 use chatpipe::raw::{Raw, RawMessage};
-use futures::{SinkExt, StreamExt};
+use futures::{Sink, SinkExt, Stream, StreamExt};
 
 use crate::harness::{allowed_cpus, percentile, set_process_affinity, stats};
 use crate::report::{ratio, Report};
@@ -56,26 +58,8 @@ pub(crate) fn rtt_raw(n: usize, warm: usize) -> Vec<u64> {
 
 pub(crate) fn rtt_tokio(n: usize, warm: usize) -> Vec<u64> {
     let (a, b) = tcp_pair();
-    let server = tokio_task_thread(move || async move {
-        let mut f = tokio_framed(b);
-        while let Some(Ok(frame)) = f.next().await {
-            f.send(frame.freeze()).await.unwrap();
-        }
-    });
-    let client = tokio_task_thread(move || async move {
-        let mut f = tokio_framed(a);
-        let body = payload(RTT_SIZE);
-        let mut out = Vec::with_capacity(n);
-        for i in 0..n + warm {
-            let t = Instant::now();
-            f.send(body.clone()).await.unwrap();
-            f.next().await.unwrap().unwrap();
-            if i >= warm {
-                out.push(t.elapsed().as_nanos() as u64);
-            }
-        }
-        out
-    });
+    let server = tokio_task_thread(move || framed_echo(tokio_framed(b)));
+    let client = tokio_task_thread(move || framed_pings(tokio_framed(a), n, warm));
     let out = client.join().unwrap();
     server.join().unwrap();
     out
@@ -84,26 +68,8 @@ pub(crate) fn rtt_tokio(n: usize, warm: usize) -> Vec<u64> {
 /// asynchronous-codec on smol: `send` then `next`, the server echoing.
 pub(crate) fn rtt_ac(n: usize, warm: usize) -> Vec<u64> {
     let (a, b) = tcp_pair();
-    let server = smol_task_thread(move |_ex| async move {
-        let mut f = ac_framed(b);
-        while let Some(Ok(frame)) = f.next().await {
-            f.send(frame.freeze()).await.unwrap();
-        }
-    });
-    let client = smol_task_thread(move |_ex| async move {
-        let mut f = ac_framed(a);
-        let body = payload(RTT_SIZE);
-        let mut out = Vec::with_capacity(n);
-        for i in 0..n + warm {
-            let t = Instant::now();
-            f.send(body.clone()).await.unwrap();
-            f.next().await.unwrap().unwrap();
-            if i >= warm {
-                out.push(t.elapsed().as_nanos() as u64);
-            }
-        }
-        out
-    });
+    let server = smol_task_thread(move |_ex| framed_echo(ac_framed(b)));
+    let client = smol_task_thread(move |_ex| framed_pings(ac_framed(a), n, warm));
     let out = client.join().unwrap();
     server.join().unwrap();
     out
@@ -112,41 +78,29 @@ pub(crate) fn rtt_ac(n: usize, warm: usize) -> Vec<u64> {
 pub(crate) fn rtt_chatpipe(n: usize, warm: usize, use_request: bool) -> Vec<u64> {
     let (a, b) = tcp_pair();
     let server = smol_task_thread(move |ex| async move {
-        let (tx, mut incoming, conn) = chatpipe_builder().build(smol_stream(b), Raw);
+        let (tx, incoming, conn) = chatpipe_builder().build(smol_stream(b), Raw);
         let driver = ex.spawn(conn);
-        while let Some(Ok(m)) = incoming.next().await {
-            let reply = match m {
-                RawMessage::Request { id, body } => RawMessage::Response { id, body },
-                other => other,
-            };
-            if tx.send(reply).await.is_err() {
-                break;
-            }
-        }
-        drop(tx);
+        drop(chatpipe_echo(tx, incoming).await);
         let _ = driver.await;
     });
     let client = smol_task_thread(move |ex| async move {
-        let (tx, mut incoming, conn) = chatpipe_builder().build(smol_stream(a), Raw);
+        let (tx, incoming, conn) = chatpipe_builder().build(smol_stream(a), Raw);
         let driver = ex.spawn(conn);
-        let body = payload(RTT_SIZE);
-        let mut out = Vec::with_capacity(n);
-        for i in 0..n + warm {
-            let t = Instant::now();
-            if use_request {
-                let msg = RawMessage::Request {
-                    id: i as u64,
-                    body: body.clone(),
-                };
-                tx.request(msg).await.expect("request");
-            } else {
-                tx.send(RawMessage::Message(body.clone())).await.unwrap();
-                incoming.next().await.unwrap().unwrap();
+        let out = match use_request {
+            true => requests(&tx, n, warm).await,
+            false => {
+                let (tx, body) = (&tx, payload(RTT_SIZE));
+                timed_trips(n, warm, incoming, |mut incoming, _| {
+                    let body = body.clone();
+                    async move {
+                        tx.send(RawMessage::Message(body)).await.unwrap();
+                        incoming.next().await.unwrap().unwrap();
+                        incoming
+                    }
+                })
+                .await
             }
-            if i >= warm {
-                out.push(t.elapsed().as_nanos() as u64);
-            }
-        }
+        };
         tx.close();
         driver.await.expect("client driver");
         out
@@ -161,32 +115,15 @@ pub(crate) fn rtt_chatpipe(n: usize, warm: usize, use_request: bool) -> Vec<u64>
 pub(crate) fn rtt_chatpipe_tokio(n: usize, warm: usize) -> Vec<u64> {
     let (a, b) = tcp_pair();
     let server = tokio_task_thread(move || async move {
-        let (tx, mut incoming, conn) = chatpipe_builder().build_tokio(tokio_stream(b), Raw);
+        let (tx, incoming, conn) = chatpipe_builder().build_tokio(tokio_stream(b), Raw);
         let driver = tokio::spawn(conn);
-        while let Some(Ok(RawMessage::Request { id, body })) = incoming.next().await {
-            if tx.send(RawMessage::Response { id, body }).await.is_err() {
-                break;
-            }
-        }
-        drop(tx);
+        drop(chatpipe_echo(tx, incoming).await);
         let _ = driver.await;
     });
     let client = tokio_task_thread(move || async move {
         let (tx, _incoming, conn) = chatpipe_builder().build_tokio(tokio_stream(a), Raw);
         let driver = tokio::spawn(conn);
-        let body = payload(RTT_SIZE);
-        let mut out = Vec::with_capacity(n);
-        for i in 0..n + warm {
-            let t = Instant::now();
-            let msg = RawMessage::Request {
-                id: i as u64,
-                body: body.clone(),
-            };
-            tx.request(msg).await.expect("request");
-            if i >= warm {
-                out.push(t.elapsed().as_nanos() as u64);
-            }
-        }
+        let out = requests(&tx, n, warm).await;
         tx.close();
         driver.await.expect("join").expect("client driver");
         out
@@ -194,6 +131,93 @@ pub(crate) fn rtt_chatpipe_tokio(n: usize, warm: usize) -> Vec<u64> {
     let out = client.join().unwrap();
     server.join().unwrap();
     out
+}
+
+/// Times `n + warm` round trips made by `trip`, one after another, and
+/// gives the last `n` in nanoseconds. Each trip gets the trip's number and
+/// `state` (what it needs mutably: a stream), and hands the state back.
+pub(crate) async fn timed_trips<S, F, Fut>(
+    n: usize,
+    warm: usize,
+    mut state: S,
+    mut trip: F,
+) -> Vec<u64>
+where
+    F: FnMut(S, u64) -> Fut,
+    Fut: Future<Output = S>,
+{
+    let mut out = Vec::with_capacity(n);
+    for i in 0..n + warm {
+        let t = Instant::now();
+        state = trip(state, i as u64).await;
+        if i >= warm {
+            out.push(t.elapsed().as_nanos() as u64);
+        }
+    }
+    out
+}
+
+/// chatpipe's round trip: `request()` of a body of `RTT_SIZE` bytes.
+pub(crate) async fn requests(tx: &chatpipe::Sender<Raw>, n: usize, warm: usize) -> Vec<u64> {
+    let body = payload(RTT_SIZE);
+    timed_trips(n, warm, (), |(), id| {
+        let body = body.clone();
+        async move {
+            tx.request(RawMessage::Request { id, body })
+                .await
+                .expect("request");
+        }
+    })
+    .await
+}
+
+/// The server side of chatpipe's rtt and pipelined runs: answers every
+/// request with its body (and sends any other message back as it is).
+pub(crate) async fn chatpipe_echo(
+    tx: chatpipe::Sender<Raw>,
+    mut incoming: chatpipe::Incoming<Raw>,
+) -> chatpipe::Sender<Raw> {
+    while let Some(Ok(m)) = incoming.next().await {
+        let reply = match m {
+            RawMessage::Request { id, body } => RawMessage::Response { id, body },
+            other => other,
+        };
+        if tx.send(reply).await.is_err() {
+            break;
+        }
+    }
+    tx
+}
+
+/// A framed peer's ping-pong (tokio-util or asynchronous-codec): `send`
+/// then `next`, timed.
+async fn framed_pings<F, E>(f: F, n: usize, warm: usize) -> Vec<u64>
+where
+    F: Stream<Item = Result<BytesMut, E>> + Sink<Bytes> + Unpin,
+    <F as Sink<Bytes>>::Error: Debug,
+    E: Debug,
+{
+    let body = payload(RTT_SIZE);
+    timed_trips(n, warm, f, |mut f, _| {
+        let body = body.clone();
+        async move {
+            f.send(body).await.unwrap();
+            f.next().await.unwrap().unwrap();
+            f
+        }
+    })
+    .await
+}
+
+/// The echoing side of a framed ping-pong.
+async fn framed_echo<F, E>(mut f: F)
+where
+    F: Stream<Item = Result<BytesMut, E>> + Sink<Bytes> + Unpin,
+    <F as Sink<Bytes>>::Error: Debug,
+{
+    while let Some(Ok(frame)) = f.next().await {
+        f.send(frame.freeze()).await.unwrap();
+    }
 }
 
 pub(crate) fn scenario_rtt(cfg: &Cfg, rep: &mut Report) {

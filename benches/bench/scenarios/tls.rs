@@ -20,7 +20,7 @@ use smol::io::{AsyncRead, AsyncWrite};
 
 use crate::harness::{calibrated, percentile, stats};
 use crate::report::{ratio, si, Report};
-use crate::scenarios::rtt::RTT_SIZE;
+use crate::scenarios::rtt::{chatpipe_echo, requests, RTT_SIZE};
 use crate::stacks::{chatpipe_builder, payload, smol_stream, smol_thread, tcp_pair};
 use crate::Cfg;
 
@@ -130,14 +130,9 @@ pub(crate) fn rtt(n: usize, warm: usize, wrap: Wrap) -> Vec<u64> {
     let wrap2 = wrap.clone();
     let server = smol_thread(move |ex| async move {
         over(b, wrap2, true, |s| async move {
-            let (tx, mut incoming, conn) = chatpipe_builder().build(s, Raw);
+            let (tx, incoming, conn) = chatpipe_builder().build(s, Raw);
             let driver = ex.spawn(conn);
-            while let Some(Ok(RawMessage::Request { id, body })) = incoming.next().await {
-                if tx.send(RawMessage::Response { id, body }).await.is_err() {
-                    break;
-                }
-            }
-            drop(tx);
+            drop(chatpipe_echo(tx, incoming).await);
             let _ = driver.await;
         })
         .await
@@ -146,19 +141,7 @@ pub(crate) fn rtt(n: usize, warm: usize, wrap: Wrap) -> Vec<u64> {
         over(a, wrap, false, |s| async move {
             let (tx, _incoming, conn) = chatpipe_builder().build(s, Raw);
             let driver = ex.spawn(conn);
-            let body = payload(RTT_SIZE);
-            let mut out = Vec::with_capacity(n);
-            for i in 0..n + warm {
-                let t = Instant::now();
-                let msg = RawMessage::Request {
-                    id: i as u64,
-                    body: body.clone(),
-                };
-                tx.request(msg).await.expect("request");
-                if i >= warm {
-                    out.push(t.elapsed().as_nanos() as u64);
-                }
-            }
+            let out = requests(&tx, n, warm).await;
             tx.close();
             driver.await.expect("client driver");
             out
