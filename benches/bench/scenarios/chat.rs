@@ -213,6 +213,21 @@ pub(crate) struct ChatResults {
     pub(crate) trouble: Vec<String>,
 }
 
+/// A room event that says something went wrong: a kick, a refusal, an
+/// error. None happens per message in a healthy run.
+pub(crate) fn is_trouble(event: &Event) -> bool {
+    match event {
+        Event::Disconnected { reason, .. } => {
+            !matches!(reason, Disconnect::Closed | Disconnect::ShutdownTimeout)
+        }
+        Event::Refused { .. }
+        | Event::NicknameRefused { .. }
+        | Event::BroadcastNotSent { .. }
+        | Event::AcceptFailed(_) => true,
+        _ => false,
+    }
+}
+
 pub(crate) fn chat_fanout(cfg: &Cfg) -> ChatResults {
     let (clients, senders, msgs) = (cfg.chat_clients, cfg.chat_senders, cfg.chat_msgs);
     let listener = TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1");
@@ -227,17 +242,7 @@ pub(crate) fn chat_fanout(cfg: &Cfg) -> ChatResults {
         // No output: keep only events that say something went wrong, which
         // never happens per message.
         events: Arc::new(move |event| {
-            let bad = match &event {
-                Event::Disconnected { reason, .. } => {
-                    !matches!(reason, Disconnect::Closed | Disconnect::ShutdownTimeout)
-                }
-                Event::Refused { .. }
-                | Event::NicknameRefused { .. }
-                | Event::BroadcastNotSent { .. }
-                | Event::AcceptFailed(_) => true,
-                _ => false,
-            };
-            if bad {
+            if is_trouble(&event) {
                 sink.lock().unwrap().push(event.to_string());
             }
         }),

@@ -33,7 +33,7 @@ use chatpipe::Protocol;
 use smol::io::{AsyncReadExt, AsyncWriteExt};
 use smol::{Async, LocalExecutor};
 
-use super::chat::CHAT_TEXT;
+use super::chat::{is_trouble, CHAT_TEXT};
 
 /// Most messages a sender writes at once in a saturated run.
 pub(crate) const BATCH: usize = 32;
@@ -217,7 +217,6 @@ pub(crate) fn start(server: Server, threads: usize) -> Result<Running, String> {
 /// about trouble (on stderr). Says `LISTENING <addr>`; ends when stdin
 /// does.
 pub(crate) fn serve_chat() {
-    use chatpipe_chat::{Disconnect, Event};
     let listener = TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1");
     let addr = listener.local_addr().unwrap();
     let config = chatpipe_chat::Config {
@@ -225,17 +224,7 @@ pub(crate) fn serve_chat() {
         max_per_ip: 1_000,
         max_connections: 1_000,
         events: std::sync::Arc::new(|event| {
-            let bad = match &event {
-                Event::Disconnected { reason, .. } => {
-                    !matches!(reason, Disconnect::Closed | Disconnect::ShutdownTimeout)
-                }
-                Event::Refused { .. }
-                | Event::NicknameRefused { .. }
-                | Event::BroadcastNotSent { .. }
-                | Event::AcceptFailed(_) => true,
-                _ => false,
-            };
-            if bad {
+            if is_trouble(&event) {
                 eprintln!("chat server: {event}");
             }
         }),
