@@ -78,7 +78,9 @@ use scenarios::memory::{child_idle, scenario_memory};
 use scenarios::oneway::scenario_oneway;
 use scenarios::pipelined::{pipelined_case, scenario_pipelined};
 use scenarios::quic::scenario_quic;
-use scenarios::rtt::{rtt_ac, rtt_chatpipe, rtt_chatpipe_tokio, rtt_raw, rtt_tokio, scenario_rtt};
+use scenarios::rtt::{
+    rtt_ac, rtt_chatpipe, rtt_chatpipe_tokio, rtt_handoff_floor, rtt_raw, rtt_tokio, scenario_rtt,
+};
 use scenarios::tls::scenario_tls;
 use scenarios::ws::scenario_ws;
 use stacks::{
@@ -244,6 +246,11 @@ fn main() {
             "pipelined-tokio" => pipelined_case("chatpipe call() on tokio", n),
             "pipelined-raw" => pipelined_case("raw one-thread client", n),
             "pipelined-tarpc" => pipelined_case("tarpc", n),
+            "pipelined-floor" => pipelined_case("handoff floor", n),
+            "rtt-floor" => {
+                let v = rtt_handoff_floor(n as usize, 0);
+                v.iter().sum::<u64>() as f64 / 1e9
+            }
             "request-tokio" => {
                 let v = rtt_chatpipe_tokio(n as usize, 0);
                 v.iter().sum::<u64>() as f64 / 1e9

@@ -469,23 +469,26 @@ fn floors(rep: &Report, md: &mut String) {
     let _ = writeln!(
         md,
         "## Floors (issue 12): the handoff floor\n\n\
-         The handoff floor (scenarios 1 and 3) is the least a message costs when a task of its own \
-         owns each end's socket, as chatpipe's driver does so that it reads while the application is \
-         busy: the runtime's framed codec and a lock-free single-threaded queue, nothing else. \
-         *floor / peer* is the most such a design can reach against the peer's `feed`; \
-         *chatpipe / floor* is what chatpipe's own code keeps of the floor.\n\n\
-         | measure | floor / peer `feed` | chatpipe / floor |\n|---|---:|---:|"
+         The handoff floor (scenarios 1, 2, 2b and 3) is the least a message costs when a task of its \
+         own owns each end's socket, as chatpipe's driver does so that it reads while the application \
+         is busy: the runtime's framed codec and a lock-free single-threaded queue, nothing else (no \
+         protocol, no request ids). *floor / peer* is the most such a design can reach against the \
+         peer; *chatpipe / floor* is what chatpipe's own code keeps of the floor. Rates: higher is \
+         better; the rtt rows are p50 latencies, lower is better.\n\n\
+         | measure | peer | floor / peer | chatpipe / floor |\n|---|---|---:|---:|"
     );
     let mut rows = Vec::new();
     for size in [16, 64] {
         rows.push((
             format!("oneway {}, smol", size_name(size)),
+            "asynchronous-codec `feed`".to_string(),
             format!("oneway/{size}/handoff floor"),
             format!("oneway/{size}/asynchronous-codec feed"),
             format!("oneway/{size}/chatpipe send"),
         ));
         rows.push((
             format!("oneway {}, tokio", size_name(size)),
+            "tokio-util `feed`".into(),
             format!("oneway/{size}/handoff floor (tokio)"),
             format!("oneway/{size}/tokio-util feed"),
             format!("oneway/{size}/chatpipe send (tokio)"),
@@ -493,19 +496,58 @@ fn floors(rep: &Report, md: &mut String) {
     }
     rows.push((
         "fanin 100 x 64 B, smol".into(),
+        "asynchronous-codec `feed`".into(),
         "fanin/handoff floor".into(),
         "fanin/asynchronous-codec feed".into(),
         "fanin/chatpipe send".into(),
     ));
-    for (what, floor, peer, chatpipe) in rows {
+    rows.push((
+        "rtt p50, one CPU, smol (lower is better)".into(),
+        "asynchronous-codec ping-pong".into(),
+        "rtt/one CPU/handoff floor/p50".into(),
+        "rtt/one CPU/asynchronous-codec ping-pong/p50".into(),
+        "rtt/one CPU/chatpipe request()/p50".into(),
+    ));
+    for (peer, key) in [
+        ("raw one-thread client", "raw one-thread client"),
+        ("tarpc", "tarpc"),
+    ] {
+        rows.push((
+            "pipelined 64 x 64 B, smol".into(),
+            peer.into(),
+            "pipelined/handoff floor".into(),
+            format!("pipelined/{key}"),
+            "pipelined/chatpipe call()".into(),
+        ));
+    }
+    for (what, peer_name, floor, peer, chatpipe) in rows {
         let floor = rep.get(&floor);
         let _ = writeln!(
             md,
-            "| {what} | {} | {} |",
+            "| {what} | {peer_name} | {} | {} |",
             show(div(floor, rep.get(&peer))),
             show(div(rep.get(&chatpipe), floor)),
         );
     }
+    // Allocations per round trip: what async-io's reactor allocates for
+    // any stack (asynchronous-codec's ping-pong), and what chatpipe does
+    // with and without a timer registered in it.
+    let both = |k: &str| match (
+        rep.get(&format!("allocs/{k}/send")),
+        rep.get(&format!("allocs/{k}/recv")),
+    ) {
+        (Some(a), Some(b)) => format!("{:.2} ({a:.2} + {b:.2})", a + b),
+        _ => "not measured".into(),
+    };
+    let _ = writeln!(
+        md,
+        "\nAllocations per `request()` round trip on smol, both threads (client + server): \
+         asynchronous-codec ping-pong (async-io's reactor alone) {}; chatpipe with no timer in \
+         async-io {}; chatpipe {}.",
+        both("ac/pingpong"),
+        both("chatpipe/request-frozen"),
+        both("chatpipe/request"),
+    );
     md.push('\n');
 }
 

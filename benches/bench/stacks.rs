@@ -617,6 +617,56 @@ pub(crate) async fn consume<B: AsRef<[u8]>>(q: &Handoff<B>, n: u64, size: usize)
     secs
 }
 
+/// One end of the handoff floor's connection both ways (rtt, pipelined):
+/// a task that reads the socket into the application's queue `inq`, and
+/// one that writes what the application queues on `out`, over
+/// asynchronous-codec. Two tasks, one a direction, as chatpipe's driver
+/// reads while the application is busy; per round trip each is polled
+/// once, as the driver is polled once to read and once to write.
+pub(crate) struct HandoffEnd {
+    pub(crate) out: Handoff<Bytes>,
+    pub(crate) inq: Handoff<bytes::BytesMut>,
+    tasks: [smol::Task<()>; 2],
+}
+
+impl HandoffEnd {
+    pub(crate) fn smol(ex: &LocalExecutor<'static>, s: TcpStream) -> Self {
+        let s = smol_stream(s);
+        let (out, inq) = (
+            Handoff::new(HANDOFF_CAPACITY),
+            Handoff::new(HANDOFF_CAPACITY),
+        );
+        let read = asynchronous_codec::FramedRead::new(s.clone(), Len4);
+        let write = asynchronous_codec::FramedWrite::new(s, Len4);
+        let tasks = [
+            ex.spawn(read_into(inq.clone(), read)),
+            ex.spawn(write_from(out.clone(), write)),
+        ];
+        HandoffEnd { out, inq, tasks }
+    }
+
+    /// Closes the sending side (the peer reads the end) and waits for the
+    /// peer to close its own.
+    pub(crate) async fn close(self) {
+        self.out.close();
+        for t in self.tasks {
+            t.await;
+        }
+    }
+
+    /// The server of the floor's rtt and pipelined runs: every frame back
+    /// as it came, until the client closes.
+    pub(crate) async fn echo(self) {
+        let mut batch = VecDeque::new();
+        while self.inq.take_all(&mut batch).await {
+            for m in batch.drain(..) {
+                self.out.push(m.freeze()).await;
+            }
+        }
+        self.close().await;
+    }
+}
+
 /// chatpipe's default queue capacity, each way.
 pub(crate) const HANDOFF_CAPACITY: usize = 1024;
 

@@ -7,13 +7,16 @@ use std::thread;
 
 use bytes::Bytes;
 use chatpipe::raw::{Raw, RawMessage};
+use chatpipe::test_util::{ManualClock, ManualTimer};
+use chatpipe::{AsyncIoTimer, Timer};
 use futures::{SinkExt, StreamExt};
 
 use crate::counting_alloc::{delta, thread_allocs, GLOBAL_ALLOCS, GLOBAL_BYTES, GLOBAL_ON};
 use crate::report::{size_name, Report};
 use crate::scenarios::rtt::RTT_SIZE;
 use crate::stacks::{
-    chatpipe_builder, payload, smol_stream, smol_thread, tcp_pair, tokio_framed, tokio_thread,
+    ac_framed, chatpipe_builder, payload, smol_stream, smol_thread, tcp_pair, tokio_framed,
+    tokio_thread,
 };
 use crate::Cfg;
 
@@ -125,15 +128,16 @@ fn allocs_tokio_feed(n: u64, size: usize) -> [f64; 5] {
 }
 
 /// request() round trips: "send" is the client's thread, "receive" the
-/// server's, per request.
-fn allocs_chatpipe_request(n: u64) -> [f64; 5] {
+/// server's, per request. Each connection's timer comes from `timer`.
+fn allocs_chatpipe_request<Tm: Timer>(n: u64, timer: fn() -> Tm) -> [f64; 5] {
     let (a, b) = tcp_pair();
     let body = payload(RTT_SIZE);
     allocs_run(
         n,
         move |ready, go| {
             smol_thread(move |ex| async move {
-                let (tx, _incoming, conn) = chatpipe_builder().build(smol_stream(a), Raw);
+                let (tx, _incoming, conn) =
+                    chatpipe_builder().build_with_timer(smol_stream(a), Raw, timer());
                 let driver = ex.spawn(conn);
                 ready.wait();
                 go.wait();
@@ -153,7 +157,8 @@ fn allocs_chatpipe_request(n: u64) -> [f64; 5] {
         },
         move |ready, go| {
             smol_thread(move |ex| async move {
-                let (tx, mut incoming, conn) = chatpipe_builder().build(smol_stream(b), Raw);
+                let (tx, mut incoming, conn) =
+                    chatpipe_builder().build_with_timer(smol_stream(b), Raw, timer());
                 let driver = ex.spawn(conn);
                 ready.wait();
                 go.wait();
@@ -170,6 +175,56 @@ fn allocs_chatpipe_request(n: u64) -> [f64; 5] {
                 while incoming.next().await.is_some() {}
                 drop(tx);
                 let _ = driver.await;
+                d
+            })
+        },
+    )
+}
+
+/// A timer on a clock that never moves: no deadline ever fires, and
+/// async-io's reactor holds no timer (see `allocs_ac_pingpong`).
+fn frozen_timer() -> ManualTimer {
+    ManualClock::new().timer()
+}
+
+/// The floor of a round trip's allocations on smol: asynchronous-codec's
+/// ping-pong, `send` then `next` (its server `next` then `send`). Whatever
+/// it allocates is async-io's reactor, which every stack on smol pays:
+/// each turn of the reactor that wakes a task collects the wakers in a
+/// new `Vec`, and while any timer is registered it splits its timer map
+/// (`BTreeMap::split_off`) on every turn too.
+fn allocs_ac_pingpong(n: u64) -> [f64; 5] {
+    let (a, b) = tcp_pair();
+    let body = payload(RTT_SIZE);
+    allocs_run(
+        n,
+        move |ready, go| {
+            smol_thread(move |_ex| async move {
+                let mut f = ac_framed(a);
+                ready.wait();
+                go.wait();
+                let before = thread_allocs();
+                for _ in 0..n {
+                    f.send(body.clone()).await.unwrap();
+                    std::hint::black_box(f.next().await.unwrap().unwrap());
+                }
+                let d = delta(before);
+                SinkExt::<Bytes>::close(&mut f).await.unwrap();
+                d
+            })
+        },
+        move |ready, go| {
+            smol_thread(move |_ex| async move {
+                let mut f = ac_framed(b);
+                ready.wait();
+                go.wait();
+                let before = thread_allocs();
+                for _ in 0..n {
+                    let m = f.next().await.unwrap().unwrap();
+                    f.send(m.freeze()).await.unwrap();
+                }
+                let d = delta(before);
+                while f.next().await.is_some() {}
                 d
             })
         },
@@ -224,11 +279,30 @@ pub(crate) fn scenario_allocs(cfg: &Cfg, rep: &mut Report) {
         );
     }
     eprintln!("allocs request() ...");
-    let v = allocs_chatpipe_request(rtt_n);
+    let v = allocs_chatpipe_request(rtt_n, AsyncIoTimer::default);
     row(
         &mut md,
         &format!("chatpipe request() | round trip {RTT_SIZE} B"),
         "chatpipe/request",
+        v,
+        rep,
+    );
+    // What of that is async-io's reactor: the same round trips with no
+    // timer in async-io (a clock that never moves), and the floor that
+    // asynchronous-codec's ping-pong pays on the same reactor.
+    let v = allocs_chatpipe_request(rtt_n, frozen_timer);
+    row(
+        &mut md,
+        &format!("chatpipe request(), no async-io timer | round trip {RTT_SIZE} B"),
+        "chatpipe/request-frozen",
+        v,
+        rep,
+    );
+    let v = allocs_ac_pingpong(rtt_n);
+    row(
+        &mut md,
+        &format!("asynchronous-codec ping-pong (floor) | round trip {RTT_SIZE} B"),
+        "ac/pingpong",
         v,
         rep,
     );

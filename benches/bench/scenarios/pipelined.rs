@@ -1,6 +1,7 @@
 //! Scenario 2b: pipelined requests, a window of 64 in flight on one
 //! connection, and tarpc (the RPC peer, also in rtt).
 
+use std::collections::VecDeque;
 use std::fmt::Write as _;
 use std::io::{Read, Write};
 use std::net::TcpStream;
@@ -19,18 +20,19 @@ use crate::report::{ratio, si, Report};
 use crate::scenarios::rtt::{chatpipe_echo, timed_trips};
 use crate::stacks::{
     chatpipe_builder, payload, smol_stream, smol_task_thread, tcp_pair, tokio_framed, tokio_stream,
-    tokio_task_thread,
+    tokio_task_thread, HandoffEnd,
 };
 use crate::Cfg;
 
 pub(crate) const WINDOW: usize = 64;
 pub(crate) const PIPE_SIZE: usize = 64;
 
-const PIPELINED_STACKS: [&str; 4] = [
+const PIPELINED_STACKS: [&str; 5] = [
     "raw one-thread client",
     "tarpc",
     "chatpipe call()",
     "chatpipe call() on tokio",
+    "handoff floor",
 ];
 
 // ---------------------------------------------------------------------------
@@ -250,12 +252,50 @@ fn pipelined_chatpipe_tokio(n: u64) -> f64 {
     secs
 }
 
+/// The handoff floor (see `rtt::rtt_handoff_floor`) with a window of
+/// requests in flight: the application's task keeps `WINDOW` in the
+/// queue to the socket's task and takes the answers as they come. No
+/// request ids and no table: what the driver-task design costs at least.
+fn pipelined_handoff_floor(n: u64) -> f64 {
+    let (a, b) = tcp_pair();
+    let server = smol_task_thread(move |ex| HandoffEnd::smol(&ex, b).echo());
+    let client = smol_task_thread(move |ex| async move {
+        let end = HandoffEnd::smol(&ex, a);
+        let body = payload(PIPE_SIZE);
+        let t0 = Instant::now();
+        let mut sent = 0;
+        while sent < n.min(WINDOW as u64) {
+            end.out.push(body.clone()).await;
+            sent += 1;
+        }
+        let (mut done, mut batch) = (0, VecDeque::new());
+        while done < n {
+            assert!(end.inq.take_all(&mut batch).await, "floor: early end");
+            for m in batch.drain(..) {
+                std::hint::black_box(m);
+                done += 1;
+                if sent < n {
+                    end.out.push(body.clone()).await;
+                    sent += 1;
+                }
+            }
+        }
+        let secs = t0.elapsed().as_secs_f64();
+        end.close().await;
+        secs
+    });
+    let secs = client.join().unwrap();
+    server.join().unwrap();
+    secs
+}
+
 /// One case by name, for `--one`.
 pub(crate) fn pipelined_case(stack: &str, n: u64) -> f64 {
     match stack {
         "raw one-thread client" => pipelined_raw(n),
         "tarpc" => pipelined_tarpc(n),
         "chatpipe call() on tokio" => pipelined_chatpipe_tokio(n),
+        "handoff floor" => pipelined_handoff_floor(n),
         _ => pipelined_chatpipe(n),
     }
 }

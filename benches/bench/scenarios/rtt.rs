@@ -1,5 +1,6 @@
 //! Scenario 2: rtt, sequential request/response.
 
+use std::collections::VecDeque;
 use std::fmt::{Debug, Write as _};
 use std::future::Future;
 use std::io::Write;
@@ -15,12 +16,12 @@ use crate::report::{ratio, Report};
 use crate::scenarios::pipelined::rtt_tarpc;
 use crate::stacks::{
     ac_framed, chatpipe_builder, payload, raw_read_one, smol_stream, smol_task_thread, tcp_pair,
-    tokio_framed, tokio_stream, tokio_task_thread,
+    tokio_framed, tokio_stream, tokio_task_thread, HandoffEnd,
 };
 use crate::Cfg;
 
 pub(crate) const RTT_SIZE: usize = 64;
-const RTT_STACKS: [&str; 7] = [
+const RTT_STACKS: [&str; 8] = [
     "raw ping-pong",
     "tokio-util ping-pong",
     "asynchronous-codec ping-pong",
@@ -28,7 +29,39 @@ const RTT_STACKS: [&str; 7] = [
     "chatpipe request()",
     "chatpipe ping-pong",
     "chatpipe request() on tokio",
+    "handoff floor",
 ];
+
+/// The handoff floor of a round trip (see `stacks::oneway_handoff_floor`):
+/// on each side the socket owned by tasks of its own and the
+/// application's task handing the ping, and the echo, over a queue each
+/// way. What a design with a driver task costs at least; no request ids.
+pub(crate) fn rtt_handoff_floor(n: usize, warm: usize) -> Vec<u64> {
+    let (a, b) = tcp_pair();
+    let server = smol_task_thread(move |ex| HandoffEnd::smol(&ex, b).echo());
+    let client = smol_task_thread(move |ex| async move {
+        let end = HandoffEnd::smol(&ex, a);
+        let body = payload(RTT_SIZE);
+        let end_ref = &end;
+        let out = timed_trips(n, warm, VecDeque::new(), |mut batch, _| {
+            let body = body.clone();
+            async move {
+                end_ref.out.push(body).await;
+                while batch.is_empty() {
+                    assert!(end_ref.inq.take_all(&mut batch).await, "floor: early end");
+                }
+                batch.clear();
+                batch
+            }
+        })
+        .await;
+        end.close().await;
+        out
+    });
+    let out = client.join().unwrap();
+    server.join().unwrap();
+    out
+}
 
 /// Round-trip times in nanoseconds, warm-up excluded.
 pub(crate) fn rtt_raw(n: usize, warm: usize) -> Vec<u64> {
@@ -255,6 +288,7 @@ pub(crate) fn scenario_rtt(cfg: &Cfg, rep: &mut Report) {
                     "tarpc call" => rtt_tarpc(cfg.rtt_n, cfg.rtt_warmup, RTT_SIZE),
                     "chatpipe request()" => rtt_chatpipe(cfg.rtt_n, cfg.rtt_warmup, true),
                     "chatpipe request() on tokio" => rtt_chatpipe_tokio(cfg.rtt_n, cfg.rtt_warmup),
+                    "handoff floor" => rtt_handoff_floor(cfg.rtt_n, cfg.rtt_warmup),
                     _ => rtt_chatpipe(cfg.rtt_n, cfg.rtt_warmup, false),
                 };
                 v.sort_unstable();
