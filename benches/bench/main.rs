@@ -73,7 +73,7 @@ use scenarios::fanin::{
     fanin_ac, fanin_chatpipe, fanin_chatpipe_tokio, fanin_handoff_floor, fanin_tokio,
     scenario_fanin,
 };
-use scenarios::loadgen::{self, serve_chat, Server};
+use scenarios::loadgen::{self, serve_chat, serve_floor, Server};
 use scenarios::memory::{child_idle, scenario_memory};
 use scenarios::oneway::scenario_oneway;
 use scenarios::pipelined::{pipelined_case, scenario_pipelined};
@@ -206,6 +206,11 @@ fn main() {
         serve_chat();
         return;
     }
+    if args.get(1).map(String::as_str) == Some("--serve-floor") {
+        // `--serve-floor`: scenario 4's fan-out floor (see loadgen.rs).
+        serve_floor();
+        return;
+    }
     if args.get(1).map(String::as_str) == Some("--one")
         && args.get(2).is_some_and(|c| c == "chat")
         && std::env::var_os("SMOL_THREADS").is_none()
@@ -276,14 +281,15 @@ fn main() {
             "fanin-ac" => fanin_ac(100, n),
             "fanin-floor" => fanin_handoff_floor(100, n),
             "fanin-tokio" => fanin_chatpipe_tokio(100, n),
-            "fanout-chatpipe" | "fanout-nats" | "fanout-redis" | "paced-chatpipe"
-            | "paced-nats" | "paced-redis" => {
+            "fanout-chatpipe" | "fanout-nats" | "fanout-redis" | "fanout-floor"
+            | "paced-chatpipe" | "paced-nats" | "paced-redis" | "paced-floor" => {
                 // Scenario 4's load generator against one server, in a
                 // process of its own: `--one fanout-nats <senders> <msgs>`,
                 // saturated; `paced-*`: 10,000 messages/s in all.
                 let server = match &case[case.find('-').unwrap_or(0) + 1..] {
                     "chatpipe" => Server::Chatpipe,
                     "nats" => Server::Nats,
+                    "floor" => Server::Floor,
                     _ => Server::Redis,
                 };
                 let running = loadgen::start(server, loadgen::chat_threads())
@@ -335,10 +341,12 @@ fn main() {
             }
             _ => {
                 eprintln!(
-                    "cases: raw feed tokio-send ac-feed ac-send send try_send tokio-cp-send (size n), \
-                     request request-tokio ping-raw ping-ac ping-tokio (_ n), pipelined pipelined-tokio pipelined-raw \
-                     pipelined-tarpc (_ n), fanin fanin-feed fanin-ac fanin-tokio (_ msgs per \
-                     connection), chat (senders msgs_each)"
+                    "cases: raw feed tokio-send ac-feed ac-send send try_send tokio-cp-send \
+                     handoff-floor handoff-floor-tokio (size n), request request-tokio ping-raw \
+                     ping-ac ping-tokio rtt-floor (_ n), pipelined pipelined-tokio pipelined-raw \
+                     pipelined-tarpc pipelined-floor (_ n), fanin fanin-feed fanin-ac fanin-tokio \
+                     fanin-floor (_ msgs per connection), chat (senders msgs_each), \
+                     fanout-SERVER paced-SERVER with SERVER chatpipe nats redis floor (senders msgs_each)"
                 );
                 return;
             }

@@ -469,7 +469,7 @@ fn floors(rep: &Report, md: &mut String) {
     let _ = writeln!(
         md,
         "## Floors (issue 12): the handoff floor\n\n\
-         The handoff floor (scenarios 1, 2, 2b and 3) is the least a message costs when a task of its \
+         The handoff floor (scenarios 1, 2, 2b and 3; in scenario 4 the fan-out floor) is the least a message costs when a task of its \
          own owns each end's socket, as chatpipe's driver does so that it reads while the application \
          is busy: the runtime's framed codec and a lock-free single-threaded queue, nothing else (no \
          protocol, no request ids). *floor / peer* is the most such a design can reach against the \
@@ -520,6 +520,13 @@ fn floors(rep: &Report, md: &mut String) {
             "pipelined/chatpipe call()".into(),
         ));
     }
+    rows.push((
+        "chat fan-out paced p50 (lower is better)".into(),
+        "redis-server".into(),
+        "chat/floor/paced_p50_us".into(),
+        "chat/redis/paced_p50_us".into(),
+        "chat/chatpipe/paced_p50_us".into(),
+    ));
     for (what, peer_name, floor, peer, chatpipe) in rows {
         let floor = rep.get(&floor);
         let _ = writeln!(

@@ -716,6 +716,16 @@ impl<T> Handoff<T> {
         }
     }
 
+    /// Queues `item` whatever the capacity: for several producers (the
+    /// fan-out floor), which `push`'s one waiting producer cannot serve.
+    pub(crate) fn push_now(&self, item: T) {
+        let mut s = self.0.borrow_mut();
+        s.items.push_back(item);
+        if let Some(w) = s.consumer.take() {
+            w.wake();
+        }
+    }
+
     /// Moves everything waiting into `out` (empty); false once closed and
     /// drained.
     pub(crate) async fn take_all(&self, out: &mut VecDeque<T>) -> bool {

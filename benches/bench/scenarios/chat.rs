@@ -388,7 +388,10 @@ pub(crate) fn scenario_chat_fanout(cfg: &Cfg, rep: &mut Report) {
          Each server in a process of its own: chatpipe's room (`chatpipe-chat`, served as \
          `examples/chat_server.rs` serves it: no rate limit, its tasks on smol's global executor with \
          SMOL_THREADS = {threads}: one per core unless CHATPIPE_BENCH_CHAT_THREADS says otherwise), nats-server and redis-server (the distribution's \
-         packages, found on PATH). One load generator on **one** thread drives each the same way \
+         packages, found on PATH), and the *fan-out floor* (`loadgen::serve_floor`: chatpipe's wire \
+         on one smol thread, per connection a reading task and a writing task, a chat encoded once \
+         and queued for every other member; no room, no limits: the least a server of chatpipe's \
+         design does). One load generator on **one** thread drives each the same way \
          (`benches/bench/scenarios/loadgen.rs`): {clients} plain TCP connections, each read by a task \
          that parses its server's wire format in place; the first {senders} clients send, writing each \
          message as soon as it is made (at most {} per write while the connection keeps up); every \
@@ -410,7 +413,7 @@ pub(crate) fn scenario_chat_fanout(cfg: &Cfg, rep: &mut Report) {
          |---|---:|---|---:|---:|---:|---:|---:|"
     );
     let mut versions = Vec::new();
-    for server in [Server::Chatpipe, Server::Nats, Server::Redis] {
+    for server in [Server::Chatpipe, Server::Nats, Server::Redis, Server::Floor] {
         eprintln!("chat fan-out: {} ...", server.name());
         let d = match drive(cfg, server, threads) {
             Ok(d) => d,
@@ -450,6 +453,7 @@ pub(crate) fn scenario_chat_fanout(cfg: &Cfg, rep: &mut Report) {
             Server::Chatpipe => "chatpipe",
             Server::Nats => "nats",
             Server::Redis => "redis",
+            Server::Floor => "floor",
         };
         rep.set(format!("chat/{key}/delivered_per_s"), st.median);
         rep.set(format!("chat/{key}/server_cores"), d.cpu / secs.max(1e-9));

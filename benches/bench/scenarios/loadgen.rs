@@ -19,6 +19,8 @@
 //!   connection for `PUBLISH chat <text>` (its replies read and dropped). A
 //!   sender's subscriber gets its own messages too: they are read, not
 //!   counted as deliveries.
+//! - **the fan-out floor** (`--serve-floor`, [`serve_floor`]): chatpipe's
+//!   wire, served by the least a server of chatpipe's design does.
 
 use std::cell::RefCell;
 use std::io::{BufRead, BufReader, Write as _};
@@ -34,6 +36,8 @@ use smol::io::{AsyncReadExt, AsyncWriteExt};
 use smol::{Async, LocalExecutor};
 
 use super::chat::{is_trouble, CHAT_TEXT};
+use crate::stacks::{write_from, Handoff, Len4, HANDOFF_CAPACITY};
+use futures::StreamExt as _;
 
 /// Most messages a sender writes at once in a saturated run.
 pub(crate) const BATCH: usize = 32;
@@ -44,6 +48,8 @@ pub(crate) enum Server {
     Chatpipe,
     Nats,
     Redis,
+    /// The fan-out floor (`--serve-floor`), on chatpipe's wire.
+    Floor,
 }
 
 impl Server {
@@ -52,7 +58,13 @@ impl Server {
             Server::Chatpipe => "chatpipe chat_server",
             Server::Nats => "nats-server",
             Server::Redis => "redis-server",
+            Server::Floor => "fan-out floor",
         }
+    }
+
+    /// Whether the server speaks chatpipe's chat protocol.
+    fn speaks_chat(self) -> bool {
+        matches!(self, Server::Chatpipe | Server::Floor)
     }
 }
 
@@ -134,8 +146,13 @@ pub(crate) fn chat_threads() -> usize {
 /// Starts `server`, or says why not (not installed).
 pub(crate) fn start(server: Server, threads: usize) -> Result<Running, String> {
     match server {
-        Server::Chatpipe => {
-            // This very bench program, as the room's server (`--serve-chat`).
+        Server::Chatpipe | Server::Floor => {
+            // This very bench program, as the room's server (`--serve-chat`)
+            // or the fan-out floor (`--serve-floor`).
+            let mode = match server {
+                Server::Floor => "--serve-floor",
+                _ => "--serve-chat",
+            };
             let exe = std::env::current_exe().map_err(|e| e.to_string())?;
             // For profiling the server alone: a command to run it under,
             // e.g. CHATPIPE_BENCH_SERVER_WRAP="valgrind --tool=callgrind".
@@ -150,12 +167,12 @@ pub(crate) fn start(server: Server, threads: usize) -> Result<Running, String> {
                 None => Command::new(exe),
             };
             let mut child = cmd
-                .arg("--serve-chat")
+                .arg(mode)
                 .env("SMOL_THREADS", threads.to_string())
                 .stdin(Stdio::piped())
                 .stdout(Stdio::piped())
                 .spawn()
-                .map_err(|e| format!("--serve-chat: {e}"))?;
+                .map_err(|e| format!("{mode}: {e}"))?;
             let mut line = String::new();
             BufReader::new(child.stdout.take().expect("stdout"))
                 .read_line(&mut line)
@@ -164,11 +181,14 @@ pub(crate) fn start(server: Server, threads: usize) -> Result<Running, String> {
                 .trim()
                 .strip_prefix("LISTENING ")
                 .and_then(|a| a.parse().ok())
-                .ok_or_else(|| format!("--serve-chat said {line:?}"))?;
+                .ok_or_else(|| format!("{mode} said {line:?}"))?;
             Ok(Running {
                 addr,
                 child,
-                version: format!("chatpipe {} (this tree)", env!("CARGO_PKG_VERSION")),
+                version: match server {
+                    Server::Floor => "the bench's --serve-floor (this tree)".into(),
+                    _ => format!("chatpipe {} (this tree)", env!("CARGO_PKG_VERSION")),
+                },
             })
         }
         Server::Nats | Server::Redis => {
@@ -243,6 +263,92 @@ pub(crate) fn serve_chat() {
     smol::block_on(chatpipe_chat::serve(listener, config, stdin_closed));
 }
 
+/// `--serve-floor`: the fan-out floor, the least a chat server of
+/// chatpipe's design does for the paced target, on chatpipe's wire. One
+/// smol thread; per connection a task that reads and decodes frames (the
+/// Chat protocol) and one that writes whatever is queued for it as one
+/// batch (the handoff floor's writer, as a connection's driver); a chat is
+/// encoded once as a Broadcast and its bytes queued for every other
+/// member, whatever is queued already. No room task, no limits, no
+/// history, no locks, no timers.
+/// Says `LISTENING <addr>`; ends when stdin does.
+pub(crate) fn serve_floor() {
+    let listener = TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1");
+    let addr = listener.local_addr().unwrap();
+    let listener = Async::new(listener).expect("async listener");
+    let stdin_closed = smol::unblock(|| {
+        let mut sink = String::new();
+        while std::io::stdin().read_line(&mut sink).is_ok_and(|n| n > 0) {}
+    });
+    {
+        let mut out = std::io::stdout().lock();
+        let _ = writeln!(out, "LISTENING {addr}");
+        let _ = out.flush();
+    }
+    let ex = Rc::new(LocalExecutor::new());
+    let members: Members = Rc::new(RefCell::new(Vec::new()));
+    let accept = async {
+        for id in 0u64.. {
+            let Ok((s, _)) = listener.accept().await else {
+                continue;
+            };
+            let s = smol::net::TcpStream::from(s);
+            let _ = s.set_nodelay(true);
+            let out = Handoff::new(HANDOFF_CAPACITY);
+            members.borrow_mut().push((id, out.clone()));
+            let write = asynchronous_codec::FramedWrite::new(s.clone(), Len4);
+            ex.spawn(write_from(out.clone(), write)).detach();
+            let read = asynchronous_codec::FramedRead::new(s, Len4);
+            ex.spawn(floor_member(id, read, out, members.clone()))
+                .detach();
+        }
+    };
+    smol::block_on(ex.run(smol::future::or(accept, stdin_closed)));
+}
+
+type Members = Rc<RefCell<Vec<(u64, Handoff<bytes::Bytes>)>>>;
+
+/// One member of the fan-out floor: its frames read and answered (a
+/// nickname with an Ack), each chat queued, encoded once, for the others.
+async fn floor_member(
+    id: u64,
+    mut read: asynchronous_codec::FramedRead<smol::net::TcpStream, Len4>,
+    out: Handoff<bytes::Bytes>,
+    members: Members,
+) {
+    let encode = |msg: &ChatMessage| {
+        let mut buf = BytesMut::new();
+        if let Some(body) = Chat.encode(msg, &mut buf).expect("encodes") {
+            buf.extend_from_slice(&body);
+        }
+        buf.freeze()
+    };
+    let mut name = format!("m{id}");
+    while let Some(Ok(frame)) = read.next().await {
+        match Chat.decode(frame.freeze()) {
+            Ok(Some(ChatMessage::SetNickname {
+                request_id,
+                nickname,
+            })) => {
+                name = nickname;
+                out.push(encode(&ChatMessage::Ack { request_id })).await;
+            }
+            Ok(Some(ChatMessage::Chat { text })) => {
+                let from = name.clone();
+                let b = encode(&ChatMessage::Broadcast { from, text });
+                // Unbounded, as nothing here drops a slow member: the
+                // load generator reads everything.
+                for (_, q) in members.borrow().iter().filter(|(m, _)| *m != id) {
+                    q.push_now(b.clone());
+                }
+            }
+            _ => {}
+        }
+    }
+    members.borrow_mut().retain(|(m, _)| *m != id);
+    out.close();
+}
+
 // ---------------------------------------------------------------------------
 // The wire formats
 // ---------------------------------------------------------------------------
@@ -263,7 +369,7 @@ fn chat_frame(msg: &ChatMessage, out: &mut Vec<u8>) {
 /// Appends the message carrying `text` as `server` takes it.
 fn put_message(server: Server, text: &[u8], out: &mut Vec<u8>) {
     match server {
-        Server::Chatpipe => {
+        Server::Chatpipe | Server::Floor => {
             // Chat (type 0): the text as a long string.
             out.extend_from_slice(&(4 + 2 + text.len() as u32).to_be_bytes());
             out.extend_from_slice(&0u32.to_be_bytes());
@@ -311,7 +417,7 @@ fn num(b: &[u8]) -> Option<usize> {
 /// `None` if it is not all there yet.
 fn parse(server: Server, buf: &[u8]) -> Option<(Item<'_>, usize)> {
     match server {
-        Server::Chatpipe => {
+        Server::Chatpipe | Server::Floor => {
             let len = u32::from_be_bytes(buf.get(..4)?.try_into().ok()?) as usize;
             let p = buf.get(4..4 + len)?;
             let ty = u32::from_be_bytes(p.get(..4)?.try_into().ok()?);
@@ -473,7 +579,7 @@ pub(crate) async fn connect_all(
         let listen = connect(addr).await;
         let mut hello = Vec::new();
         match server {
-            Server::Chatpipe => {
+            Server::Chatpipe | Server::Floor => {
                 chat_frame(&ChatMessage::set_nickname(format!("c{i:03}")), &mut hello)
             }
             Server::Nats => hello.extend_from_slice(
@@ -505,7 +611,7 @@ pub(crate) async fn connect_all(
 /// Between runs: what a chatpipe client's driver sends when idle, so the
 /// room's idle timeout does not end the clients that only listen.
 pub(crate) async fn keep_alive(server: Server, cs: &[Client]) {
-    if server != Server::Chatpipe {
+    if !server.speaks_chat() {
         return;
     }
     let mut ka = Vec::new();
