@@ -9,6 +9,7 @@
 //! given back when the queue drains.
 
 use std::collections::VecDeque;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{Context, Poll, Waker};
 
@@ -49,6 +50,9 @@ pub(crate) enum PushError {
 
 pub(crate) struct Outbox<P: Protocol> {
     inner: Mutex<Inner<P>>,
+    /// Messages ever accepted: what `Sender::flush` waits for. Counted
+    /// under the lock, read without it (`Sender::accepted`).
+    accepted: AtomicU64,
     room: Event,
     capacity: usize,
     max_frame_len: usize,
@@ -59,8 +63,6 @@ struct Inner<P: Protocol> {
     queued: usize,
     /// Slots held by permits (`Sender::reserve`, the `Sink`).
     reserved: usize,
-    /// Messages ever accepted: what `Sender::flush` waits for.
-    accepted: u64,
     pieces: VecDeque<Piece<P>>,
     /// Frames encoded in place, after everything in `pieces`.
     tail: BytesMut,
@@ -122,13 +124,13 @@ impl<P: Protocol> Outbox<P> {
             inner: Mutex::new(Inner {
                 queued: 0,
                 reserved: 0,
-                accepted: 0,
                 pieces: VecDeque::new(),
                 tail: BytesMut::new(),
                 tail_frames: 0,
                 closed: false,
                 consumer: None,
             }),
+            accepted: AtomicU64::new(0),
             room: Event::new(),
             capacity,
             max_frame_len,
@@ -219,7 +221,7 @@ impl<P: Protocol> Outbox<P> {
             }
         }
         inner.queued += 1;
-        inner.accepted += 1;
+        self.accepted.fetch_add(1, Ordering::Release);
         let consumer = inner.consumer.take();
         drop(lock);
         if let Some(w) = consumer {
@@ -264,7 +266,7 @@ impl<P: Protocol> Outbox<P> {
 
     /// Messages ever accepted.
     pub fn accepted(&self) -> u64 {
-        self.lock().accepted
+        self.accepted.load(Ordering::Acquire)
     }
 
     /// Queues a marker that needs no room (best effort).

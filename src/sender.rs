@@ -297,6 +297,35 @@ impl<P: Protocol> Sender<P> {
         std::future::poll_fn(|cx| self.poll_flushed(cx, target, &mut listener)).await
     }
 
+    /// How many messages the connection has accepted so far (sent,
+    /// queued through a permit, or requested): read just after a send, the
+    /// place of that message in the connection's order. With
+    /// [`Sender::flushed`] it tells whether a message is on the wire yet
+    /// without waiting, as [`Sender::flush`] does by waiting.
+    ///
+    /// ```no_run
+    /// # async fn f(sender: chatpipe::Sender<chatpipe::raw::Raw>) -> Result<(), chatpipe::Error> {
+    /// use chatpipe::raw::RawMessage;
+    /// sender.send(RawMessage::Message("hello".into())).await.map_err(|e| e.error)?;
+    /// let place = sender.accepted();
+    /// // ... later, without waiting:
+    /// let on_the_wire = sender.flushed() >= place;
+    /// # Ok(()) }
+    /// ```
+    pub fn accepted(&self) -> u64 {
+        self.outbox.accepted()
+    }
+
+    /// How many of the accepted messages are settled: written to the byte
+    /// stream and the stream flushed (or refused by the driver, as a
+    /// request whose id is outstanding already). It only grows, and never
+    /// passes [`Sender::accepted`]; what [`Sender::flush`] waits on. After
+    /// the connection failed it stays where it was: compare it with
+    /// `accepted()` and [`Sender::undelivered`].
+    pub fn flushed(&self) -> u64 {
+        self.shared.flushed.load(Ordering::Acquire)
+    }
+
     fn poll_flushed(
         &self,
         cx: &mut Context<'_>,

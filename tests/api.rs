@@ -131,6 +131,49 @@ fn flush_waits_for_the_wire_and_fails_with_the_reason_if_it_never_gets_there() {
 }
 
 #[test]
+fn accepted_and_flushed_tell_whether_a_message_is_on_the_wire_without_waiting() {
+    let mut pool = LocalPool::new();
+    let clock = ManualClock::new();
+    // Room on the wire for little more than one 1 KiB message.
+    let (a, mut peer) = duplex(1100);
+    let (tx, _rx, conn) = quiet().build_with_timer(a, Raw, clock.timer());
+    let conn = pool.spawner().spawn_local_with_handle(conn).unwrap();
+    assert_eq!((tx.accepted(), tx.flushed()), (0, 0));
+    let big = RawMessage::Message(Bytes::from(vec![7u8; 1024]));
+    tx.try_send(big.clone()).unwrap();
+    let first = tx.accepted();
+    let permit = pool.run_until(tx.reserve()).unwrap();
+    permit.send(big.clone()).unwrap();
+    tx.try_send(big.clone()).unwrap();
+    let third = tx.accepted();
+    assert_eq!((first, third), (1, 3));
+    pool.run_until_stalled();
+    // Not all of it fits on the wire yet (how much counts as flushed
+    // depends on how the driver batched the three).
+    assert!(tx.flushed() < third, "{}", tx.flushed());
+
+    let mut buf = vec![0u8; 8192];
+    let mut read = 0;
+    pool.run_until(async {
+        use futures::AsyncReadExt;
+        while read < 3 * (4 + 1 + 1024) {
+            read += peer.read(&mut buf).await.unwrap();
+        }
+    });
+    pool.run_until_stalled();
+    assert_eq!(tx.flushed(), third);
+
+    // What is never written stays unflushed once the connection fails.
+    tx.try_send(big.clone()).unwrap();
+    tx.try_send(big).unwrap();
+    drop(peer);
+    assert!(pool.run_until(conn).is_err());
+    assert_eq!(tx.accepted(), 5);
+    assert!(tx.flushed() < 5);
+    assert_eq!(tx.flushed() + tx.undelivered() as u64, 5);
+}
+
+#[test]
 fn reserve_waits_for_room_and_a_permit_keeps_it() {
     let mut pool = LocalPool::new();
     let clock = ManualClock::new();

@@ -412,7 +412,7 @@ pub async fn serve_on(
             if m.version != V0_5 && !m.leaving {
                 // Past the limits: a few bytes per member, once.
                 let text = v06::SHUTDOWN_NOTICE.to_owned();
-                let _ = room.queue(m, Outgoing::new(ChatMessage::Notice { text }));
+                let _ = room.queue(m, Outgoing::new(ChatMessage::Notice { text }), false);
             }
             m.outbox.close();
         }
@@ -645,9 +645,11 @@ struct Member {
     evicted: AtomicBool,
     /// Tells the member's task to drop its connection, and why.
     kick: channel::Sender<Disconnect>,
-    /// Its connection, for messages that need not wait in the backlog
-    /// (`None` in unit tests, which have no connection).
-    direct: Option<Direct>,
+    /// Its connection (`None` in unit tests, which have no connection):
+    /// the way past the backlog for a broadcast when the member's task
+    /// has nothing from the room in hand (parked on an empty backlog), so
+    /// the message overtakes nothing; and what tells what was written.
+    direct: Option<Sender<Wire>>,
     /// The protocol version it speaks: 0.5 until a Welcome.
     version: u16,
     /// What its Welcome granted (nothing before).
@@ -701,17 +703,23 @@ struct Queued {
     /// weight plus `MESSAGE_OVERHEAD`.
     cost: AtomicUsize,
     /// The stamp of the oldest message its connection took and has not
-    /// written yet (`NO_STAMP` for none): the smaller, the longer this
-    /// member has been behind. A member that keeps up has none for long.
+    /// written yet, as last settled (`NO_STAMP` for none): the smaller, the
+    /// longer this member has been behind. A member that keeps up has none
+    /// for long.
     oldest: AtomicU64,
-    /// The cost of what was moved to its connection and may not be written
-    /// yet (`forward`).
-    moved: AtomicUsize,
-    /// The stamps of the first message moved since the last flush began,
-    /// and of the first one the flush under way covers: `oldest` is the
-    /// older.
-    unflushed: AtomicU64,
-    flushing: AtomicU64,
+    /// What was moved to its connection and may not be written yet, oldest
+    /// first (`Queued::settle`).
+    moved: Mutex<VecDeque<Moved>>,
+}
+
+/// A message in a member's connection's queue, still counted.
+#[derive(Debug)]
+struct Moved {
+    /// Its place in the connection's order (`Sender::accepted` just after
+    /// it was queued, or later): written once `Sender::flushed` reaches it.
+    place: u64,
+    cost: usize,
+    stamp: u64,
 }
 
 impl Default for Queued {
@@ -720,41 +728,52 @@ impl Default for Queued {
             text: AtomicUsize::new(0),
             cost: AtomicUsize::new(0),
             oldest: AtomicU64::new(NO_STAMP),
-            moved: AtomicUsize::new(0),
-            unflushed: AtomicU64::new(NO_STAMP),
-            flushing: AtomicU64::new(NO_STAMP),
+            moved: Mutex::new(VecDeque::new()),
         }
     }
 }
 
 impl Queued {
-    fn refresh_oldest(&self) {
-        let flushing = self.flushing.load(Ordering::Relaxed);
-        let unflushed = self.unflushed.load(Ordering::Relaxed);
-        self.oldest
-            .store(flushing.min(unflushed), Ordering::Relaxed);
+    fn lock_moved(&self) -> std::sync::MutexGuard<'_, VecDeque<Moved>> {
+        // Nothing panics while it is held.
+        self.moved.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// A message that cost `cost`, stamped `stamp`, is in the connection's
-    /// queue: counted until the connection has written it (`forward`'s
-    /// `written` is rung next).
-    fn moved(&self, cost: usize, stamp: u64) {
-        self.moved.fetch_add(cost, Ordering::AcqRel);
-        if self.unflushed.load(Ordering::Relaxed) == NO_STAMP {
-            self.unflushed.store(stamp, Ordering::Relaxed);
-            self.refresh_oldest();
+    /// queue at `place` (`Sender::accepted` after it): counted until the
+    /// connection has written it.
+    fn moved(&self, place: u64, cost: usize, stamp: u64) {
+        let mut moved = self.lock_moved();
+        if moved.is_empty() {
+            self.oldest.store(stamp, Ordering::Relaxed);
         }
+        // Places only grow: a later read of `accepted` is no smaller.
+        let place = moved.back().map_or(place, |m| m.place.max(place));
+        moved.push_back(Moved { place, cost, stamp });
     }
-}
 
-/// The way past a member's backlog, straight to its connection: taken for a
-/// message only when the member's task has nothing from the room in hand
-/// (parked on an empty backlog, nothing moved still unwritten), so the
-/// message overtakes nothing and its accounting is the task's own.
-struct Direct {
-    conn: Sender<Wire>,
-    /// `forward`'s `written`: rung after each move.
-    ring: channel::Sender<()>,
+    /// Takes out what the connection has written, `flushed` being its
+    /// `Sender::flushed`, and returns what that cost. Settled by whoever
+    /// looks next (the room as it queues for this member or looks for the
+    /// slowest consumer, the member's task as it moves more), so no task
+    /// wakes just to count a write.
+    fn settle(&self, flushed: u64) -> usize {
+        if self.oldest.load(Ordering::Relaxed) == NO_STAMP {
+            // Nothing moved waits (the common case for a member that
+            // keeps up): no lock.
+            return 0;
+        }
+        let mut moved = self.lock_moved();
+        let mut cost = 0;
+        while moved.front().is_some_and(|m| m.place <= flushed) {
+            cost += moved.pop_front().map_or(0, |m| m.cost);
+        }
+        if cost > 0 {
+            let oldest = moved.front().map_or(NO_STAMP, |m| m.stamp);
+            self.oldest.store(oldest, Ordering::Relaxed);
+        }
+        cost
+    }
 }
 
 /// What a message weighs in a backlog: the bytes of its strings.
@@ -815,8 +834,14 @@ impl Room {
     /// are (the slow-consumer rule), it too if it is one of them.
     /// Called with the state locked (`state`), as everything that queues
     /// for members is: so the budget holds (the count only falls
-    /// meanwhile).
-    fn deliver(&self, state: &State, m: &Member, msg: Arc<Outgoing>) -> Result<(), Undelivered> {
+    /// meanwhile). `straight`: a broadcast may skip the backlog (`queue`).
+    fn deliver(
+        &self,
+        state: &State,
+        m: &Member,
+        msg: Arc<Outgoing>,
+        straight: bool,
+    ) -> Result<(), Undelivered> {
         if m.evicted.load(Ordering::Relaxed) {
             return Err(Undelivered::TooSlow);
         }
@@ -829,7 +854,7 @@ impl Room {
         if !self.make_room(state, m, size + MESSAGE_OVERHEAD) {
             return Err(Undelivered::TooSlow);
         }
-        self.queue(m, msg)
+        self.queue(m, msg, straight)
     }
 
     /// Makes room under the budget for `cost` more bytes: while it does not
@@ -844,6 +869,13 @@ impl Room {
     /// however much arrives for it at once.
     fn make_room(&self, state: &State, m: &Member, cost: usize) -> bool {
         let budget = self.budget();
+        if self.usage().waiting() + cost > budget {
+            // What the connections wrote since it was last counted is no
+            // longer waiting, and no stamp says otherwise.
+            for v in state.members.values() {
+                self.settle(v);
+            }
+        }
         while self.usage().waiting() + cost > budget {
             let slowest = state
                 .members
@@ -869,9 +901,21 @@ impl Room {
         true
     }
 
+    /// Counts what member `m`'s connection has written as no longer
+    /// waiting.
+    fn settle(&self, m: &Member) {
+        if let Some(conn) = &m.direct {
+            let written = m.queued.settle(conn.flushed());
+            if written > 0 {
+                self.release(&m.queued, written);
+            }
+        }
+    }
+
     /// Queues `msg` in member `m`'s backlog and counts it, past any limit
     /// (`deliver` checks them). Fails only when the member is leaving.
-    fn queue(&self, m: &Member, msg: Arc<Outgoing>) -> Result<(), Undelivered> {
+    fn queue(&self, m: &Member, msg: Arc<Outgoing>, straight: bool) -> Result<(), Undelivered> {
+        self.settle(m);
         let size = weight(&msg.msg);
         let cost = size + MESSAGE_OVERHEAD;
         m.queued.text.fetch_add(size, Ordering::Relaxed);
@@ -891,16 +935,13 @@ impl Room {
         // disconnected, before its Notice).
         let roomy = || self.usage().waiting() <= self.budget() / 2;
         let direct = |(msg, stamp): Stamped| match &m.direct {
-            Some(d)
-                if m.queued.moved.load(Ordering::Acquire) == 0
-                    && matches!(msg.msg, ChatMessage::Broadcast { .. })
-                    && roomy() =>
+            Some(conn)
+                if straight && matches!(msg.msg, ChatMessage::Broadcast { .. }) && roomy() =>
             {
-                match d.conn.try_send(Frame::Shared(msg)) {
+                match conn.try_send(Frame::Shared(msg)) {
                     Ok(()) => {
                         m.queued.text.fetch_sub(size, Ordering::Relaxed);
-                        m.queued.moved(cost, stamp);
-                        let _ = d.ring.try_send(());
+                        m.queued.moved(conn.accepted(), cost, stamp);
                         Ok(())
                     }
                     // Through the backlog then: its task waits for room, or
@@ -951,7 +992,7 @@ impl Room {
     /// Sends `text` from member `id` to every other member, without ever
     /// waiting, and remembers it for the history. Fails only if `id` is
     /// leaving.
-    fn broadcast(&self, id: u64, text: String) -> Result<(), RequestRefusal> {
+    fn broadcast(&self, id: u64, text: String, straight: bool) -> Result<(), RequestRefusal> {
         let mut state = self.lock();
         let from = match state.members.get(&id) {
             Some(m) if !m.leaving => m.name(),
@@ -964,7 +1005,7 @@ impl Room {
         let msg = Outgoing::new(ChatMessage::Broadcast { from, text });
         for (_, m) in state.members.iter().filter(|(&other, _)| other != id) {
             if !m.leaving && m.listening {
-                let _ = self.deliver(&state, m, msg.clone());
+                let _ = self.deliver(&state, m, msg.clone(), straight);
             }
         }
         Ok(())
@@ -1124,11 +1165,6 @@ impl Room {
         let queued = Arc::new(Queued::default());
         let (kick, kicked) = channel::bounded(1);
         let kick_self = kick.clone();
-        let (ring, rung) = channel::bounded::<()>(1);
-        let direct = Direct {
-            conn: sender.clone(),
-            ring: ring.clone(),
-        };
         {
             let mut state = self.lock();
             let member = Member {
@@ -1138,7 +1174,7 @@ impl Room {
                 queued: queued.clone(),
                 evicted: AtomicBool::new(false),
                 kick,
-                direct: Some(direct),
+                direct: Some(sender.clone()),
                 version: V0_5,
                 caps: Caps::default(),
                 spoke: false,
@@ -1176,7 +1212,7 @@ impl Room {
                     Err(_) => std::future::pending().await,
                 }
             };
-            let stalled = forward(&room, addr, broadcasts, &queued, &sender, (ring, rung));
+            let stalled = forward(&room, addr, broadcasts, &queued, &sender);
             let mut incoming = incoming;
             let mut pace = room
                 .config
@@ -1201,7 +1237,14 @@ impl Room {
                         }
                     }
                     let before = room.queued_bytes.load(Ordering::Relaxed);
-                    handle(&room, id, addr, &sender, msg).await;
+                    // With less than a turn's worth read behind it, a
+                    // broadcast may go straight to idle members'
+                    // connections (one task's turn less before its write).
+                    // In a deeper burst it goes through their backlogs, and
+                    // each member's task moves the burst on at once, to be
+                    // written together.
+                    let straight = incoming.buffered() < YIELD_MESSAGES as usize;
+                    handle(&room, id, addr, &sender, msg, straight).await;
                     // Messages that arrived together are all ready at once:
                     // let the other members' tasks run now and then, but not
                     // after every message, or each broadcast becomes a
@@ -1348,120 +1391,98 @@ async fn forward(
     broadcasts: backlog::Receiver<Stamped>,
     queued: &Queued,
     sender: &Sender<Wire>,
-    (ring, rung): (channel::Sender<()>, channel::Receiver<()>),
 ) -> Disconnect {
-    // What was moved to the connection and may not be written yet is
-    // counted in `queued` (`Queued::moved`); `ring` is rung after each
-    // move, here and by the room when it sends past the backlog.
-    let moving = async {
-        let stall = room.config.stall;
-        // When the queue was first found full, since it last had room.
-        let mut full_since = None;
-        // Taken from the backlog all at once, then moved one by one.
-        let mut batch = VecDeque::new();
-        'moving: while broadcasts.recv_all(&mut batch).await {
-            while let Some((shared, stamp)) = batch.pop_front() {
-                let size = weight(&shared.msg);
-                queued.text.fetch_sub(size, Ordering::Relaxed);
-                let cost = size + MESSAGE_OVERHEAD;
-                // A Notice is the last message before a close: reported either way.
-                let notice = match &shared.msg {
-                    ChatMessage::Notice { text } => Some(text.clone()),
-                    _ => None,
-                };
-                // Not copied: every member it is for writes its one encoding.
-                let msg = Frame::Shared(shared);
-                let sent = match sender.try_send(msg) {
-                    Ok(()) => {
-                        full_since = None;
-                        Ok(())
-                    }
-                    Err(TrySendError::Full(msg)) => {
-                        // Wait for room, but only until the queue has been full for
-                        // `stall`: a slot freed now and then is not catching up.
-                        let since = *full_since.get_or_insert_with(|| room.now());
-                        let left =
-                            stall.saturating_sub(room.now().saturating_duration_since(since));
-                        let room_made = async { Some(sender.reserve().await) };
-                        let give_up = async {
-                            smol::Timer::after(left).await;
-                            None
-                        };
-                        match room_made.or(give_up).await {
-                            Some(Ok(permit)) => permit.send(msg).map_err(|e| e.error),
-                            Some(Err(e)) => Err(e),
-                            None => {
-                                if let Some(text) = notice {
-                                    let reason = NoticeFailure::QueueFull;
-                                    room.emit(Event::NoticeNotSent { addr, text, reason });
-                                }
-                                return Disconnect::Stalled { stall };
+    // What was moved to the connection and may not be written yet stays
+    // counted in `queued` (`Queued::moved`) until settled: here as more is
+    // moved, and by the room (`Room::settle`).
+    let stall = room.config.stall;
+    // When the queue was first found full, since it last had room.
+    let mut full_since = None;
+    // Taken from the backlog all at once, then moved one by one.
+    let mut batch = VecDeque::new();
+    'moving: while broadcasts.recv_all(&mut batch).await {
+        let written = queued.settle(sender.flushed());
+        if written > 0 {
+            room.release(queued, written);
+        }
+        while let Some((shared, stamp)) = batch.pop_front() {
+            let size = weight(&shared.msg);
+            queued.text.fetch_sub(size, Ordering::Relaxed);
+            let cost = size + MESSAGE_OVERHEAD;
+            // A Notice is the last message before a close: reported either way.
+            let notice = match &shared.msg {
+                ChatMessage::Notice { text } => Some(text.clone()),
+                _ => None,
+            };
+            // Not copied: every member it is for writes its one encoding.
+            let msg = Frame::Shared(shared);
+            let sent = match sender.try_send(msg) {
+                Ok(()) => {
+                    full_since = None;
+                    Ok(())
+                }
+                Err(TrySendError::Full(msg)) => {
+                    // Wait for room, but only until the queue has been full for
+                    // `stall`: a slot freed now and then is not catching up.
+                    let since = *full_since.get_or_insert_with(|| room.now());
+                    let left = stall.saturating_sub(room.now().saturating_duration_since(since));
+                    let room_made = async { Some(sender.reserve().await) };
+                    let give_up = async {
+                        smol::Timer::after(left).await;
+                        None
+                    };
+                    match room_made.or(give_up).await {
+                        Some(Ok(permit)) => permit.send(msg).map_err(|e| e.error),
+                        Some(Err(e)) => Err(e),
+                        None => {
+                            if let Some(text) = notice {
+                                let reason = NoticeFailure::QueueFull;
+                                room.emit(Event::NoticeNotSent { addr, text, reason });
                             }
+                            return Disconnect::Stalled { stall };
                         }
                     }
-                    Err(TrySendError::Failed(e)) => Err(e.error),
-                };
-                if sent.is_ok() {
-                    queued.moved(cost, stamp);
-                    let _ = ring.try_send(());
-                } else {
-                    room.release(queued, cost);
                 }
-                match (sent, notice) {
-                    (Ok(()), None) => {}
-                    (Ok(()), Some(text)) => room.emit(Event::NoticeSent { addr, text }),
-                    (Err(error), Some(text)) => {
-                        let fatal = error.is_fatal();
-                        let reason = NoticeFailure::Failed(error);
-                        room.emit(Event::NoticeNotSent { addr, text, reason });
-                        if fatal {
-                            break 'moving;
-                        }
+                Err(TrySendError::Failed(e)) => Err(e.error),
+            };
+            if sent.is_ok() {
+                queued.moved(sender.accepted(), cost, stamp);
+            } else {
+                room.release(queued, cost);
+            }
+            match (sent, notice) {
+                (Ok(()), None) => {}
+                (Ok(()), Some(text)) => room.emit(Event::NoticeSent { addr, text }),
+                (Err(error), Some(text)) => {
+                    let fatal = error.is_fatal();
+                    let reason = NoticeFailure::Failed(error);
+                    room.emit(Event::NoticeNotSent { addr, text, reason });
+                    if fatal {
+                        break 'moving;
                     }
-                    // This message cannot go out (too large for a frame); the next
-                    // ones can.
-                    (Err(error), None) if !error.is_fatal() => {
-                        room.emit(Event::BroadcastNotSent { addr, error });
-                    }
-                    // The connection is ending; its driver says why.
-                    (Err(_), None) => break 'moving,
                 }
+                // This message cannot go out (too large for a frame); the next
+                // ones can.
+                (Err(error), None) if !error.is_fatal() => {
+                    room.emit(Event::BroadcastNotSent { addr, error });
+                }
+                // The connection is ending; its driver says why.
+                (Err(_), None) => break 'moving,
             }
         }
-        sender.close();
-        std::future::pending().await
-    };
-    // Counts what was moved as gone once the connection has written it.
-    let written = async {
-        while rung.recv().await.is_ok() {
-            let cost = queued.moved.load(Ordering::Acquire);
-            if cost == 0 {
-                continue;
-            }
-            let first = queued.unflushed.swap(NO_STAMP, Ordering::Relaxed);
-            queued.flushing.store(first, Ordering::Relaxed);
-            // Everything the connection took so far, that included: read in
-            // the same poll as `cost`, so nothing moves in between (`moving`
-            // is this task's, and the room sends past the backlog only while
-            // nothing moved waits: `cost` is not 0).
-            if sender.flush().await.is_err() {
-                // It is ending: the room counts the rest as gone when it
-                // leaves.
-                break;
-            }
-            // The stamps first: once `moved` may be 0, the room may send
-            // past the backlog and stamp what it sends.
-            queued.flushing.store(NO_STAMP, Ordering::Relaxed);
-            queued.refresh_oldest();
-            queued.moved.fetch_sub(cost, Ordering::AcqRel);
-            room.release(queued, cost);
-        }
-        std::future::pending().await
-    };
-    moving.or(written).await
+    }
+    sender.close();
+    std::future::pending().await
 }
 
-async fn handle(room: &Room, id: u64, addr: SocketAddr, sender: &Sender<Wire>, msg: ChatMessage) {
+async fn handle(
+    room: &Room,
+    id: u64,
+    addr: SocketAddr,
+    sender: &Sender<Wire>,
+    msg: ChatMessage,
+    straight: bool,
+) {
     // From a client being disconnected, nothing more is taken.
     let is_hello = matches!(msg, ChatMessage::Hello { .. });
     let Some(first) = room.first_message(id, is_hello) else {
@@ -1495,7 +1516,7 @@ async fn handle(room: &Room, id: u64, addr: SocketAddr, sender: &Sender<Wire>, m
     }
     match msg {
         ChatMessage::Chat { text } => {
-            let _ = room.broadcast(id, text);
+            let _ = room.broadcast(id, text, straight);
         }
         ChatMessage::SetNickname {
             request_id,
@@ -1542,7 +1563,7 @@ async fn handle(room: &Room, id: u64, addr: SocketAddr, sender: &Sender<Wire>, m
             v06::hello(room, id, addr, sender, hello).await;
         }
         ChatMessage::Say { request_id, text } => {
-            let reply = v06::say(room, id, addr, request_id, text);
+            let reply = v06::say(room, id, addr, request_id, text, straight);
             let _ = sender.send(reply.into()).await;
         }
         ChatMessage::Direct {
@@ -1734,7 +1755,7 @@ mod tests {
         }
         let deliver = |id: u64| {
             let state = room.lock();
-            room.deliver(&state, &state.members[&id], text(SIZE))
+            room.deliver(&state, &state.members[&id], text(SIZE), false)
         };
         // What each member's connection holds unwritten since (a stamp),
         // as its task would say.
@@ -1832,7 +1853,7 @@ mod tests {
         room.lock().add(1, m);
         let deliver = || {
             let state = room.lock();
-            room.deliver(&state, &state.members[&1], text(1000))
+            room.deliver(&state, &state.members[&1], text(1000), false)
         };
         for _ in 0..4 {
             assert!(deliver().is_ok());
@@ -1858,9 +1879,9 @@ mod tests {
         room.lock().add(1, m);
         let state = room.lock();
         let m = &state.members[&1];
-        assert!(room.deliver(&state, m, text(60_000)).is_ok());
+        assert!(room.deliver(&state, m, text(60_000), false).is_ok());
         // A second does not fit: it has the most, so it goes.
-        assert!(room.deliver(&state, m, text(60_000)).is_err());
+        assert!(room.deliver(&state, m, text(60_000), false).is_err());
         assert!(matches!(
             rx.kicked.try_recv(),
             Ok(Disconnect::SlowConsumer { budget, .. }) if budget == MAX_PAYLOAD_LEN + MESSAGE_OVERHEAD

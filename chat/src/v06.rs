@@ -263,13 +263,14 @@ pub(crate) fn say(
     addr: SocketAddr,
     request_id: RequestId,
     text: String,
+    straight: bool,
 ) -> ChatMessage {
     let result = match room.caps(id) {
         None => Err(RequestRefusal::Leaving),
         Some(caps) if !caps.ack => Err(RequestRefusal::NotGranted {
             capability: capability::ACK,
         }),
-        Some(_) => room.broadcast(id, text),
+        Some(_) => room.broadcast(id, text, straight),
     };
     room.answer(addr, Request::Say, request_id, result)
 }
@@ -611,7 +612,10 @@ impl Room {
             let Some(m) = state.members.get(&id) else {
                 return;
             };
-            if self.deliver(state, m, Outgoing::new(welcome)).is_err() {
+            if self
+                .deliver(state, m, Outgoing::new(welcome), false)
+                .is_err()
+            {
                 // Too far behind already, or leaving: it is being
                 // disconnected, which is reported.
                 return;
@@ -654,7 +658,7 @@ impl Room {
         let mut sent = 0;
         for (at_ms, from, text) in old.into_iter().skip(total - fit) {
             let history = Outgoing::new(ChatMessage::History { at_ms, from, text });
-            if self.deliver(state, m, history).is_err() {
+            if self.deliver(state, m, history, false).is_err() {
                 break;
             }
             sent += 1;
@@ -696,7 +700,7 @@ impl Room {
             from: from.name(),
             text,
         };
-        self.deliver(&state, target, Outgoing::new(msg))
+        self.deliver(&state, target, Outgoing::new(msg), false)
             .map_err(|e| match e {
                 Undelivered::TooSlow => RequestRefusal::RecipientTooFarBehind {
                     nickname: nickname(),
@@ -739,7 +743,7 @@ impl Room {
         let news = Outgoing::new(news);
         for (&other, m) in &state.members {
             if other != except && m.caps.presence && !m.leaving && m.listening {
-                let _ = self.deliver(state, m, news.clone());
+                let _ = self.deliver(state, m, news.clone(), false);
             }
         }
     }
