@@ -270,7 +270,9 @@
 //! - [`Sender`] (clone it freely): [`send`](Sender::send) waits for room,
 //!   [`try_send`](Sender::try_send) does not, [`reserve`](Sender::reserve)
 //!   holds room for a message you make later; it is a `futures::Sink` too.
-//!   [`flush`](Sender::flush) waits until what you sent is on the wire;
+//!   [`flush`](Sender::flush) waits until what you sent is on the wire,
+//!   and [`accepted`](Sender::accepted) against
+//!   [`flushed`](Sender::flushed) tells it without waiting;
 //!   [`request`](Sender::request) and [`call`](Sender::call) wait for the
 //!   answer; [`close`](Sender::close) closes gracefully;
 //!   [`stats`](Sender::stats) reads counters for metrics.
