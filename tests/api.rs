@@ -44,6 +44,18 @@ fn poll_once<F: Future + Unpin>(fut: &mut F) -> Option<F::Output> {
     }
 }
 
+/// Reads `n` bytes from `peer`, the other end of a connection.
+fn read_bytes(pool: &mut LocalPool, peer: &mut Duplex, n: usize) {
+    let mut buf = vec![0u8; 8192];
+    let mut read = 0;
+    pool.run_until(async {
+        use futures::AsyncReadExt;
+        while read < n {
+            read += peer.read(&mut buf).await.unwrap();
+        }
+    });
+}
+
 /// No keepalives or timeouts to get in the way, on a clock that never moves.
 fn quiet() -> Builder {
     Builder::new()
@@ -101,14 +113,7 @@ fn flush_waits_for_the_wire_and_fails_with_the_reason_if_it_never_gets_there() {
 
     // The peer reads: everything goes out and the flush resolves, with the
     // connection still open.
-    let mut buf = vec![0u8; 8192];
-    let mut read = 0;
-    pool.run_until(async {
-        use futures::AsyncReadExt;
-        while read < 3 * (4 + 1 + 1024) {
-            read += peer.read(&mut buf).await.unwrap();
-        }
-    });
+    read_bytes(&mut pool, &mut peer, 3 * (4 + 1 + 1024));
     pool.run_until_stalled();
     assert_eq!(poll_once(&mut flush).map(|r| r.is_ok()), Some(true));
     assert!(!tx.is_closed());
@@ -152,14 +157,7 @@ fn accepted_and_flushed_tell_whether_a_message_is_on_the_wire_without_waiting() 
     // depends on how the driver batched the three).
     assert!(tx.flushed() < third, "{}", tx.flushed());
 
-    let mut buf = vec![0u8; 8192];
-    let mut read = 0;
-    pool.run_until(async {
-        use futures::AsyncReadExt;
-        while read < 3 * (4 + 1 + 1024) {
-            read += peer.read(&mut buf).await.unwrap();
-        }
-    });
+    read_bytes(&mut pool, &mut peer, 3 * (4 + 1 + 1024));
     pool.run_until_stalled();
     assert_eq!(tx.flushed(), third);
 

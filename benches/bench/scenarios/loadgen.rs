@@ -250,17 +250,21 @@ pub(crate) fn serve_chat() {
         }),
         ..chatpipe_chat::Config::default()
     };
-    let stdin_closed = smol::unblock(|| {
-        let mut sink = String::new();
-        while std::io::stdin().read_line(&mut sink).is_ok_and(|n| n > 0) {}
-    });
-    {
-        let mut out = std::io::stdout().lock();
-        let _ = writeln!(out, "LISTENING {addr}");
-        let _ = out.flush();
-    }
+    let stdin_closed = listening(addr);
     let listener = smol::net::TcpListener::try_from(listener).expect("async listener");
     smol::block_on(chatpipe_chat::serve(listener, config, stdin_closed));
+}
+
+/// Says `LISTENING <addr>` on stdout, and gives what ends when stdin does:
+/// how a `--serve-*` server meets the bench that started it (`start`).
+fn listening(addr: SocketAddr) -> impl std::future::Future<Output = ()> {
+    let mut out = std::io::stdout().lock();
+    let _ = writeln!(out, "LISTENING {addr}");
+    let _ = out.flush();
+    smol::unblock(|| {
+        let mut sink = String::new();
+        while std::io::stdin().read_line(&mut sink).is_ok_and(|n| n > 0) {}
+    })
 }
 
 /// `--serve-floor`: the fan-out floor, the least a chat server of
@@ -276,15 +280,7 @@ pub(crate) fn serve_floor() {
     let listener = TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1");
     let addr = listener.local_addr().unwrap();
     let listener = Async::new(listener).expect("async listener");
-    let stdin_closed = smol::unblock(|| {
-        let mut sink = String::new();
-        while std::io::stdin().read_line(&mut sink).is_ok_and(|n| n > 0) {}
-    });
-    {
-        let mut out = std::io::stdout().lock();
-        let _ = writeln!(out, "LISTENING {addr}");
-        let _ = out.flush();
-    }
+    let stdin_closed = listening(addr);
     let ex = Rc::new(LocalExecutor::new());
     let members: Members = Rc::new(RefCell::new(Vec::new()));
     let accept = async {
