@@ -834,7 +834,7 @@ impl Room {
     /// are (the slow-consumer rule), it too if it is one of them.
     /// Called with the state locked (`state`), as everything that queues
     /// for members is: so the budget holds (the count only falls
-    /// meanwhile). `straight`: a broadcast may skip the backlog (`queue`).
+    /// meanwhile). `straight`: it may skip the backlog (`queue`); broadcasts only.
     fn deliver(
         &self,
         state: &State,
@@ -923,21 +923,20 @@ impl Room {
         self.usage().add(cost);
         let stamp = self.stamps.fetch_add(1, Ordering::Relaxed);
         self.queued_bytes.fetch_add(cost as u64, Ordering::Relaxed);
-        // A broadcast goes straight into the connection's queue when the
-        // member's task has nothing in hand: one task's turn less between
-        // a broadcast and its write. Only broadcasts: they come from other
-        // members, while what the room queues for a member as it handles
-        // that member's own request (a Welcome, the history after a login,
-        // a Notice the task reports) stays behind the reply the task sends
-        // (the task moves it on after). And not near the budget, where what
-        // waits in a backlog is what the slow-consumer rule frees (a
-        // message in a connection's queue is written even to a member then
-        // disconnected, before its Notice).
+        // A `straight` message goes into the connection's queue itself
+        // when the member's task has nothing in hand: one task's turn less
+        // between a broadcast and its write. Only `broadcast` asks for it:
+        // broadcasts come from other members, while what the room queues
+        // for a member as it handles that member's own request (a Welcome,
+        // the history after a login, a Notice the task reports) stays
+        // behind the reply the task sends (the task moves it on after).
+        // And not near the budget, where what waits in a backlog is what
+        // the slow-consumer rule frees (a message in a connection's queue
+        // is written even to a member then disconnected, before its
+        // Notice).
         let roomy = || self.usage().waiting() <= self.budget() / 2;
         let direct = |(msg, stamp): Stamped| match &m.direct {
-            Some(conn)
-                if straight && matches!(msg.msg, ChatMessage::Broadcast { .. }) && roomy() =>
-            {
+            Some(conn) if straight && roomy() => {
                 match conn.try_send(Frame::Shared(msg)) {
                     Ok(()) => {
                         m.queued.text.fetch_sub(size, Ordering::Relaxed);
@@ -991,7 +990,8 @@ impl Room {
 
     /// Sends `text` from member `id` to every other member, without ever
     /// waiting, and remembers it for the history. Fails only if `id` is
-    /// leaving.
+    /// leaving. `straight`: no burst waits behind it, so it may skip the
+    /// backlogs of members whose tasks hold nothing (`queue`).
     fn broadcast(&self, id: u64, text: String, straight: bool) -> Result<(), RequestRefusal> {
         let mut state = self.lock();
         let from = match state.members.get(&id) {

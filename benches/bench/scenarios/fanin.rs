@@ -1,6 +1,6 @@
 //! Scenario 3: fanin, many connections into one server.
 
-use std::fmt::Write as _;
+use std::fmt::{Debug, Write as _};
 use std::future::Future;
 use std::io::Write;
 use std::net::TcpStream;
@@ -11,7 +11,7 @@ use std::time::Instant;
 
 use bytes::Bytes;
 use chatpipe::raw::{Raw, RawMessage};
-use futures::{SinkExt, StreamExt};
+use futures::{Sink, SinkExt, Stream, StreamExt};
 use smol::LocalExecutor;
 
 use crate::harness::stats;
@@ -64,32 +64,12 @@ fn fanin_raw(conns: usize, msgs: u64) -> f64 {
     secs
 }
 
-// The server's timed task yields the untimed rest (see `smol_fanin`).
-#[allow(clippy::async_yields_async)]
 pub(crate) fn fanin_tokio(conns: usize, msgs: u64) -> f64 {
     let body = payload(FANIN_SIZE);
     tokio_fanin(
         conns,
-        move |s| {
-            let mut f = tokio_framed(s);
-            let body = body.clone();
-            async move {
-                for _ in 0..msgs {
-                    f.feed(body.clone()).await.unwrap();
-                }
-                SinkExt::<Bytes>::flush(&mut f).await.unwrap();
-                SinkExt::<Bytes>::close(&mut f).await.unwrap();
-            }
-        },
-        move |s| {
-            let mut f = tokio_framed(s);
-            async move {
-                for _ in 0..msgs {
-                    f.next().await.unwrap().unwrap();
-                }
-                async move { while f.next().await.is_some() {} }
-            }
-        },
+        move |s| feed_all(tokio_framed(s), body.clone(), msgs),
+        move |s| take(tokio_framed(s), msgs),
     )
 }
 
@@ -128,34 +108,43 @@ pub(crate) fn fanin_chatpipe(conns: usize, msgs: u64) -> f64 {
     )
 }
 
+/// A framed peer's client (tokio-util or asynchronous-codec): `feed` every
+/// message, one `flush`, then close.
+async fn feed_all<F>(mut f: F, body: Bytes, msgs: u64)
+where
+    F: Sink<Bytes> + Unpin,
+    F::Error: Debug,
+{
+    for _ in 0..msgs {
+        f.feed(body.clone()).await.unwrap();
+    }
+    f.flush().await.unwrap();
+    f.close().await.unwrap();
+}
+
+/// A framed peer's server: takes `msgs` frames (timed), then gives back the
+/// rest of the stream to drain (untimed: see `smol_fanin`).
+// It yields the untimed rest on purpose.
+#[allow(clippy::async_yields_async)]
+async fn take<F, T, E>(mut f: F, msgs: u64) -> impl Future<Output = ()>
+where
+    F: Stream<Item = Result<T, E>> + Unpin,
+    E: Debug,
+{
+    for _ in 0..msgs {
+        f.next().await.unwrap().unwrap();
+    }
+    async move { while f.next().await.is_some() {} }
+}
+
 /// asynchronous-codec on smol: as `fanin_tokio`, one task per connection
 /// on one `LocalExecutor` per side, `feed` then one `flush`.
-// The server's timed task yields the untimed rest (see `smol_fanin`).
-#[allow(clippy::async_yields_async)]
 pub(crate) fn fanin_ac(conns: usize, msgs: u64) -> f64 {
     let body = payload(FANIN_SIZE);
     smol_fanin(
         conns,
-        move |s, _ex| {
-            let mut f = ac_framed(s);
-            let body = body.clone();
-            async move {
-                for _ in 0..msgs {
-                    f.feed(body.clone()).await.unwrap();
-                }
-                f.flush().await.unwrap();
-                f.close().await.unwrap();
-            }
-        },
-        move |s, _ex| {
-            let mut f = ac_framed(s);
-            async move {
-                for _ in 0..msgs {
-                    f.next().await.unwrap().unwrap();
-                }
-                async move { while f.next().await.is_some() {} }
-            }
-        },
+        move |s, _ex| feed_all(ac_framed(s), body.clone(), msgs),
+        move |s, _ex| take(ac_framed(s), msgs),
     )
 }
 
