@@ -73,39 +73,52 @@ pub(crate) fn fanin_tokio(conns: usize, msgs: u64) -> f64 {
     )
 }
 
-// The server's timed task yields the untimed rest (see `smol_fanin`).
-#[allow(clippy::async_yields_async)]
 pub(crate) fn fanin_chatpipe(conns: usize, msgs: u64) -> f64 {
     let body = payload(FANIN_SIZE);
     smol_fanin(
         conns,
         move |s, ex| {
             let (tx, _incoming, conn) = chatpipe_builder().build(smol_stream(s), Raw);
-            let driver = ex.spawn(conn);
-            let body = body.clone();
-            async move {
-                for _ in 0..msgs {
-                    tx.send(RawMessage::Message(body.clone())).await.unwrap();
-                }
-                tx.close();
-                driver.await.expect("fanin client driver");
-            }
+            send_all(tx, ex.spawn(conn), body.clone(), msgs)
         },
         move |s, ex| {
-            let (tx, mut incoming, conn) = chatpipe_builder().build(smol_stream(s), Raw);
-            let driver = ex.spawn(conn);
-            async move {
-                for _ in 0..msgs {
-                    incoming.next().await.unwrap().unwrap();
-                }
-                async move {
-                    while incoming.next().await.is_some() {}
-                    drop(tx);
-                    let _ = driver.await;
-                }
-            }
+            let (tx, incoming, conn) = chatpipe_builder().build(smol_stream(s), Raw);
+            take_chatpipe(tx, incoming, ex.spawn(conn), msgs)
         },
     )
+}
+
+/// chatpipe's client, on either runtime: `send().await` per message, then
+/// close and wait for the driver.
+async fn send_all<D>(tx: chatpipe::Sender<Raw>, driver: D, body: Bytes, msgs: u64)
+where
+    D: Future<Output = Result<(), chatpipe::Error>>,
+{
+    for _ in 0..msgs {
+        tx.send(RawMessage::Message(body.clone())).await.unwrap();
+    }
+    tx.close();
+    driver.await.expect("fanin client driver");
+}
+
+/// chatpipe's server, on either runtime: takes `msgs` messages (timed),
+/// then gives back the rest (untimed): the drain, the close, the driver.
+// It yields the untimed rest on purpose.
+#[allow(clippy::async_yields_async)]
+async fn take_chatpipe<D: Future>(
+    tx: chatpipe::Sender<Raw>,
+    mut incoming: chatpipe::Incoming<Raw>,
+    driver: D,
+    msgs: u64,
+) -> impl Future<Output = ()> {
+    for _ in 0..msgs {
+        incoming.next().await.unwrap().unwrap();
+    }
+    async move {
+        while incoming.next().await.is_some() {}
+        drop(tx);
+        let _ = driver.await;
+    }
 }
 
 /// A framed peer's client (tokio-util or asynchronous-codec): `feed` every
@@ -222,8 +235,6 @@ where
 }
 
 /// chatpipe on tokio (`build_tokio`): as `fanin_chatpipe`.
-// The server's timed task yields the untimed rest (see `smol_fanin`).
-#[allow(clippy::async_yields_async)]
 pub(crate) fn fanin_chatpipe_tokio(conns: usize, msgs: u64) -> f64 {
     let body = payload(FANIN_SIZE);
     tokio_fanin(
@@ -231,28 +242,16 @@ pub(crate) fn fanin_chatpipe_tokio(conns: usize, msgs: u64) -> f64 {
         move |s| {
             let (tx, _incoming, conn) = chatpipe_builder().build_tokio(tokio_stream(s), Raw);
             let driver = tokio::spawn(conn);
-            let body = body.clone();
-            async move {
-                for _ in 0..msgs {
-                    tx.send(RawMessage::Message(body.clone())).await.unwrap();
-                }
-                tx.close();
-                driver.await.unwrap().expect("fanin client driver");
-            }
+            send_all(
+                tx,
+                async { driver.await.expect("join") },
+                body.clone(),
+                msgs,
+            )
         },
         move |s| {
-            let (tx, mut incoming, conn) = chatpipe_builder().build_tokio(tokio_stream(s), Raw);
-            let driver = tokio::spawn(conn);
-            async move {
-                for _ in 0..msgs {
-                    incoming.next().await.unwrap().unwrap();
-                }
-                async move {
-                    while incoming.next().await.is_some() {}
-                    drop(tx);
-                    let _ = driver.await;
-                }
-            }
+            let (tx, incoming, conn) = chatpipe_builder().build_tokio(tokio_stream(s), Raw);
+            take_chatpipe(tx, incoming, tokio::spawn(conn), msgs)
         },
     )
 }
