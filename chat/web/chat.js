@@ -287,7 +287,13 @@
         break;
       case T.NOTICE: addLine("notice", [["text", `! server: ${m.text}`]]); break;
       case T.PRESENCE:
-        if (m.change === 0) { state.members.add(m.nickname); info(`* ${m.nickname} joined`); }
+        if (m.change === 0) {
+          state.members.add(m.nickname); info(`* ${m.nickname} joined`);
+          // Who lists a member without a nickname by its address, and
+          // presence never names that address: the one who just joined by
+          // name may be listed by it still. Ask again then (only then).
+          if ([...state.members].some((n) => ADDRESS.test(n))) who(false);
+        }
         else if (m.change === 1) { state.members.delete(m.nickname); info(`* ${m.nickname} left`); }
         else if (m.change === 2) {
           state.members.delete(m.nickname); state.members.add(m.newNickname);
@@ -338,6 +344,9 @@
     info(again ? `* reconnected as ${state.nick}` : `* you are ${state.nick}`);
     who(false);
   }
+
+  // How the room names a member without a nickname: its address.
+  const ADDRESS = /^(\d{1,3}(\.\d{1,3}){3}|\[[0-9a-fA-F:.]+\]):\d+$/;
 
   function who(show) {
     if (!state.caps.has("presence")) return;

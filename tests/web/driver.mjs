@@ -42,14 +42,16 @@ class Terminal {
   constructor(nick) {
     this.lines = [];
     this.waiters = [];
-    this.child = spawn(CHAT_CLIENT, ["--connect", TCP_ADDR, "--nick", nick, "--v06"], {
+    // No `nick`: it connects without a nickname (`/nick NAME` later).
+    const named = nick ? ["--nick", nick] : [];
+    this.child = spawn(CHAT_CLIENT, ["--connect", TCP_ADDR, ...named, "--v06"], {
       stdio: ["pipe", "pipe", "pipe"],
     });
     createInterface({ input: this.child.stdout }).on("line", (l) => {
       this.lines.push(l);
       for (const w of this.waiters) w();
     });
-    createInterface({ input: this.child.stderr }).on("line", (l) => console.log(`  ${nick} stderr: ${l}`));
+    createInterface({ input: this.child.stderr }).on("line", (l) => console.log(`  ${nick || "unnamed"} stderr: ${l}`));
   }
   type(line) { this.child.stdin.write(line + "\n"); }
   async waitFor(part) {
@@ -179,6 +181,21 @@ try {
     }
   }
   await bo.setViewportSize({ width: 900, height: 560 });
+
+  step("someone without a nickname is listed by address, then by the name they take");
+  const eve = new Terminal(null);
+  terminals.push(eve);
+  const address = /^127\.0\.0\.1:\d+$/;
+  const until = Date.now() + WAIT;
+  while (!(await members(ana)).some((n) => address.test(n))) {
+    if (Date.now() > until) throw new Error(`no unnamed member listed: ${JSON.stringify(await members(ana))}`);
+    await say(ana, "/who");
+    await new Promise((r) => setTimeout(r, 200));
+  }
+  eve.type("/nick eve");
+  await waitMembers(ana, ["ana", "bo", "cy", "eve"]);
+  eve.child.kill();
+  await waitMembers(ana, ["ana", "bo", "cy"]);
 
   step("history appears on join");
   const dee = await join(context, "dee");
