@@ -73,7 +73,7 @@ use scenarios::fanin::{
     fanin_ac, fanin_chatpipe, fanin_chatpipe_tokio, fanin_handoff_floor, fanin_tokio,
     scenario_fanin,
 };
-use scenarios::loadgen::{self, serve_chat, serve_floor, Server};
+use scenarios::loadgen::{self, serve_chat, serve_floor, serve_floor_threads, Server};
 use scenarios::memory::{child_idle, scenario_memory};
 use scenarios::oneway::scenario_oneway;
 use scenarios::pipelined::{pipelined_case, scenario_pipelined};
@@ -211,6 +211,10 @@ fn main() {
         serve_floor();
         return;
     }
+    if args.get(1).map(String::as_str) == Some("--serve-floor-threads") {
+        serve_floor_threads();
+        return;
+    }
     if args.get(1).map(String::as_str) == Some("--one")
         && args.get(2).is_some_and(|c| c == "chat")
         && std::env::var_os("SMOL_THREADS").is_none()
@@ -281,8 +285,16 @@ fn main() {
             "fanin-ac" => fanin_ac(100, n),
             "fanin-floor" => fanin_handoff_floor(100, n),
             "fanin-tokio" => fanin_chatpipe_tokio(100, n),
-            "fanout-chatpipe" | "fanout-nats" | "fanout-redis" | "fanout-floor"
-            | "paced-chatpipe" | "paced-nats" | "paced-redis" | "paced-floor" => {
+            "fanout-chatpipe"
+            | "fanout-nats"
+            | "fanout-redis"
+            | "fanout-floor"
+            | "fanout-floor-threads"
+            | "paced-chatpipe"
+            | "paced-nats"
+            | "paced-redis"
+            | "paced-floor"
+            | "paced-floor-threads" => {
                 // Scenario 4's load generator against one server, in a
                 // process of its own: `--one fanout-nats <senders> <msgs>`,
                 // saturated; `paced-*`: 10,000 messages/s in all.
@@ -290,6 +302,7 @@ fn main() {
                     "chatpipe" => Server::Chatpipe,
                     "nats" => Server::Nats,
                     "floor" => Server::Floor,
+                    "floor-threads" => Server::FloorThreads,
                     _ => Server::Redis,
                 };
                 let running = loadgen::start(server, loadgen::chat_threads())

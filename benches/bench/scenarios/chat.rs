@@ -391,7 +391,8 @@ pub(crate) fn scenario_chat_fanout(cfg: &Cfg, rep: &mut Report) {
          packages, found on PATH), and the *fan-out floor* (`loadgen::serve_floor`: chatpipe's wire \
          on one smol thread, per connection a reading task and a writing task, a chat encoded once \
          and queued for every other member; no room, no limits: the least a server of chatpipe's \
-         design does). One load generator on **one** thread drives each the same way \
+         design does), and that floor on every executor thread as the room runs (`loadgen::serve_floor_threads`: \
+         smol's global executor with SMOL_THREADS = {threads}, each member's queue an `async-channel`). One load generator on **one** thread drives each the same way \
          (`benches/bench/scenarios/loadgen.rs`): {clients} plain TCP connections, each read by a task \
          that parses its server's wire format in place; the first {senders} clients send, writing each \
          message as soon as it is made (at most {} per write while the connection keeps up); every \
@@ -413,7 +414,13 @@ pub(crate) fn scenario_chat_fanout(cfg: &Cfg, rep: &mut Report) {
          |---|---:|---|---:|---:|---:|---:|---:|"
     );
     let mut versions = Vec::new();
-    for server in [Server::Chatpipe, Server::Nats, Server::Redis, Server::Floor] {
+    for server in [
+        Server::Chatpipe,
+        Server::Nats,
+        Server::Redis,
+        Server::Floor,
+        Server::FloorThreads,
+    ] {
         eprintln!("chat fan-out: {} ...", server.name());
         let d = match drive(cfg, server, threads) {
             Ok(d) => d,
@@ -454,6 +461,7 @@ pub(crate) fn scenario_chat_fanout(cfg: &Cfg, rep: &mut Report) {
             Server::Nats => "nats",
             Server::Redis => "redis",
             Server::Floor => "floor",
+            Server::FloorThreads => "floor_threads",
         };
         rep.set(format!("chat/{key}/delivered_per_s"), st.median);
         rep.set(format!("chat/{key}/server_cores"), d.cpu / secs.max(1e-9));

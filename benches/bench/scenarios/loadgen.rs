@@ -29,7 +29,7 @@ use std::process::{Child, Command, Stdio};
 use std::rc::Rc;
 use std::time::{Duration, Instant};
 
-use bytes::{BufMut, BytesMut};
+use bytes::{BufMut, Bytes, BytesMut};
 use chatpipe::chat::{Chat, ChatMessage};
 use chatpipe::Protocol;
 use smol::io::{AsyncReadExt, AsyncWriteExt};
@@ -37,7 +37,7 @@ use smol::{Async, LocalExecutor};
 
 use super::chat::{is_trouble, CHAT_TEXT};
 use crate::stacks::{write_from, Handoff, Len4, HANDOFF_CAPACITY};
-use futures::StreamExt as _;
+use futures::{SinkExt as _, StreamExt as _};
 
 /// Most messages a sender writes at once in a saturated run.
 pub(crate) const BATCH: usize = 32;
@@ -50,6 +50,8 @@ pub(crate) enum Server {
     Redis,
     /// The fan-out floor (`--serve-floor`), on chatpipe's wire.
     Floor,
+    /// The fan-out floor on every executor thread (`--serve-floor-threads`).
+    FloorThreads,
 }
 
 impl Server {
@@ -59,12 +61,16 @@ impl Server {
             Server::Nats => "nats-server",
             Server::Redis => "redis-server",
             Server::Floor => "fan-out floor",
+            Server::FloorThreads => "fan-out floor, all threads",
         }
     }
 
     /// Whether the server speaks chatpipe's chat protocol.
     fn speaks_chat(self) -> bool {
-        matches!(self, Server::Chatpipe | Server::Floor)
+        matches!(
+            self,
+            Server::Chatpipe | Server::Floor | Server::FloorThreads
+        )
     }
 }
 
@@ -146,11 +152,12 @@ pub(crate) fn chat_threads() -> usize {
 /// Starts `server`, or says why not (not installed).
 pub(crate) fn start(server: Server, threads: usize) -> Result<Running, String> {
     match server {
-        Server::Chatpipe | Server::Floor => {
+        Server::Chatpipe | Server::Floor | Server::FloorThreads => {
             // This very bench program, as the room's server (`--serve-chat`)
             // or the fan-out floor (`--serve-floor`).
             let mode = match server {
                 Server::Floor => "--serve-floor",
+                Server::FloorThreads => "--serve-floor-threads",
                 _ => "--serve-chat",
             };
             let exe = std::env::current_exe().map_err(|e| e.to_string())?;
@@ -186,7 +193,9 @@ pub(crate) fn start(server: Server, threads: usize) -> Result<Running, String> {
                 addr,
                 child,
                 version: match server {
-                    Server::Floor => "the bench's --serve-floor (this tree)".into(),
+                    Server::Floor | Server::FloorThreads => {
+                        format!("the bench's {mode} (this tree)")
+                    }
                     _ => format!("chatpipe {} (this tree)", env!("CARGO_PKG_VERSION")),
                 },
             })
@@ -282,7 +291,7 @@ pub(crate) fn serve_floor() {
     let listener = Async::new(listener).expect("async listener");
     let stdin_closed = listening(addr);
     let ex = Rc::new(LocalExecutor::new());
-    let members: Members = Rc::new(RefCell::new(Vec::new()));
+    let members: Rc<RefCell<Vec<(u64, Handoff<Bytes>)>>> = Rc::default();
     let accept = async {
         for id in 0u64.. {
             let Ok((s, _)) = listener.accept().await else {
@@ -295,22 +304,89 @@ pub(crate) fn serve_floor() {
             let write = asynchronous_codec::FramedWrite::new(s.clone(), Len4);
             ex.spawn(write_from(out.clone(), write)).detach();
             let read = asynchronous_codec::FramedRead::new(s, Len4);
-            ex.spawn(floor_member(id, read, out, members.clone()))
-                .detach();
+            let members = members.clone();
+            ex.spawn(async move {
+                let reply = |b| out.push_now(b);
+                // Unbounded, as nothing here drops a slow member: the
+                // load generator reads everything.
+                let others = |b: &Bytes| {
+                    for (_, q) in members.borrow().iter().filter(|(m, _)| *m != id) {
+                        q.push_now(b.clone());
+                    }
+                };
+                floor_member(id, read, reply, others).await;
+                members.borrow_mut().retain(|(m, _)| *m != id);
+                out.close();
+            })
+            .detach();
         }
     };
     smol::block_on(ex.run(smol::future::or(accept, stdin_closed)));
 }
 
-type Members = Rc<RefCell<Vec<(u64, Handoff<bytes::Bytes>)>>>;
+/// `--serve-floor-threads`: the fan-out floor on smol's global executor
+/// with `SMOL_THREADS` threads, as the room runs: the same tasks as
+/// [`serve_floor`]'s, each member's queue an `async-channel` (a lock-free
+/// queue that any thread may push to) and the member list behind a
+/// `RwLock`. What using every core costs a server of chatpipe's design
+/// when the load generator shares the machine.
+pub(crate) fn serve_floor_threads() {
+    let listener = TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1");
+    let addr = listener.local_addr().unwrap();
+    let listener = Async::new(listener).expect("async listener");
+    let stdin_closed = listening(addr);
+    type Members = std::sync::Arc<std::sync::RwLock<Vec<(u64, smol::channel::Sender<Bytes>)>>>;
+    let members = Members::default();
+    let accept = async {
+        for id in 0u64.. {
+            let Ok((s, _)) = listener.accept().await else {
+                continue;
+            };
+            let s = smol::net::TcpStream::from(s);
+            let _ = s.set_nodelay(true);
+            let (tx, rx) = smol::channel::unbounded::<Bytes>();
+            members.write().unwrap().push((id, tx.clone()));
+            let mut write = asynchronous_codec::FramedWrite::new(s.clone(), Len4);
+            smol::spawn(async move {
+                // Everything queued as one batch, as `write_from` does.
+                while let Ok(first) = rx.recv().await {
+                    write.feed(first).await.unwrap();
+                    while let Ok(b) = rx.try_recv() {
+                        write.feed(b).await.unwrap();
+                    }
+                    write.flush().await.unwrap();
+                }
+                let _ = write.close().await;
+            })
+            .detach();
+            let read = asynchronous_codec::FramedRead::new(s, Len4);
+            let members = members.clone();
+            smol::spawn(async move {
+                let reply = |b| {
+                    let _ = tx.try_send(b);
+                };
+                let others = |b: &Bytes| {
+                    for (_, q) in members.read().unwrap().iter().filter(|(m, _)| *m != id) {
+                        let _ = q.try_send(b.clone());
+                    }
+                };
+                floor_member(id, read, reply, others).await;
+                members.write().unwrap().retain(|(m, _)| *m != id);
+            })
+            .detach();
+        }
+    };
+    smol::block_on(smol::future::or(accept, stdin_closed));
+}
 
 /// One member of the fan-out floor: its frames read and answered (a
-/// nickname with an Ack), each chat queued, encoded once, for the others.
+/// nickname with an Ack, through `reply`), each chat encoded once and
+/// given to `others`.
 async fn floor_member(
     id: u64,
     mut read: asynchronous_codec::FramedRead<smol::net::TcpStream, Len4>,
-    out: Handoff<bytes::Bytes>,
-    members: Members,
+    reply: impl Fn(Bytes),
+    others: impl Fn(&Bytes),
 ) {
     let encode = |msg: &ChatMessage| {
         let mut buf = BytesMut::new();
@@ -327,22 +403,15 @@ async fn floor_member(
                 nickname,
             })) => {
                 name = nickname;
-                out.push(encode(&ChatMessage::Ack { request_id })).await;
+                reply(encode(&ChatMessage::Ack { request_id }));
             }
             Ok(Some(ChatMessage::Chat { text })) => {
                 let from = name.clone();
-                let b = encode(&ChatMessage::Broadcast { from, text });
-                // Unbounded, as nothing here drops a slow member: the
-                // load generator reads everything.
-                for (_, q) in members.borrow().iter().filter(|(m, _)| *m != id) {
-                    q.push_now(b.clone());
-                }
+                others(&encode(&ChatMessage::Broadcast { from, text }));
             }
             _ => {}
         }
     }
-    members.borrow_mut().retain(|(m, _)| *m != id);
-    out.close();
 }
 
 // ---------------------------------------------------------------------------
@@ -365,7 +434,7 @@ fn chat_frame(msg: &ChatMessage, out: &mut Vec<u8>) {
 /// Appends the message carrying `text` as `server` takes it.
 fn put_message(server: Server, text: &[u8], out: &mut Vec<u8>) {
     match server {
-        Server::Chatpipe | Server::Floor => {
+        Server::Chatpipe | Server::Floor | Server::FloorThreads => {
             // Chat (type 0): the text as a long string.
             out.extend_from_slice(&(4 + 2 + text.len() as u32).to_be_bytes());
             out.extend_from_slice(&0u32.to_be_bytes());
@@ -413,7 +482,7 @@ fn num(b: &[u8]) -> Option<usize> {
 /// `None` if it is not all there yet.
 fn parse(server: Server, buf: &[u8]) -> Option<(Item<'_>, usize)> {
     match server {
-        Server::Chatpipe | Server::Floor => {
+        Server::Chatpipe | Server::Floor | Server::FloorThreads => {
             let len = u32::from_be_bytes(buf.get(..4)?.try_into().ok()?) as usize;
             let p = buf.get(4..4 + len)?;
             let ty = u32::from_be_bytes(p.get(..4)?.try_into().ok()?);
@@ -575,7 +644,7 @@ pub(crate) async fn connect_all(
         let listen = connect(addr).await;
         let mut hello = Vec::new();
         match server {
-            Server::Chatpipe | Server::Floor => {
+            Server::Chatpipe | Server::Floor | Server::FloorThreads => {
                 chat_frame(&ChatMessage::set_nickname(format!("c{i:03}")), &mut hello)
             }
             Server::Nats => hello.extend_from_slice(
