@@ -291,7 +291,8 @@ pub(crate) fn serve_floor() {
     let listener = Async::new(listener).expect("async listener");
     let stdin_closed = listening(addr);
     let ex = Rc::new(LocalExecutor::new());
-    let members: Rc<RefCell<Vec<(u64, Handoff<Bytes>)>>> = Rc::default();
+    type Members = Rc<RefCell<Vec<(u64, Handoff<Bytes>)>>>;
+    let members = Members::default();
     let accept = async {
         for id in 0u64.. {
             let Ok((s, _)) = listener.accept().await else {
