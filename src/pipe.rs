@@ -50,6 +50,10 @@ pub(crate) struct Pipe<T> {
     /// memory costs a page fault per page, and its zeroing. At most
     /// `RECYCLE`; given back when the connection goes idle.
     recycled: VecDeque<Bytes>,
+    /// The read buffer before `read_buf`, kept to read into again once the
+    /// application has dropped every message in it (see `top_up`); empty
+    /// when there is none.
+    spare: BytesMut,
     /// Total bytes read; the driver watches it for liveness.
     pub bytes_read: u64,
     /// Total bytes written; the driver watches it for write progress.
@@ -129,6 +133,7 @@ impl<T: AsyncRead + AsyncWrite + Unpin> Pipe<T> {
             read_eof: false,
             large: false,
             recycled: VecDeque::new(),
+            spare: BytesMut::new(),
             bytes_read: 0,
             bytes_written: 0,
             chunks: VecDeque::new(),
@@ -232,10 +237,7 @@ impl<T: AsyncRead + AsyncWrite + Unpin> Pipe<T> {
                 self.read_buf.resize((self.filled + MAX_READ).min(end), 0);
             }
         } else if self.read_buf.len() - self.filled < self.read_size / 2 {
-            // Top the spare room up to one read's worth. The read size
-            // grows only while reads fill it: memory follows the bytes
-            // that actually arrive, never a length a peer announced.
-            self.read_buf.resize(self.filled + self.read_size, 0);
+            self.top_up();
         }
         let filled = self.filled;
         let room = self.read_buf.len() - filled;
@@ -254,6 +256,33 @@ impl<T: AsyncRead + AsyncWrite + Unpin> Pipe<T> {
             Poll::Pending => return Poll::Pending,
         }
         Poll::Ready(Ok(()))
+    }
+
+    /// Tops the room to read into up to one read's worth. The read size
+    /// grows only while reads fill it: memory follows the bytes that
+    /// actually arrive, never a length a peer announced.
+    ///
+    /// Without allocating where it can: in place once the application has
+    /// dropped every message read into the buffer, or else in the buffer
+    /// before it once it has dropped those. When a buffer runs out, the
+    /// message just read from it is usually still held (a request's
+    /// answer, say), so the two buffers take turns.
+    fn top_up(&mut self) {
+        let want = self.filled + self.read_size;
+        if want > self.read_buf.capacity() {
+            self.read_buf.truncate(self.filled);
+            if !self.read_buf.try_reclaim(self.read_size) {
+                self.spare.clear();
+                let mut next = if self.spare.try_reclaim(want) {
+                    std::mem::take(&mut self.spare)
+                } else {
+                    BytesMut::with_capacity(want)
+                };
+                next.extend_from_slice(&self.read_buf);
+                self.spare = std::mem::replace(&mut self.read_buf, next);
+            }
+        }
+        self.read_buf.resize(want, 0);
     }
 
     /// Reads stopped at a large frame's end: nothing else is in its
@@ -425,6 +454,7 @@ impl<T: AsyncRead + AsyncWrite + Unpin> Pipe<T> {
             self.large = false;
         }
         self.recycled = VecDeque::new();
+        self.spare = BytesMut::new();
         if self.queued == 0 {
             self.tail = BytesMut::new();
         }
@@ -510,6 +540,31 @@ mod tests {
         assert!(pipe.poll_frame(&mut cx).is_pending());
         pipe.release_idle_buffers();
         assert!(pipe.recycled.is_empty());
+    }
+
+    #[test]
+    fn the_spare_read_buffer_is_given_back_when_the_connection_goes_idle() {
+        let mut script = Mock::new();
+        for _ in 0..50 {
+            script = script.read(&frame(100));
+        }
+        let (io, _peer) = script.build();
+        let mut pipe = Pipe::new(io, 1 << 20);
+        let mut cx = Context::from_waker(Waker::noop());
+        // The application holds the last frame it was given, so buffers
+        // that run out are not ours alone: the one before is kept.
+        let mut held = None;
+        for _ in 0..50 {
+            let Poll::Ready(Ok(Some(p))) = pipe.poll_frame(&mut cx) else {
+                panic!("no frame");
+            };
+            held = Some(p);
+        }
+        assert!(pipe.spare.capacity() > 0);
+        drop(held);
+        assert!(pipe.poll_frame(&mut cx).is_pending());
+        pipe.release_idle_buffers();
+        assert_eq!(pipe.read_buf.capacity() + pipe.spare.capacity(), 0);
     }
 
     #[test]

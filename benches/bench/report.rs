@@ -556,9 +556,10 @@ fn floors(rep: &Report, md: &mut String) {
     let _ = writeln!(
         md,
         "\nAllocations per `request()` round trip on smol, both threads (client + server): \
-         asynchronous-codec ping-pong (async-io's reactor alone) {}; chatpipe with no timer in \
-         async-io {}; chatpipe {}.",
+         asynchronous-codec ping-pong (async-io's reactor alone) {}; the same with a deadline \
+         armed in async-io on each side {}; chatpipe with no timer in async-io {}; chatpipe {}.",
         both("ac/pingpong"),
+        both("ac/pingpong-deadline"),
         both("chatpipe/request-frozen"),
         both("chatpipe/request"),
     );

@@ -192,15 +192,27 @@ fn frozen_timer() -> ManualTimer {
 /// it allocates is async-io's reactor, which every stack on smol pays:
 /// each turn of the reactor that wakes a task collects the wakers in a
 /// new `Vec`, and while any timer is registered it splits its timer map
-/// (`BTreeMap::split_off`) on every turn too.
-fn allocs_ac_pingpong(n: u64) -> [f64; 5] {
+/// (`BTreeMap::split_off`) on every turn too. With `deadline`, each side
+/// arms one async-io timer an hour away before its round trips, as a
+/// connection with a keepalive deadline does (armed once, never re-armed):
+/// the floor of a connection that has a deadline at all.
+fn allocs_ac_pingpong(n: u64, deadline: bool) -> [f64; 5] {
     let (a, b) = tcp_pair();
     let body = payload(RTT_SIZE);
+    // Registered in the reactor by its first poll; kept until the end.
+    let arm = move || async move {
+        let mut timer = deadline.then(|| smol::Timer::after(std::time::Duration::from_secs(3600)));
+        if let Some(t) = &mut timer {
+            assert!(futures::poll!(t).is_pending());
+        }
+        timer
+    };
     allocs_run(
         n,
         move |ready, go| {
             smol_thread(move |_ex| async move {
                 let mut f = ac_framed(a);
+                let _deadline = arm().await;
                 ready.wait();
                 go.wait();
                 let before = thread_allocs();
@@ -216,6 +228,7 @@ fn allocs_ac_pingpong(n: u64) -> [f64; 5] {
         move |ready, go| {
             smol_thread(move |_ex| async move {
                 let mut f = ac_framed(b);
+                let _deadline = arm().await;
                 ready.wait();
                 go.wait();
                 let before = thread_allocs();
@@ -298,11 +311,21 @@ pub(crate) fn scenario_allocs(cfg: &Cfg, rep: &mut Report) {
         v,
         rep,
     );
-    let v = allocs_ac_pingpong(rtt_n);
+    let v = allocs_ac_pingpong(rtt_n, false);
     row(
         &mut md,
         &format!("asynchronous-codec ping-pong (floor) | round trip {RTT_SIZE} B"),
         "ac/pingpong",
+        v,
+        rep,
+    );
+    let v = allocs_ac_pingpong(rtt_n, true);
+    row(
+        &mut md,
+        &format!(
+            "asynchronous-codec ping-pong, a deadline armed in async-io (floor) | round trip {RTT_SIZE} B"
+        ),
+        "ac/pingpong-deadline",
         v,
         rep,
     );
