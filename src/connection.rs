@@ -12,7 +12,6 @@ use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
 use event_listener::EventListener;
-use futures_channel::oneshot;
 use futures_io::{AsyncRead, AsyncWrite};
 
 use crate::frame::HEADER_LEN;
@@ -639,7 +638,7 @@ where
                 head,
                 body,
             } => {
-                let abandoned = oneshot::Sender::is_canceled;
+                let abandoned = Reply::is_canceled;
                 if let Err(reply) = self.state.insert_request(now, id, reply, abandoned) {
                     let _ = reply.send(Err(Error::InvalidRequest(
                         "a request with this id is already outstanding",
@@ -654,7 +653,7 @@ where
             }
             // Only if that request's future is gone: the id may have been
             // reused since by a request that is still waiting.
-            Piece::Abandon(id) => return self.state.abandon(&id, oneshot::Sender::is_canceled),
+            Piece::Abandon(id) => return self.state.abandon(&id, Reply::is_canceled),
         }
         self.state.on_sent(now);
     }

@@ -307,6 +307,7 @@ mod queue;
 #[cfg(feature = "quic")]
 pub mod quic;
 pub mod raw;
+mod reply;
 mod sender;
 pub mod session;
 mod state;

@@ -15,13 +15,12 @@ use std::task::{Context, Poll, Waker};
 
 use bytes::{BufMut, Bytes, BytesMut};
 use event_listener::Event;
-use futures_channel::oneshot;
 
 use crate::frame::{check_len, HEADER_LEN};
 use crate::pipe::COPY_BELOW;
 use crate::{Error, Protocol};
 
-pub(crate) type Reply<M> = oneshot::Sender<Result<M, Error>>;
+pub(crate) type Reply<M> = crate::reply::ReplyTx<M>;
 
 /// Encoded output, in order, for the driver.
 pub(crate) enum Piece<P: Protocol> {
@@ -56,6 +55,8 @@ pub(crate) struct Outbox<P: Protocol> {
     room: Event,
     capacity: usize,
     max_frame_len: usize,
+    /// Reply slots for `Sender::request`, kept for reuse.
+    pub replies: crate::reply::Pool<P::Message>,
 }
 
 struct Inner<P: Protocol> {
@@ -132,6 +133,7 @@ impl<P: Protocol> Outbox<P> {
             }),
             accepted: AtomicU64::new(0),
             room: Event::new(),
+            replies: crate::reply::Pool::default(),
             capacity,
             max_frame_len,
         }
@@ -356,6 +358,8 @@ impl<P: Protocol> Outbox<P> {
             inner.pieces = VecDeque::new();
             inner.tail = BytesMut::new();
         }
+        drop(inner);
+        self.replies.release();
     }
 }
 
@@ -495,7 +499,7 @@ mod tests {
     fn requests_and_large_bodies_keep_their_order() {
         let outbox = Outbox::new(10, 1 << 20);
         let big = Bytes::from(vec![9u8; 8192]);
-        let (tx, _rx) = oneshot::channel();
+        let (tx, _rx) = crate::reply::channel();
         assert!(outbox.try_push(&Raw, &text("first"), None, false).is_ok());
         let req = RawMessage::Request {
             id: 5,

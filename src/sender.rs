@@ -10,7 +10,6 @@ use std::task::{ready, Context, Poll};
 use std::time::Instant;
 
 use event_listener::EventListener;
-use futures_channel::oneshot;
 use futures_sink::Sink;
 
 use crate::connection::Shared;
@@ -225,7 +224,7 @@ impl<P: Protocol> Sender<P> {
         let Kind::Request(id) = self.protocol.kind(&msg) else {
             return Err(Error::InvalidRequest("the message is not a request"));
         };
-        let (reply_tx, reply_rx) = oneshot::channel();
+        let (reply_tx, reply_rx) = self.outbox.replies.take();
         let mut reply_tx = Some(reply_tx);
         while let Some(tx) = reply_tx.take() {
             match self
@@ -246,8 +245,8 @@ impl<P: Protocol> Sender<P> {
             id: Some(id),
         };
         let res = match reply_rx.await {
-            Ok(res) => res,
-            Err(oneshot::Canceled) => Err(self.shared.reason()),
+            Some(res) => res,
+            None => Err(self.shared.reason()),
         };
         guard.id = None;
         res

@@ -28,7 +28,7 @@ use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
 use event_listener::{Event, EventListener};
-use futures_channel::{mpsc, oneshot};
+use futures_channel::mpsc;
 use futures_core::stream::{FusedStream, Stream};
 use futures_io::{AsyncRead, AsyncWrite};
 
@@ -624,7 +624,7 @@ impl<P: Protocol> Session<P> {
         let Kind::Request(id) = self.shared.protocol.kind(&msg) else {
             return Err(Error::InvalidRequest("the message is not a request"));
         };
-        let (tx, rx) = oneshot::channel();
+        let (tx, rx) = crate::reply::channel();
         let mut tx = Some(tx);
         let mut msg = msg;
         loop {
@@ -650,8 +650,8 @@ impl<P: Protocol> Session<P> {
             }
         }
         match rx.await {
-            Ok(res) => res,
-            Err(oneshot::Canceled) => Err(self
+            Some(res) => res,
+            None => Err(self
                 .shared
                 .lock()
                 .last_loss

@@ -122,3 +122,46 @@ fn small_messages_read_one_at_a_time_reuse_the_read_buffers() {
     // here. The two buffers taking turns cost none.
     assert!(counted <= 10, "{counted} allocations for {N} messages");
 }
+
+#[test]
+fn a_request_round_trip_allocates_nothing_once_warm() {
+    use chatpipe::Sender;
+    use futures::StreamExt as _;
+    use tokio_util::compat::TokioAsyncReadCompatExt;
+    const WARM: u64 = 100;
+    const N: u64 = 1000;
+    let (a, b) = tokio::io::duplex(64 * 1024);
+    let clock = ManualClock::new();
+    let (client, _crx, cconn) = quiet().build_with_timer(a.compat(), Raw, clock.timer());
+    let (server, mut srx, sconn) = quiet().build_with_timer(b.compat(), Raw, clock.timer());
+    let mut pool = LocalPool::new();
+    let spawner = pool.spawner();
+    spawner.spawn_local(async { drop(cconn.await) }).unwrap();
+    spawner.spawn_local(async { drop(sconn.await) }).unwrap();
+    // The server answers each request with its body.
+    let echo = |server: Sender<Raw>| async move {
+        while let Some(Ok(RawMessage::Request { id, body })) = srx.next().await {
+            let _ = server.send(RawMessage::Response { id, body }).await;
+        }
+    };
+    spawner.spawn_local(echo(server)).unwrap();
+    let body = Bytes::from_static(&[7u8; 64]);
+    let counted = pool.run_until(async {
+        let mut before = 0;
+        for id in 0..WARM + N {
+            if id == WARM {
+                before = allocs();
+            }
+            let req = RawMessage::Request {
+                id,
+                body: body.clone(),
+            };
+            let res = client.request(req).await.unwrap();
+            assert!(matches!(res, RawMessage::Response { id: got, .. } if got == id));
+        }
+        allocs() - before
+    });
+    // Both ends and both drivers run on this thread. A reply slot per
+    // request (a one-shot channel) would be 1,000 here on its own.
+    assert!(counted <= 20, "{counted} allocations for {N} round trips");
+}

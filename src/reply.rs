@@ -1,0 +1,283 @@
+//! A request's reply slot: the driver fills it once, the requester takes
+//! what is in it.
+//!
+//! A one-shot channel would do, but costs an allocation per request. These
+//! slots go back to their connection's [`Pool`] when the requester is done
+//! with them, so once as many requests have been in flight as ever will
+//! be, a round trip allocates nothing. Each slot has a lock of its own:
+//! requests in flight do not contend with one another. Each use of a slot
+//! is a new *round*, and each end remembers its round, so an end left over
+//! from an earlier use (the driver's, of a request abandoned or timed out)
+//! can no longer touch it.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::task::{Context, Poll, Waker};
+
+use crate::Error;
+
+/// What a request gets: its response, or why there is none.
+pub(crate) type Answer<M> = Result<M, Error>;
+
+/// Most free slots a pool keeps; more in flight at once are allocated, and
+/// freed when done.
+const KEEP: usize = 1024;
+
+struct Slot<M> {
+    inner: Mutex<Inner<M>>,
+}
+
+struct Inner<M> {
+    round: u64,
+    state: State<M>,
+}
+
+enum State<M> {
+    /// The requester waits (its waker, once it has polled).
+    Waiting(Option<Waker>),
+    Answered(Answer<M>),
+    /// The driver's end was dropped without an answer: the connection is
+    /// gone.
+    Dropped,
+    /// Taken, or not in use.
+    Done,
+}
+
+impl<M> Inner<M> {
+    /// Whether the requester still waits in round `round`.
+    fn waits(&self, round: u64) -> bool {
+        self.round == round && matches!(self.state, State::Waiting(_))
+    }
+
+    /// Ends the round with `to`: the requester's waker.
+    fn end(&mut self, to: State<M>) -> Option<Waker> {
+        match std::mem::replace(&mut self.state, to) {
+            State::Waiting(waker) => waker,
+            _ => None,
+        }
+    }
+}
+
+impl<M> Slot<M> {
+    fn lock(&self) -> MutexGuard<'_, Inner<M>> {
+        // Nothing runs user code under this lock (wakers are woken after
+        // it is released), so poisoning cannot leave a slot inconsistent.
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// A connection's free slots.
+pub(crate) struct Pool<M> {
+    free: Mutex<Vec<Arc<Slot<M>>>>,
+}
+
+impl<M> Default for Pool<M> {
+    fn default() -> Self {
+        Pool {
+            free: Mutex::new(Vec::new()),
+        }
+    }
+}
+
+impl<M> Pool<M> {
+    fn lock(&self) -> MutexGuard<'_, Vec<Arc<Slot<M>>>> {
+        self.free.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// A slot for one request: a free one, or a new one.
+    pub fn take(&self) -> (ReplyTx<M>, ReplyRx<'_, M>) {
+        let slot = self.lock().pop();
+        open(slot, Some(self))
+    }
+
+    /// Gives back the memory of the free slots.
+    pub fn release(&self) {
+        *self.lock() = Vec::new();
+    }
+}
+
+/// A slot of its own, not from a pool.
+pub(crate) fn channel<M>() -> (ReplyTx<M>, ReplyRx<'static, M>) {
+    open(None, None)
+}
+
+fn open<M>(slot: Option<Arc<Slot<M>>>, pool: Option<&Pool<M>>) -> (ReplyTx<M>, ReplyRx<'_, M>) {
+    let slot = slot.unwrap_or_else(|| {
+        Arc::new(Slot {
+            inner: Mutex::new(Inner {
+                round: 0,
+                state: State::Done,
+            }),
+        })
+    });
+    let round = {
+        let mut inner = slot.lock();
+        inner.state = State::Waiting(None);
+        inner.round
+    };
+    let tx = ReplyTx {
+        slot: Some(slot.clone()),
+        round,
+    };
+    (tx, ReplyRx { slot, round, pool })
+}
+
+/// The driver's end of a reply slot. Dropped without an answer, it tells
+/// the requester that none will come.
+pub(crate) struct ReplyTx<M> {
+    /// `None` once answered.
+    slot: Option<Arc<Slot<M>>>,
+    round: u64,
+}
+
+impl<M> ReplyTx<M> {
+    /// Hands `answer` to the requester; gives it back if the requester is
+    /// gone.
+    pub fn send(mut self, answer: Answer<M>) -> Result<(), Answer<M>> {
+        let Some(slot) = self.slot.take() else {
+            return Err(answer);
+        };
+        let waker = {
+            let mut inner = slot.lock();
+            if !inner.waits(self.round) {
+                return Err(answer);
+            }
+            inner.end(State::Answered(answer))
+        };
+        if let Some(w) = waker {
+            w.wake();
+        }
+        Ok(())
+    }
+
+    /// Whether the requester has gone away (dropped its future).
+    pub fn is_canceled(&self) -> bool {
+        self.slot
+            .as_ref()
+            .is_none_or(|slot| !slot.lock().waits(self.round))
+    }
+}
+
+impl<M> Drop for ReplyTx<M> {
+    fn drop(&mut self) {
+        let Some(slot) = self.slot.take() else {
+            return;
+        };
+        let waker = {
+            let mut inner = slot.lock();
+            match inner.waits(self.round) {
+                true => inner.end(State::Dropped),
+                false => None,
+            }
+        };
+        if let Some(w) = waker {
+            w.wake();
+        }
+    }
+}
+
+/// The requester's end of a reply slot: a future of the answer, `None` if
+/// the driver's end was dropped without one. Dropping it frees the slot
+/// (back to its pool), whatever the driver's end does later.
+pub(crate) struct ReplyRx<'a, M> {
+    slot: Arc<Slot<M>>,
+    round: u64,
+    pool: Option<&'a Pool<M>>,
+}
+
+impl<M> Future for ReplyRx<'_, M> {
+    type Output = Option<Answer<M>>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let mut inner = self.slot.lock();
+        match std::mem::replace(&mut inner.state, State::Done) {
+            State::Waiting(waker) => {
+                let waker = match waker {
+                    Some(w) if w.will_wake(cx.waker()) => w,
+                    _ => cx.waker().clone(),
+                };
+                inner.state = State::Waiting(Some(waker));
+                Poll::Pending
+            }
+            State::Answered(answer) => Poll::Ready(Some(answer)),
+            State::Dropped | State::Done => Poll::Ready(None),
+        }
+    }
+}
+
+impl<M> Drop for ReplyRx<'_, M> {
+    fn drop(&mut self) {
+        {
+            let mut inner = self.slot.lock();
+            // A new round: the driver's end of this one can no longer
+            // touch the slot.
+            inner.round = self.round.wrapping_add(1);
+            inner.state = State::Done;
+        }
+        if let Some(pool) = self.pool {
+            let mut free = pool.lock();
+            if free.len() < KEEP {
+                free.push(self.slot.clone());
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn poll<M>(rx: &mut ReplyRx<'_, M>) -> Poll<Option<Answer<M>>> {
+        Pin::new(rx).poll(&mut Context::from_waker(Waker::noop()))
+    }
+
+    #[test]
+    fn an_answer_reaches_the_requester_and_the_slot_is_used_again() {
+        let pool = Pool::<u8>::default();
+        let (tx, mut rx) = pool.take();
+        assert!(poll(&mut rx).is_pending());
+        assert!(!tx.is_canceled());
+        assert!(tx.send(Ok(7)).is_ok());
+        assert!(matches!(poll(&mut rx), Poll::Ready(Some(Ok(7)))));
+        let first = Arc::as_ptr(&rx.slot);
+        drop(rx);
+        let (_tx, rx) = pool.take();
+        assert_eq!(Arc::as_ptr(&rx.slot), first);
+    }
+
+    #[test]
+    fn a_dropped_driver_end_says_no_answer_will_come() {
+        let (tx, mut rx) = channel::<u8>();
+        assert!(poll(&mut rx).is_pending());
+        drop(tx);
+        assert!(matches!(poll(&mut rx), Poll::Ready(None)));
+    }
+
+    #[test]
+    fn an_end_left_from_an_earlier_round_cannot_touch_the_slot() {
+        let pool = Pool::<u8>::default();
+        // The requester gives up; the driver still holds its end.
+        let (stale, rx) = pool.take();
+        drop(rx);
+        assert!(stale.is_canceled());
+        // The slot serves the next request.
+        let (tx, mut rx) = pool.take();
+        assert!(Arc::ptr_eq(&rx.slot, stale.slot.as_ref().unwrap()));
+        // The old end can neither answer it nor end it.
+        assert!(matches!(stale.send(Ok(1)), Err(Ok(1))));
+        assert!(poll(&mut rx).is_pending());
+        assert!(tx.send(Ok(2)).is_ok());
+        assert!(matches!(poll(&mut rx), Poll::Ready(Some(Ok(2)))));
+    }
+
+    #[test]
+    fn a_stale_end_dropped_does_not_end_the_new_round() {
+        let pool = Pool::<u8>::default();
+        let (stale, rx) = pool.take();
+        drop(rx);
+        let (_tx, mut rx) = pool.take();
+        drop(stale);
+        assert!(poll(&mut rx).is_pending());
+    }
+}
