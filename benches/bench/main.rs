@@ -79,7 +79,8 @@ use scenarios::oneway::scenario_oneway;
 use scenarios::pipelined::{pipelined_case, scenario_pipelined};
 use scenarios::quic::scenario_quic;
 use scenarios::rtt::{
-    rtt_ac, rtt_chatpipe, rtt_chatpipe_tokio, rtt_handoff_floor, rtt_raw, rtt_tokio, scenario_rtt,
+    rtt_ac, rtt_chatpipe, rtt_chatpipe_tokio, rtt_handoff_floor, rtt_handoff_floor_tokio, rtt_raw,
+    rtt_tokio, scenario_rtt,
 };
 use scenarios::tls::scenario_tls;
 use scenarios::ws::scenario_ws;
@@ -256,8 +257,13 @@ fn main() {
             "pipelined-raw" => pipelined_case("raw one-thread client", n),
             "pipelined-tarpc" => pipelined_case("tarpc", n),
             "pipelined-floor" => pipelined_case("handoff floor", n),
+            "pipelined-floor-tokio" => pipelined_case("handoff floor (tokio)", n),
             "rtt-floor" => {
                 let v = rtt_handoff_floor(n as usize, 0);
+                v.iter().sum::<u64>() as f64 / 1e9
+            }
+            "rtt-floor-tokio" => {
+                let v = rtt_handoff_floor_tokio(n as usize, 0);
                 v.iter().sum::<u64>() as f64 / 1e9
             }
             "request-tokio" => {
@@ -356,8 +362,8 @@ fn main() {
                 eprintln!(
                     "cases: raw feed tokio-send ac-feed ac-send send try_send tokio-cp-send \
                      handoff-floor handoff-floor-tokio (size n), request request-tokio ping-raw \
-                     ping-ac ping-tokio rtt-floor (_ n), pipelined pipelined-tokio pipelined-raw \
-                     pipelined-tarpc pipelined-floor (_ n), fanin fanin-feed fanin-ac fanin-tokio \
+                     ping-ac ping-tokio rtt-floor rtt-floor-tokio (_ n), pipelined pipelined-tokio \
+                     pipelined-raw pipelined-tarpc pipelined-floor pipelined-floor-tokio (_ n), fanin fanin-feed fanin-ac fanin-tokio \
                      fanin-floor (_ msgs per connection), chat (senders msgs_each), \
                      fanout-SERVER paced-SERVER with SERVER chatpipe nats redis floor (senders msgs_each)"
                 );

@@ -508,17 +508,26 @@ fn floors(rep: &Report, md: &mut String) {
         "rtt/one CPU/asynchronous-codec ping-pong/p50".into(),
         "rtt/one CPU/chatpipe request()/p50".into(),
     ));
-    for (peer, key) in [
-        ("raw one-thread client", "raw one-thread client"),
-        ("tarpc", "tarpc"),
+    rows.push((
+        "rtt p50, one CPU, tokio (lower is better)".into(),
+        "tokio-util ping-pong".into(),
+        "rtt/one CPU/handoff floor (tokio)/p50".into(),
+        "rtt/one CPU/tokio-util ping-pong/p50".into(),
+        "rtt/one CPU/chatpipe request() on tokio/p50".into(),
+    ));
+    for (runtime, floor, chatpipe) in [
+        ("smol", "handoff floor", "chatpipe call()"),
+        ("tokio", "handoff floor (tokio)", "chatpipe call() on tokio"),
     ] {
-        rows.push((
-            "pipelined 64 x 64 B, smol".into(),
-            peer.into(),
-            "pipelined/handoff floor".into(),
-            format!("pipelined/{key}"),
-            "pipelined/chatpipe call()".into(),
-        ));
+        for peer in ["raw one-thread client", "tarpc"] {
+            rows.push((
+                format!("pipelined 64 x 64 B, {runtime}"),
+                peer.into(),
+                format!("pipelined/{floor}"),
+                format!("pipelined/{peer}"),
+                format!("pipelined/{chatpipe}"),
+            ));
+        }
     }
     rows.push((
         "chat fan-out paced p50, the floor on one thread (lower is better)".into(),

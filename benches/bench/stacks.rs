@@ -109,6 +109,27 @@ where
     })
 }
 
+/// Runs `f` on a new thread inside a tokio current-thread runtime and a
+/// `LocalSet`, so that it may `spawn_local` tasks that are not `Send` (the
+/// handoff floor's).
+pub(crate) fn tokio_local_thread<T, F, Fut>(f: F) -> thread::JoinHandle<T>
+where
+    T: Send + 'static,
+    F: FnOnce() -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = T> + 'static,
+{
+    thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("tokio runtime");
+        let local = tokio::task::LocalSet::new();
+        local.block_on(&rt, async {
+            tokio::task::spawn_local(f()).await.expect("task panicked")
+        })
+    })
+}
+
 /// As `tokio_thread`, with `f` a spawned task (see `smol_task_thread`:
 /// on tokio each wake of the `block_on` future costs an epoll_wait).
 pub(crate) fn tokio_task_thread<T, F, Fut>(f: F) -> thread::JoinHandle<T>
@@ -626,7 +647,8 @@ pub(crate) async fn consume<B: AsRef<[u8]>>(q: &Handoff<B>, n: u64, size: usize)
 pub(crate) struct HandoffEnd {
     pub(crate) out: Handoff<Bytes>,
     pub(crate) inq: Handoff<bytes::BytesMut>,
-    tasks: [smol::Task<()>; 2],
+    /// The two tasks' ends, on either runtime.
+    tasks: [std::pin::Pin<Box<dyn std::future::Future<Output = ()>>>; 2],
 }
 
 impl HandoffEnd {
@@ -638,9 +660,36 @@ impl HandoffEnd {
         );
         let read = asynchronous_codec::FramedRead::new(s.clone(), Len4);
         let write = asynchronous_codec::FramedWrite::new(s, Len4);
-        let tasks = [
-            ex.spawn(read_into(inq.clone(), read)),
-            ex.spawn(write_from(out.clone(), write)),
+        let tasks: [std::pin::Pin<Box<dyn std::future::Future<Output = ()>>>; 2] = [
+            Box::pin(ex.spawn(read_into(inq.clone(), read))),
+            Box::pin(ex.spawn(write_from(out.clone(), write))),
+        ];
+        HandoffEnd { out, inq, tasks }
+    }
+
+    /// [`HandoffEnd::smol`] on tokio: tokio-util's length-delimited codec,
+    /// the tasks `spawn_local`ed (call it inside a `LocalSet`, as
+    /// [`tokio_local_thread`] runs its future).
+    pub(crate) fn tokio(s: TcpStream) -> Self {
+        s.set_nonblocking(true).unwrap();
+        let s = tokio::net::TcpStream::from_std(s).expect("register with tokio");
+        let (r, w) = s.into_split();
+        let codec = || {
+            LengthDelimitedCodec::builder()
+                .max_frame_length(MAX_FRAME)
+                .new_codec()
+        };
+        let read = tokio_util::codec::FramedRead::new(r, codec());
+        let write = tokio_util::codec::FramedWrite::new(w, codec());
+        let (out, inq) = (
+            Handoff::new(HANDOFF_CAPACITY),
+            Handoff::new(HANDOFF_CAPACITY),
+        );
+        let reader = tokio::task::spawn_local(read_into(inq.clone(), read));
+        let writer = tokio::task::spawn_local(write_from(out.clone(), write));
+        let tasks: [std::pin::Pin<Box<dyn std::future::Future<Output = ()>>>; 2] = [
+            Box::pin(async { reader.await.expect("floor reader") }),
+            Box::pin(async { writer.await.expect("floor writer") }),
         ];
         HandoffEnd { out, inq, tasks }
     }

@@ -19,20 +19,21 @@ use crate::harness::{calibrated, stats};
 use crate::report::{ratio, si, Report};
 use crate::scenarios::rtt::{chatpipe_echo, timed_trips};
 use crate::stacks::{
-    chatpipe_builder, payload, smol_stream, smol_task_thread, tcp_pair, tokio_framed, tokio_stream,
-    tokio_task_thread, HandoffEnd,
+    chatpipe_builder, payload, smol_stream, smol_task_thread, tcp_pair, tokio_framed,
+    tokio_local_thread, tokio_stream, tokio_task_thread, HandoffEnd,
 };
 use crate::Cfg;
 
 pub(crate) const WINDOW: usize = 64;
 pub(crate) const PIPE_SIZE: usize = 64;
 
-const PIPELINED_STACKS: [&str; 5] = [
+const PIPELINED_STACKS: [&str; 6] = [
     "raw one-thread client",
     "tarpc",
     "chatpipe call()",
     "chatpipe call() on tokio",
     "handoff floor",
+    "handoff floor (tokio)",
 ];
 
 // ---------------------------------------------------------------------------
@@ -259,33 +260,49 @@ fn pipelined_chatpipe_tokio(n: u64) -> f64 {
 fn pipelined_handoff_floor(n: u64) -> f64 {
     let (a, b) = tcp_pair();
     let server = smol_task_thread(move |ex| HandoffEnd::smol(&ex, b).echo());
-    let client = smol_task_thread(move |ex| async move {
-        let end = HandoffEnd::smol(&ex, a);
-        let body = payload(PIPE_SIZE);
-        let t0 = Instant::now();
-        let mut sent = 0;
-        while sent < n.min(WINDOW as u64) {
-            end.out.push(body.clone()).await;
-            sent += 1;
-        }
-        let (mut done, mut batch) = (0, VecDeque::new());
-        while done < n {
-            assert!(end.inq.take_all(&mut batch).await, "floor: early end");
-            for m in batch.drain(..) {
-                std::hint::black_box(m);
-                done += 1;
-                if sent < n {
-                    end.out.push(body.clone()).await;
-                    sent += 1;
-                }
-            }
-        }
-        let secs = t0.elapsed().as_secs_f64();
-        end.close().await;
-        secs
-    });
+    let client =
+        smol_task_thread(
+            move |ex| async move { floor_pipeline(HandoffEnd::smol(&ex, a), n).await },
+        );
     let secs = client.join().unwrap();
     server.join().unwrap();
+    secs
+}
+
+/// [`pipelined_handoff_floor`] on tokio.
+fn pipelined_handoff_floor_tokio(n: u64) -> f64 {
+    let (a, b) = tcp_pair();
+    let server = tokio_local_thread(move || HandoffEnd::tokio(b).echo());
+    let client =
+        tokio_local_thread(move || async move { floor_pipeline(HandoffEnd::tokio(a), n).await });
+    let secs = client.join().unwrap();
+    server.join().unwrap();
+    secs
+}
+
+/// The floor's client: `n` requests through `end`, `WINDOW` in flight.
+async fn floor_pipeline(end: HandoffEnd, n: u64) -> f64 {
+    let body = payload(PIPE_SIZE);
+    let t0 = Instant::now();
+    let mut sent = 0;
+    while sent < n.min(WINDOW as u64) {
+        end.out.push(body.clone()).await;
+        sent += 1;
+    }
+    let (mut done, mut batch) = (0, VecDeque::new());
+    while done < n {
+        assert!(end.inq.take_all(&mut batch).await, "floor: early end");
+        for m in batch.drain(..) {
+            std::hint::black_box(m);
+            done += 1;
+            if sent < n {
+                end.out.push(body.clone()).await;
+                sent += 1;
+            }
+        }
+    }
+    let secs = t0.elapsed().as_secs_f64();
+    end.close().await;
     secs
 }
 
@@ -296,6 +313,7 @@ pub(crate) fn pipelined_case(stack: &str, n: u64) -> f64 {
         "tarpc" => pipelined_tarpc(n),
         "chatpipe call() on tokio" => pipelined_chatpipe_tokio(n),
         "handoff floor" => pipelined_handoff_floor(n),
+        "handoff floor (tokio)" => pipelined_handoff_floor_tokio(n),
         _ => pipelined_chatpipe(n),
     }
 }

@@ -16,12 +16,12 @@ use crate::report::{ratio, Report};
 use crate::scenarios::pipelined::rtt_tarpc;
 use crate::stacks::{
     ac_framed, chatpipe_builder, payload, raw_read_one, smol_stream, smol_task_thread, tcp_pair,
-    tokio_framed, tokio_stream, tokio_task_thread, HandoffEnd,
+    tokio_framed, tokio_local_thread, tokio_stream, tokio_task_thread, HandoffEnd,
 };
 use crate::Cfg;
 
 pub(crate) const RTT_SIZE: usize = 64;
-const RTT_STACKS: [&str; 8] = [
+const RTT_STACKS: [&str; 9] = [
     "raw ping-pong",
     "tokio-util ping-pong",
     "asynchronous-codec ping-pong",
@@ -30,6 +30,7 @@ const RTT_STACKS: [&str; 8] = [
     "chatpipe ping-pong",
     "chatpipe request() on tokio",
     "handoff floor",
+    "handoff floor (tokio)",
 ];
 
 /// The handoff floor of a round trip (see `stacks::oneway_handoff_floor`):
@@ -39,27 +40,45 @@ const RTT_STACKS: [&str; 8] = [
 pub(crate) fn rtt_handoff_floor(n: usize, warm: usize) -> Vec<u64> {
     let (a, b) = tcp_pair();
     let server = smol_task_thread(move |ex| HandoffEnd::smol(&ex, b).echo());
-    let client = smol_task_thread(move |ex| async move {
-        let end = HandoffEnd::smol(&ex, a);
-        let body = payload(RTT_SIZE);
-        let end_ref = &end;
-        let out = timed_trips(n, warm, VecDeque::new(), |mut batch, _| {
-            let body = body.clone();
-            async move {
-                end_ref.out.push(body).await;
-                while batch.is_empty() {
-                    assert!(end_ref.inq.take_all(&mut batch).await, "floor: early end");
-                }
-                batch.clear();
-                batch
-            }
-        })
-        .await;
-        end.close().await;
-        out
-    });
+    let client =
+        smol_task_thread(
+            move |ex| async move { floor_pings(HandoffEnd::smol(&ex, a), n, warm).await },
+        );
     let out = client.join().unwrap();
     server.join().unwrap();
+    out
+}
+
+/// [`rtt_handoff_floor`] on tokio (tokio-util's codec, `spawn_local`ed
+/// tasks on each side's current-thread runtime).
+pub(crate) fn rtt_handoff_floor_tokio(n: usize, warm: usize) -> Vec<u64> {
+    let (a, b) = tcp_pair();
+    let server = tokio_local_thread(move || HandoffEnd::tokio(b).echo());
+    let client =
+        tokio_local_thread(move || async move { floor_pings(HandoffEnd::tokio(a), n, warm).await });
+    let out = client.join().unwrap();
+    server.join().unwrap();
+    out
+}
+
+/// The floor's client: `n` timed pings through `end`, each waiting for its
+/// echo.
+async fn floor_pings(end: HandoffEnd, n: usize, warm: usize) -> Vec<u64> {
+    let body = payload(RTT_SIZE);
+    let end_ref = &end;
+    let out = timed_trips(n, warm, VecDeque::new(), |mut batch, _| {
+        let body = body.clone();
+        async move {
+            end_ref.out.push(body).await;
+            while batch.is_empty() {
+                assert!(end_ref.inq.take_all(&mut batch).await, "floor: early end");
+            }
+            batch.clear();
+            batch
+        }
+    })
+    .await;
+    end.close().await;
     out
 }
 
@@ -289,6 +308,7 @@ pub(crate) fn scenario_rtt(cfg: &Cfg, rep: &mut Report) {
                     "chatpipe request()" => rtt_chatpipe(cfg.rtt_n, cfg.rtt_warmup, true),
                     "chatpipe request() on tokio" => rtt_chatpipe_tokio(cfg.rtt_n, cfg.rtt_warmup),
                     "handoff floor" => rtt_handoff_floor(cfg.rtt_n, cfg.rtt_warmup),
+                    "handoff floor (tokio)" => rtt_handoff_floor_tokio(cfg.rtt_n, cfg.rtt_warmup),
                     _ => rtt_chatpipe(cfg.rtt_n, cfg.rtt_warmup, false),
                 };
                 v.sort_unstable();
