@@ -286,43 +286,58 @@ fn listening(addr: SocketAddr) -> impl std::future::Future<Output = ()> {
 /// history, no locks, no timers.
 /// Says `LISTENING <addr>`; ends when stdin does.
 pub(crate) fn serve_floor() {
-    let listener = TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1");
-    let addr = listener.local_addr().unwrap();
-    let listener = Async::new(listener).expect("async listener");
-    let stdin_closed = listening(addr);
+    let (listener, stdin_closed) = floor_listener();
     let ex = Rc::new(LocalExecutor::new());
     type Members = Rc<RefCell<Vec<(u64, Handoff<Bytes>)>>>;
     let members = Members::default();
-    let accept = async {
-        for id in 0u64.. {
-            let Ok((s, _)) = listener.accept().await else {
-                continue;
+    let accept = accept_all(listener, |id, s| {
+        let out = Handoff::new(HANDOFF_CAPACITY);
+        members.borrow_mut().push((id, out.clone()));
+        let write = asynchronous_codec::FramedWrite::new(s.clone(), Len4);
+        ex.spawn(write_from(out.clone(), write)).detach();
+        let read = asynchronous_codec::FramedRead::new(s, Len4);
+        let members = members.clone();
+        ex.spawn(async move {
+            let reply = |b| out.push_now(b);
+            // Unbounded, as nothing here drops a slow member: the
+            // load generator reads everything.
+            let others = |b: &Bytes| {
+                for (_, q) in members.borrow().iter().filter(|(m, _)| *m != id) {
+                    q.push_now(b.clone());
+                }
             };
-            let s = smol::net::TcpStream::from(s);
-            let _ = s.set_nodelay(true);
-            let out = Handoff::new(HANDOFF_CAPACITY);
-            members.borrow_mut().push((id, out.clone()));
-            let write = asynchronous_codec::FramedWrite::new(s.clone(), Len4);
-            ex.spawn(write_from(out.clone(), write)).detach();
-            let read = asynchronous_codec::FramedRead::new(s, Len4);
-            let members = members.clone();
-            ex.spawn(async move {
-                let reply = |b| out.push_now(b);
-                // Unbounded, as nothing here drops a slow member: the
-                // load generator reads everything.
-                let others = |b: &Bytes| {
-                    for (_, q) in members.borrow().iter().filter(|(m, _)| *m != id) {
-                        q.push_now(b.clone());
-                    }
-                };
-                floor_member(id, read, reply, others).await;
-                members.borrow_mut().retain(|(m, _)| *m != id);
-                out.close();
-            })
-            .detach();
-        }
-    };
+            floor_member(id, read, reply, others).await;
+            members.borrow_mut().retain(|(m, _)| *m != id);
+            out.close();
+        })
+        .detach();
+    });
     smol::block_on(ex.run(smol::future::or(accept, stdin_closed)));
+}
+
+/// The floors' listener on a free loopback port, said with `listening`,
+/// and what ends when stdin does.
+fn floor_listener() -> (Async<TcpListener>, impl std::future::Future<Output = ()>) {
+    let listener = TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1");
+    let addr = listener.local_addr().unwrap();
+    let listener = Async::new(listener).expect("async listener");
+    (listener, listening(addr))
+}
+
+/// The floors' accept loop: each connection, numbered and with Nagle's
+/// algorithm off, to `serve`.
+async fn accept_all(
+    listener: Async<TcpListener>,
+    mut serve: impl FnMut(u64, smol::net::TcpStream),
+) {
+    for id in 0u64.. {
+        let Ok((s, _)) = listener.accept().await else {
+            continue;
+        };
+        let s = smol::net::TcpStream::from(s);
+        let _ = s.set_nodelay(true);
+        serve(id, s);
+    }
 }
 
 /// `--serve-floor-threads`: the fan-out floor on smol's global executor
@@ -332,51 +347,41 @@ pub(crate) fn serve_floor() {
 /// `RwLock`. What using every core costs a server of chatpipe's design
 /// when the load generator shares the machine.
 pub(crate) fn serve_floor_threads() {
-    let listener = TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1");
-    let addr = listener.local_addr().unwrap();
-    let listener = Async::new(listener).expect("async listener");
-    let stdin_closed = listening(addr);
+    let (listener, stdin_closed) = floor_listener();
     type Members = std::sync::Arc<std::sync::RwLock<Vec<(u64, smol::channel::Sender<Bytes>)>>>;
     let members = Members::default();
-    let accept = async {
-        for id in 0u64.. {
-            let Ok((s, _)) = listener.accept().await else {
-                continue;
-            };
-            let s = smol::net::TcpStream::from(s);
-            let _ = s.set_nodelay(true);
-            let (tx, rx) = smol::channel::unbounded::<Bytes>();
-            members.write().unwrap().push((id, tx.clone()));
-            let mut write = asynchronous_codec::FramedWrite::new(s.clone(), Len4);
-            smol::spawn(async move {
-                // Everything queued as one batch, as `write_from` does.
-                while let Ok(first) = rx.recv().await {
-                    write.feed(first).await.unwrap();
-                    while let Ok(b) = rx.try_recv() {
-                        write.feed(b).await.unwrap();
-                    }
-                    write.flush().await.unwrap();
+    let accept = accept_all(listener, |id, s| {
+        let (tx, rx) = smol::channel::unbounded::<Bytes>();
+        members.write().unwrap().push((id, tx.clone()));
+        let mut write = asynchronous_codec::FramedWrite::new(s.clone(), Len4);
+        smol::spawn(async move {
+            // Everything queued as one batch, as `write_from` does.
+            while let Ok(first) = rx.recv().await {
+                write.feed(first).await.unwrap();
+                while let Ok(b) = rx.try_recv() {
+                    write.feed(b).await.unwrap();
                 }
-                let _ = write.close().await;
-            })
-            .detach();
-            let read = asynchronous_codec::FramedRead::new(s, Len4);
-            let members = members.clone();
-            smol::spawn(async move {
-                let reply = |b| {
-                    let _ = tx.try_send(b);
-                };
-                let others = |b: &Bytes| {
-                    for (_, q) in members.read().unwrap().iter().filter(|(m, _)| *m != id) {
-                        let _ = q.try_send(b.clone());
-                    }
-                };
-                floor_member(id, read, reply, others).await;
-                members.write().unwrap().retain(|(m, _)| *m != id);
-            })
-            .detach();
-        }
-    };
+                write.flush().await.unwrap();
+            }
+            let _ = write.close().await;
+        })
+        .detach();
+        let read = asynchronous_codec::FramedRead::new(s, Len4);
+        let members = members.clone();
+        smol::spawn(async move {
+            let reply = |b| {
+                let _ = tx.try_send(b);
+            };
+            let others = |b: &Bytes| {
+                for (_, q) in members.read().unwrap().iter().filter(|(m, _)| *m != id) {
+                    let _ = q.try_send(b.clone());
+                }
+            };
+            floor_member(id, read, reply, others).await;
+            members.write().unwrap().retain(|(m, _)| *m != id);
+        })
+        .detach();
+    });
     smol::block_on(smol::future::or(accept, stdin_closed));
 }
 
