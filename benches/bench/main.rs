@@ -70,8 +70,8 @@ use scenarios::allocs::scenario_allocs;
 use scenarios::chat::{chat_cpu_line, chat_fanout, scenario_chat_fanout};
 use scenarios::chat_scale::{child_chat, scenario_chat_scale};
 use scenarios::fanin::{
-    fanin_ac, fanin_chatpipe, fanin_chatpipe_tokio, fanin_handoff_floor, fanin_tokio,
-    scenario_fanin,
+    fanin_ac, fanin_chatpipe, fanin_chatpipe_tokio, fanin_handoff_floor, fanin_handoff_floor_tokio,
+    fanin_tokio, scenario_fanin,
 };
 use scenarios::loadgen::{self, serve_chat, serve_floor, serve_floor_threads, Server};
 use scenarios::memory::{child_idle, scenario_memory};
@@ -290,6 +290,7 @@ fn main() {
             "fanin-feed" => fanin_tokio(100, n),
             "fanin-ac" => fanin_ac(100, n),
             "fanin-floor" => fanin_handoff_floor(100, n),
+            "fanin-floor-tokio" => fanin_handoff_floor_tokio(100, n),
             "fanin-tokio" => fanin_chatpipe_tokio(100, n),
             "fanout-chatpipe"
             | "fanout-nats"
@@ -364,7 +365,7 @@ fn main() {
                      handoff-floor handoff-floor-tokio (size n), request request-tokio ping-raw \
                      ping-ac ping-tokio rtt-floor rtt-floor-tokio (_ n), pipelined pipelined-tokio \
                      pipelined-raw pipelined-tarpc pipelined-floor pipelined-floor-tokio (_ n), fanin fanin-feed fanin-ac fanin-tokio \
-                     fanin-floor (_ msgs per connection), chat (senders msgs_each), \
+                     fanin-floor fanin-floor-tokio (_ msgs per connection), chat (senders msgs_each), \
                      fanout-SERVER paced-SERVER with SERVER chatpipe nats redis floor (senders msgs_each)"
                 );
                 return;

@@ -502,6 +502,13 @@ fn floors(rep: &Report, md: &mut String) {
         "fanin/chatpipe send".into(),
     ));
     rows.push((
+        "fanin 100 x 64 B, tokio".into(),
+        "tokio-util `feed`".into(),
+        "fanin/handoff floor (tokio)".into(),
+        "fanin/tokio-util feed".into(),
+        "fanin/chatpipe send (tokio)".into(),
+    ));
+    rows.push((
         "rtt p50, one CPU, smol (lower is better)".into(),
         "asynchronous-codec ping-pong".into(),
         "rtt/one CPU/handoff floor/p50".into(),

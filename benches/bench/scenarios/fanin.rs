@@ -18,8 +18,8 @@ use crate::harness::stats;
 use crate::report::{ratio, si, Report};
 use crate::stacks::{
     ac_framed, chatpipe_builder, consume, fanin_pairs, payload, produce, raw_read_frames,
-    read_into, smol_stream, smol_thread, tokio_framed, tokio_stream, tokio_thread, write_from,
-    Handoff, HANDOFF_CAPACITY,
+    read_into, smol_stream, smol_thread, tokio_framed, tokio_local_thread, tokio_stream,
+    tokio_thread, write_from, Handoff, HANDOFF_CAPACITY,
 };
 use crate::Cfg;
 
@@ -191,6 +191,72 @@ pub(crate) fn fanin_handoff_floor(conns: usize, msgs: u64) -> f64 {
     )
 }
 
+/// [`fanin_handoff_floor`] on tokio: tokio-util's codec, the tasks
+/// `spawn_local`ed on each side's current-thread runtime, timed as
+/// [`tokio_fanin`] times its stacks.
+pub(crate) fn fanin_handoff_floor_tokio(conns: usize, msgs: u64) -> f64 {
+    let (clients, servers) = fanin_pairs(conns);
+    let go = Arc::new(Barrier::new(2));
+    let go2 = go.clone();
+    let body = payload(FANIN_SIZE);
+    let client = tokio_local_thread(move || async move {
+        let ends: Vec<_> = clients
+            .into_iter()
+            .map(|s| {
+                let q = Handoff::new(HANDOFF_CAPACITY);
+                let writer = tokio::task::spawn_local(write_from(q.clone(), tokio_framed(s)));
+                (q, writer)
+            })
+            .collect();
+        go2.wait();
+        let tasks: Vec<_> = ends
+            .into_iter()
+            .map(|(q, writer)| {
+                let body = body.clone();
+                tokio::task::spawn_local(async move {
+                    produce(&q, body, msgs).await;
+                    writer.await.expect("floor writer");
+                })
+            })
+            .collect();
+        for t in tasks {
+            t.await.expect("floor client");
+        }
+    });
+    let server = tokio_local_thread(move || async move {
+        let ends: Vec<_> = servers
+            .into_iter()
+            .map(|s| {
+                let q = Handoff::new(HANDOFF_CAPACITY);
+                let reader = tokio::task::spawn_local(read_into(q.clone(), tokio_framed(s)));
+                (q, reader)
+            })
+            .collect();
+        go.wait();
+        let t0 = Instant::now();
+        let tasks: Vec<_> = ends
+            .into_iter()
+            .map(|(q, reader)| {
+                tokio::task::spawn_local(async move {
+                    consume(&q, msgs, FANIN_SIZE).await;
+                    reader
+                })
+            })
+            .collect();
+        let mut rest = Vec::new();
+        for t in tasks {
+            rest.push(t.await.expect("floor server"));
+        }
+        let secs = t0.elapsed().as_secs_f64();
+        for r in rest {
+            r.await.expect("floor reader");
+        }
+        secs
+    });
+    client.join().unwrap();
+    server.join().unwrap()
+}
+
 /// One fan-in run on smol, one `LocalExecutor` thread per side. For each
 /// connection, `client` and `server` set it up before the start signal and
 /// return its task. The server's tasks are timed from the start signal
@@ -306,7 +372,7 @@ pub(crate) fn scenario_fanin(cfg: &Cfg, rep: &mut Report) {
          Aggregate messages/s at the server, median of {} runs. raw: one writer thread writing each \
          connection's pre-encoded frames, one reader thread per connection; tokio-util and asynchronous-codec \
          (feed, then flush) and chatpipe (`send().await`, on smol and on tokio): one thread per side, \
-         one task per connection. handoff floor: asynchronous-codec in a task per connection that owns \
+         one task per connection. handoff floor: asynchronous-codec (tokio-util on tokio) in a task per connection that owns \
          the socket, and the application's task beside it, a bounded queue between them (see scenario 1).\n",
         cfg.reps
     );
@@ -319,6 +385,7 @@ pub(crate) fn scenario_fanin(cfg: &Cfg, rep: &mut Report) {
         "tokio-util feed",
         "asynchronous-codec feed",
         "handoff floor",
+        "handoff floor (tokio)",
         "chatpipe send",
         "chatpipe send (tokio)",
     ];
@@ -330,6 +397,7 @@ pub(crate) fn scenario_fanin(cfg: &Cfg, rep: &mut Report) {
                 "tokio-util feed" => fanin_tokio(conns, msgs),
                 "asynchronous-codec feed" => fanin_ac(conns, msgs),
                 "handoff floor" => fanin_handoff_floor(conns, msgs),
+                "handoff floor (tokio)" => fanin_handoff_floor_tokio(conns, msgs),
                 "chatpipe send (tokio)" => fanin_chatpipe_tokio(conns, msgs),
                 _ => fanin_chatpipe(conns, msgs),
             })
