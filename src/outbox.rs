@@ -351,7 +351,7 @@ impl<P: Protocol> Outbox<P> {
         self.lock().closed
     }
 
-    /// Gives back the memory of an empty queue.
+    /// Gives back the memory of an empty queue, and the free reply slots.
     pub fn release_if_empty(&self) {
         let mut inner = self.lock();
         if inner.pieces.is_empty() && inner.tail.is_empty() {

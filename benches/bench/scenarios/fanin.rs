@@ -19,7 +19,7 @@ use crate::report::{ratio, si, Report};
 use crate::stacks::{
     ac_framed, chatpipe_builder, consume, fanin_pairs, payload, produce, raw_read_frames,
     read_into, smol_stream, smol_thread, tokio_framed, tokio_local_thread, tokio_stream,
-    tokio_thread, write_from, Handoff, HANDOFF_CAPACITY,
+    write_from, Handoff, HANDOFF_CAPACITY,
 };
 use crate::Cfg;
 
@@ -192,71 +192,31 @@ pub(crate) fn fanin_handoff_floor(conns: usize, msgs: u64) -> f64 {
 }
 
 /// [`fanin_handoff_floor`] on tokio: tokio-util's codec, the tasks
-/// `spawn_local`ed on each side's current-thread runtime, timed as
-/// [`tokio_fanin`] times its stacks.
+/// `spawn_local`ed on each side's current-thread runtime.
 // Each server task yields its reader, the untimed rest, on purpose.
 #[allow(clippy::async_yields_async)]
 pub(crate) fn fanin_handoff_floor_tokio(conns: usize, msgs: u64) -> f64 {
-    let (clients, servers) = fanin_pairs(conns);
-    let go = Arc::new(Barrier::new(2));
-    let go2 = go.clone();
     let body = payload(FANIN_SIZE);
-    let client = tokio_local_thread(move || async move {
-        let ends: Vec<_> = clients
-            .into_iter()
-            .map(|s| {
-                let q = Handoff::new(HANDOFF_CAPACITY);
-                let writer = tokio::task::spawn_local(write_from(q.clone(), tokio_framed(s)));
-                (q, writer)
-            })
-            .collect();
-        go2.wait();
-        let tasks: Vec<_> = ends
-            .into_iter()
-            .map(|(q, writer)| {
-                let body = body.clone();
-                tokio::task::spawn_local(async move {
-                    produce(&q, body, msgs).await;
-                    writer.await.expect("floor writer");
-                })
-            })
-            .collect();
-        for t in tasks {
-            t.await.expect("floor client");
-        }
-    });
-    let server = tokio_local_thread(move || async move {
-        let ends: Vec<_> = servers
-            .into_iter()
-            .map(|s| {
-                let q = Handoff::new(HANDOFF_CAPACITY);
-                let reader = tokio::task::spawn_local(read_into(q.clone(), tokio_framed(s)));
-                (q, reader)
-            })
-            .collect();
-        go.wait();
-        let t0 = Instant::now();
-        let tasks: Vec<_> = ends
-            .into_iter()
-            .map(|(q, reader)| {
-                tokio::task::spawn_local(async move {
-                    consume(&q, msgs, FANIN_SIZE).await;
-                    reader
-                })
-            })
-            .collect();
-        let mut rest = Vec::new();
-        for t in tasks {
-            rest.push(t.await.expect("floor server"));
-        }
-        let secs = t0.elapsed().as_secs_f64();
-        for r in rest {
-            r.await.expect("floor reader");
-        }
-        secs
-    });
-    client.join().unwrap();
-    server.join().unwrap()
+    tokio_fanin(
+        conns,
+        move |s| {
+            let q = Handoff::new(HANDOFF_CAPACITY);
+            let writer = tokio::task::spawn_local(write_from(q.clone(), tokio_framed(s)));
+            let body = body.clone();
+            async move {
+                produce(&q, body, msgs).await;
+                writer.await.expect("floor writer");
+            }
+        },
+        move |s| {
+            let q = Handoff::new(HANDOFF_CAPACITY);
+            let reader = tokio::task::spawn_local(read_into(q.clone(), tokio_framed(s)));
+            async move {
+                consume(&q, msgs, FANIN_SIZE).await;
+                async { reader.await.expect("floor reader") }
+            }
+        },
+    )
 }
 
 /// One fan-in run on smol, one `LocalExecutor` thread per side. For each
@@ -324,32 +284,33 @@ pub(crate) fn fanin_chatpipe_tokio(conns: usize, msgs: u64) -> f64 {
     )
 }
 
-/// `smol_fanin` on tokio: one current-thread runtime per side, every task
-/// `tokio::spawn`ed.
+/// `smol_fanin` on tokio: one current-thread runtime per side, each
+/// connection's task `spawn_local`ed (so that the handoff floor's, which
+/// are not `Send`, run the same way as the others).
 fn tokio_fanin<C, CF, S, SF>(conns: usize, client: C, server: S) -> f64
 where
     C: Fn(TcpStream) -> CF + Send + 'static,
-    CF: Future<Output = ()> + Send + 'static,
+    CF: Future<Output = ()> + 'static,
     S: Fn(TcpStream) -> SF + Send + 'static,
-    SF: Future + Send + 'static,
-    SF::Output: Future<Output = ()> + Send + 'static,
+    SF: Future + 'static,
+    SF::Output: Future<Output = ()>,
 {
     let (clients, servers) = fanin_pairs(conns);
     let go = Arc::new(Barrier::new(2));
     let go2 = go.clone();
-    let client = tokio_thread(move || async move {
+    let client = tokio_local_thread(move || async move {
         let ends: Vec<_> = clients.into_iter().map(client).collect();
         go2.wait();
-        let tasks: Vec<_> = ends.into_iter().map(tokio::spawn).collect();
+        let tasks: Vec<_> = ends.into_iter().map(tokio::task::spawn_local).collect();
         for t in tasks {
             t.await.unwrap();
         }
     });
-    let server = tokio_thread(move || async move {
+    let server = tokio_local_thread(move || async move {
         let ends: Vec<_> = servers.into_iter().map(server).collect();
         go.wait();
         let t0 = Instant::now();
-        let tasks: Vec<_> = ends.into_iter().map(tokio::spawn).collect();
+        let tasks: Vec<_> = ends.into_iter().map(tokio::task::spawn_local).collect();
         let mut rest = Vec::new();
         for t in tasks {
             rest.push(t.await.unwrap());
