@@ -11,7 +11,6 @@ use std::task::{Context, Poll, Wake, Waker};
 use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
-use event_listener::EventListener;
 use futures_io::{AsyncRead, AsyncWrite};
 
 use crate::frame::HEADER_LEN;
@@ -131,8 +130,6 @@ pub struct Connection<T, P: Protocol, Tm> {
     received: VecDeque<P::Message>,
     receive_capacity: usize,
     inbound_closed: bool,
-    /// Set while the application has no room: reading waits on it.
-    room: Option<EventListener>,
     /// The waker every call into the byte stream registers: it notes that
     /// the stream woke us. (All of them, not only reads: a stream may do
     /// reads within a write, as TLS does, and keep one waker for both.)
@@ -301,7 +298,6 @@ where
             received: VecDeque::new(),
             receive_capacity: parts.receive_capacity,
             inbound_closed: false,
-            room: None,
             io_wake: io_wake.clone(),
             io_waker: Waker::from(io_wake),
             read_parked: false,
@@ -550,32 +546,18 @@ where
     /// While some do not, reading pauses (and the idle clock with it) until
     /// the application makes room. True if anything moved.
     fn deliver(&mut self, cx: &mut Context<'_>, now: Instant) -> bool {
-        let mut moved = false;
-        while !self.received.is_empty() {
-            let before = self.received.len();
-            if self.inbound_closed || self.inbound.push_batch(&mut self.received).is_err() {
+        let before = self.received.len();
+        if before > 0 {
+            let closed = self.inbound_closed
+                || self.inbound.poll_push(cx, &mut self.received) == Poll::Ready(Err(()));
+            if closed {
                 // Nobody is listening: discard.
                 self.inbound_closed = true;
                 self.received.clear();
             }
-            moved |= self.received.len() != before;
-            if self.received.is_empty() {
-                break;
-            }
-            match &mut self.room {
-                None => self.room = Some(self.inbound.listen_room()),
-                Some(listener) => match Pin::new(listener).poll(cx) {
-                    Poll::Ready(()) => self.room = None,
-                    Poll::Pending => break,
-                },
-            }
         }
-        let blocked = !self.received.is_empty();
-        if !blocked {
-            self.room = None;
-        }
-        self.state.set_read_paused(now, blocked);
-        moved
+        self.state.set_read_paused(now, !self.received.is_empty());
+        self.received.len() != before
     }
 
     /// Woken after a quiet spell (for a keepalive, say): give the buffers
@@ -733,7 +715,6 @@ impl<T, P: Protocol, Tm> Connection<T, P, Tm> {
         let _ = self.inbound.push_all(&mut self.received);
         self.outbox.close();
         self.inbound.close();
-        self.room = None;
         // Requests still queued fail when their reply slots drop here.
         let left = std::mem::take(&mut self.taken)
             .into_iter()

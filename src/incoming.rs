@@ -12,9 +12,6 @@ use crate::connection::Shared;
 use crate::queue::Queue;
 use crate::{Error, Protocol};
 
-/// Batch capacity (messages) the incoming stream keeps while it waits.
-const KEEP_BATCH: usize = 8;
-
 /// The incoming messages: a [`Stream`] of `Result<Message, Error>`.
 ///
 /// Keepalives and responses to requests are taken out. The stream ends
@@ -117,15 +114,9 @@ impl<P: Protocol> Stream for Incoming<P> {
                         e => Poll::Ready(Some(Err(e))),
                     };
                 }
-                Poll::Pending => {
-                    // Give back a large batch; keep a small one, which the
-                    // queue and the driver trade back and forth, so a
-                    // conversation does not allocate per message.
-                    if this.batch.capacity() > KEEP_BATCH {
-                        this.batch = VecDeque::new();
-                    }
-                    return Poll::Pending;
-                }
+                // A large batch, drained, waits in the queue (see
+                // `poll_take_all`), which gives it back once idle.
+                Poll::Pending => return Poll::Pending,
             }
         }
     }
