@@ -79,6 +79,20 @@ fn frame(body: &[u8]) -> Vec<u8> {
     f
 }
 
+/// A connection reading `script`, its driver spawned on the pool: the
+/// sender (kept, so that the connection stays open), the incoming stream
+/// and the pool.
+fn reading(script: Mock) -> (chatpipe::Sender<Raw>, chatpipe::Incoming<Raw>, LocalPool) {
+    let (io, _peer) = script.build();
+    let clock = ManualClock::new();
+    let (tx, rx, conn) = quiet().build_with_timer(io, Raw, clock.timer());
+    let pool = LocalPool::new();
+    pool.spawner()
+        .spawn_local(async { drop(conn.await) })
+        .unwrap();
+    (tx, rx, pool)
+}
+
 #[test]
 fn small_messages_read_one_at_a_time_reuse_the_read_buffers() {
     const WARM: usize = 100;
@@ -90,13 +104,7 @@ fn small_messages_read_one_at_a_time_reuse_the_read_buffers() {
         // waits between them, and the application takes each as it comes.
         script = script.read(&frame(&body)).read_pending();
     }
-    let (io, _peer) = script.build();
-    let clock = ManualClock::new();
-    let (_tx, mut rx, conn) = quiet().build_with_timer(io, Raw, clock.timer());
-    let mut pool = LocalPool::new();
-    pool.spawner()
-        .spawn_local(async { drop(conn.await) })
-        .unwrap();
+    let (_tx, mut rx, mut pool) = reading(script);
     let want = RawMessage::Message(Bytes::copy_from_slice(&body));
     let counted = pool.run_until(async {
         // The application keeps the message it was given last, as a
@@ -137,13 +145,7 @@ fn a_stream_of_small_messages_keeps_its_batches_and_waits_without_allocating() {
     for _ in 0..READS {
         script = script.read(&chunk);
     }
-    let (io, _peer) = script.build();
-    let clock = ManualClock::new();
-    let (_tx, mut rx, conn) = quiet().build_with_timer(io, Raw, clock.timer());
-    let mut pool = LocalPool::new();
-    pool.spawner()
-        .spawn_local(async { drop(conn.await) })
-        .unwrap();
+    let (_tx, mut rx, mut pool) = reading(script);
     let counted = pool.run_until(async {
         let mut before = 0;
         for i in 0..WARM + N {
