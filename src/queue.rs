@@ -3,8 +3,8 @@
 //! Why not async-channel: its bounded queue allocates and touches every
 //! slot up front (1,024 messages are tens of KiB per connection, idle or
 //! not), and it moves one item per atomic operation. This queue grows only
-//! with what is in it, gives its memory back when drained, and both sides
-//! move whole batches under one lock.
+//! with what is in it, gives its memory back once the connection is idle,
+//! and both sides move whole batches under one lock.
 
 use std::collections::VecDeque;
 use std::sync::{Mutex, MutexGuard};
