@@ -208,13 +208,16 @@ impl<M> Future for ReplyRx<'_, M> {
 
 impl<M> Drop for ReplyRx<'_, M> {
     fn drop(&mut self) {
-        {
+        let left = {
             let mut inner = self.slot.lock();
             // A new round: the driver's end of this one can no longer
             // touch the slot.
             inner.round = self.round.wrapping_add(1);
-            inner.state = State::Done;
-        }
+            std::mem::replace(&mut inner.state, State::Done)
+        };
+        // An answer never taken is the application's message: dropped
+        // here, after the lock, as the slot's lock runs no user code.
+        drop(left);
         if let Some(pool) = self.pool {
             let mut free = pool.lock();
             if free.len() < KEEP {
