@@ -258,6 +258,8 @@ fn main() {
             "pipelined-tarpc" => pipelined_case("tarpc", n),
             "pipelined-floor" => pipelined_case("handoff floor", n),
             "pipelined-floor-tokio" => pipelined_case("handoff floor (tokio)", n),
+            "pipelined-calls-floor" => pipelined_case("calls floor", n),
+            "pipelined-calls-floor-tokio" => pipelined_case("calls floor (tokio)", n),
             "rtt-floor" => {
                 let v = rtt_handoff_floor(n as usize, 0);
                 v.iter().sum::<u64>() as f64 / 1e9

@@ -522,18 +522,27 @@ fn floors(rep: &Report, md: &mut String) {
         "rtt/one CPU/tokio-util ping-pong/p50".into(),
         "rtt/one CPU/chatpipe request() on tokio/p50".into(),
     ));
-    for (runtime, floor, chatpipe) in [
-        ("smol", "handoff floor", "chatpipe call()"),
-        ("tokio", "handoff floor (tokio)", "chatpipe call() on tokio"),
+    // The calls floor adds what a call API cannot do without: ids, the
+    // table, a future per call (scenario 2b).
+    for (runtime, floors, chatpipe) in [
+        ("smol", ["handoff floor", "calls floor"], "chatpipe call()"),
+        (
+            "tokio",
+            ["handoff floor (tokio)", "calls floor (tokio)"],
+            "chatpipe call() on tokio",
+        ),
     ] {
-        for peer in ["raw one-thread client", "tarpc"] {
-            rows.push((
-                format!("pipelined 64 x 64 B, {runtime}"),
-                peer.into(),
-                format!("pipelined/{floor}"),
-                format!("pipelined/{peer}"),
-                format!("pipelined/{chatpipe}"),
-            ));
+        for floor in floors {
+            let which = floor.trim_end_matches(" (tokio)");
+            for peer in ["raw one-thread client", "tarpc"] {
+                rows.push((
+                    format!("pipelined 64 x 64 B, {runtime}, {which}"),
+                    peer.into(),
+                    format!("pipelined/{floor}"),
+                    format!("pipelined/{peer}"),
+                    format!("pipelined/{chatpipe}"),
+                ));
+            }
         }
     }
     rows.push((

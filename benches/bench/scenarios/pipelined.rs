@@ -1,14 +1,18 @@
 //! Scenario 2b: pipelined requests, a window of 64 in flight on one
 //! connection, and tarpc (the RPC peer, also in rtt).
 
-use std::collections::VecDeque;
+use std::cell::{Cell, RefCell};
+use std::collections::{HashMap, VecDeque};
 use std::fmt::Write as _;
+use std::future::Future;
 use std::io::{Read, Write};
 use std::net::TcpStream;
+use std::rc::Rc;
+use std::task::{Poll, Waker};
 use std::thread;
 use std::time::Instant;
 
-use bytes::Bytes;
+use bytes::{Buf, BufMut, Bytes, BytesMut};
 use chatpipe::raw::Raw;
 use futures::stream::FuturesUnordered;
 use futures::StreamExt;
@@ -27,13 +31,15 @@ use crate::Cfg;
 pub(crate) const WINDOW: usize = 64;
 pub(crate) const PIPE_SIZE: usize = 64;
 
-const PIPELINED_STACKS: [&str; 6] = [
+const PIPELINED_STACKS: [&str; 8] = [
     "raw one-thread client",
     "tarpc",
     "chatpipe call()",
     "chatpipe call() on tokio",
     "handoff floor",
     "handoff floor (tokio)",
+    "calls floor",
+    "calls floor (tokio)",
 ];
 
 // ---------------------------------------------------------------------------
@@ -192,7 +198,19 @@ fn pipelined_raw(n: u64) -> f64 {
 
 async fn window_of_calls(tx: &chatpipe::Sender<Raw>, n: u64) -> f64 {
     let body = payload(PIPE_SIZE);
-    let call = || tx.call(body.clone());
+    window(
+        n,
+        || tx.call(body.clone()),
+        |r: Result<Bytes, _>| {
+            std::hint::black_box(r.expect("call"));
+        },
+    )
+    .await
+}
+
+/// `n` calls from one task, [`WINDOW`] of them in flight in a
+/// `FuturesUnordered`, each answer checked as it comes: timed.
+async fn window<F: Future>(n: u64, call: impl Fn() -> F, check: impl Fn(F::Output)) -> f64 {
     let t0 = Instant::now();
     let mut inflight = FuturesUnordered::new();
     let mut sent = 0;
@@ -201,8 +219,7 @@ async fn window_of_calls(tx: &chatpipe::Sender<Raw>, n: u64) -> f64 {
         sent += 1;
     }
     while let Some(r) = inflight.next().await {
-        let r: Bytes = r.expect("call");
-        std::hint::black_box(r);
+        check(r);
         if sent < n {
             inflight.push(call());
             sent += 1;
@@ -258,23 +275,32 @@ fn pipelined_chatpipe_tokio(n: u64) -> f64 {
 /// queue to the socket's task and takes the answers as they come. No
 /// request ids and no table: what the driver-task design costs at least.
 fn pipelined_handoff_floor(n: u64) -> f64 {
-    let (a, b) = tcp_pair();
-    let server = smol_task_thread(move |ex| HandoffEnd::smol(&ex, b).echo());
-    let client =
-        smol_task_thread(
-            move |ex| async move { floor_pipeline(HandoffEnd::smol(&ex, a), n).await },
-        );
-    let secs = client.join().unwrap();
-    server.join().unwrap();
-    secs
+    floor_run(n, false, floor_pipeline)
 }
 
 /// [`pipelined_handoff_floor`] on tokio.
 fn pipelined_handoff_floor_tokio(n: u64) -> f64 {
+    floor_run(n, true, floor_pipeline)
+}
+
+/// A floor's client `run` against the handoff floor's echo server, each
+/// on its own thread, on tokio or smol: the client's seconds.
+fn floor_run<F>(n: u64, tokio: bool, run: fn(HandoffEnd, u64) -> F) -> f64
+where
+    F: Future<Output = f64> + 'static,
+{
     let (a, b) = tcp_pair();
-    let server = tokio_local_thread(move || HandoffEnd::tokio(b).echo());
-    let client =
-        tokio_local_thread(move || async move { floor_pipeline(HandoffEnd::tokio(a), n).await });
+    let (server, client) = if tokio {
+        (
+            tokio_local_thread(move || HandoffEnd::tokio(b).echo()),
+            tokio_local_thread(move || run(HandoffEnd::tokio(a), n)),
+        )
+    } else {
+        (
+            smol_task_thread(move |ex| HandoffEnd::smol(&ex, b).echo()),
+            smol_task_thread(move |ex| run(HandoffEnd::smol(&ex, a), n)),
+        )
+    };
     let secs = client.join().unwrap();
     server.join().unwrap();
     secs
@@ -306,6 +332,117 @@ async fn floor_pipeline(end: HandoffEnd, n: u64) -> f64 {
     secs
 }
 
+// ---------------------------------------------------------------------------
+// the calls floor: the handoff floor plus what a call API cannot do without
+// ---------------------------------------------------------------------------
+
+/// The handoff floor's pipeline with what `call()` cannot do without: an
+/// id in each request, a table of the outstanding ones, and a future per
+/// call that its response completes, kept [`WINDOW`] in flight in a
+/// `FuturesUnordered` as chatpipe's and tarpc's clients are. Nothing else:
+/// one thread's `Rc`s and `Cell`s (no locks, no atomics), reply slots
+/// reused, requests encoded into one buffer, no timeouts, no
+/// cancellation. The server is the handoff floor's echo.
+fn pipelined_calls_floor(n: u64) -> f64 {
+    floor_run(n, false, floor_calls)
+}
+
+/// [`pipelined_calls_floor`] on tokio.
+fn pipelined_calls_floor_tokio(n: u64) -> f64 {
+    floor_run(n, true, floor_calls)
+}
+
+/// The calls floor's client: the application's task runs the window of
+/// calls and, joined with it, the dispatch of answers to their slots.
+async fn floor_calls(end: HandoffEnd, n: u64) -> f64 {
+    let calls = Calls {
+        out: end.out.clone(),
+        table: RefCell::default(),
+        free: RefCell::default(),
+        next: Cell::new(0),
+        buf: RefCell::default(),
+    };
+    let body = payload(PIPE_SIZE);
+    let dispatch = async {
+        let (mut done, mut batch) = (0, VecDeque::new());
+        while done < n {
+            assert!(end.inq.take_all(&mut batch).await, "calls floor: early end");
+            for frame in batch.drain(..) {
+                calls.answer(frame);
+                done += 1;
+            }
+        }
+    };
+    let (secs, ()) = futures::join!(
+        window(
+            n,
+            || calls.call(&body),
+            |r| {
+                assert_eq!(r.len(), PIPE_SIZE);
+            }
+        ),
+        dispatch
+    );
+    end.close().await;
+    secs
+}
+
+/// The calls floor's request side: ids, the table, reply slots.
+struct Calls {
+    out: crate::stacks::Handoff<Bytes>,
+    table: RefCell<HashMap<u64, Rc<Slot>>>,
+    free: RefCell<Vec<Rc<Slot>>>,
+    next: Cell<u64>,
+    buf: RefCell<BytesMut>,
+}
+
+#[derive(Default)]
+struct Slot {
+    answer: Cell<Option<BytesMut>>,
+    waker: Cell<Option<Waker>>,
+}
+
+impl Calls {
+    async fn call(&self, body: &[u8]) -> BytesMut {
+        let id = self.next.get();
+        self.next.set(id + 1);
+        let frame = {
+            let mut buf = self.buf.borrow_mut();
+            buf.reserve(8 + body.len());
+            buf.put_u64(id);
+            buf.put_slice(body);
+            buf.split().freeze()
+        };
+        let slot = self.free.borrow_mut().pop().unwrap_or_default();
+        self.table.borrow_mut().insert(id, slot.clone());
+        self.out.push(frame).await;
+        let answer = std::future::poll_fn(|cx| match slot.answer.take() {
+            Some(a) => Poll::Ready(a),
+            None => {
+                slot.waker.set(Some(cx.waker().clone()));
+                Poll::Pending
+            }
+        })
+        .await;
+        self.free.borrow_mut().push(slot);
+        answer
+    }
+
+    /// An answer (the echoed request: id, then body) to its call.
+    fn answer(&self, mut frame: BytesMut) {
+        let id = frame.get_u64();
+        let slot = self
+            .table
+            .borrow_mut()
+            .remove(&id)
+            .expect("an outstanding id");
+        slot.answer.set(Some(frame));
+        if let Some(w) = slot.waker.take() {
+            w.wake();
+        }
+    }
+}
+
 /// One case by name, for `--one`.
 pub(crate) fn pipelined_case(stack: &str, n: u64) -> f64 {
     match stack {
@@ -314,6 +451,8 @@ pub(crate) fn pipelined_case(stack: &str, n: u64) -> f64 {
         "chatpipe call() on tokio" => pipelined_chatpipe_tokio(n),
         "handoff floor" => pipelined_handoff_floor(n),
         "handoff floor (tokio)" => pipelined_handoff_floor_tokio(n),
+        "calls floor" => pipelined_calls_floor(n),
+        "calls floor (tokio)" => pipelined_calls_floor_tokio(n),
         _ => pipelined_chatpipe(n),
     }
 }
@@ -329,7 +468,11 @@ pub(crate) fn scenario_pipelined(cfg: &Cfg, rep: &mut Report) {
          frame of a read in one write. tarpc: `Channel::call` on tokio (bincode over \
          `LengthDelimitedCodec`), its server spawning each response. chatpipe: one task keeps \
          {WINDOW} `Sender::call` futures in a `FuturesUnordered`; the server answers each request \
-         with `send().await`.\n",
+         with `send().await`. handoff floor: the application's task keeps {WINDOW} frames in a queue \
+         to a task that owns the socket and takes the answers in order (no ids). calls floor: the \
+         same with what a call API cannot do without: an id in each request, a table of the \
+         outstanding ones, and a future per call in a `FuturesUnordered` that its answer completes \
+         (one thread's `Rc`s, reply slots reused).\n",
         cfg.reps
     );
     let _ = writeln!(
