@@ -126,24 +126,31 @@ pub(crate) fn allowed_cpus() -> Vec<usize> {
 /// Pins every thread of the process (the runtimes' helper threads too, like
 /// async-io's reactor thread) to `cpus`; threads created later inherit it.
 pub(crate) fn set_process_affinity(cpus: &[usize]) {
-    // SAFETY: as in `allowed_cpus`; sched_setaffinity only reads the set.
-    let set = unsafe {
-        let mut set: libc::cpu_set_t = std::mem::zeroed();
-        for &c in cpus {
-            libc::CPU_SET(c, &mut set);
-        }
-        set
-    };
     let Ok(tasks) = std::fs::read_dir("/proc/self/task") else {
         return;
     };
     for t in tasks.flatten() {
         if let Some(tid) = t.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) {
-            // SAFETY: as above. A thread that exited meanwhile gives ESRCH.
-            unsafe {
-                libc::sched_setaffinity(tid, std::mem::size_of::<libc::cpu_set_t>(), &set);
-            }
+            set_affinity(tid, cpus);
         }
+    }
+}
+
+/// Pins the calling thread to `cpu`; threads it creates later inherit it.
+pub(crate) fn pin_this_thread(cpu: usize) {
+    set_affinity(0, &[cpu]);
+}
+
+/// Pins thread `tid` (0: the calling thread) to `cpus`.
+fn set_affinity(tid: i32, cpus: &[usize]) {
+    // SAFETY: as in `allowed_cpus`; sched_setaffinity only reads the set. A
+    // thread that exited meanwhile gives ESRCH.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        for &c in cpus {
+            libc::CPU_SET(c, &mut set);
+        }
+        libc::sched_setaffinity(tid, std::mem::size_of::<libc::cpu_set_t>(), &set);
     }
 }
 

@@ -8,6 +8,7 @@ use std::future::Future;
 use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::rc::Rc;
+use std::sync::Mutex;
 use std::task::{Poll, Waker};
 use std::thread;
 use std::time::Instant;
@@ -19,7 +20,7 @@ use futures::StreamExt;
 use tarpc::server::Channel as _;
 use tarpc::tokio_serde::formats::Bincode;
 
-use crate::harness::{calibrated, stats};
+use crate::harness::{allowed_cpus, calibrated, pin_this_thread, set_process_affinity, stats};
 use crate::report::{ratio, si, Report};
 use crate::scenarios::rtt::{chatpipe_echo, timed_trips};
 use crate::stacks::{
@@ -31,16 +32,63 @@ use crate::Cfg;
 pub(crate) const WINDOW: usize = 64;
 pub(crate) const PIPE_SIZE: usize = 64;
 
+/// The floors before chatpipe, whose rows compare with them.
 const PIPELINED_STACKS: [&str; 8] = [
     "raw one-thread client",
     "tarpc",
-    "chatpipe call()",
-    "chatpipe call() on tokio",
     "handoff floor",
     "handoff floor (tokio)",
     "calls floor",
     "calls floor (tokio)",
+    "chatpipe call()",
+    "chatpipe call() on tokio",
 ];
+
+// ---------------------------------------------------------------------------
+// placement: where the client's and the server's threads run
+// ---------------------------------------------------------------------------
+
+/// With every pair of threads taking turns, the rate here is set by how
+/// each wakes the other: across CPUs (an inter-processor interrupt, dear
+/// in a VM) or on one. Left free, the scheduler mixes the two from run to
+/// run; the scenario also runs each placement pinned.
+#[derive(Clone, Copy, PartialEq)]
+enum Placement {
+    Free,
+    /// Every thread of the process on one CPU.
+    OneCpu,
+    /// The client's thread on one CPU, the server's on another.
+    CpuEach,
+}
+
+impl Placement {
+    const ALL: [Placement; 3] = [Placement::Free, Placement::OneCpu, Placement::CpuEach];
+
+    fn name(self) -> &'static str {
+        match self {
+            Placement::Free => "free",
+            Placement::OneCpu => "one CPU",
+            Placement::CpuEach => "a CPU each",
+        }
+    }
+}
+
+enum Side {
+    Client,
+    Server,
+}
+
+/// The CPUs of the client's and the server's threads while the scenario
+/// runs `Placement::CpuEach`.
+static CPU_EACH: Mutex<Option<[usize; 2]>> = Mutex::new(None);
+
+/// Pins the calling thread as the current placement says.
+fn place(side: Side) {
+    let cpus = *CPU_EACH.lock().unwrap();
+    if let Some(cpus) = cpus {
+        pin_this_thread(cpus[side as usize]);
+    }
+}
 
 // ---------------------------------------------------------------------------
 // tarpc
@@ -63,6 +111,7 @@ type TarpcClient = tarpc::client::Channel<Echo, Echo>;
 /// client goes.
 fn tarpc_server(s: TcpStream) -> thread::JoinHandle<()> {
     tokio_task_thread(move || async move {
+        place(Side::Server);
         let transport = tarpc::serde_transport::new(tokio_framed(s), Bincode::default());
         tarpc::server::BaseChannel::with_defaults(transport)
             .execute(tarpc::server::serve(|_, req: Echo| async move { Ok(req) }))
@@ -102,6 +151,7 @@ fn pipelined_tarpc(n: u64) -> f64 {
     let (a, b) = tcp_pair();
     let server = tarpc_server(b);
     let client = tokio_task_thread(move || async move {
+        place(Side::Client);
         let client = tarpc_client(a);
         let body = payload(PIPE_SIZE).to_vec();
         let call = || client.call(tarpc::context::current(), Echo(body.clone()));
@@ -134,6 +184,7 @@ fn pipelined_tarpc(n: u64) -> f64 {
 /// write.
 fn raw_echo_server(mut s: TcpStream) -> thread::JoinHandle<()> {
     thread::spawn(move || {
+        place(Side::Server);
         let mut buf = vec![0u8; 64 * 1024];
         let mut have = 0;
         loop {
@@ -164,6 +215,8 @@ fn raw_echo_server(mut s: TcpStream) -> thread::JoinHandle<()> {
 fn pipelined_raw(n: u64) -> f64 {
     let (mut a, b) = tcp_pair();
     let server = raw_echo_server(b);
+    // The calling thread: the scenario gives it back every CPU afterwards.
+    place(Side::Client);
     let mut frame = (PIPE_SIZE as u32).to_be_bytes().to_vec();
     frame.extend_from_slice(&payload(PIPE_SIZE));
     let window: Vec<u8> = frame.repeat(WINDOW);
@@ -231,12 +284,14 @@ async fn window<F: Future>(n: u64, call: impl Fn() -> F, check: impl Fn(F::Outpu
 fn pipelined_chatpipe(n: u64) -> f64 {
     let (a, b) = tcp_pair();
     let server = smol_task_thread(move |ex| async move {
+        place(Side::Server);
         let (tx, incoming, conn) = chatpipe_builder().build(smol_stream(b), Raw);
         let driver = ex.spawn(conn);
         drop(chatpipe_echo(tx, incoming).await);
         let _ = driver.await;
     });
     let client = smol_task_thread(move |ex| async move {
+        place(Side::Client);
         let (tx, _incoming, conn) = chatpipe_builder().build(smol_stream(a), Raw);
         let driver = ex.spawn(conn);
         let secs = window_of_calls(&tx, n).await;
@@ -252,12 +307,14 @@ fn pipelined_chatpipe(n: u64) -> f64 {
 fn pipelined_chatpipe_tokio(n: u64) -> f64 {
     let (a, b) = tcp_pair();
     let server = tokio_task_thread(move || async move {
+        place(Side::Server);
         let (tx, incoming, conn) = chatpipe_builder().build_tokio(tokio_stream(b), Raw);
         let driver = tokio::spawn(conn);
         drop(chatpipe_echo(tx, incoming).await);
         let _ = driver.await;
     });
     let client = tokio_task_thread(move || async move {
+        place(Side::Client);
         let (tx, _incoming, conn) = chatpipe_builder().build_tokio(tokio_stream(a), Raw);
         let driver = tokio::spawn(conn);
         let secs = window_of_calls(&tx, n).await;
@@ -290,15 +347,28 @@ where
     F: Future<Output = f64> + 'static,
 {
     let (a, b) = tcp_pair();
+    // Each thread is placed before its tasks start.
     let (server, client) = if tokio {
         (
-            tokio_local_thread(move || HandoffEnd::tokio(b).echo()),
-            tokio_local_thread(move || run(HandoffEnd::tokio(a), n)),
+            tokio_local_thread(move || {
+                place(Side::Server);
+                HandoffEnd::tokio(b).echo()
+            }),
+            tokio_local_thread(move || {
+                place(Side::Client);
+                run(HandoffEnd::tokio(a), n)
+            }),
         )
     } else {
         (
-            smol_task_thread(move |ex| HandoffEnd::smol(&ex, b).echo()),
-            smol_task_thread(move |ex| run(HandoffEnd::smol(&ex, a), n)),
+            smol_task_thread(move |ex| {
+                place(Side::Server);
+                HandoffEnd::smol(&ex, b).echo()
+            }),
+            smol_task_thread(move |ex| {
+                place(Side::Client);
+                run(HandoffEnd::smol(&ex, a), n)
+            }),
         )
     };
     let secs = client.join().unwrap();
@@ -475,26 +545,69 @@ pub(crate) fn scenario_pipelined(cfg: &Cfg, rep: &mut Report) {
          (one thread's `Rc`s, reply slots reused).\n",
         cfg.reps
     );
+    let cpus = allowed_cpus();
     let _ = writeln!(
         md,
-        "| stack | N | req/s | spread | x raw one-thread | x tarpc |\n|---|---:|---:|---|---:|---:|"
+        "Placements: *free*, the scheduler places the threads ({} CPUs allowed; the targets' \
+         rows); *one CPU*, every thread of the process pinned to CPU {}; *a CPU each*, the \
+         client's thread pinned to CPU {} and the server's to CPU {} (sched_setaffinity). \
+         *x calls floor*: against the calls floor on the same runtime, in the same placement.\n",
+        cpus.len(),
+        cpus[0],
+        cpus[0],
+        cpus[cpus.len() - 1],
     );
-    for stack in PIPELINED_STACKS {
-        eprintln!("pipelined {stack} ...");
-        let (n, secs) = calibrated(cfg, |n| pipelined_case(stack, n));
-        let rates: Vec<f64> = secs.iter().map(|s| n as f64 / s).collect();
-        let st = stats(&rates);
-        rep.set(format!("pipelined/{stack}"), st.median);
-        let _ = writeln!(
-            md,
-            "| {stack} | {} | {} | {}–{} | {} | {} |",
-            si(n as f64),
-            si(st.median),
-            si(st.min),
-            si(st.max),
-            ratio(Some(st.median), rep.get("pipelined/raw one-thread client")),
-            ratio(Some(st.median), rep.get("pipelined/tarpc")),
-        );
+    let _ = writeln!(
+        md,
+        "| placement | stack | N | req/s | spread | x raw one-thread | x tarpc | x calls floor |\n\
+         |---|---|---:|---:|---|---:|---:|---:|"
+    );
+    for placement in Placement::ALL {
+        match placement {
+            Placement::Free => {}
+            Placement::OneCpu => set_process_affinity(&cpus[..1]),
+            Placement::CpuEach => {
+                *CPU_EACH.lock().unwrap() = Some([cpus[0], cpus[cpus.len() - 1]]);
+            }
+        }
+        // The free placement's keys are the targets' (no prefix).
+        let key = |stack: &str| match placement {
+            Placement::Free => format!("pipelined/{stack}"),
+            p => format!("pipelined/{}/{stack}", p.name()),
+        };
+        for stack in PIPELINED_STACKS {
+            eprintln!("pipelined {} {stack} ...", placement.name());
+            let (n, secs) = calibrated(cfg, |n| pipelined_case(stack, n));
+            let rates: Vec<f64> = secs.iter().map(|s| n as f64 / s).collect();
+            let st = stats(&rates);
+            rep.set(key(stack), st.median);
+            let calls_floor = match stack {
+                s if s.starts_with("chatpipe") && s.ends_with("tokio") => {
+                    rep.get(&key("calls floor (tokio)"))
+                }
+                s if s.starts_with("chatpipe") => rep.get(&key("calls floor")),
+                _ => None,
+            };
+            let _ = writeln!(
+                md,
+                "| {} | {stack} | {} | {} | {}–{} | {} | {} | {} |",
+                placement.name(),
+                si(n as f64),
+                si(st.median),
+                si(st.min),
+                si(st.max),
+                ratio(Some(st.median), rep.get(&key("raw one-thread client"))),
+                ratio(Some(st.median), rep.get(&key("tarpc"))),
+                ratio(Some(st.median), calls_floor),
+            );
+            // The raw client pinned the calling thread: give it back.
+            set_process_affinity(match placement {
+                Placement::OneCpu => &cpus[..1],
+                _ => &cpus,
+            });
+        }
+        *CPU_EACH.lock().unwrap() = None;
+        set_process_affinity(&cpus);
     }
     rep.md.push_str(&md);
     rep.md.push('\n');
