@@ -31,7 +31,14 @@ const MAX_FRAME: usize = 1 << 20;
 
 /// A connected loopback pair, Nagle off on both ends (every stack alike).
 pub(crate) fn tcp_pair() -> (TcpStream, TcpStream) {
-    let listener = TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1");
+    pair_through(&loopback_listener())
+}
+
+fn loopback_listener() -> TcpListener {
+    TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1")
+}
+
+fn pair_through(listener: &TcpListener) -> (TcpStream, TcpStream) {
     let a = TcpStream::connect(listener.local_addr().unwrap()).expect("connect");
     let (b, _) = listener.accept().expect("accept");
     a.set_nodelay(true).unwrap();
@@ -147,8 +154,12 @@ where
     })
 }
 
+/// `conns` connected loopback pairs through one listener, so that each
+/// takes one ephemeral port, not two: 10,000 idle pairs after a run that
+/// left as many in TIME_WAIT would otherwise run out of them.
 pub(crate) fn fanin_pairs(conns: usize) -> (Vec<TcpStream>, Vec<TcpStream>) {
-    (0..conns).map(|_| tcp_pair()).unzip()
+    let listener = loopback_listener();
+    (0..conns).map(|_| pair_through(&listener)).unzip()
 }
 
 // ---------------------------------------------------------------------------

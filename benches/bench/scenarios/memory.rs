@@ -174,13 +174,15 @@ fn keepalive_floor(
     }
 }
 
+/// Runs one stack's idle connections in a child process: its figures, or
+/// why there are none (the child's status and what it wrote to stderr).
 fn run_child_idle(
     stack: &str,
     pairs: usize,
     settle: Duration,
     window: Duration,
-) -> Option<[f64; 6]> {
-    let exe = std::env::current_exe().ok()?;
+) -> Result<[f64; 6], String> {
+    let exe = std::env::current_exe().map_err(|e| e.to_string())?;
     let out = std::process::Command::new(exe)
         .args([
             "--child-idle",
@@ -190,21 +192,22 @@ fn run_child_idle(
             &window.as_millis().to_string(),
         ])
         .output()
-        .ok()?;
+        .map_err(|e| e.to_string())?;
     let text = String::from_utf8_lossy(&out.stdout);
-    let line = text.lines().find(|l| l.starts_with("IDLE "))?;
-    let v: Vec<f64> = line[5..]
+    let v: Vec<f64> = text
+        .lines()
+        .find_map(|l| l.strip_prefix("IDLE "))
+        .unwrap_or_default()
         .split_whitespace()
         .filter_map(|x| x.parse().ok())
         .collect();
-    if v.len() == 6 {
-        Some([v[0], v[1], v[2], v[3], v[4], v[5]])
-    } else {
-        eprintln!(
-            "idle child failed: {}",
+    match v[..] {
+        [a, b, c, d, e, f] => Ok([a, b, c, d, e, f]),
+        _ => Err(format!(
+            "{}: {}",
+            out.status,
             String::from_utf8_lossy(&out.stderr).trim()
-        );
-        None
+        )),
     }
 }
 
@@ -252,7 +255,7 @@ pub(crate) fn scenario_memory(cfg: &Cfg, rep: &mut Report) {
             cfg.idle_cpu_window
         };
         match run_child_idle(stack, pairs, cfg.idle_settle, window) {
-            Some([rss0, rss1, cpu, wall, allocs, bytes]) => {
+            Ok([rss0, rss1, cpu, wall, allocs, bytes]) => {
                 let per = (rss1 - rss0) / (2 * pairs) as f64;
                 rep.set(format!("memory/{stack}/rss_per_end"), per);
                 let cpu_pct = if wall > 0.0 {
@@ -273,8 +276,11 @@ pub(crate) fn scenario_memory(cfg: &Cfg, rep: &mut Report) {
                     bytes / ends,
                 );
             }
-            None => {
+            Err(why) => {
+                eprintln!("idle child {stack} failed: {why}");
                 let _ = writeln!(md, "| {stack} | {} | failed | – | – |", 2 * pairs);
+                rep.notes
+                    .push(format!("memory: the {stack} child failed ({why})"));
             }
         }
     }
