@@ -472,7 +472,8 @@ fn floors(rep: &Report, md: &mut String) {
          The handoff floor (scenarios 1, 2, 2b and 3; in scenario 4 the fan-out floor) is the least a message costs when a task of its \
          own owns each end's socket, as chatpipe's driver does so that it reads while the application \
          is busy: the runtime's framed codec and a lock-free single-threaded queue, nothing else (no \
-         protocol, no request ids). *floor / peer* is the most such a design can reach against the \
+         protocol, no request ids). The calls floor (2b) adds what a call API cannot do without: request \
+         ids, the table of outstanding ones, a future per call. *floor / peer* is the most such a design can reach against the \
          peer; *chatpipe / floor* is what chatpipe's own code keeps of the floor. Rates: higher is \
          better; the rtt rows are p50 latencies, lower is better.\n\n\
          | measure | peer | floor / peer | chatpipe / floor |\n|---|---|---:|---:|"
