@@ -197,6 +197,13 @@ impl<P: Protocol> Outbox<P> {
         };
         match request {
             Some((id, reply)) => {
+                // A small body goes with its head: one piece to write and
+                // to free, not two.
+                let mut body = body;
+                if !body.is_empty() && body.len() < COPY_BELOW {
+                    inner.tail.extend_from_slice(&body);
+                    body = Bytes::new();
+                }
                 let head = inner.tail.split().freeze();
                 inner.pieces.push_back(Piece::Request {
                     id,
@@ -223,7 +230,10 @@ impl<P: Protocol> Outbox<P> {
             }
         }
         inner.queued += 1;
-        self.accepted.fetch_add(1, Ordering::Release);
+        // Only pushes change it, under the lock: a plain store, not a
+        // read-modify-write (which costs a locked instruction per message).
+        let accepted = self.accepted.load(Ordering::Relaxed) + 1;
+        self.accepted.store(accepted, Ordering::Release);
         let consumer = inner.consumer.take();
         drop(lock);
         if let Some(w) = consumer {
@@ -520,6 +530,12 @@ mod tests {
             })
             .collect();
         assert_eq!(kinds, ["bytes", "request", "bytes", "body", "abandon"]);
+        // A small request's body is copied after its head: one piece.
+        let Piece::Request { head, body, .. } = &pieces[1] else {
+            unreachable!()
+        };
+        assert!(body.is_empty());
+        assert!(head.ends_with(b"q"));
         // The large body is the caller's own allocation, not a copy.
         let Piece::Bytes { bytes, .. } = &pieces[3] else {
             unreachable!()

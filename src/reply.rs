@@ -40,8 +40,6 @@ enum State<M> {
     /// The driver's end was dropped without an answer: the connection is
     /// gone.
     Dropped,
-    /// Taken, or not in use.
-    Done,
 }
 
 impl<M> Inner<M> {
@@ -57,6 +55,13 @@ impl<M> Inner<M> {
             _ => None,
         }
     }
+
+    /// Readies the slot for the round after `round`, which no end of
+    /// `round` can touch; gives back what was in it.
+    fn reset(&mut self, round: u64) -> State<M> {
+        self.round = round.wrapping_add(1);
+        std::mem::replace(&mut self.state, State::Waiting(None))
+    }
 }
 
 impl<M> Slot<M> {
@@ -67,9 +72,10 @@ impl<M> Slot<M> {
     }
 }
 
-/// A connection's free slots.
+/// A connection's free slots, each ready for its next round (that round
+/// beside it), so taking one needs no lock but the pool's.
 pub(crate) struct Pool<M> {
-    free: Mutex<Vec<Arc<Slot<M>>>>,
+    free: Mutex<Vec<(Arc<Slot<M>>, u64)>>,
 }
 
 impl<M> Default for Pool<M> {
@@ -81,7 +87,7 @@ impl<M> Default for Pool<M> {
 }
 
 impl<M> Pool<M> {
-    fn lock(&self) -> MutexGuard<'_, Vec<Arc<Slot<M>>>> {
+    fn lock(&self) -> MutexGuard<'_, Vec<(Arc<Slot<M>>, u64)>> {
         self.free.lock().unwrap_or_else(|e| e.into_inner())
     }
 
@@ -102,25 +108,28 @@ pub(crate) fn channel<M>() -> (ReplyTx<M>, ReplyRx<'static, M>) {
     open(None, None)
 }
 
-fn open<M>(slot: Option<Arc<Slot<M>>>, pool: Option<&Pool<M>>) -> (ReplyTx<M>, ReplyRx<'_, M>) {
-    let slot = slot.unwrap_or_else(|| {
-        Arc::new(Slot {
-            inner: Mutex::new(Inner {
-                round: 0,
-                state: State::Done,
-            }),
-        })
+fn open<M>(
+    slot: Option<(Arc<Slot<M>>, u64)>,
+    pool: Option<&Pool<M>>,
+) -> (ReplyTx<M>, ReplyRx<'_, M>) {
+    let (slot, round) = slot.unwrap_or_else(|| {
+        let inner = Mutex::new(Inner {
+            round: 0,
+            state: State::Waiting(None),
+        });
+        (Arc::new(Slot { inner }), 0)
     });
-    let round = {
-        let mut inner = slot.lock();
-        inner.state = State::Waiting(None);
-        inner.round
-    };
     let tx = ReplyTx {
         slot: Some(slot.clone()),
         round,
     };
-    (tx, ReplyRx { slot, round, pool })
+    let rx = ReplyRx {
+        slot: Some(slot),
+        round,
+        pool,
+        reset: false,
+    };
+    (tx, rx)
 }
 
 /// The driver's end of a reply slot. Dropped without an answer, it tells
@@ -181,47 +190,59 @@ impl<M> Drop for ReplyTx<M> {
 /// the driver's end was dropped without one. Dropping it frees the slot
 /// (back to its pool), whatever the driver's end does later.
 pub(crate) struct ReplyRx<'a, M> {
-    slot: Arc<Slot<M>>,
+    /// Always `Some` until dropped, when it moves to the pool.
+    slot: Option<Arc<Slot<M>>>,
     round: u64,
     pool: Option<&'a Pool<M>>,
+    /// The slot is ready for its next round already: it was, under the
+    /// lock that took the answer.
+    reset: bool,
 }
 
 impl<M> Future for ReplyRx<'_, M> {
     type Output = Option<Answer<M>>;
 
-    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        let mut inner = self.slot.lock();
-        match std::mem::replace(&mut inner.state, State::Done) {
-            State::Waiting(waker) => {
-                let waker = match waker {
-                    Some(w) if w.will_wake(cx.waker()) => w,
-                    _ => cx.waker().clone(),
-                };
-                inner.state = State::Waiting(Some(waker));
-                Poll::Pending
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let round = self.round;
+        let Some(slot) = self.slot.as_ref().filter(|_| !self.reset) else {
+            return Poll::Ready(None);
+        };
+        let mut inner = slot.lock();
+        if let State::Waiting(waker) = &mut inner.state {
+            if !waker.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
+                *waker = Some(cx.waker().clone());
             }
-            State::Answered(answer) => Poll::Ready(Some(answer)),
-            State::Dropped | State::Done => Poll::Ready(None),
+            return Poll::Pending;
         }
+        // Answered or dropped: this round is over, and the slot is readied
+        // for the next under this same lock, so dropping `self` needs none.
+        let state = inner.reset(round);
+        drop(inner);
+        self.reset = true;
+        Poll::Ready(match state {
+            State::Answered(answer) => Some(answer),
+            _ => None,
+        })
     }
 }
 
 impl<M> Drop for ReplyRx<'_, M> {
     fn drop(&mut self) {
-        let left = {
-            let mut inner = self.slot.lock();
-            // A new round: the driver's end of this one can no longer
-            // touch the slot.
-            inner.round = self.round.wrapping_add(1);
-            std::mem::replace(&mut inner.state, State::Done)
+        let Some(slot) = self.slot.take() else {
+            return;
         };
-        // An answer never taken is the application's message: dropped
-        // here, after the lock, as the slot's lock runs no user code.
-        drop(left);
+        if !self.reset {
+            // A new round: the driver's end of this one can no longer
+            // touch the slot. An answer never taken is the application's
+            // message: dropped after the lock, as the slot's lock runs no
+            // user code.
+            let left = slot.lock().reset(self.round);
+            drop(left);
+        }
         if let Some(pool) = self.pool {
             let mut free = pool.lock();
             if free.len() < KEEP {
-                free.push(self.slot.clone());
+                free.push((slot, self.round.wrapping_add(1)));
             }
         }
     }
@@ -243,10 +264,30 @@ mod tests {
         assert!(!tx.is_canceled());
         assert!(tx.send(Ok(7)).is_ok());
         assert!(matches!(poll(&mut rx), Poll::Ready(Some(Ok(7)))));
-        let first = Arc::as_ptr(&rx.slot);
+        let first = Arc::as_ptr(rx.slot.as_ref().unwrap());
         drop(rx);
         let (_tx, rx) = pool.take();
-        assert_eq!(Arc::as_ptr(&rx.slot), first);
+        assert_eq!(Arc::as_ptr(rx.slot.as_ref().unwrap()), first);
+    }
+
+    #[test]
+    fn a_taken_answer_readies_the_slot_for_its_next_round() {
+        let pool = Pool::<u8>::default();
+        let (tx, mut rx) = pool.take();
+        assert!(tx.send(Ok(3)).is_ok());
+        assert!(matches!(poll(&mut rx), Poll::Ready(Some(Ok(3)))));
+        // Polled again it has nothing more; the slot is already free of it.
+        assert!(matches!(poll(&mut rx), Poll::Ready(None)));
+        assert!(matches!(
+            rx.slot.as_ref().unwrap().lock().state,
+            State::Waiting(None)
+        ));
+        drop(rx);
+        let (tx, mut rx) = pool.take();
+        assert_eq!(rx.round, 1);
+        assert!(poll(&mut rx).is_pending());
+        drop(tx);
+        assert!(matches!(poll(&mut rx), Poll::Ready(None)));
     }
 
     #[test]
@@ -266,7 +307,10 @@ mod tests {
         assert!(stale.is_canceled());
         // The slot serves the next request.
         let (tx, mut rx) = pool.take();
-        assert!(Arc::ptr_eq(&rx.slot, stale.slot.as_ref().unwrap()));
+        assert!(Arc::ptr_eq(
+            rx.slot.as_ref().unwrap(),
+            stale.slot.as_ref().unwrap()
+        ));
         // The old end can neither answer it nor end it.
         assert!(matches!(stale.send(Ok(1)), Err(Ok(1))));
         assert!(poll(&mut rx).is_pending());
