@@ -17,6 +17,7 @@ use crate::frame::HEADER_LEN;
 use crate::outbox::{encode_frame, Outbox, Piece, Reply};
 use crate::pipe::Pipe;
 use crate::queue::Queue;
+use crate::reply::Spares;
 use crate::state::{Event, Matched, State, Timeouts};
 use crate::timer::Timer;
 use crate::{Error, Kind, Protocol};
@@ -119,6 +120,9 @@ enum Phase {
 pub struct Connection<T, P: Protocol, Tm> {
     pipe: Pipe<T>,
     state: State<P::RequestId, Reply<P::Message>>,
+    /// Reply slots answered, back to the outbox's pool once their
+    /// requesters let go: a lock per read round, not per response.
+    spares: Spares<P::Message>,
     protocol: Arc<P>,
     shared: Arc<Shared>,
     outbox: Arc<Outbox<P>>,
@@ -289,6 +293,7 @@ where
         Connection {
             pipe: Pipe::new(parts.io, parts.max_frame_len),
             state: State::new(parts.now, parts.timeouts),
+            spares: Spares::default(),
             protocol: parts.protocol,
             shared: parts.shared,
             outbox: parts.outbox,
@@ -441,6 +446,10 @@ where
     /// amount so that a reset or EOF is still seen at once.
     fn step_read(&mut self, cx: &mut Context<'_>, now: Instant, blocked: &mut Blocked) -> Step {
         let mut progress = self.deliver(cx, now);
+        if !self.spares.is_empty() {
+            // Answered in an earlier round: most are taken by now.
+            self.outbox.replies.recycle(&mut self.spares);
+        }
         // Once the peer's EOF is buffered, what is left is bounded by the
         // read-ahead: decode it all and close, even if the application is
         // behind, so a closed connection is never held open.
@@ -567,6 +576,7 @@ where
             self.pipe.release_idle_buffers();
             self.taken = VecDeque::new();
             self.received = VecDeque::new();
+            self.spares.release();
             self.outbox.release_if_empty();
             self.inbound.release_if_empty();
         }
@@ -657,7 +667,7 @@ where
             Kind::Keepalive => {}
             Kind::Response(id) => match self.state.take_response(&id) {
                 Matched::Pending(reply) => {
-                    let _ = reply.send(Ok(msg));
+                    let _ = reply.send_keep(Ok(msg), &mut self.spares);
                 }
                 Matched::Late => {}
                 Matched::Unknown => {
