@@ -339,6 +339,10 @@ where
             read: self.read_parked && !self.io_wake.ready.swap(false, Ordering::AcqRel),
             write: false,
         };
+        if !self.spares.is_empty() {
+            // Answered in an earlier poll: most are taken by now.
+            self.outbox.replies.recycle(&mut self.spares);
+        }
         for round in 0..BUDGET {
             let before = (self.pipe.bytes_read, self.pipe.bytes_written);
             // Deadlines are checked once a poll: one that falls due during
@@ -446,10 +450,6 @@ where
     /// amount so that a reset or EOF is still seen at once.
     fn step_read(&mut self, cx: &mut Context<'_>, now: Instant, blocked: &mut Blocked) -> Step {
         let mut progress = self.deliver(cx, now);
-        if !self.spares.is_empty() {
-            // Answered in an earlier round: most are taken by now.
-            self.outbox.replies.recycle(&mut self.spares);
-        }
         // Once the peer's EOF is buffered, what is left is bounded by the
         // read-ahead: decode it all and close, even if the application is
         // behind, so a closed connection is never held open.

@@ -314,7 +314,14 @@ impl<P: Protocol> Outbox<P> {
             if inner.closed {
                 return Poll::Ready(false);
             }
-            inner.consumer = Some(cx.waker().clone());
+            // Most polls find the waker of the last: no clone then.
+            if !inner
+                .consumer
+                .as_ref()
+                .is_some_and(|w| w.will_wake(cx.waker()))
+            {
+                inner.consumer = Some(cx.waker().clone());
+            }
             return Poll::Pending;
         }
         if out.is_empty() {
