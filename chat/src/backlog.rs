@@ -61,18 +61,20 @@ impl<T> Sender<T> {
     /// Queues `item`, or hands it back if the backlog is closed.
     #[cfg(test)]
     pub(crate) fn try_send(&self, item: T) -> Result<(), T> {
-        self.send_or(item, Err)
+        self.send_or(item, Err, || {})
     }
 
     /// Queues `item`, or hands it to `direct` instead if the receiver is
     /// parked on an empty backlog (so it holds nothing taken earlier, and
     /// stays parked meanwhile: `item` cannot overtake anything). `direct`
-    /// gives the item back if it did not deliver it; then it is queued.
-    /// Hands the item back if the backlog is closed.
+    /// gives the item back if it did not deliver it; then it is queued,
+    /// `queued` called just before, under the lock the receiver takes it
+    /// under. Hands the item back if the backlog is closed.
     pub(crate) fn send_or(
         &self,
         item: T,
         direct: impl FnOnce(T) -> Result<(), T>,
+        queued: impl FnOnce(),
     ) -> Result<(), T> {
         let waker = {
             let mut inner = self.0.lock();
@@ -87,6 +89,7 @@ impl<T> Sender<T> {
             } else {
                 item
             };
+            queued();
             inner.items.push_back(item);
             inner.waker.take()
         };
@@ -191,13 +194,16 @@ mod tests {
             direct.borrow_mut().push(i);
             Ok(())
         };
+        // How many went into the backlog, as `queued` counts them.
+        let counted = std::cell::Cell::new(0);
+        let count = || counted.set(counted.get() + 1);
         // Not parked yet: queued.
-        tx.send_or(1, take).unwrap();
+        tx.send_or(1, take, count).unwrap();
         let mut got = VecDeque::new();
         smol::block_on(async {
             assert!(rx.recv_all(&mut got).await);
             // Holding 1, not parked: queued behind it.
-            tx.send_or(2, take).unwrap();
+            tx.send_or(2, take, count).unwrap();
             assert!(direct.borrow().is_empty());
             got.clear();
             assert!(rx.recv_all(&mut got).await);
@@ -207,13 +213,20 @@ mod tests {
             let parked = smol::future::poll_once(rx.recv_all(&mut got)).await;
             assert!(parked.is_none());
         });
-        tx.send_or(3, take).unwrap();
+        assert_eq!(counted.get(), 2);
+        tx.send_or(3, take, count).unwrap();
         assert_eq!(*direct.borrow(), [3]);
-        tx.send_or(4, Err).unwrap();
-        tx.send_or(5, take).unwrap();
+        assert_eq!(counted.get(), 2);
+        tx.send_or(4, Err, count).unwrap();
+        tx.send_or(5, take, count).unwrap();
         assert_eq!(*direct.borrow(), [3]);
+        assert_eq!(counted.get(), 4);
         assert!(smol::block_on(rx.recv_all(&mut got)));
         assert_eq!(got, [4, 5]);
+        // Closed: handed back, not counted.
+        tx.close();
+        assert_eq!(tx.send_or(6, take, count), Err(6));
+        assert_eq!(counted.get(), 4);
     }
 
     #[test]

@@ -560,7 +560,8 @@ impl Drop for Handshaking {
 struct Room {
     config: Config,
     state: Mutex<State>,
-    /// The next message's stamp: how many the room has queued for members.
+    /// The next message's stamp: the order in which the room queued what
+    /// it queued for members (a broadcast's copies share one).
     stamps: AtomicU64,
     /// The bytes it has queued for members, as the budget counts them.
     queued_bytes: AtomicU64,
@@ -842,6 +843,19 @@ impl Room {
         msg: Arc<Outgoing>,
         straight: bool,
     ) -> Result<(), Undelivered> {
+        let stamp = self.stamps.fetch_add(1, Ordering::Relaxed);
+        self.deliver_stamped(state, m, msg, straight, stamp)
+    }
+
+    /// [`Room::deliver`], stamped `stamp`.
+    fn deliver_stamped(
+        &self,
+        state: &State,
+        m: &Member,
+        msg: Arc<Outgoing>,
+        straight: bool,
+        stamp: u64,
+    ) -> Result<(), Undelivered> {
         if m.evicted.load(Ordering::Relaxed) {
             return Err(Undelivered::TooSlow);
         }
@@ -854,7 +868,7 @@ impl Room {
         if !self.make_room(state, m, size + MESSAGE_OVERHEAD) {
             return Err(Undelivered::TooSlow);
         }
-        self.queue(m, msg, straight)
+        self.queue_stamped(m, msg, straight, stamp)
     }
 
     /// Makes room under the budget for `cost` more bytes: while it does not
@@ -915,13 +929,23 @@ impl Room {
     /// Queues `msg` in member `m`'s backlog and counts it, past any limit
     /// (`deliver` checks them). Fails only when the member is leaving.
     fn queue(&self, m: &Member, msg: Arc<Outgoing>, straight: bool) -> Result<(), Undelivered> {
+        let stamp = self.stamps.fetch_add(1, Ordering::Relaxed);
+        self.queue_stamped(m, msg, straight, stamp)
+    }
+
+    /// [`Room::queue`], stamped `stamp`.
+    fn queue_stamped(
+        &self,
+        m: &Member,
+        msg: Arc<Outgoing>,
+        straight: bool,
+        stamp: u64,
+    ) -> Result<(), Undelivered> {
         self.settle(m);
         let size = weight(&msg.msg);
         let cost = size + MESSAGE_OVERHEAD;
-        m.queued.text.fetch_add(size, Ordering::Relaxed);
         m.queued.cost.fetch_add(cost, Ordering::Relaxed);
         self.usage().add(cost);
-        let stamp = self.stamps.fetch_add(1, Ordering::Relaxed);
         self.queued_bytes.fetch_add(cost as u64, Ordering::Relaxed);
         // A `straight` message goes into the connection's queue itself
         // when the member's task has nothing in hand: one task's turn less
@@ -939,7 +963,6 @@ impl Room {
             Some(conn) if straight && roomy() => {
                 match conn.try_send(Frame::Shared(msg)) {
                     Ok(()) => {
-                        m.queued.text.fetch_sub(size, Ordering::Relaxed);
                         m.queued.moved(conn.accepted(), cost, stamp);
                         Ok(())
                     }
@@ -953,12 +976,19 @@ impl Room {
             }
             _ => Err((msg, stamp)),
         };
+        // Its text counts in the backlog from before it is in it (under
+        // the backlog's lock, which the member's task takes it under), so
+        // the task never takes off more than was counted.
+        let counted = || {
+            m.queued.text.fetch_add(size, Ordering::Relaxed);
+        };
         // Unbounded, as the counts bound it.
-        m.outbox.send_or((msg, stamp), direct).map_err(|_| {
-            m.queued.text.fetch_sub(size, Ordering::Relaxed);
-            self.release(&m.queued, cost);
-            Undelivered::Leaving
-        })
+        m.outbox
+            .send_or((msg, stamp), direct, counted)
+            .map_err(|_| {
+                self.release(&m.queued, cost);
+                Undelivered::Leaving
+            })
     }
 
     /// Counts `cost` less waiting for a member (`queued`) and in the room:
@@ -1003,9 +1033,11 @@ impl Room {
             state.said += 1;
         }
         let msg = Outgoing::new(ChatMessage::Broadcast { from, text });
+        // One stamp for all: every copy is as old as the others.
+        let stamp = self.stamps.fetch_add(1, Ordering::Relaxed);
         for (_, m) in state.members.iter().filter(|(&other, _)| other != id) {
             if !m.leaving && m.listening {
-                let _ = self.deliver(&state, m, msg.clone(), straight);
+                let _ = self.deliver_stamped(&state, m, msg.clone(), straight, stamp);
             }
         }
         Ok(())
