@@ -330,8 +330,13 @@ impl<P: Protocol> Outbox<P> {
             out.extend(inner.pieces.drain(..));
         }
         let freed = std::mem::take(&mut inner.queued);
+        // Everyone waiting found the queue full under this lock, after
+        // listening, and only takes make room without notifying: so if it
+        // is not full now, nobody waits, and the notification (a full
+        // fence, then the listeners' lock) is skipped.
+        let was_full = freed > 0 && freed + inner.reserved >= self.capacity;
         drop(inner);
-        if freed > 0 {
+        if was_full {
             // Everyone waiting checks again: a listener a `Sink` left
             // registered and never polls must not swallow the wakeup.
             self.room.notify(usize::MAX);
