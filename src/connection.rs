@@ -121,7 +121,7 @@ pub struct Connection<T, P: Protocol, Tm> {
     pipe: Pipe<T>,
     state: State<P::RequestId, Reply<P::Message>>,
     /// Reply slots answered, back to the outbox's pool once their
-    /// requesters let go: a lock per read round, not per response.
+    /// requesters let go: a lock per poll, not per response.
     spares: Spares<P::Message>,
     protocol: Arc<P>,
     shared: Arc<Shared>,
