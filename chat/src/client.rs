@@ -881,7 +881,10 @@ mod tests {
             let err = negotiate(&sender, &mut incoming, WANTED, DEFAULT_WAIT)
                 .await
                 .unwrap_err();
-            assert!(matches!(&err, NegotiateError::Refused(r) if r == "server full"));
+            assert!(
+                matches!(&err, NegotiateError::Refused(r) if r == "server full"),
+                "{err:?}"
+            );
             assert_eq!(err.to_string(), "refused by the server: server full");
         })
     }
