@@ -195,15 +195,17 @@ impl<P: Protocol> Outbox<P> {
                 return Err((PushError::Encode(e), request.map(|r| r.1)));
             }
         };
+        // A small body goes after its head, into the batch: one piece to
+        // write and to free, not two. (Most small messages are encoded
+        // whole: nothing to append.)
+        let body = if body.len() < COPY_BELOW {
+            inner.tail.extend_from_slice(&body);
+            Bytes::new()
+        } else {
+            body
+        };
         match request {
             Some((id, reply)) => {
-                // A small body goes with its head: one piece to write and
-                // to free, not two.
-                let mut body = body;
-                if !body.is_empty() && body.len() < COPY_BELOW {
-                    inner.tail.extend_from_slice(&body);
-                    body = Bytes::new();
-                }
                 let head = inner.tail.split().freeze();
                 inner.pieces.push_back(Piece::Request {
                     id,
@@ -212,13 +214,7 @@ impl<P: Protocol> Outbox<P> {
                     body,
                 });
             }
-            None if body.len() < COPY_BELOW => {
-                // Most small messages are encoded whole: nothing to append.
-                if !body.is_empty() {
-                    inner.tail.extend_from_slice(&body);
-                }
-                inner.tail_frames += 1;
-            }
+            None if body.is_empty() => inner.tail_frames += 1,
             None => {
                 // The head stays with the frames before it; the body is a
                 // piece of its own, written as it is.
