@@ -43,11 +43,36 @@ pub(crate) struct Shared {
     /// driver). `Sender::flush` waits on it through `flush_event`.
     pub flushed: AtomicU64,
     pub flush_event: event_listener::Event,
+    /// Flushes listening on `flush_event` ([`FlushWait`]): the driver
+    /// notifies only while there are any, as a notification costs a lock.
+    pub flush_waiters: AtomicUsize,
     /// Requests `Sender::call` has numbered.
     pub next_request: AtomicU64,
     pub stats: Counters,
     /// The connection's setup time: counters' times are offsets from it.
     pub start: Instant,
+}
+
+/// A flush's wait for `Shared::flushed` to move: a listener, counted in
+/// `Shared::flush_waiters` until dropped.
+#[derive(Debug)]
+pub(crate) struct FlushWait {
+    listener: event_listener::EventListener,
+    shared: Arc<Shared>,
+}
+
+impl Future for FlushWait {
+    type Output = ();
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        Pin::new(&mut self.listener).poll(cx)
+    }
+}
+
+impl Drop for FlushWait {
+    fn drop(&mut self) {
+        self.shared.flush_waiters.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 /// Counters the driver stores once a round, for `Sender::stats`.
@@ -69,9 +94,22 @@ impl Shared {
             senders: AtomicUsize::new(0),
             flushed: AtomicU64::new(0),
             flush_event: event_listener::Event::new(),
+            flush_waiters: AtomicUsize::new(0),
             next_request: AtomicU64::new(0),
             stats: Counters::default(),
             start,
+        }
+    }
+
+    /// Listens for `flushed` to move, counted as a waiter while it lives.
+    pub fn wait_flushed(self: &Arc<Self>) -> FlushWait {
+        // Counted before listening, and `listen` fences after: either the
+        // driver's check after its store of `flushed` sees the count, or the
+        // caller's next look at `flushed` sees the store.
+        self.flush_waiters.fetch_add(1, Ordering::SeqCst);
+        FlushWait {
+            listener: self.flush_event.listen(),
+            shared: self.clone(),
         }
     }
 
@@ -145,9 +183,15 @@ pub struct Connection<T, P: Protocol, Tm> {
     phase: Phase,
     timer: Tm,
     armed: Option<Instant>,
-    /// When bytes last moved either way: buffers are released only after a
-    /// while without any, not between the messages of a conversation.
-    last_io: Instant,
+    /// The timer holds the task's current waker for the `armed` deadline:
+    /// until that passes it wakes the task by itself, unasked.
+    timer_waits: bool,
+    /// The outbox holds the task's current waker, as of our last take.
+    outbox_waits: bool,
+    /// When bytes last moved either way, in nanoseconds since
+    /// `Shared::start`: buffers are released only after a while without
+    /// any, not between the messages of a conversation.
+    last_io: u64,
     max_frame_len: usize,
     request_timeout: Duration,
     /// Frames received.
@@ -204,6 +248,11 @@ const READ_AHEAD: usize = 64 * 1024;
 /// Write-queue bytes above which nothing more is taken from the outbox.
 const WRITE_HIGH_WATER: usize = 256 * 1024;
 
+/// `t` in nanoseconds since `start` (0 before it).
+fn since(start: Instant, t: Instant) -> u64 {
+    t.saturating_duration_since(start).as_nanos() as u64
+}
+
 /// A step's outcome: whether it made progress, or why the connection ends
 /// (`Error::Closed` for a clean end).
 type Step = Result<bool, Error>;
@@ -217,12 +266,14 @@ struct IoWake {
 }
 
 impl IoWake {
-    /// Keeps the driver task's current waker.
-    fn set_task(&self, waker: &Waker) {
+    /// Keeps the driver task's current waker; true if it is a new one.
+    fn set_task(&self, waker: &Waker) -> bool {
         let mut task = self.task.lock().unwrap_or_else(|e| e.into_inner());
-        if !task.as_ref().is_some_and(|w| w.will_wake(waker)) {
-            *task = Some(waker.clone());
+        if task.as_ref().is_some_and(|w| w.will_wake(waker)) {
+            return false;
         }
+        *task = Some(waker.clone());
+        true
     }
 }
 
@@ -290,6 +341,7 @@ where
         #[cfg(feature = "tracing")]
         let span = tracing::debug_span!("chatpipe", label = parts.label.as_deref().unwrap_or(""));
         let io_wake = Arc::new(IoWake::default());
+        let last_io = since(parts.shared.start, parts.now);
         Connection {
             pipe: Pipe::new(parts.io, parts.max_frame_len),
             state: State::new(parts.now, parts.timeouts),
@@ -309,7 +361,9 @@ where
             phase: Phase::Open,
             timer: parts.timer,
             armed: None,
-            last_io: parts.now,
+            timer_waits: false,
+            outbox_waits: false,
+            last_io,
             max_frame_len: parts.max_frame_len,
             request_timeout: parts.timeouts.request_timeout,
             frames_in: 0,
@@ -331,10 +385,17 @@ where
         // One clock read a poll: its rounds are microseconds apart, the
         // deadlines seconds.
         let now = self.timer.now();
-        let was_idle = now.saturating_duration_since(self.last_io) >= RELEASE_AFTER;
+        // Nanoseconds from here on: integer arithmetic, one conversion a
+        // poll.
+        let now_ns = since(self.shared.start, now);
+        let was_idle = now_ns.saturating_sub(self.last_io) >= RELEASE_AFTER.as_nanos() as u64;
         // Woken by something else than the byte stream (a sender, the timer,
         // room made): a read parked on `Pending` is not tried again.
-        self.io_wake.set_task(cx.waker());
+        if self.io_wake.set_task(cx.waker()) {
+            // What holds the old waker must be given the new one.
+            self.timer_waits = false;
+            self.outbox_waits = false;
+        }
         let mut blocked = Blocked {
             read: self.read_parked && !self.io_wake.ready.swap(false, Ordering::AcqRel),
             write: false,
@@ -351,12 +412,12 @@ where
                 | self.step_take(cx, now)
                 | self.step_write(&mut blocked)?
                 | self.step_read(cx, now, &mut blocked)?
-                | self.step_account(now, before);
+                | self.step_account(now, now_ns, before);
             if !progress {
                 if was_idle {
                     self.release_idle_buffers();
                 }
-                self.arm_timer(cx);
+                self.arm_timer(cx, now);
                 return Poll::Pending;
             }
         }
@@ -403,6 +464,11 @@ where
                 progress = true;
                 continue;
             }
+            // Still parked with this waker: nothing was queued since, and
+            // whatever is queued next wakes the task.
+            if self.outbox_waits && self.outbox.parked() {
+                break;
+            }
             match self.outbox.poll_take(cx, &mut self.taken) {
                 Poll::Ready(true) => {}
                 Poll::Ready(false) => {
@@ -412,7 +478,10 @@ where
                     }
                     progress = true;
                 }
-                Poll::Pending => break,
+                Poll::Pending => {
+                    self.outbox_waits = true;
+                    break;
+                }
             }
         }
         progress
@@ -522,7 +591,8 @@ where
     }
 
     /// Tells the state machine and the counters what moved this round.
-    fn step_account(&mut self, now: Instant, before: (u64, u64)) -> bool {
+    /// `now_ns` is `now` in nanoseconds since `Shared::start`.
+    fn step_account(&mut self, now: Instant, now_ns: u64, before: (u64, u64)) -> bool {
         let after = (self.pipe.bytes_read, self.pipe.bytes_written);
         if after.0 != before.0 {
             self.state.on_received(now);
@@ -531,21 +601,15 @@ where
         self.state
             .set_write_state(now, self.pipe.queued() > 0, after.1 != before.1);
         let stats = &self.shared.stats;
-        let since_start =
-            |t: Instant| t.saturating_duration_since(self.shared.start).as_nanos() as u64;
         if after.0 != before.0 {
-            stats
-                .last_read_ns
-                .store(since_start(now), Ordering::Relaxed);
+            stats.last_read_ns.store(now_ns, Ordering::Relaxed);
         }
         if after.1 != before.1 {
-            stats
-                .last_written_ns
-                .store(since_start(now), Ordering::Relaxed);
+            stats.last_written_ns.store(now_ns, Ordering::Relaxed);
         }
         self.publish();
         if after != before {
-            self.last_io = now;
+            self.last_io = now_ns;
             return true;
         }
         false
@@ -585,17 +649,27 @@ where
     /// Arms the timer for the state machine's next deadline. Deadlines
     /// usually move later (each message pushes keepalive and idle out), so
     /// the timer is only moved earlier; when it fires early the deadline is
-    /// checked and it is re-armed.
-    fn arm_timer(&mut self, cx: &mut Context<'_>) {
+    /// checked and it is re-armed. Nor is it polled again while it holds
+    /// this task's waker and its deadline (after `now`) is ahead: a poll
+    /// would only say so again.
+    fn arm_timer(&mut self, cx: &mut Context<'_>, now: Instant) {
         while let Some(deadline) = self.state.poll_timeout() {
             if self.armed.is_none_or(|a| deadline < a) {
                 self.timer.reset(deadline);
                 self.armed = Some(deadline);
+                self.timer_waits = false;
+            }
+            if self.timer_waits && self.armed.is_some_and(|a| now < a) {
+                break;
             }
             match self.timer.poll_expired(cx) {
-                Poll::Pending => break,
+                Poll::Pending => {
+                    self.timer_waits = true;
+                    break;
+                }
                 Poll::Ready(()) => {
                     self.armed = None;
+                    self.timer_waits = false;
                     if self.timer.now() >= deadline {
                         cx.waker().wake_by_ref();
                         break;
@@ -705,7 +779,11 @@ impl<T, P: Protocol, Tm> Connection<T, P, Tm> {
         // The driver is its only writer: a load, not a locked swap, each round.
         if self.shared.flushed.load(Ordering::Relaxed) != flushed {
             self.shared.flushed.store(flushed, Ordering::Release);
-            self.shared.flush_event.notify(usize::MAX);
+            // Paired with `Shared::wait_flushed`.
+            std::sync::atomic::fence(Ordering::SeqCst);
+            if self.shared.flush_waiters.load(Ordering::Relaxed) > 0 {
+                self.shared.flush_event.notify(usize::MAX);
+            }
         }
     }
 

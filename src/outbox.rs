@@ -9,7 +9,7 @@
 //! given back when the queue drains.
 
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{Context, Poll, Waker};
 
@@ -52,6 +52,11 @@ pub(crate) struct Outbox<P: Protocol> {
     /// Messages ever accepted: what `Sender::flush` waits for. Counted
     /// under the lock, read without it (`Sender::accepted`).
     accepted: AtomicU64,
+    /// `Inner::consumer` is set: the driver is parked on an empty queue,
+    /// and anything queued wakes it. Read without the lock
+    /// ([`Outbox::parked`]), so a driver woken by its byte stream does not
+    /// lock the queue only to find it empty.
+    parked: AtomicBool,
     room: Event,
     capacity: usize,
     max_frame_len: usize,
@@ -132,6 +137,7 @@ impl<P: Protocol> Outbox<P> {
                 consumer: None,
             }),
             accepted: AtomicU64::new(0),
+            parked: AtomicBool::new(false),
             room: Event::new(),
             replies: crate::reply::Pool::default(),
             capacity,
@@ -230,7 +236,7 @@ impl<P: Protocol> Outbox<P> {
         // read-modify-write (which costs a locked instruction per message).
         let accepted = self.accepted.load(Ordering::Relaxed) + 1;
         self.accepted.store(accepted, Ordering::Release);
-        let consumer = inner.consumer.take();
+        let consumer = self.unpark(inner);
         drop(lock);
         if let Some(w) = consumer {
             w.wake();
@@ -283,7 +289,7 @@ impl<P: Protocol> Outbox<P> {
         if !inner.closed {
             inner.seal_tail();
             inner.pieces.push_back(Piece::Abandon(id));
-            let consumer = inner.consumer.take();
+            let consumer = self.unpark(&mut inner);
             drop(inner);
             if let Some(w) = consumer {
                 w.wake();
@@ -318,6 +324,7 @@ impl<P: Protocol> Outbox<P> {
             {
                 inner.consumer = Some(cx.waker().clone());
             }
+            self.parked.store(true, Ordering::Relaxed);
             return Poll::Pending;
         }
         if out.is_empty() {
@@ -340,6 +347,22 @@ impl<P: Protocol> Outbox<P> {
         Poll::Ready(true)
     }
 
+    /// Whether the driver is still parked since its last `poll_take`
+    /// returned `Pending`: nothing was queued since (that would have woken
+    /// it), so another poll with the same waker would only say so again.
+    pub fn parked(&self) -> bool {
+        self.parked.load(Ordering::Acquire)
+    }
+
+    /// The parked driver's waker, to wake once the lock is released.
+    fn unpark(&self, inner: &mut Inner<P>) -> Option<Waker> {
+        let consumer = inner.consumer.take();
+        if consumer.is_some() {
+            self.parked.store(false, Ordering::Release);
+        }
+        consumer
+    }
+
     /// Everything left, without waiting (after the connection ended).
     pub fn take_all(&self) -> VecDeque<Piece<P>> {
         let mut inner = self.lock();
@@ -357,7 +380,7 @@ impl<P: Protocol> Outbox<P> {
         let consumer = {
             let mut inner = self.lock();
             inner.closed = true;
-            inner.consumer.take()
+            self.unpark(&mut inner)
         };
         if let Some(w) = consumer {
             w.wake();
@@ -431,6 +454,28 @@ mod tests {
         let (bytes, frames) = wire(&pieces);
         assert_eq!(frames, 3);
         assert_eq!(bytes, b"\0\0\0\x02\0a\0\0\0\x03\0bb\0\0\0\x04\0ccc");
+    }
+
+    #[test]
+    fn the_driver_stays_parked_until_something_is_queued() {
+        let outbox = Outbox::new(10, 1024);
+        assert!(!outbox.parked(), "never polled");
+        assert!(take(&outbox).is_empty());
+        assert!(outbox.parked());
+        // Each change the driver must see unparks it: a push, a marker, a
+        // close.
+        assert!(outbox.try_push(&Raw, &text("a"), None, false).is_ok());
+        assert!(!outbox.parked());
+        assert_eq!(take(&outbox).len(), 1);
+        assert!(!outbox.parked(), "it took something: not parked");
+        assert!(take(&outbox).is_empty());
+        assert!(outbox.parked());
+        outbox.abandon(7);
+        assert!(!outbox.parked());
+        assert_eq!(take(&outbox).len(), 1);
+        assert!(take(&outbox).is_empty());
+        outbox.close();
+        assert!(!outbox.parked());
     }
 
     #[test]

@@ -12,7 +12,7 @@ use std::time::Instant;
 use event_listener::EventListener;
 use futures_sink::Sink;
 
-use crate::connection::Shared;
+use crate::connection::{FlushWait, Shared};
 use crate::error::{SendError, TrySendError};
 use crate::outbox::{Outbox, PushError, Reply};
 use crate::{Call, Error, Kind, Protocol};
@@ -35,7 +35,7 @@ pub struct Sender<P: Protocol> {
     /// The `Sink`'s state: a slot reserved by `poll_ready`, what it waits on.
     sink_reserved: bool,
     sink_room: Option<EventListener>,
-    sink_flush: Option<(u64, Option<EventListener>)>,
+    sink_flush: Option<(u64, Option<FlushWait>)>,
 }
 
 impl<P: Protocol> Sender<P> {
@@ -329,7 +329,7 @@ impl<P: Protocol> Sender<P> {
         &self,
         cx: &mut Context<'_>,
         target: u64,
-        listener: &mut Option<EventListener>,
+        listener: &mut Option<FlushWait>,
     ) -> Poll<Result<(), Error>> {
         loop {
             if self.shared.flushed.load(Ordering::Acquire) >= target {
@@ -343,7 +343,7 @@ impl<P: Protocol> Sender<P> {
                 return Poll::Ready(Err(reason.clone()));
             }
             match listener {
-                None => *listener = Some(self.shared.flush_event.listen()),
+                None => *listener = Some(self.shared.wait_flushed()),
                 Some(l) => {
                     ready!(Pin::new(l).poll(cx));
                     *listener = None;

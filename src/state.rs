@@ -125,11 +125,17 @@ pub(crate) struct State<Id, R> {
     sweep_at: usize,
     retired: IdSet<Id>,
     retired_order: VecDeque<Id>,
+    /// No deadline falls before this (`None`: there is none), so
+    /// `poll_event` finds nothing due before it without computing any.
+    /// Traffic moves deadlines later (bytes sent or received) and leaves it
+    /// where it is: the driver's timer is re-armed when it fires, not on
+    /// every message. A deadline that may be earlier lowers it.
+    check_at: Option<Instant>,
 }
 
 impl<Id: Eq + Hash + Clone, R> State<Id, R> {
     pub fn new(now: Instant, t: Timeouts) -> Self {
-        State {
+        let mut state = State {
             t,
             last_sent: now,
             last_received: now,
@@ -141,6 +147,16 @@ impl<Id: Eq + Hash + Clone, R> State<Id, R> {
             sweep_at: 64,
             retired: IdSet::default(),
             retired_order: VecDeque::new(),
+            check_at: None,
+        };
+        state.check_at = state.next_deadline();
+        state
+    }
+
+    /// A deadline was set that may come before `check_at`.
+    fn lower(&mut self, deadline: Option<Instant>) {
+        if let Some(d) = deadline {
+            self.check_at = Some(self.check_at.map_or(d, |c| c.min(d)));
         }
     }
 
@@ -157,19 +173,28 @@ impl<Id: Eq + Hash + Clone, R> State<Id, R> {
     /// The application stopped (or resumed) taking messages. While paused we
     /// do not read, so the peer's silence must not count against it.
     pub fn set_read_paused(&mut self, now: Instant, paused: bool) {
-        if self.read_paused && !paused {
+        let resumed = self.read_paused && !paused;
+        if resumed {
             self.last_received = now;
             if self.frame_started.is_some() {
                 self.frame_started = Some(now);
             }
         }
         self.read_paused = paused;
+        if resumed {
+            // The idle and frame deadlines are back.
+            self.lower(self.idle_deadline());
+            self.lower(self.frame_deadline());
+        }
     }
 
     /// Whether a frame is partly received.
     pub fn set_mid_frame(&mut self, now: Instant, mid_frame: bool) {
         match (mid_frame, self.frame_started) {
-            (true, None) => self.frame_started = Some(now),
+            (true, None) => {
+                self.frame_started = Some(now);
+                self.lower(self.frame_deadline());
+            }
             (false, _) => self.frame_started = None,
             (true, Some(_)) => {}
         }
@@ -178,12 +203,16 @@ impl<Id: Eq + Hash + Clone, R> State<Id, R> {
     /// The state of the write side: `pending` if bytes wait to be written,
     /// `progressed` if some were written just now.
     pub fn set_write_state(&mut self, now: Instant, pending: bool, progressed: bool) {
-        self.write_stalled_since = match (pending, self.write_stalled_since) {
+        let was = self.write_stalled_since;
+        self.write_stalled_since = match (pending, was) {
             (false, _) => None,
             (true, None) => Some(now),
             (true, Some(_)) if progressed => Some(now),
             (true, since) => since,
         };
+        if was.is_none() {
+            self.lower(self.write_deadline());
+        }
     }
 
     /// Registers an outstanding request. Gives `reply` back if `id` is
@@ -210,6 +239,7 @@ impl<Id: Eq + Hash + Clone, R> State<Id, R> {
         }
         self.expiry.push_back((deadline, id));
         self.compact_expiry();
+        self.lower(Some(deadline));
         Ok(())
     }
 
@@ -244,8 +274,16 @@ impl<Id: Eq + Hash + Clone, R> State<Id, R> {
         self.requests.drain().map(|(_, (_, r))| r)
     }
 
-    /// When the driver must next call [`State::poll_event`], if ever.
+    /// When the driver must next call [`State::poll_event`], if ever: at
+    /// the earliest deadline or before it. Deadlines that traffic moved
+    /// later since the last look do not move it; then `poll_event` finds
+    /// nothing due yet, and this says when to look next.
     pub fn poll_timeout(&self) -> Option<Instant> {
+        self.check_at
+    }
+
+    /// The earliest deadline, if any.
+    fn next_deadline(&self) -> Option<Instant> {
         [
             self.keepalive_deadline(),
             self.idle_deadline(),
@@ -260,6 +298,9 @@ impl<Id: Eq + Hash + Clone, R> State<Id, R> {
 
     /// The next thing due at `now`, if any. Call until it returns `None`.
     pub fn poll_event(&mut self, now: Instant) -> Option<Event<R>> {
+        if self.check_at.is_none_or(|c| now < c) {
+            return None;
+        }
         let due = |d: Option<Instant>| d.is_some_and(|d| d <= now);
         if due(self.idle_deadline()) {
             let d = self.t.idle_timeout.unwrap_or_default();
@@ -292,6 +333,7 @@ impl<Id: Eq + Hash + Clone, R> State<Id, R> {
             self.last_sent = now;
             return Some(Event::SendKeepalive);
         }
+        self.check_at = self.next_deadline();
         None
     }
 
@@ -424,6 +466,47 @@ mod tests {
         assert_eq!(drain(&mut s, last + 100 * MS), ["keepalive"]);
         // Re-armed from when it went out.
         assert_eq!(s.poll_timeout(), Some(last + 200 * MS));
+    }
+
+    #[test]
+    fn traffic_moves_deadlines_without_moving_the_wake_up() {
+        let t0 = Instant::now();
+        let mut s = State::<u32, u32>::new(t0, timeouts());
+        // Traffic pushes keepalive and idle out; the wake-up stays, so a
+        // driver's timer is not re-armed per message.
+        for i in 1..=9 {
+            s.on_sent(t0 + i * 10 * MS);
+            s.on_received(t0 + i * 10 * MS);
+            assert_eq!(s.poll_timeout(), Some(t0 + 100 * MS));
+        }
+        // At the wake-up nothing is due yet, and the next one is exact.
+        assert!(drain(&mut s, t0 + 100 * MS).is_empty());
+        assert_eq!(s.poll_timeout(), Some(t0 + 190 * MS));
+        // A deadline that comes sooner brings the wake-up forward at once.
+        let mut t = timeouts();
+        t.request_timeout = 20 * MS;
+        let mut s = State::<u32, u32>::new(t0, t);
+        s.insert_request(t0 + 10 * MS, 1, 10, never).unwrap();
+        assert_eq!(s.poll_timeout(), Some(t0 + 30 * MS));
+        assert_eq!(drain(&mut s, t0 + 30 * MS), ["expired 10"]);
+        // So do a reader resumed, a frame begun, a write stalled.
+        let mut t = timeouts();
+        t.keepalive_interval = None;
+        let mut s = State::<u32, u32>::new(t0, t);
+        s.set_read_paused(t0, true);
+        assert!(drain(&mut s, t0 + 300 * MS).is_empty());
+        assert_eq!(s.poll_timeout(), None);
+        s.set_read_paused(t0 + 1000 * MS, false);
+        assert_eq!(s.poll_timeout(), Some(t0 + 1300 * MS));
+        let mut t = timeouts();
+        t.keepalive_interval = None;
+        t.idle_timeout = None;
+        let mut s = State::<u32, u32>::new(t0, t);
+        assert_eq!(s.poll_timeout(), None);
+        s.set_mid_frame(t0 + 50 * MS, true);
+        assert_eq!(s.poll_timeout(), Some(t0 + 550 * MS));
+        s.set_write_state(t0 + 60 * MS, true, false);
+        assert_eq!(s.poll_timeout(), Some(t0 + 460 * MS));
     }
 
     #[test]

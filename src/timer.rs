@@ -23,7 +23,10 @@ pub trait Timer: Send + Unpin + 'static {
     fn reset(&mut self, deadline: Instant);
 
     /// Ready once the deadline set last has passed; registers the waker
-    /// otherwise.
+    /// otherwise. A registered waker is woken when the deadline passes,
+    /// without another poll: the connection does not poll again while its
+    /// task's waker is the same and the deadline is ahead (async-io's,
+    /// tokio's and most timers work this way).
     fn poll_expired(&mut self, cx: &mut Context<'_>) -> Poll<()>;
 }
 
