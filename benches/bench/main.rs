@@ -260,12 +260,12 @@ fn main() {
             "pipelined-floor-tokio" => pipelined_case("handoff floor (tokio)", n),
             "pipelined-calls-floor" => pipelined_case("calls floor", n),
             "pipelined-calls-floor-tokio" => pipelined_case("calls floor (tokio)", n),
-            "rtt-floor" => {
-                let v = rtt_handoff_floor(n as usize, 0);
+            "rtt-floor" | "rtt-floor-deadline" => {
+                let v = rtt_handoff_floor(n as usize, 0, case.ends_with("deadline"));
                 v.iter().sum::<u64>() as f64 / 1e9
             }
-            "rtt-floor-tokio" => {
-                let v = rtt_handoff_floor_tokio(n as usize, 0);
+            "rtt-floor-tokio" | "rtt-floor-deadline-tokio" => {
+                let v = rtt_handoff_floor_tokio(n as usize, 0, case.contains("deadline"));
                 v.iter().sum::<u64>() as f64 / 1e9
             }
             "request-tokio" => {

@@ -523,6 +523,23 @@ fn floors(rep: &Report, md: &mut String) {
         "rtt/one CPU/tokio-util ping-pong/p50".into(),
         "rtt/one CPU/chatpipe request() on tokio/p50".into(),
     ));
+    // A connection with a keepalive or idle deadline keeps a timer armed,
+    // which each runtime's timer charges on every turn; the ping-pongs arm
+    // none.
+    rows.push((
+        "rtt p50, one CPU, smol, the floor with a deadline armed (lower is better)".into(),
+        "asynchronous-codec ping-pong".into(),
+        "rtt/one CPU/handoff floor, a deadline armed/p50".into(),
+        "rtt/one CPU/asynchronous-codec ping-pong/p50".into(),
+        "rtt/one CPU/chatpipe request()/p50".into(),
+    ));
+    rows.push((
+        "rtt p50, one CPU, tokio, the floor with a deadline armed (lower is better)".into(),
+        "tokio-util ping-pong".into(),
+        "rtt/one CPU/handoff floor, a deadline armed (tokio)/p50".into(),
+        "rtt/one CPU/tokio-util ping-pong/p50".into(),
+        "rtt/one CPU/chatpipe request() on tokio/p50".into(),
+    ));
     // The calls floor adds what a call API cannot do without: ids, the
     // table, a future per call (scenario 2b).
     for (runtime, floors, chatpipe) in [

@@ -18,10 +18,12 @@ use crate::stacks::{
     ac_framed, chatpipe_builder, payload, raw_read_one, smol_stream, smol_task_thread, tcp_pair,
     tokio_framed, tokio_local_thread, tokio_stream, tokio_task_thread, HandoffEnd,
 };
+use smol::LocalExecutor;
+
 use crate::Cfg;
 
 pub(crate) const RTT_SIZE: usize = 64;
-const RTT_STACKS: [&str; 9] = [
+const RTT_STACKS: [&str; 11] = [
     "raw ping-pong",
     "tokio-util ping-pong",
     "asynchronous-codec ping-pong",
@@ -31,31 +33,56 @@ const RTT_STACKS: [&str; 9] = [
     "chatpipe request() on tokio",
     "handoff floor",
     "handoff floor (tokio)",
+    "handoff floor, a deadline armed",
+    "handoff floor, a deadline armed (tokio)",
 ];
 
 /// The handoff floor of a round trip (see `stacks::oneway_handoff_floor`):
 /// on each side the socket owned by tasks of its own and the
 /// application's task handing the ping, and the echo, over a queue each
 /// way. What a design with a driver task costs at least; no request ids.
-pub(crate) fn rtt_handoff_floor(n: usize, warm: usize) -> Vec<u64> {
+/// With `deadline`, each side also keeps one timer armed an hour ahead on
+/// its runtime, as a connection with a keepalive or idle deadline must:
+/// what the runtime's timer costs per turn while any is armed.
+pub(crate) fn rtt_handoff_floor(n: usize, warm: usize, deadline: bool) -> Vec<u64> {
     let (a, b) = tcp_pair();
-    let server = smol_task_thread(move |ex| HandoffEnd::smol(&ex, b).echo());
-    let client =
-        smol_task_thread(
-            move |ex| async move { floor_pings(HandoffEnd::smol(&ex, a), n, warm).await },
-        );
+    let armed = move |ex: &LocalExecutor<'static>| {
+        if deadline {
+            ex.spawn(async_io::Timer::after(HOUR)).detach();
+        }
+    };
+    let server = smol_task_thread(move |ex| {
+        armed(&ex);
+        HandoffEnd::smol(&ex, b).echo()
+    });
+    let client = smol_task_thread(move |ex| {
+        armed(&ex);
+        async move { floor_pings(HandoffEnd::smol(&ex, a), n, warm).await }
+    });
     let out = client.join().unwrap();
     server.join().unwrap();
     out
 }
 
+const HOUR: std::time::Duration = std::time::Duration::from_secs(3600);
+
 /// [`rtt_handoff_floor`] on tokio (tokio-util's codec, `spawn_local`ed
 /// tasks on each side's current-thread runtime).
-pub(crate) fn rtt_handoff_floor_tokio(n: usize, warm: usize) -> Vec<u64> {
+pub(crate) fn rtt_handoff_floor_tokio(n: usize, warm: usize, deadline: bool) -> Vec<u64> {
     let (a, b) = tcp_pair();
-    let server = tokio_local_thread(move || HandoffEnd::tokio(b).echo());
-    let client =
-        tokio_local_thread(move || async move { floor_pings(HandoffEnd::tokio(a), n, warm).await });
+    let armed = move || {
+        if deadline {
+            drop(tokio::task::spawn_local(tokio::time::sleep(HOUR)));
+        }
+    };
+    let server = tokio_local_thread(move || {
+        armed();
+        HandoffEnd::tokio(b).echo()
+    });
+    let client = tokio_local_thread(move || {
+        armed();
+        async move { floor_pings(HandoffEnd::tokio(a), n, warm).await }
+    });
     let out = client.join().unwrap();
     server.join().unwrap();
     out
@@ -307,8 +334,16 @@ pub(crate) fn scenario_rtt(cfg: &Cfg, rep: &mut Report) {
                     "tarpc call" => rtt_tarpc(cfg.rtt_n, cfg.rtt_warmup, RTT_SIZE),
                     "chatpipe request()" => rtt_chatpipe(cfg.rtt_n, cfg.rtt_warmup, true),
                     "chatpipe request() on tokio" => rtt_chatpipe_tokio(cfg.rtt_n, cfg.rtt_warmup),
-                    "handoff floor" => rtt_handoff_floor(cfg.rtt_n, cfg.rtt_warmup),
-                    "handoff floor (tokio)" => rtt_handoff_floor_tokio(cfg.rtt_n, cfg.rtt_warmup),
+                    "handoff floor" => rtt_handoff_floor(cfg.rtt_n, cfg.rtt_warmup, false),
+                    "handoff floor (tokio)" => {
+                        rtt_handoff_floor_tokio(cfg.rtt_n, cfg.rtt_warmup, false)
+                    }
+                    "handoff floor, a deadline armed" => {
+                        rtt_handoff_floor(cfg.rtt_n, cfg.rtt_warmup, true)
+                    }
+                    "handoff floor, a deadline armed (tokio)" => {
+                        rtt_handoff_floor_tokio(cfg.rtt_n, cfg.rtt_warmup, true)
+                    }
                     _ => rtt_chatpipe(cfg.rtt_n, cfg.rtt_warmup, false),
                 };
                 v.sort_unstable();
