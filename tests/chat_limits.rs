@@ -346,12 +346,14 @@ async fn bind_from(ip: &str, server: SocketAddr) -> TcpStream {
 
 /// What the default pacing does to a paste and to a flood, on the room's
 /// clock, which the test moves by `step` once the messages it expects by
-/// then (`expected(k)` after `k` steps) have arrived, in order: no real time
-/// is measured. Returns the events.
+/// then (`expected(k)` after `k` steps) have arrived, in order, and (with
+/// `flood`) once the room reported the flood: no real time is measured.
+/// Returns the events.
 async fn paced_run(
     lines: usize,
     step: Duration,
     steps: usize,
+    flood: bool,
     expected: impl Fn(usize) -> usize,
 ) -> Vec<Event> {
     let start_at = Instant::now();
@@ -374,6 +376,13 @@ async fn paced_run(
     });
     let mut delivered = 0;
     for k in 0..=steps {
+        if k == 1 && flood {
+            // The flood's 30 s count from when the room saw it, on its
+            // clock: not before the typist's messages have come in.
+            server
+                .wait_for(|e| matches!(e, Event::Flooding { .. }).then_some(()))
+                .await;
+        }
         if k > 0 {
             *now.lock().unwrap() = start_at + step * k as u32;
         }
@@ -400,7 +409,7 @@ async fn paced_run(
 fn a_pasted_50_lines_all_arrive_in_order() {
     run(Duration::from_secs(60), async {
         let step = Duration::from_millis(100);
-        let events = paced_run(50, step, 31, |k| (19 + k).min(50)).await;
+        let events = paced_run(50, step, 31, false, |k| (19 + k).min(50)).await;
         assert!(!events.iter().any(Event::is_discard), "{events:#?}");
     });
 }
@@ -412,7 +421,7 @@ fn a_pasted_50_lines_all_arrive_in_order() {
 fn a_flood_of_20000_is_paced_then_disconnected() {
     run(Duration::from_secs(120), async {
         let step = Duration::from_secs(1);
-        let events = paced_run(20_000, step, 30, |k| 19 + 10 * k).await;
+        let events = paced_run(20_000, step, 30, true, |k| 19 + 10 * k).await;
         let flood = events.iter().find_map(|e| match e {
             Event::Disconnected { reason, .. } if e.is_discard() => Some(reason.clone()),
             _ => None,
@@ -427,5 +436,10 @@ fn a_flood_of_20000_is_paced_then_disconnected() {
             _ => None,
         });
         assert!(unread.is_some_and(|n| n >= 1000), "{unread:?}");
+        let warned = events.iter().filter(|e| {
+            matches!(e, Event::Flooding { unread: 1000, lasting, .. }
+                if *lasting == Duration::from_secs(30))
+        });
+        assert_eq!(warned.count(), 1, "reported once, before: {events:#?}");
     });
 }

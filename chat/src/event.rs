@@ -33,6 +33,15 @@ pub enum Event {
     /// slowly (none is dropped), and says so at most once a second per
     /// client.
     Paced { addr: SocketAddr, rate: Rate },
+    /// A paced client has `unread` of its messages (the flood limit)
+    /// waiting to be read: it is disconnected as an excess flood
+    /// ([`Disconnect::ExcessFlood`]) if that lasts `lasting`. Once per
+    /// flood.
+    Flooding {
+        addr: SocketAddr,
+        unread: usize,
+        lasting: Duration,
+    },
     /// A paced client's connection ended (or it was disconnected as a
     /// flood) with `unread` of its messages received but never read into
     /// the room.
@@ -373,6 +382,14 @@ impl fmt::Display for Event {
                 f,
                 "{addr} paced: over {}/s (bursts of {}), its messages are read more slowly",
                 rate.per_second, rate.burst
+            ),
+            Event::Flooding {
+                addr,
+                unread,
+                lasting,
+            } => write!(
+                f,
+                "{addr} flooding: {unread} of its messages wait to be read; disconnected if that lasts {lasting:?}"
             ),
             Event::BroadcastNotSent { addr, error } => {
                 write!(f, "broadcast to {addr} not sent: {error}")

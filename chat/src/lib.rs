@@ -29,7 +29,7 @@
 //! | connections in all (`max_connections`) | 10,000 | the new connection is closed at once |
 //! | connections per remote IP (`max_per_ip`) | 64 | the new connection is closed at once |
 //! | messages per client (`rate`: token bucket) | 10/s, bursts of 20 | its messages are read more slowly: all arrive, late, in order, and TCP pushes back on its sends. Reported (`Paced`) at most once a second. |
-//! | a paced client far over its rate (`flood_unread`, `flood_for`) | 1,000 messages waiting to be read, for 30 s | disconnected (`ExcessFlood`) |
+//! | a paced client far over its rate (`flood_unread`, `flood_for`) | 1,000 messages waiting to be read, for 30 s | reported when it starts (`Flooding`), disconnected (`ExcessFlood`) |
 //! | a client that does not read (`stall`, `backlog`) | 5 s, 4 MiB | disconnected (a v0.6 client is sent a Notice saying why, if its queue has room) |
 //! | what waits on all clients together (`max_memory`) | a quarter of the machine's memory; 1 GiB if unknown | the client furthest behind (whose connection has held a message unwritten the longest) is disconnected (`SlowConsumer`; a v0.6 client is sent a Notice saying why, if its queue has room), again until the message fits; what waited for it is dropped |
 //!
@@ -1384,7 +1384,17 @@ impl Pace {
                 room.emit(Event::Paced { addr, rate });
             }
             if incoming.buffered() >= unread {
-                let since = *self.flooding_since.get_or_insert(now);
+                let since = match self.flooding_since {
+                    Some(since) => since,
+                    None => {
+                        room.emit(Event::Flooding {
+                            addr,
+                            unread,
+                            lasting,
+                        });
+                        *self.flooding_since.insert(now)
+                    }
+                };
                 if now.saturating_duration_since(since) >= lasting {
                     return Err(Some(Disconnect::ExcessFlood { unread, lasting }));
                 }
