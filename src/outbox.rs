@@ -37,6 +37,17 @@ pub(crate) enum Piece<P: Protocol> {
     Abandon(P::RequestId),
 }
 
+/// Queued while the driver takes nothing, after which `Sender::send` lets
+/// it run (and the executor's other tasks) before queueing more: a write's
+/// worth, at least this many messages of at least this many bytes in all.
+/// Without it a task sending in a loop on the driver's thread encodes a
+/// whole queue's worth before the first byte goes out, and a hundred such
+/// tasks (the bench's fan-in) a hundred queues' worth while the reader
+/// waits. Messages large enough that `YIELD_MESSAGES` of them pass four
+/// times `YIELD_BYTES` already make large writes: batched as before.
+const YIELD_MESSAGES: usize = 256;
+const YIELD_BYTES: usize = 16 * 1024;
+
 /// Why a push failed, and a request's reply slot back.
 pub(crate) type PushFailure<M> = (PushError, Option<Reply<M>>);
 
@@ -52,6 +63,10 @@ pub(crate) struct Outbox<P: Protocol> {
     /// Messages ever accepted: what `Sender::flush` waits for. Counted
     /// under the lock, read without it (`Sender::accepted`).
     accepted: AtomicU64,
+    /// The driver has fallen a write's worth behind since it last took
+    /// (`YIELD_MESSAGES`): the next `Sender::send` gives it a turn first
+    /// ([`Outbox::behind`]).
+    behind: AtomicBool,
     /// `Inner::consumer` is set: the driver is parked on an empty queue,
     /// and anything queued wakes it. Read without the lock
     /// ([`Outbox::parked`]), so a driver woken by its byte stream does not
@@ -73,6 +88,9 @@ struct Inner<P: Protocol> {
     /// Frames encoded in place, after everything in `pieces`.
     tail: BytesMut,
     tail_frames: usize,
+    /// Bytes and messages queued since the driver last took (or since
+    /// `behind` was last set).
+    lag: (usize, usize),
     closed: bool,
     /// The driver, parked on an empty queue.
     consumer: Option<Waker>,
@@ -133,10 +151,12 @@ impl<P: Protocol> Outbox<P> {
                 pieces: VecDeque::new(),
                 tail: BytesMut::new(),
                 tail_frames: 0,
+                lag: (0, 0),
                 closed: false,
                 consumer: None,
             }),
             accepted: AtomicU64::new(0),
+            behind: AtomicBool::new(false),
             parked: AtomicBool::new(false),
             room: Event::new(),
             replies: crate::reply::Pool::default(),
@@ -190,6 +210,7 @@ impl<P: Protocol> Outbox<P> {
             }
         }
         let _notify = NotifyOnUnwind(&self.room, permit);
+        let start = inner.tail.len();
         let body = match encode_frame(protocol, msg, &mut inner.tail, self.max_frame_len) {
             Ok(body) => body,
             Err(e) => {
@@ -201,6 +222,13 @@ impl<P: Protocol> Outbox<P> {
                 return Err((PushError::Encode(e), request.map(|r| r.1)));
             }
         };
+        inner.lag.0 += inner.tail.len() - start + body.len();
+        inner.lag.1 += 1;
+        let (bytes, messages) = inner.lag;
+        if messages >= YIELD_MESSAGES && (YIELD_BYTES..4 * YIELD_BYTES).contains(&bytes) {
+            inner.lag = (0, 0);
+            self.behind.store(true, Ordering::Relaxed);
+        }
         // A small body goes after its head, into the batch: one piece to
         // write and to free, not two. (Most small messages are encoded
         // whole: nothing to append.)
@@ -333,6 +361,11 @@ impl<P: Protocol> Outbox<P> {
             out.extend(inner.pieces.drain(..));
         }
         let freed = std::mem::take(&mut inner.queued);
+        inner.lag = (0, 0);
+        // Stored only if set: the senders read its cache line.
+        if self.behind.load(Ordering::Relaxed) {
+            self.behind.store(false, Ordering::Relaxed);
+        }
         // Everyone waiting found the queue full under this lock, after
         // listening, and only takes make room without notifying: so if it
         // is not full now, nobody waits, and the notification (a full
@@ -345,6 +378,13 @@ impl<P: Protocol> Outbox<P> {
             self.room.notify(usize::MAX);
         }
         Poll::Ready(true)
+    }
+
+    /// Whether the driver has fallen a write's worth behind the senders
+    /// since it last took (`YIELD_MESSAGES`); true once each time, for the
+    /// caller to give it a turn.
+    pub fn behind(&self) -> bool {
+        self.behind.load(Ordering::Relaxed) && self.behind.swap(false, Ordering::Relaxed)
     }
 
     /// Whether the driver is still parked since its last `poll_take`
@@ -476,6 +516,44 @@ mod tests {
         assert!(take(&outbox).is_empty());
         outbox.close();
         assert!(!outbox.parked());
+    }
+
+    #[test]
+    fn a_write_s_worth_queued_untaken_asks_for_a_turn_once() {
+        let outbox = Outbox::new(4096, 1 << 20);
+        let push = |size: usize| {
+            let msg = RawMessage::Message(Bytes::from(vec![7u8; size]));
+            assert!(outbox.try_push(&Raw, &msg, None, false).is_ok());
+        };
+        // 64-byte messages: 256 of them are past 16 KiB.
+        for _ in 0..YIELD_MESSAGES - 1 {
+            push(64);
+        }
+        assert!(!outbox.behind());
+        push(64);
+        assert!(outbox.behind());
+        assert!(!outbox.behind(), "once");
+        // Taken: it starts over.
+        for _ in 0..YIELD_MESSAGES - 1 {
+            push(64);
+        }
+        take(&outbox);
+        push(64);
+        assert!(!outbox.behind());
+        take(&outbox);
+        // Tiny ones: a write's worth of bytes too (16 KiB of 5-byte frames).
+        for _ in 0..YIELD_BYTES.div_ceil(5) - 1 {
+            push(0);
+        }
+        assert!(!outbox.behind());
+        push(0);
+        assert!(outbox.behind());
+        take(&outbox);
+        // Large ones already make large writes: never.
+        for _ in 0..2 * YIELD_MESSAGES {
+            push(1024);
+        }
+        assert!(!outbox.behind());
     }
 
     #[test]

@@ -86,6 +86,22 @@ impl<P: Protocol> fmt::Debug for Sender<P> {
 /// a request's reply slot back.
 pub(crate) type EntryFailure<M> = (Option<Error>, Option<Reply<M>>);
 
+/// Pending once, its task woken: the executor's other tasks run first.
+struct YieldNow(bool);
+
+impl Future for YieldNow {
+    type Output = ();
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        if self.0 {
+            return Poll::Ready(());
+        }
+        self.0 = true;
+        cx.waker().wake_by_ref();
+        Poll::Pending
+    }
+}
+
 impl<P: Protocol> Sender<P> {
     fn push_error(&self, e: PushError) -> Error {
         match e {
@@ -105,6 +121,12 @@ impl<P: Protocol> Sender<P> {
     /// Cancel safety: if the future is dropped before it completes, the
     /// message was not queued.
     ///
+    /// Once the driver has fallen a write's worth behind (256 messages
+    /// queued since it last took some, 16 KiB at least), `send` yields to
+    /// the executor once before queueing, as a runtime's cooperative budget
+    /// would: a task sending in a loop shares its thread with the driver
+    /// (and everyone else) rather than filling the whole queue first.
+    ///
     /// ```no_run
     /// # async fn f(sender: chatpipe::Sender<chatpipe::raw::Raw>) {
     /// use chatpipe::raw::RawMessage;
@@ -114,6 +136,12 @@ impl<P: Protocol> Sender<P> {
     /// # }
     /// ```
     pub async fn send(&self, msg: P::Message) -> Result<(), SendError<P::Message>> {
+        // The driver fell a write's worth behind: give it a turn first, as
+        // a runtime's cooperative budget would. Before queueing, for cancel
+        // safety.
+        if self.outbox.behind() {
+            YieldNow(false).await;
+        }
         loop {
             let error = match self.outbox.try_push(&self.protocol, &msg, None, false) {
                 Ok(()) => return Ok(()),

@@ -172,6 +172,55 @@ fn accepted_and_flushed_tell_whether_a_message_is_on_the_wire_without_waiting() 
 }
 
 #[test]
+fn a_sender_in_a_loop_gives_its_driver_a_turn_before_the_queue_fills() {
+    let mut pool = LocalPool::new();
+    let clock = ManualClock::new();
+    let (a, _peer) = duplex(1 << 20);
+    let (tx, _rx, conn) = quiet().build_with_timer(a, Raw, clock.timer());
+    pool.spawner()
+        .spawn_local(async {
+            let _ = conn.await;
+        })
+        .unwrap();
+    let body = RawMessage::Message(Bytes::from(vec![7u8; 64]));
+    // On one thread the driver runs only when the sender lets it: after a
+    // write's worth (256 such messages), not once the queue (1,024) is full.
+    let flushed = pool.run_until(async {
+        let mut flushed = Vec::new();
+        for _ in 0..600 {
+            tx.send(body.clone()).await.unwrap();
+            flushed.push(tx.flushed());
+        }
+        flushed
+    });
+    assert_eq!(flushed[255], 0);
+    assert_eq!(flushed[256], 256);
+    assert_eq!(flushed[512], 512);
+}
+
+#[test]
+fn a_send_that_yields_first_has_queued_nothing_if_dropped() {
+    let clock = ManualClock::new();
+    let (a, _peer) = duplex(1 << 20);
+    // No driver: nothing is taken.
+    let (tx, _rx, _conn) = quiet().build_with_timer(a, Raw, clock.timer());
+    let body = RawMessage::Message(Bytes::from(vec![7u8; 64]));
+    for _ in 0..256 {
+        assert!(poll_once(&mut pin!(tx.send(body.clone()))).is_some());
+    }
+    // The driver is a write's worth behind: this send yields before
+    // queueing, and dropped then, it queued nothing.
+    {
+        let mut send = pin!(tx.send(body.clone()));
+        assert!(poll_once(&mut send).is_none());
+    }
+    assert_eq!(tx.accepted(), 256);
+    // Once per write's worth: the next goes straight in.
+    assert!(poll_once(&mut pin!(tx.send(body.clone()))).is_some());
+    assert_eq!(tx.accepted(), 257);
+}
+
+#[test]
 fn reserve_waits_for_room_and_a_permit_keeps_it() {
     let mut pool = LocalPool::new();
     let clock = ManualClock::new();
