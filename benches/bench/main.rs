@@ -261,7 +261,7 @@ fn main() {
             "pipelined-calls-floor" => pipelined_case("calls floor", n),
             "pipelined-calls-floor-tokio" => pipelined_case("calls floor (tokio)", n),
             "rtt-floor" | "rtt-floor-deadline" => {
-                let v = rtt_handoff_floor(n as usize, 0, case.ends_with("deadline"));
+                let v = rtt_handoff_floor(n as usize, 0, case.contains("deadline"));
                 v.iter().sum::<u64>() as f64 / 1e9
             }
             "rtt-floor-tokio" | "rtt-floor-deadline-tokio" => {

@@ -412,7 +412,8 @@ pub async fn serve_on(
             if m.version != V0_5 && !m.leaving {
                 // Past the limits: a few bytes per member, once.
                 let text = v06::SHUTDOWN_NOTICE.to_owned();
-                let _ = room.queue(m, Outgoing::new(ChatMessage::Notice { text }), false);
+                let notice = Outgoing::new(ChatMessage::Notice { text });
+                let _ = room.queue(m, notice, false, room.next_stamp());
             }
             m.outbox.close();
         }
@@ -843,8 +844,12 @@ impl Room {
         msg: Arc<Outgoing>,
         straight: bool,
     ) -> Result<(), Undelivered> {
-        let stamp = self.stamps.fetch_add(1, Ordering::Relaxed);
-        self.deliver_stamped(state, m, msg, straight, stamp)
+        self.deliver_stamped(state, m, msg, straight, self.next_stamp())
+    }
+
+    /// A new stamp: later than every one before.
+    fn next_stamp(&self) -> u64 {
+        self.stamps.fetch_add(1, Ordering::Relaxed)
     }
 
     /// [`Room::deliver`], stamped `stamp`.
@@ -868,7 +873,7 @@ impl Room {
         if !self.make_room(state, m, size + MESSAGE_OVERHEAD) {
             return Err(Undelivered::TooSlow);
         }
-        self.queue_stamped(m, msg, straight, stamp)
+        self.queue(m, msg, straight, stamp)
     }
 
     /// Makes room under the budget for `cost` more bytes: while it does not
@@ -926,15 +931,10 @@ impl Room {
         }
     }
 
-    /// Queues `msg` in member `m`'s backlog and counts it, past any limit
-    /// (`deliver` checks them). Fails only when the member is leaving.
-    fn queue(&self, m: &Member, msg: Arc<Outgoing>, straight: bool) -> Result<(), Undelivered> {
-        let stamp = self.stamps.fetch_add(1, Ordering::Relaxed);
-        self.queue_stamped(m, msg, straight, stamp)
-    }
-
-    /// [`Room::queue`], stamped `stamp`.
-    fn queue_stamped(
+    /// Queues `msg`, stamped `stamp`, in member `m`'s backlog and counts
+    /// it, past any limit (`deliver` checks them). Fails only when the
+    /// member is leaving.
+    fn queue(
         &self,
         m: &Member,
         msg: Arc<Outgoing>,
@@ -1034,7 +1034,7 @@ impl Room {
         }
         let msg = Outgoing::new(ChatMessage::Broadcast { from, text });
         // One stamp for all: every copy is as old as the others.
-        let stamp = self.stamps.fetch_add(1, Ordering::Relaxed);
+        let stamp = self.next_stamp();
         for (_, m) in state.members.iter().filter(|(&other, _)| other != id) {
             if !m.leaving && m.listening {
                 let _ = self.deliver_stamped(&state, m, msg.clone(), straight, stamp);

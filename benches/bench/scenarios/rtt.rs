@@ -10,6 +10,7 @@ use std::time::Instant;
 use bytes::{Bytes, BytesMut};
 use chatpipe::raw::{Raw, RawMessage};
 use futures::{Sink, SinkExt, Stream, StreamExt};
+use smol::LocalExecutor;
 
 use crate::harness::{allowed_cpus, percentile, set_process_affinity, stats};
 use crate::report::{ratio, Report};
@@ -18,8 +19,6 @@ use crate::stacks::{
     ac_framed, chatpipe_builder, payload, raw_read_one, smol_stream, smol_task_thread, tcp_pair,
     tokio_framed, tokio_local_thread, tokio_stream, tokio_task_thread, HandoffEnd,
 };
-use smol::LocalExecutor;
-
 use crate::Cfg;
 
 pub(crate) const RTT_SIZE: usize = 64;
